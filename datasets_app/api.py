@@ -1,0 +1,94 @@
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from datasets_app import services
+from datasets_app.models import Dataset
+from datasets_app.selectors import datasets_for_user, get_dataset_for_user
+from datasets_app.uploads import upload_too_large
+from tuna_site.api import ApiError
+
+
+class DatasetSerializer(serializers.ModelSerializer):
+    train_examples = serializers.IntegerField(source="num_train")
+    eval_examples = serializers.IntegerField(source="num_eval")
+    has_eval_file = serializers.BooleanField()
+
+    class Meta:
+        model = Dataset
+        fields = [
+            "id",
+            "name",
+            "original_filename",
+            "size_bytes",
+            "format",
+            "num_examples",
+            "validation_status",
+            "validation_report",
+            "train_examples",
+            "eval_examples",
+            "eval_fraction",
+            "has_eval_file",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class DatasetUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(required=False, help_text="A .jsonl file, one example per line.")
+    name = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    eval_fraction = serializers.FloatField(
+        required=False,
+        default=services.DEFAULT_EVAL_FRACTION,
+        min_value=services.MIN_EVAL_FRACTION,
+        max_value=services.MAX_EVAL_FRACTION,
+    )
+
+
+class DatasetListCreateApi(ListAPIView):
+    serializer_class = DatasetSerializer
+    parser_classes = [MultiPartParser, FormParser]
+
+    def get_queryset(self):
+        return datasets_for_user(self.request.user)
+
+    @extend_schema(request={"multipart/form-data": DatasetUploadSerializer}, responses={201: DatasetSerializer})
+    def post(self, request: Request) -> Response:
+        if upload_too_large(request):
+            raise ApiError(_too_large(), 413)
+        data = DatasetUploadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            dataset = services.dataset_create(
+                owner=request.user,
+                upload=data.validated_data.get("file"),
+                name=data.validated_data.get("name", ""),
+                eval_fraction=data.validated_data["eval_fraction"],
+            )
+        except services.UploadRejected as exc:
+            raise ApiError(exc.message, exc.status_code) from None
+        return Response(DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
+
+
+def _too_large() -> str:
+    return f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit (TUNA_MAX_UPLOAD_MB)."
+
+
+class DatasetDetailApi(APIView):
+    @extend_schema(responses=DatasetSerializer)
+    def get(self, request: Request, pk: int) -> Response:
+        return Response(DatasetSerializer(get_dataset_for_user(request.user, pk)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, pk: int) -> Response:
+        dataset = get_dataset_for_user(request.user, pk)
+        try:
+            services.dataset_delete(dataset=dataset)
+        except services.DatasetInUse as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(status=status.HTTP_204_NO_CONTENT)

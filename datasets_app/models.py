@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+
+
+def dataset_upload_path(instance: Dataset, filename: str) -> str:
+    return f"datasets/{instance.owner_id}/{uuid.uuid4().hex}.jsonl"
+
+
+class Dataset(models.Model):
+    class Status(models.TextChoices):
+        VALID = "valid", "Valid"
+        INVALID = "invalid", "Invalid"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    original_filename = models.CharField(max_length=255)
+    file = models.FileField(upload_to=dataset_upload_path, max_length=300)
+    size_bytes = models.BigIntegerField(default=0)
+    format = models.CharField(max_length=32, blank=True)
+    validation_status = models.CharField(max_length=16, choices=Status.choices)
+    validation_report = models.JSONField(default=dict)
+    num_examples = models.PositiveIntegerField(default=0)
+    num_train = models.PositiveIntegerField(default=0)
+    num_eval = models.PositiveIntegerField(default=0)
+    eval_fraction = models.FloatField(default=0.2)
+    # A separate held-out file replaces the split: then every example of `file` is trained on.
+    eval_file = models.FileField(upload_to=dataset_upload_path, max_length=300, blank=True)
+    eval_original_filename = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["owner", "-created_at"])]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("dataset-detail", args=[self.pk])
+
+    @property
+    def is_valid(self) -> bool:
+        return self.validation_status == self.Status.VALID
+
+    @property
+    def has_eval_file(self) -> bool:
+        return bool(self.eval_file)
+
+    @property
+    def error_count(self) -> int:
+        return self.validation_report.get("errors", {}).get("count", 0)
+
+    @property
+    def warning_count(self) -> int:
+        return self.validation_report.get("warning_count", 0)

@@ -1,0 +1,55 @@
+"""Reads for datasets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import islice
+
+from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
+
+from datasets_app.formats import ExampleError, detect_format, to_messages
+from datasets_app.models import Dataset
+
+EXAMPLES_PER_PAGE = 20
+
+
+def datasets_for_user(user) -> QuerySet[Dataset]:
+    return Dataset.objects.filter(owner=user)
+
+
+def get_dataset_for_user(user, pk: int) -> Dataset:
+    """Another user's dataset is a 404, never a 403 that confirms it exists."""
+    return get_object_or_404(Dataset, pk=pk, owner=user)
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    number: int  # 1-based position among non-blank lines
+    line: int
+    messages: list[dict[str, str]] | None
+    raw: str | None  # shown when the line could not be read as an example
+    held_out: bool
+
+
+def dataset_examples(dataset: Dataset, *, offset: int = 0, limit: int = 5) -> list[ExampleRow]:
+    """Examples in file order, read lazily: only the requested window is parsed."""
+    rows = []
+    with dataset.file.open("rb") as handle:
+        numbered = ((line, raw) for line, raw in enumerate(handle, start=1) if raw.strip())
+        for number, (line, raw) in enumerate(islice(numbered, offset, offset + limit), start=offset + 1):
+            rows.append(_row(number, line, raw, dataset))
+    return rows
+
+
+def _row(number: int, line: int, raw: bytes, dataset: Dataset) -> ExampleRow:
+    held_out = dataset.is_valid and not dataset.has_eval_file and number > dataset.num_train
+    try:
+        obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+        fmt = detect_format(obj) if isinstance(obj, dict) else None
+        if fmt is None:
+            raise ExampleError("unreadable")
+        return ExampleRow(number, line, to_messages(obj, fmt), None, held_out)
+    except (UnicodeDecodeError, json.JSONDecodeError, ExampleError):
+        return ExampleRow(number, line, None, raw.decode("utf-8", errors="replace")[:2000], held_out)

@@ -1,0 +1,189 @@
+"""Writes for datasets. Pages, API and admin all come through here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+
+from datasets_app.models import Dataset
+from datasets_app.uploads import max_upload_bytes
+from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator
+from inference_app.catalog import get_base_model_spec
+from inference_app.tokencount import token_counter_for
+
+logger = logging.getLogger("tuna.datasets")
+
+MIN_EVAL_FRACTION = 0.05
+MAX_EVAL_FRACTION = 0.5
+DEFAULT_EVAL_FRACTION = 0.2
+
+
+class UploadRejected(Exception):
+    """An upload that cannot become a dataset at all (as opposed to one kept as invalid)."""
+
+    def __init__(self, message: str, *, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+
+
+class DatasetInUse(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Validated:
+    report: dict[str, Any]
+    total_lens: list[int]
+
+
+def _check_upload(upload: UploadedFile | None) -> UploadedFile:
+    if upload is None:
+        raise UploadRejected('No file was sent. Attach a .jsonl file in the "file" field.')
+    if not upload.name.lower().endswith(".jsonl"):
+        raise UploadRejected(
+            f'"{upload.name}" is not a .jsonl file. Upload JSON Lines: one JSON object per line, in a file ending in .jsonl.'
+        )
+    if upload.size > max_upload_bytes():
+        raise UploadRejected(
+            f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit (TUNA_MAX_UPLOAD_MB).",
+            status_code=413,
+        )
+    if upload.size == 0:
+        raise UploadRejected(f'"{upload.name}" is empty. Add one JSON object per line.')
+    upload.seek(0)
+    head = upload.read(8192)
+    upload.seek(0)
+    if b"\x00" in head:
+        raise UploadRejected(
+            f'"{upload.name}" is a binary file, not JSON Lines text. Export your examples as UTF-8 text, one JSON object per line.'
+        )
+    return upload
+
+
+def _validate(upload: UploadedFile, *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> _Validated:
+    counter = token_counter_for(get_base_model_spec())
+    validator = JsonlValidator(counter, max_seq_length=max_seq_length)
+    upload.seek(0)
+    validator.feed(upload)  # File.__iter__ yields lines across chunk boundaries: streamed
+    return _Validated(validator.report(), validator.total_lens.tolist())
+
+
+def split_counts(examples: int, eval_fraction: float) -> tuple[int, int]:
+    """Train and held-out counts: the last `eval_fraction` of examples, at least one, held out."""
+    held_out = min(examples - 1, max(1, round(examples * eval_fraction))) if examples > 1 else 0
+    return examples - held_out, held_out
+
+
+def _check_eval_fraction(eval_fraction: float) -> float:
+    if not MIN_EVAL_FRACTION <= eval_fraction <= MAX_EVAL_FRACTION:
+        raise UploadRejected(
+            f"eval_fraction must be between {MIN_EVAL_FRACTION} and {MAX_EVAL_FRACTION} "
+            f"(the share of examples held out for evaluation); got {eval_fraction:g}."
+        )
+    return eval_fraction
+
+
+def dataset_create(*, owner, upload: UploadedFile | None, name: str = "", eval_fraction: float = DEFAULT_EVAL_FRACTION) -> Dataset:
+    """Validate an upload and store it as a dataset, valid or not (an invalid one keeps its report)."""
+    eval_fraction = _check_eval_fraction(eval_fraction)
+    upload = _check_upload(upload)
+    validated = _validate(upload)
+    report = validated.report
+    valid = report["errors"]["count"] == 0
+    examples = report["valid_examples"]
+    train, held_out = split_counts(examples, eval_fraction) if valid else (0, 0)
+    report["split"] = {
+        "train": train,
+        "eval": held_out,
+        "eval_fraction": eval_fraction,
+        "train_tokens": sum(min(t, DEFAULT_MAX_SEQ_LENGTH) for t in validated.total_lens[:train]),
+        "source": "split",
+    }
+    dataset = Dataset(
+        owner=owner,
+        name=(name.strip() or upload.name.rsplit(".", 1)[0])[:200],
+        original_filename=upload.name[:255],
+        size_bytes=upload.size,
+        format=report["format"],
+        validation_status=Dataset.Status.VALID if valid else Dataset.Status.INVALID,
+        validation_report=report,
+        num_examples=examples,
+        num_train=train,
+        num_eval=held_out,
+        eval_fraction=eval_fraction,
+    )
+    upload.seek(0)
+    dataset.file.save(upload.name, upload, save=False)
+    try:
+        with transaction.atomic():
+            dataset.save()
+    except Exception:
+        dataset.file.delete(save=False)  # no orphaned file when the row cannot be written
+        raise
+    logger.info("Dataset %s created by %s: %s, %s examples", dataset.pk, owner, dataset.validation_status, examples)
+    return dataset
+
+
+def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -> dict[str, Any]:
+    """Use a separate held-out file instead of the split. Returns the held-out file's report.
+
+    An invalid held-out file is not stored; its report says what to fix.
+    """
+    if not dataset.is_valid:
+        raise UploadRejected("This dataset is invalid; fix the training file first.")
+    upload = _check_upload(upload)
+    validated = _validate(upload)
+    report = validated.report
+    if report["errors"]["count"]:
+        # Fewer than MIN_EXAMPLES is fine for a held-out set: only real line errors block it.
+        line_errors = [e for e in report["errors"]["items"] if e["line"] is not None]
+        if line_errors or report["valid_examples"] == 0:
+            raise UploadRejected(_first_errors(report), status_code=400)
+    old_file = dataset.eval_file.name if dataset.eval_file else None
+    upload.seek(0)
+    dataset.eval_file.save(upload.name, upload, save=False)
+    dataset.eval_original_filename = upload.name[:255]
+    dataset.num_eval = report["valid_examples"]
+    dataset.num_train = dataset.num_examples
+    split = dict(dataset.validation_report.get("split", {}))
+    stats = dataset.validation_report.get("stats", {})
+    split.update(
+        train=dataset.num_train,
+        eval=dataset.num_eval,
+        source="file",
+        train_tokens=stats.get("total_tokens", split.get("train_tokens", 0)),
+    )
+    dataset.validation_report = {**dataset.validation_report, "split": split}
+    try:
+        with transaction.atomic():
+            dataset.save()
+    except Exception:
+        dataset.eval_file.delete(save=False)
+        raise
+    if old_file:
+        dataset.eval_file.storage.delete(old_file)
+    return report
+
+
+def _first_errors(report: dict[str, Any], limit: int = 5) -> str:
+    items = report["errors"]["items"][:limit]
+    parts = [f"line {e['line']}: {e['message']}" if e["line"] else e["message"] for e in items]
+    more = report["errors"]["count"] - len(items)
+    return "The held-out file has errors: " + "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+@transaction.atomic
+def dataset_delete(*, dataset: Dataset) -> None:
+    jobs = dataset.training_jobs.count()
+    if jobs:
+        raise DatasetInUse(f"This dataset is used by {jobs} training job{'s' if jobs != 1 else ''}; delete those jobs first.")
+    files = [f for f in (dataset.file, dataset.eval_file) if f]
+    storage_names = [(f.storage, f.name) for f in files]
+    dataset.delete()
+    transaction.on_commit(lambda: [storage.delete(name) for storage, name in storage_names])

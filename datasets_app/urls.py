@@ -1,0 +1,15 @@
+from django.urls import path
+
+from datasets_app import api, views
+
+urlpatterns = [
+    path("datasets", views.dataset_list, name="dataset-list"),
+    path("datasets/upload", views.dataset_upload, name="dataset-upload"),
+    path("datasets/sample", views.dataset_sample, name="dataset-sample"),
+    path("datasets/<int:pk>", views.dataset_detail, name="dataset-detail"),
+    path("datasets/<int:pk>/examples", views.dataset_examples_page, name="dataset-examples"),
+    path("datasets/<int:pk>/eval-file", views.dataset_eval_file, name="dataset-eval-file"),
+    path("datasets/<int:pk>/delete", views.dataset_delete, name="dataset-delete"),
+    path("api/datasets", api.DatasetListCreateApi.as_view(), name="api-dataset-list"),
+    path("api/datasets/<int:pk>", api.DatasetDetailApi.as_view(), name="api-dataset-detail"),
+]

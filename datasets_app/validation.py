@@ -1,0 +1,311 @@
+"""Streaming JSONL validation: line-numbered errors, warnings, statistics and recommendations.
+
+Django-free. The file is read line by line; per example only a few integers and an 8-byte
+fingerprint (for duplicates) are kept, so memory stays flat whatever the file size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from datasets_app.formats import FORMAT_LABELS, ExampleError, detect_format, to_messages, type_name
+
+MAX_MESSAGES_PER_KIND = 100
+MIN_EXAMPLES = 10
+RECOMMENDED_EXAMPLES = 50
+SHORT_TOKENS = 10
+LONG_TOKENS = 2048
+UNBALANCED_RATIO = 25
+UNBALANCED_MIN_TOKENS = 100
+DEFAULT_MAX_SEQ_LENGTH = 512
+HISTOGRAM_BINS = 20
+_BATCH = 512
+_LETTER = re.compile(r"[^\W\d_]")
+
+WARNING_TITLES = {
+    "duplicate": "Duplicate examples",
+    "short_prompt": f"Prompts under {SHORT_TOKENS} tokens",
+    "long_prompt": f"Prompts over {LONG_TOKENS} tokens",
+    "short_completion": f"Completions under {SHORT_TOKENS} tokens",
+    "long_completion": f"Completions over {LONG_TOKENS} tokens",
+    "truncated": "Examples longer than max_seq_length",
+    "no_letters": "Completions without any letters",
+    "unbalanced": "Very unbalanced prompt and completion lengths",
+}
+
+
+class Counter(Protocol):
+    def count_many(self, texts: list[str]) -> list[int]: ...
+
+    def template_overhead(self, roles: tuple[str, ...]) -> int: ...
+
+
+@dataclass
+class _Messages:
+    """Counts every message of one kind, keeps the first MAX_MESSAGES_PER_KIND."""
+
+    count: int = 0
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, line: int | None, message: str) -> None:
+        self.count += 1
+        if len(self.items) < MAX_MESSAGES_PER_KIND:
+            self.items.append({"line": line, "message": message})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "items": self.items, "more": self.count - len(self.items)}
+
+
+@dataclass
+class _Pending:
+    line: int
+    roles: tuple[str, ...]
+    contents: list[str]
+    completion: str
+
+
+class JsonlValidator:
+    def __init__(self, counter: Counter, *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> None:
+        self.counter = counter
+        self.max_seq_length = max_seq_length
+        self.errors = _Messages()
+        self.warnings: dict[str, _Messages] = {kind: _Messages() for kind in WARNING_TITLES}
+        self.format: str | None = None
+        self.format_line: int | None = None
+        self.lines = 0
+        self.blank_lines = 0
+        self.prompt_lens = array("i")
+        self.completion_lens = array("i")
+        self.total_lens = array("i")
+        self._seen: dict[bytes, int] = {}
+        self._pending: list[_Pending] = []
+
+    # -- reading ---------------------------------------------------------------------------
+    def feed(self, raw_lines: Iterable[bytes]) -> None:
+        for number, raw in enumerate(raw_lines, start=1):
+            self.lines = number
+            self._feed_line(number, raw)
+            if len(self._pending) >= _BATCH:
+                self._flush()
+        self._flush()
+
+    def _feed_line(self, number: int, raw: bytes) -> None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.errors.add(number, f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at position {exc.start + 1}); save the file as UTF-8")
+            return
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        if not text.strip():
+            self.blank_lines += 1
+            return
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.errors.add(number, f"is not valid JSON: {exc.msg} (column {exc.colno})")
+            return
+        if not isinstance(obj, dict):
+            self.errors.add(
+                number, f'is {type_name(obj)}, not a JSON object; each line must be one object like {{"prompt": ..., "completion": ...}}'
+            )
+            return
+        fmt = detect_format(obj)
+        if fmt is None:
+            found = ", ".join(f'"{key}"' for key in list(obj)[:6]) or "no fields"
+            self.errors.add(
+                number,
+                f"has an unknown format (found {found}); use prompt/completion, messages, or instruction/input/output",
+            )
+            return
+        if self.format is None:
+            self.format, self.format_line = fmt, number
+        elif fmt != self.format:
+            self.errors.add(
+                number,
+                f"is in {FORMAT_LABELS[fmt].split(' (')[0]} format but the file started in "
+                f"{FORMAT_LABELS[self.format].split(' (')[0]} format on line {self.format_line}; use one format throughout",
+            )
+            return
+        try:
+            messages = to_messages(obj, fmt)
+        except ExampleError as exc:
+            self.errors.add(number, str(exc))
+            return
+        self._check_duplicate(number, messages)
+        completion = messages[-1]["content"]
+        if not _LETTER.search(completion):
+            self.warnings["no_letters"].add(
+                number, "the answer contains no letters; check it is not a placeholder or a number-only label by mistake"
+            )
+        self._pending.append(_Pending(number, tuple(m["role"] for m in messages), [m["content"] for m in messages], completion))
+
+    def _check_duplicate(self, number: int, messages: list[dict[str, str]]) -> None:
+        canonical = "\x1f".join(f"{m['role']}\x1e{m['content'].strip().casefold()}" for m in messages)
+        key = hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest()
+        first = self._seen.get(key)
+        if first is None:
+            self._seen[key] = number
+        else:
+            self.warnings["duplicate"].add(number, f"duplicates line {first}")
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        texts = [content for item in self._pending for content in item.contents]
+        counts = iter(self.counter.count_many(texts))
+        for item in self._pending:
+            per_message = [next(counts) for _ in item.contents]
+            prompt, completion = sum(per_message[:-1]), per_message[-1]
+            total = sum(per_message) + self.counter.template_overhead(item.roles)
+            self.prompt_lens.append(prompt)
+            self.completion_lens.append(completion)
+            self.total_lens.append(total)
+            self._length_warnings(item.line, prompt, completion, total)
+        self._pending.clear()
+
+    def _length_warnings(self, line: int, prompt: int, completion: int, total: int) -> None:
+        if prompt < SHORT_TOKENS:
+            self.warnings["short_prompt"].add(line, f"prompt is {prompt} tokens; very short prompts give the model little to go on")
+        elif prompt > LONG_TOKENS:
+            self.warnings["long_prompt"].add(line, f"prompt is {prompt} tokens")
+        if completion < SHORT_TOKENS:
+            self.warnings["short_completion"].add(line, f"completion is {completion} tokens")
+        elif completion > LONG_TOKENS:
+            self.warnings["long_completion"].add(line, f"completion is {completion} tokens")
+        if total > self.max_seq_length:
+            self.warnings["truncated"].add(line, f"is {total} tokens with the chat template; it will be cut to {self.max_seq_length}")
+        longer, shorter = max(prompt, completion), max(1, min(prompt, completion))
+        if longer >= UNBALANCED_MIN_TOKENS and longer / shorter >= UNBALANCED_RATIO:
+            side = "prompt" if prompt > completion else "completion"
+            self.warnings["unbalanced"].add(
+                line, f"the {side} is {longer / shorter:.0f}x longer than the other side ({prompt} vs {completion} tokens)"
+            )
+
+    # -- report ----------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        examples = len(self.total_lens)
+        if examples < MIN_EXAMPLES and self.lines:
+            self.errors.add(
+                None, f"the file has {examples} valid example{'s' if examples != 1 else ''}; at least {MIN_EXAMPLES} are needed to train"
+            )
+        if self.lines == 0 or self.lines == self.blank_lines:
+            self.errors.add(None, "the file has no examples")
+        warnings = [
+            {"kind": kind, "title": WARNING_TITLES[kind], **messages.as_dict()}
+            for kind, messages in self.warnings.items()
+            if messages.count
+        ]
+        stats = self._stats()
+        return {
+            "format": self.format or "",
+            "format_label": FORMAT_LABELS.get(self.format or "", "unknown"),
+            "lines": self.lines,
+            "blank_lines": self.blank_lines,
+            "valid_examples": examples,
+            "errors": self.errors.as_dict(),
+            "warnings": warnings,
+            "warning_count": sum(w["count"] for w in warnings),
+            "stats": stats,
+            "recommendations": self._recommendations(stats),
+        }
+
+    def _stats(self) -> dict[str, Any]:
+        if not self.total_lens:
+            return {"examples": 0}
+        top = max(max(self.prompt_lens), max(self.completion_lens))
+        width = max(1, math.ceil((top + 1) / HISTOGRAM_BINS))
+        edges = [i * width for i in range(HISTOGRAM_BINS + 1)]
+        return {
+            "examples": len(self.total_lens),
+            "total_tokens": int(sum(self.total_lens)),
+            "prompt_tokens": summarise(self.prompt_lens),
+            "completion_tokens": summarise(self.completion_lens),
+            "example_tokens": summarise(self.total_lens),
+            "max_seq_length": self.max_seq_length,
+            "truncated": self.warnings["truncated"].count,
+            "histogram": {
+                "edges": edges,
+                "prompt": _bucket(self.prompt_lens, width),
+                "completion": _bucket(self.completion_lens, width),
+            },
+        }
+
+    def _recommendations(self, stats: dict[str, Any]) -> list[str]:
+        tips: list[str] = []
+        examples = stats.get("examples", 0)
+        if self.errors.count:
+            tips.append("Fix the errors listed above (each names its line) and upload the file again; nothing has been trained.")
+        if 0 < examples < RECOMMENDED_EXAMPLES:
+            tips.append(
+                f"You have {examples} examples. Fine-tunes usually need at least {RECOMMENDED_EXAMPLES}-100 good "
+                "examples to change behaviour reliably; add more if you can."
+            )
+        if examples and stats["completion_tokens"]["p50"] < SHORT_TOKENS:
+            tips.append(
+                "Most completions are very short. If you want full answers, show full answers: the model copies the length it sees."
+            )
+        duplicates = self.warnings["duplicate"].count
+        if duplicates:
+            tips.append(
+                f"Remove the {duplicates} duplicate example{'s' if duplicates != 1 else ''}: repeats make the model memorise instead of generalise and leak into the held-out set."
+            )
+        truncated = self.warnings["truncated"].count
+        if truncated:
+            p95 = stats["example_tokens"]["p95"]
+            tips.append(
+                f"{truncated} example{'s' if truncated != 1 else ''} will be cut at max_seq_length {self.max_seq_length}. "
+                f"Raise max_seq_length in the Advanced settings (to about {p95} to cover 95% of examples) or shorten them."
+            )
+        if self.warnings["no_letters"].count:
+            tips.append("Some answers contain no letters at all; check they are not empty placeholders.")
+        if examples and not tips:
+            tips.append("The data looks clean. Start a fine-tune with the default settings.")
+        return tips
+
+
+def summarise(values: array) -> dict[str, float | int]:
+    ordered = sorted(values)
+    count = len(ordered)
+    return {
+        "min": ordered[0],
+        "mean": round(sum(ordered) / count, 1),
+        "p50": _percentile(ordered, 50),
+        "p95": _percentile(ordered, 95),
+        "max": ordered[-1],
+    }
+
+
+def _percentile(ordered: list[int], pct: float) -> int:
+    """Nearest-rank percentile."""
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _bucket(values: array, width: int) -> list[int]:
+    counts = [0] * HISTOGRAM_BINS
+    for value in values:
+        counts[min(value // width, HISTOGRAM_BINS - 1)] += 1
+    return counts
+
+
+def validate_lines(raw_lines: Iterable[bytes], counter: Counter, *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> dict[str, Any]:
+    validator = JsonlValidator(counter, max_seq_length=max_seq_length)
+    validator.feed(raw_lines)
+    return validator.report()
+
+
+def iter_examples(raw_lines: Iterable[bytes]) -> Iterator[list[dict[str, str]]]:
+    """The examples of a validated file, normalised to chat messages, in file order."""
+    for raw in raw_lines:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+        if text.strip():
+            obj = json.loads(text)
+            yield to_messages(obj, detect_format(obj))

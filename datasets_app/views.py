@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.files import File
+from django.core.paginator import Paginator
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from datasets_app import selectors, services
+from datasets_app.forms import DatasetUploadForm, EvalFileForm
+from datasets_app.selectors import EXAMPLES_PER_PAGE, dataset_examples, get_dataset_for_user
+from datasets_app.uploads import upload_too_large
+from training_app.estimates import training_estimate
+
+SAMPLE_PATH = Path(settings.BASE_DIR) / "samples" / "orders_to_json.jsonl"
+
+
+@login_required
+@require_GET
+def dataset_list(request: HttpRequest) -> HttpResponse:
+    datasets = selectors.datasets_for_user(request.user)
+    return render(
+        request,
+        "datasets_app/dataset_list.html",
+        {"datasets": datasets, "form": DatasetUploadForm(), "max_upload_mb": settings.TUNA_MAX_UPLOAD_MB},
+    )
+
+
+@login_required
+@require_POST
+def dataset_upload(request: HttpRequest) -> HttpResponse:
+    if upload_too_large(request):
+        error = f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit (TUNA_MAX_UPLOAD_MB)."
+        return _upload_error(request, error, 413)
+    form = DatasetUploadForm(request.POST, request.FILES)
+    if not form.is_valid():
+        return _upload_error(request, " ".join(m for errs in form.errors.values() for m in errs), 400)
+    try:
+        dataset = services.dataset_create(
+            owner=request.user,
+            upload=form.cleaned_data["file"],
+            name=form.cleaned_data["name"],
+            eval_fraction=form.eval_fraction,
+        )
+    except services.UploadRejected as exc:
+        return _upload_error(request, exc.message, exc.status_code)
+    if request.htmx:
+        return render(request, "datasets_app/_upload_result.html", _detail_context(dataset))
+    return redirect(dataset)
+
+
+def _upload_error(request: HttpRequest, message: str, status: int) -> HttpResponse:
+    if request.htmx:
+        return render(request, "datasets_app/_upload_error.html", {"error": message}, status=status)
+    messages.error(request, message)
+    return redirect("dataset-list")
+
+
+@login_required
+@require_POST
+def dataset_sample(request: HttpRequest) -> HttpResponse:
+    with SAMPLE_PATH.open("rb") as handle:
+        dataset = services.dataset_create(owner=request.user, upload=File(handle, name=SAMPLE_PATH.name), name="Sample: orders to JSON")
+    messages.success(request, "The sample dataset is ready. Start a fine-tune with the default settings.")
+    return redirect(dataset)
+
+
+def _detail_context(dataset) -> dict:
+    report = dataset.validation_report
+    stats = report.get("stats", {})
+    return {
+        "dataset": dataset,
+        "report": report,
+        "stats_rows": [
+            ("Prompt", stats.get("prompt_tokens")),
+            ("Completion", stats.get("completion_tokens")),
+            ("Whole example", stats.get("example_tokens")),
+        ],
+        "histogram_id": f"histogram-{dataset.pk}",
+        "default_model": settings.TUNA_DEFAULT_BASE_MODEL,
+        "split": report.get("split", {}),
+        "estimate": training_estimate(dataset=dataset) if dataset.is_valid else None,
+    }
+
+
+@login_required
+@require_GET
+def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_dataset_for_user(request.user, pk)
+    context = _detail_context(dataset)
+    context["preview"] = dataset_examples(dataset, limit=5)
+    context["eval_form"] = EvalFileForm()
+    return render(request, "datasets_app/dataset_detail.html", context)
+
+
+@login_required
+@require_GET
+def dataset_examples_page(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_dataset_for_user(request.user, pk)
+    total = dataset.num_examples if dataset.is_valid else dataset.validation_report.get("lines", 0)
+    page = Paginator(range(total), EXAMPLES_PER_PAGE).get_page(request.GET.get("page"))
+    rows = dataset_examples(dataset, offset=page.start_index() - 1 if total else 0, limit=EXAMPLES_PER_PAGE)
+    return render(request, "datasets_app/dataset_examples.html", {"dataset": dataset, "page": page, "rows": rows})
+
+
+@login_required
+@require_POST
+def dataset_eval_file(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_dataset_for_user(request.user, pk)
+    if upload_too_large(request):
+        messages.error(request, f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit.")
+        return redirect(dataset)
+    try:
+        report = services.dataset_attach_eval_file(dataset=dataset, upload=request.FILES.get("file"))
+    except services.UploadRejected as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Held-out file attached: {report['valid_examples']} examples kept for evaluation.")
+    return redirect(dataset)
+
+
+@login_required
+@require_POST
+def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_dataset_for_user(request.user, pk)
+    try:
+        services.dataset_delete(dataset=dataset)
+    except services.DatasetInUse as exc:
+        messages.error(request, str(exc))
+        return redirect(dataset)
+    messages.success(request, f"Deleted dataset “{dataset.name}”.")
+    return redirect("dataset-list")

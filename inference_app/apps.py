@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class InferenceAppConfig(AppConfig):
+    name = "inference_app"
+    verbose_name = "Inference"

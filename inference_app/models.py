@@ -1,0 +1,28 @@
+from django.conf import settings
+from django.db import models
+
+
+class UsageLog(models.Model):
+    """One inference call: who, which model, how many tokens, how long, and how it ended."""
+
+    class Status(models.TextChoices):
+        OK = "ok", "OK"
+        ERROR = "error", "Error"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_logs")
+    model_id = models.CharField(max_length=200)
+    endpoint = models.CharField(max_length=64)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.FloatField(default=0)
+    cost_usd = models.FloatField(default=0)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.OK)
+    error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["user", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.model_id} {self.endpoint} ({self.status})"

@@ -1,0 +1,122 @@
+"""The in-process model registry: each base model loaded once per process, LoRA adapters by name."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from inference_app.catalog import BaseModelSpec, get_base_model_spec
+from inference_app.loading import DevicePlan, load_tokenizer_and_model, pick_device
+
+logger = logging.getLogger("tuna.models")
+
+
+class LoadedBaseModel:
+    """One base model's tokenizer and weights, plus the LoRA adapters attached to them.
+
+    There is a single copy of the base weights; adapters are switched on and off around it.
+    ``lock`` serialises use of the weights (an adapter switch must not happen mid-generation).
+    """
+
+    def __init__(self, spec: BaseModelSpec, plan: DevicePlan, tokenizer: Any, model: Any) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.tokenizer = tokenizer
+        self.model = model
+        self.adapters: OrderedDict[str, Path] = OrderedDict()
+        self.lock = threading.RLock()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def device(self) -> str:
+        return self.plan.device
+
+    @property
+    def base_model(self) -> Any:
+        """The underlying transformers model, whether or not adapters wrap it."""
+        return self.model.get_base_model() if self.adapters else self.model
+
+    def attach_adapter(self, adapter_name: str, path: Path | str) -> None:
+        from peft import PeftModel
+
+        path = Path(path)
+        with self.lock:
+            if adapter_name in self.adapters:
+                self.adapters.move_to_end(adapter_name)
+                return
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_name)
+            else:
+                self.model.load_adapter(str(path), adapter_name=adapter_name)
+            self.model.eval()
+            self.adapters[adapter_name] = path
+            logger.info("Attached adapter %s to %s", adapter_name, self.name)
+
+    def detach_adapter(self, adapter_name: str) -> None:
+        with self.lock:
+            if adapter_name not in self.adapters:
+                return
+            if len(self.adapters) == 1:
+                # Remove the LoRA layers without merging: the base weights stay untouched.
+                self.model = self.model.unload()
+            else:
+                if adapter_name in self.model.active_adapters:
+                    other = next(name for name in self.adapters if name != adapter_name)
+                    self.model.set_adapter(other)
+                self.model.delete_adapter(adapter_name)
+            del self.adapters[adapter_name]
+            logger.info("Detached adapter %s from %s", adapter_name, self.name)
+
+    @contextlib.contextmanager
+    def using(self, adapter_name: str | None) -> Iterator[Any]:
+        """Hold the weights with ``adapter_name`` switched on, or with every adapter off for None."""
+        with self.lock:
+            if adapter_name is None:
+                if self.adapters:
+                    with self.model.disable_adapter():
+                        yield self.model
+                else:
+                    yield self.model
+                return
+            if adapter_name not in self.adapters:
+                raise KeyError(f"Adapter {adapter_name!r} is not attached to {self.name}.")
+            self.adapters.move_to_end(adapter_name)
+            self.model.set_adapter(adapter_name)
+            yield self.model
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[str, LoadedBaseModel] = {}
+
+    def get(self, name: str | None = None) -> LoadedBaseModel:
+        spec = get_base_model_spec(name)
+        with self._lock:
+            loaded = self._loaded.get(spec.name)
+            if loaded is None:
+                plan = pick_device()
+                tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=settings.HF_TOKEN)
+                loaded = LoadedBaseModel(spec, plan, tokenizer, model)
+                self._loaded[spec.name] = loaded
+            return loaded
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def unload_all(self) -> None:
+        with self._lock:
+            self._loaded.clear()
+
+
+registry = ModelRegistry()

@@ -1,0 +1,109 @@
+/* LLM Tuna page behaviour. Everything hooks in through htmx.onLoad, so swapped-in fragments work too. */
+(function () {
+  "use strict";
+
+  function readJson(id) {
+    var el = document.getElementById(id);
+    return el ? JSON.parse(el.textContent) : null;
+  }
+
+  // -- Charts: <canvas data-chart="histogram|loss|..." data-source="json-script-id"> -------------
+  var builders = {
+    histogram: function (data) {
+      var labels = data.edges.slice(0, -1).map(function (lo, i) { return lo + "–" + (data.edges[i + 1] - 1); });
+      return {
+        type: "bar",
+        data: { labels: labels, datasets: [
+          { label: "Prompt tokens", data: data.prompt, backgroundColor: "rgba(36,86,214,.7)" },
+          { label: "Completion tokens", data: data.completion, backgroundColor: "rgba(31,138,76,.7)" }
+        ] },
+        options: { responsive: true, maintainAspectRatio: false, animation: false,
+          scales: { x: { title: { display: true, text: "tokens per example" } }, y: { title: { display: true, text: "examples" }, beginAtZero: true } } }
+      };
+    },
+    loss: function (data) {
+      return {
+        type: "line",
+        data: { datasets: [
+          { label: "Training loss", data: data.train, borderColor: "#2456d6", backgroundColor: "#2456d6", pointRadius: 2, tension: .2 },
+          { label: "Held-out loss", data: data.eval, borderColor: "#c0392b", backgroundColor: "#c0392b", pointRadius: 4, showLine: true }
+        ] },
+        options: { responsive: true, maintainAspectRatio: false, animation: false, parsing: false,
+          scales: { x: { type: "linear", title: { display: true, text: "step" }, min: 0, suggestedMax: data.total_steps || undefined },
+                    y: { title: { display: true, text: "loss" } } } }
+      };
+    },
+    bars: function (data) {
+      return {
+        type: "bar",
+        data: { labels: data.labels, datasets: data.datasets },
+        options: { responsive: true, maintainAspectRatio: false, animation: false, scales: { y: { beginAtZero: true } } }
+      };
+    }
+  };
+
+  function initCharts(root) {
+    if (typeof Chart === "undefined") return;
+    root.querySelectorAll("canvas[data-chart]").forEach(function (canvas) {
+      var data = readJson(canvas.dataset.source);
+      if (!data) return;
+      var existing = Chart.getChart(canvas);
+      if (existing) {
+        // Live charts: replace the data, keep the chart (no flicker on polling).
+        var fresh = builders[canvas.dataset.chart](data);
+        existing.data.datasets.forEach(function (ds, i) { ds.data = fresh.data.datasets[i].data; });
+        if (fresh.data.labels) existing.data.labels = fresh.data.labels;
+        existing.update();
+        return;
+      }
+      new Chart(canvas, builders[canvas.dataset.chart](data));
+    });
+  }
+
+  // A live chart's data lives in a polled fragment; the canvas stays put and re-reads it.
+  document.addEventListener("htmx:afterSettle", function () { initCharts(document); });
+
+  // -- Drop zone: drop or choose a file, submit the form through htmx, show upload progress ----
+  function initDropzone(root) {
+    root.querySelectorAll("[data-dropzone]").forEach(function (zone) {
+      if (zone.dataset.ready) return;
+      zone.dataset.ready = "1";
+      var form = zone.closest("form");
+      var input = form.querySelector("input[type=file]");
+      var label = zone.querySelector("[data-dropzone-label]");
+      function submit() {
+        if (!input.files.length) return;
+        label.textContent = input.files[0].name;
+        htmx.trigger(form, "submit");
+      }
+      zone.addEventListener("click", function () { input.click(); });
+      zone.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+      input.addEventListener("change", submit);
+      ["dragenter", "dragover"].forEach(function (t) {
+        zone.addEventListener(t, function (e) { e.preventDefault(); zone.classList.add("is-over"); });
+      });
+      ["dragleave", "drop"].forEach(function (t) {
+        zone.addEventListener(t, function (e) { e.preventDefault(); zone.classList.remove("is-over"); });
+      });
+      zone.addEventListener("drop", function (e) {
+        if (!e.dataTransfer || !e.dataTransfer.files.length) return;
+        input.files = e.dataTransfer.files;
+        submit();
+      });
+      var bar = form.querySelector("[data-progress]");
+      form.addEventListener("htmx:xhr:progress", function (e) {
+        if (!bar || !e.detail.lengthComputable) return;
+        bar.parentElement.hidden = false;
+        bar.style.width = Math.round((e.detail.loaded / e.detail.total) * 100) + "%";
+      });
+      form.addEventListener("htmx:afterRequest", function () { input.value = ""; if (bar) { bar.style.width = "100%"; } });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    htmx.onLoad(function (root) {
+      initCharts(root);
+      initDropzone(root);
+    });
+  });
+})();

@@ -1,0 +1,126 @@
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.generics import ListAPIView
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from datasets_app.models import Dataset
+from datasets_app.selectors import get_dataset_for_user
+from training_app import services
+from training_app.models import LossPoint, TrainingJob
+from training_app.selectors import get_job_for_user, jobs_for_user
+from training_app.views import adapter_zip_response
+from tuna_site.api import ApiError
+
+
+class LossPointSerializer(serializers.ModelSerializer):
+    timestamp = serializers.DateTimeField(source="created_at")
+
+    class Meta:
+        model = LossPoint
+        fields = ["step", "loss", "eval_loss", "learning_rate", "epoch", "timestamp"]
+
+
+class TrainingJobSerializer(serializers.ModelSerializer):
+    dataset_id = serializers.IntegerField()
+    model_id = serializers.CharField()
+    progress_percent = serializers.FloatField()
+    cost_usd = serializers.FloatField()
+    training_logs = LossPointSerializer(source="loss_points", many=True)
+
+    class Meta:
+        model = TrainingJob
+        fields = [
+            "id",
+            "model_id",
+            "dataset_id",
+            "base_model",
+            "status",
+            "config",
+            "current_step",
+            "total_steps",
+            "progress_percent",
+            "epoch",
+            "tokens_seen",
+            "tokens_per_second",
+            "train_seconds",
+            "eta_seconds",
+            "cost_usd",
+            "device",
+            "cancel_requested",
+            "resume_count",
+            "training_logs",
+            "error_message",
+            "created_at",
+            "started_at",
+            "completed_at",
+        ]
+        read_only_fields = fields
+
+
+class TrainingJobSummarySerializer(TrainingJobSerializer):
+    class Meta(TrainingJobSerializer.Meta):
+        fields = [f for f in TrainingJobSerializer.Meta.fields if f != "training_logs"]
+
+
+class TrainingStartSerializer(serializers.Serializer):
+    dataset_id = serializers.IntegerField()
+    config = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text="Any of base_model, num_epochs, batch_size, learning_rate, max_seq_length, lora_r, lora_alpha, lora_dropout, target_modules, warmup_steps, gradient_accumulation_steps, seed, max_steps, save_steps, eval_steps, save_total_limit, eval_examples.",
+    )
+
+
+class TrainingJobListApi(ListAPIView):
+    serializer_class = TrainingJobSummarySerializer
+
+    def get_queryset(self):
+        return jobs_for_user(self.request.user)
+
+
+class TrainingJobStartApi(APIView):
+    @extend_schema(request=TrainingStartSerializer, responses={201: TrainingJobSerializer})
+    def post(self, request: Request) -> Response:
+        data = TrainingStartSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        dataset: Dataset = get_dataset_for_user(request.user, data.validated_data["dataset_id"])
+        try:
+            job = services.training_job_start(owner=request.user, dataset=dataset, config_data=data.validated_data["config"])
+        except services.ConfigInvalid as exc:
+            return Response({"detail": f"Invalid training settings: {exc}", "errors": exc.errors}, status=400)
+        except services.DatasetNotTrainable as exc:
+            raise ApiError(str(exc), 400) from None
+        return Response(TrainingJobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+
+class TrainingJobDetailApi(APIView):
+    @extend_schema(responses=TrainingJobSerializer)
+    def get(self, request: Request, pk: int) -> Response:
+        return Response(TrainingJobSerializer(get_job_for_user(request.user, pk)).data)
+
+    @extend_schema(responses={204: None}, description="Cancel the job. A finished job answers 409.")
+    def delete(self, request: Request, pk: int) -> Response:
+        try:
+            services.training_job_cancel(job=get_job_for_user(request.user, pk))
+        except services.JobConflict as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TrainingJobResumeApi(APIView):
+    @extend_schema(request=None, responses={202: TrainingJobSerializer})
+    def post(self, request: Request, pk: int) -> Response:
+        try:
+            job = services.training_job_resume(job=get_job_for_user(request.user, pk))
+        except services.JobConflict as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(TrainingJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class TrainingJobAdapterApi(APIView):
+    @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
+    def get(self, request: Request, pk: int):
+        return adapter_zip_response(get_job_for_user(request.user, pk))

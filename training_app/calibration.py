@@ -1,0 +1,37 @@
+"""Measure training speed on this machine, so estimates are computed from a measurement."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from django.conf import settings
+
+from inference_app.catalog import get_base_model_spec
+from inference_app.loading import pick_device
+from training_app.config import TrainingConfig
+from training_app.models import ThroughputMeasurement
+
+SAMPLE = Path(settings.BASE_DIR) / "samples" / "orders_to_json.jsonl"
+CALIBRATION_STEPS = 8
+
+
+def calibrate_default_model() -> ThroughputMeasurement:
+    """A few LoRA steps with the default settings on the sample data; records tokens per second."""
+    from datasets_app.formats import PROMPT_COMPLETION, to_messages
+    from training_app.lora import run_lora_training
+
+    spec = get_base_model_spec()
+    plan = pick_device()
+    config = TrainingConfig(base_model=spec.name, max_steps=CALIBRATION_STEPS, save_steps=10_000, eval_examples=0)
+    with SAMPLE.open(encoding="utf-8") as handle:
+        examples = [to_messages(json.loads(line), PROMPT_COMPLETION) for line in handle if line.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_lora_training(config, spec=spec, plan=plan, train_examples=examples, output_dir=Path(tmp))
+    return ThroughputMeasurement.objects.create(
+        base_model=spec.name,
+        device=plan.device,
+        tokens_per_second=result.tokens_seen / result.train_seconds,
+        source=f"calibration, {result.global_step} steps",
+    )

@@ -1,0 +1,171 @@
+"""Training settings: defaults, ranges and one validation used by the page, the API and the admin."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Projection names peft can target, per transformers architecture (config.json "model_type").
+LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KNOWN_MODULES = {
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "qwen3": LLAMA_LIKE,
+    "gemma": LLAMA_LIKE,
+    "gemma2": LLAMA_LIKE,
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    base_model: str
+    num_epochs: int = 3
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    max_seq_length: int = 512
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    # 0 = train for num_epochs; a positive number stops after that many optimizer steps.
+    max_steps: int = 0
+    # 0 = automatic: about ten checkpoints / held-out evaluations over the run.
+    save_steps: int = 0
+    eval_steps: int = 0
+    save_total_limit: int = 3
+    eval_examples: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "target_modules" in values:
+            values["target_modules"] = tuple(values["target_modules"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: type
+    minimum: float
+    maximum: float
+    help: str
+    advanced: bool = True
+
+
+RANGES: dict[str, Field] = {
+    "num_epochs": Field(int, 1, 50, "Passes over the training examples.", advanced=False),
+    "batch_size": Field(int, 1, 128, "Examples per step.", advanced=False),
+    "learning_rate": Field(float, 1e-7, 1e-2, "Step size; 1e-4 to 3e-4 suits LoRA.", advanced=False),
+    "max_seq_length": Field(int, 32, 32768, "Longer examples are cut to this many tokens.", advanced=False),
+    "lora_r": Field(int, 1, 256, "Rank of the LoRA update: capacity of the adapter."),
+    "lora_alpha": Field(int, 1, 1024, "Scale of the LoRA update (often 2 x r)."),
+    "lora_dropout": Field(float, 0.0, 0.5, "Dropout on the LoRA path."),
+    "warmup_steps": Field(int, 0, 100000, "Steps over which the learning rate ramps up."),
+    "gradient_accumulation_steps": Field(int, 1, 128, "Steps whose gradients add up before one update."),
+    "seed": Field(int, 0, 2**31 - 1, "Random seed: the same seed and data give the same run."),
+    "max_steps": Field(int, 0, 1000000, "Stop after this many updates (0 = run all epochs)."),
+    "save_steps": Field(int, 0, 1000000, "Checkpoint every N updates (0 = about ten per run)."),
+    "eval_steps": Field(int, 0, 1000000, "Held-out loss every N updates (0 = about ten per run)."),
+    "save_total_limit": Field(int, 1, 20, "Checkpoints kept on disk (older ones are deleted)."),
+    "eval_examples": Field(int, 0, 256, "Held-out examples used for the loss curve (0 = none)."),
+}
+
+
+@dataclass
+class ConfigResult:
+    config: TrainingConfig | None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def known_modules_for(model_dir: str | None) -> tuple[str, ...] | None:
+    """The module names LoRA can target for a local model directory, or None when unknown."""
+    if not model_dir:
+        return None
+    config = Path(model_dir) / "config.json"
+    if not config.exists():
+        return None
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
+    return KNOWN_MODULES.get(model_type)
+
+
+def build_config(data: dict[str, Any], *, catalog: dict[str, Any], default_model: str, model_dirs: dict[str, str | None]) -> ConfigResult:
+    """Validate raw settings (strings from a form or JSON values) into a TrainingConfig."""
+    errors: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    unknown = sorted(set(data) - set(RANGES) - {"base_model", "target_modules"})
+    for name in unknown:
+        errors[name] = f"Unknown setting. Known settings: base_model, target_modules, {', '.join(RANGES)}."
+    base_model = data.get("base_model") or default_model
+    if not isinstance(base_model, str) or base_model not in catalog:
+        errors["base_model"] = f"Unknown base model {base_model!r}. Choose one of: {', '.join(catalog)}."
+    values["base_model"] = base_model
+    for name, spec in RANGES.items():
+        raw = data.get(name)
+        if raw is None or raw == "":
+            continue
+        value, error = _coerce(raw, spec)
+        if error:
+            errors[name] = error
+        else:
+            values[name] = value
+    modules = _parse_modules(data.get("target_modules"))
+    if isinstance(modules, str):
+        errors["target_modules"] = modules
+    elif modules is not None:
+        known = known_modules_for(model_dirs.get(base_model)) if "base_model" not in errors else None
+        if known is not None:
+            bad = [m for m in modules if m not in known]
+            if bad:
+                errors["target_modules"] = (
+                    f"Unknown module{'s' if len(bad) > 1 else ''} {', '.join(bad)} for this model. Known: {', '.join(known)}."
+                )
+        values["target_modules"] = modules
+    if errors:
+        return ConfigResult(None, errors)
+    return ConfigResult(TrainingConfig(**values))
+
+
+def _coerce(raw: Any, spec: Field) -> tuple[Any, str | None]:
+    if isinstance(raw, bool):
+        return None, "Must be a number."
+    try:
+        if spec.kind is int:
+            value = float(raw)
+            if value != int(value):
+                return None, "Must be a whole number."
+            value = int(value)
+        else:
+            value = float(raw)
+    except (TypeError, ValueError):
+        return None, f"Must be a number, got {raw!r}."
+    if not spec.minimum <= value <= spec.maximum:
+        return None, f"Must be between {spec.minimum:g} and {spec.maximum:g}."
+    return value, None
+
+
+def _parse_modules(raw: Any) -> tuple[str, ...] | str | None:
+    if raw is None or raw == "" or raw == []:
+        return None
+    if isinstance(raw, str):
+        items = [part.strip() for part in raw.replace(" ", ",").split(",") if part.strip()]
+    elif isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
+        items = [x.strip() for x in raw if x.strip()]
+    else:
+        return "A list of module names, e.g. q_proj, v_proj."
+    if not items:
+        return "Name at least one module, e.g. q_proj, v_proj."
+    return tuple(dict.fromkeys(items))

@@ -1,0 +1,279 @@
+"""LoRA fine-tuning with transformers' Trainer and peft. Django-free; reads top to bottom.
+
+tokenizer -> data -> model -> trainer -> train -> save. torch/transformers/peft are imported inside
+functions so that importing this module (e.g. from a task module) stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference_app.catalog import BaseModelSpec
+from inference_app.loading import DevicePlan, load_tokenizer_and_model
+from inference_app.prompting import Message, render_chat
+from training_app.config import TrainingConfig
+
+IGNORE_INDEX = -100
+CONFIG_FILENAME = "tuna_training_config.json"
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None
+    eval_loss: float | None
+    learning_rate: float | None
+    tokens_seen: int
+    train_seconds: float  # this run only
+    eta_seconds: float | None
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """How the training loop talks to the outside world (the database, a test, a benchmark)."""
+
+    on_progress: Callable[[Progress], None] = lambda progress: None
+    should_stop: Callable[[], bool] = lambda: False
+    on_start: Callable[[int], None] = lambda total_steps: None
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    stopped_early: bool
+    global_step: int
+    total_steps: int
+    tokens_seen: int
+    train_seconds: float
+    adapter_dir: Path | None
+    final_loss: float | None
+
+
+# -- data -------------------------------------------------------------------------------------
+def tokenize_example(tokenizer: Any, messages: list[Message], max_seq_length: int) -> dict[str, list[int]] | None:
+    """Token ids with labels on the final assistant answer only (its end-of-turn token included).
+
+    Returns None when truncation leaves no answer tokens to learn from.
+    """
+    prompt_text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+    full_text = render_chat(tokenizer, messages, add_generation_prompt=False)
+    if full_text.startswith(prompt_text):
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    else:  # a template that renders history differently once the answer is present
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + answer_ids)[:max_seq_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_examples(tokenizer: Any, examples: Sequence[list[Message]], max_seq_length: int) -> list[dict[str, list[int]]]:
+    rows = (tokenize_example(tokenizer, messages, max_seq_length) for messages in examples)
+    return [row for row in rows if row is not None]
+
+
+class PadCollator:
+    """Pads a batch to its longest example; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            attention[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+# -- config -> peft / transformers objects ----------------------------------------------------
+def lora_config(config: TrainingConfig):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+    )
+
+
+def steps_per_epoch(config: TrainingConfig, train_rows: int) -> int:
+    return max(1, math.ceil(math.ceil(train_rows / config.batch_size) / config.gradient_accumulation_steps))
+
+
+def total_steps(config: TrainingConfig, train_rows: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    return steps_per_epoch(config, train_rows) * config.num_epochs
+
+
+def training_arguments(config: TrainingConfig, *, output_dir: Path, plan: DevicePlan, train_rows: int, has_eval: bool):
+    from transformers import TrainingArguments
+
+    steps = total_steps(config, train_rows)
+    every = max(1, steps // 10)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=max(1, steps // 200),
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps or every,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(config.eval_steps or every) if has_eval else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=plan.dtype_name == "bfloat16",
+        use_cpu=plan.device == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=plan.device == "cuda",
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def make_progress_callback(hooks: TrainingHooks):
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Writes progress on each log and stops training when asked (checked every step)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.start_step = state.global_step
+            hooks.on_start(state.max_steps)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs and "eval_loss" not in logs:
+                return
+            elapsed = time.perf_counter() - self.started
+            done = state.global_step - self.start_step
+            remaining = state.max_steps - state.global_step
+            eta = elapsed / done * remaining if done > 0 else None
+            hooks.on_progress(
+                Progress(
+                    step=state.global_step,
+                    total_steps=state.max_steps,
+                    epoch=float(state.epoch or 0),
+                    loss=logs.get("loss"),
+                    eval_loss=logs.get("eval_loss"),
+                    learning_rate=logs.get("learning_rate"),
+                    tokens_seen=int(state.num_input_tokens_seen or 0),
+                    train_seconds=elapsed,
+                    eta_seconds=eta,
+                )
+            )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if hooks.should_stop():
+                control.should_training_stop = True
+                control.should_save = False
+
+    return ProgressCallback()
+
+
+# -- the run ----------------------------------------------------------------------------------
+def run_lora_training(
+    config: TrainingConfig,
+    *,
+    spec: BaseModelSpec,
+    plan: DevicePlan,
+    train_examples: Sequence[list[Message]],
+    eval_examples: Sequence[list[Message]] = (),
+    output_dir: Path,
+    hooks: TrainingHooks = TrainingHooks(),
+    resume_from: Path | None = None,
+    extra_callbacks: Sequence[Any] = (),
+    hf_token: str | None = None,
+) -> TrainingResult:
+    from peft import get_peft_model
+    from transformers import Trainer, set_seed
+
+    set_seed(config.seed)
+    # A fresh copy of the base weights: peft injects LoRA layers into the model it is given.
+    tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token)
+
+    train_rows = tokenize_examples(tokenizer, train_examples, config.max_seq_length)
+    eval_rows = tokenize_examples(tokenizer, list(eval_examples)[: config.eval_examples], config.max_seq_length)
+    if not train_rows:
+        raise ValueError("No training example has answer tokens left after cutting to max_seq_length; raise max_seq_length.")
+
+    model.config.use_cache = False
+    model = get_peft_model(model, lora_config(config))
+    model.train()
+
+    checkpoints = output_dir / "checkpoints"
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config, output_dir=checkpoints, plan=plan, train_rows=len(train_rows), has_eval=bool(eval_rows)),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows or None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        callbacks=[make_progress_callback(hooks), *extra_callbacks],
+    )
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
+    state = trainer.state
+    stopped_early = hooks.should_stop()
+    adapter_dir = None
+    if not stopped_early:
+        adapter_dir = output_dir / "adapter"
+        save_adapter(model, tokenizer, config, spec, adapter_dir)
+    return TrainingResult(
+        stopped_early=stopped_early,
+        global_step=state.global_step,
+        total_steps=state.max_steps,
+        tokens_seen=int(state.num_input_tokens_seen or 0),
+        train_seconds=train_seconds,
+        adapter_dir=adapter_dir,
+        final_loss=output.training_loss if output else None,
+    )
+
+
+def save_adapter(model: Any, tokenizer: Any, config: TrainingConfig, spec: BaseModelSpec, adapter_dir: Path) -> None:
+    """Standard PEFT layout (loads with PeftModel.from_pretrained) plus the resolved settings."""
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    resolved = {**config.to_dict(), "base_model_source": spec.load_path}
+    (adapter_dir / CONFIG_FILENAME).write_text(json.dumps(resolved, indent=2), encoding="utf-8")
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted(
+        (p for p in (output_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return checkpoints[-1] if checkpoints else None

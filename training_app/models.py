@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+
+class TrainingJob(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        TRAINING = "training", "Training"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    FINISHED = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="training_jobs")
+    dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.PROTECT, related_name="training_jobs")
+    base_model = models.CharField(max_length=200)
+    config = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    cancel_requested = models.BooleanField(default=False)
+    current_step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    epoch = models.FloatField(default=0)
+    tokens_seen = models.BigIntegerField(default=0)
+    tokens_per_second = models.FloatField(null=True, blank=True)
+    # Wall-clock seconds the worker spent on this job over every run, model loading included
+    # (what the machine is billed for); a resumed job adds to it.
+    train_seconds = models.FloatField(default=0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    device = models.CharField(max_length=32, blank=True)
+    adapter_dir = models.CharField(max_length=500, blank=True)
+    error_message = models.TextField(blank=True)
+    error_traceback = models.TextField(blank=True)
+    resume_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["owner", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"Job #{self.pk} ({self.get_status_display()})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("training-detail", args=[self.pk])
+
+    @property
+    def model_id(self) -> str:
+        """The id the OpenAI-compatible API knows this fine-tune by."""
+        return f"tuna-job-{self.pk}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.TRAINING)
+
+    @property
+    def progress_percent(self) -> float:
+        if self.status == self.Status.COMPLETED:
+            return 100.0
+        if not self.total_steps:
+            return 0.0
+        return min(100.0, 100.0 * self.current_step / self.total_steps)
+
+    @property
+    def cost_usd(self) -> float:
+        """Measured worker time at the configured hourly price."""
+        return self.train_seconds / 3600 * settings.TUNA_GPU_HOURLY_USD
+
+
+class LossPoint(models.Model):
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="loss_points")
+    step = models.PositiveIntegerField()
+    epoch = models.FloatField()
+    loss = models.FloatField(null=True, blank=True)
+    eval_loss = models.FloatField(null=True, blank=True)
+    learning_rate = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["step", "id"]
+        indexes = [models.Index(fields=["job", "step"])]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} step {self.step}"
+
+
+class ThroughputMeasurement(models.Model):
+    """A measured training speed: what every time and cost estimate is computed from."""
+
+    base_model = models.CharField(max_length=200)
+    device = models.CharField(max_length=32)
+    tokens_per_second = models.FloatField()
+    source = models.CharField(max_length=200)
+    measured_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-measured_at", "-id"]
+        get_latest_by = "measured_at"
+
+    def __str__(self) -> str:
+        return f"{self.base_model} on {self.device}: {self.tokens_per_second:.0f} tokens/s ({self.source})"

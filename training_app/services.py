@@ -1,0 +1,238 @@
+"""Writes for training jobs. Pages, API, admin actions and the worker task all come through here."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from datasets_app.models import Dataset
+from inference_app.catalog import get_base_model_spec, get_catalog
+from training_app.config import ConfigResult, TrainingConfig, build_config
+from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+
+logger = logging.getLogger("tuna.training")
+
+WORKER_STOPPED = (
+    "The worker stopped while this job was running (it was restarted or crashed). Resume the job to continue from its last checkpoint."
+)
+
+
+class JobConflict(Exception):
+    """An action that does not fit the job's state (e.g. cancelling a finished job)."""
+
+
+class ConfigInvalid(Exception):
+    def __init__(self, errors: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+
+
+class DatasetNotTrainable(Exception):
+    pass
+
+
+def job_dir(job: TrainingJob) -> Path:
+    return Path(settings.TUNA_DATA_DIR) / "jobs" / str(job.pk)
+
+
+def validate_training_config(data: dict[str, Any]) -> ConfigResult:
+    catalog = get_catalog()
+    model_dirs = {name: spec.load_path if spec.kind != "hub" else None for name, spec in catalog.items()}
+    return build_config(data, catalog=catalog, default_model=settings.TUNA_DEFAULT_BASE_MODEL, model_dirs=model_dirs)
+
+
+def _enqueue(job: TrainingJob) -> None:
+    from django_q.tasks import async_task
+
+    async_task("training_app.tasks.training_job_execute", job.pk, task_name=f"training-job-{job.pk}-{job.resume_count}")
+
+
+def training_job_start(*, owner, dataset: Dataset, config_data: dict[str, Any]) -> TrainingJob:
+    if not dataset.is_valid:
+        raise DatasetNotTrainable(f"Dataset {dataset.name!r} is invalid ({dataset.error_count} errors); fix the file and upload it again.")
+    result = validate_training_config(config_data)
+    if result.errors:
+        raise ConfigInvalid(result.errors)
+    config = result.config
+    with transaction.atomic():
+        job = TrainingJob.objects.create(owner=owner, dataset=dataset, base_model=config.base_model, config=config.to_dict())
+        transaction.on_commit(lambda: _enqueue(job))
+    logger.info("Training job %s queued by %s on dataset %s", job.pk, owner, dataset.pk)
+    return job
+
+
+@transaction.atomic
+def training_job_cancel(*, job: TrainingJob) -> TrainingJob:
+    job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+    if job.is_finished:
+        raise JobConflict(f"Job #{job.pk} has already finished ({job.get_status_display().lower()}); there is nothing to cancel.")
+    if job.status == TrainingJob.Status.QUEUED:
+        # Not started: the task sees the status and returns without training.
+        job.status = TrainingJob.Status.CANCELLED
+        job.completed_at = timezone.now()
+    job.cancel_requested = True
+    job.save(update_fields=["status", "completed_at", "cancel_requested"])
+    return job
+
+
+def resumable_checkpoint(job: TrainingJob) -> Path | None:
+    from training_app.lora import latest_checkpoint
+
+    return latest_checkpoint(job_dir(job))
+
+
+@transaction.atomic
+def training_job_resume(*, job: TrainingJob) -> TrainingJob:
+    job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+    if job.status not in (TrainingJob.Status.FAILED, TrainingJob.Status.CANCELLED):
+        raise JobConflict(f"Only failed or cancelled jobs can be resumed; job #{job.pk} is {job.get_status_display().lower()}.")
+    if resumable_checkpoint(job) is None:
+        raise JobConflict(f"Job #{job.pk} saved no checkpoint to resume from; start a new job instead.")
+    job.status = TrainingJob.Status.QUEUED
+    job.cancel_requested = False
+    job.error_message = ""
+    job.error_traceback = ""
+    job.completed_at = None
+    job.eta_seconds = None
+    job.resume_count += 1
+    job.save()
+    transaction.on_commit(lambda: _enqueue(job))
+    return job
+
+
+def training_jobs_reap_orphans() -> int:
+    """Mark jobs a dead worker left running as failed (called when a worker starts)."""
+    return TrainingJob.objects.filter(status=TrainingJob.Status.TRAINING).update(
+        status=TrainingJob.Status.FAILED, error_message=WORKER_STOPPED, completed_at=timezone.now(), eta_seconds=None
+    )
+
+
+def queue_position(job: TrainingJob) -> int:
+    """How many jobs run before this queued one (one worker: one job at a time)."""
+    from evaluation_app.models import Evaluation
+
+    ahead = TrainingJob.objects.filter(status=TrainingJob.Status.QUEUED, created_at__lt=job.created_at).count()
+    running = TrainingJob.objects.filter(status=TrainingJob.Status.TRAINING).count()
+    evaluating = Evaluation.objects.filter(status=Evaluation.Status.RUNNING).count()
+    return ahead + running + evaluating
+
+
+# -- the worker side --------------------------------------------------------------------------
+def training_job_run(*, job_id: int, extra_callbacks: tuple = ()) -> None:
+    """Run a queued job to its end. Claims the row first, so a redelivered task never trains twice."""
+    claimed = TrainingJob.objects.filter(pk=job_id, status=TrainingJob.Status.QUEUED).update(
+        status=TrainingJob.Status.TRAINING, heartbeat_at=timezone.now()
+    )
+    if not claimed:
+        logger.info("Training job %s is not queued any more; nothing to do", job_id)
+        return
+    job = TrainingJob.objects.select_related("dataset").get(pk=job_id)
+    if job.started_at is None:
+        TrainingJob.objects.filter(pk=job_id).update(started_at=timezone.now())
+    try:
+        _train(job, extra_callbacks)
+    except Exception as exc:  # every failure ends as `failed` with a readable reason
+        logger.exception("Training job %s failed", job_id)
+        TrainingJob.objects.filter(pk=job_id).update(
+            status=TrainingJob.Status.FAILED,
+            error_message=readable_error(exc),
+            error_traceback=traceback.format_exc(),
+            completed_at=timezone.now(),
+            eta_seconds=None,
+        )
+
+
+def readable_error(exc: BaseException) -> str:
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "OutOfMemory" in name or "out of memory" in text.lower():
+        return "The machine ran out of memory. Lower batch_size or max_seq_length (or raise gradient_accumulation_steps) and start again."
+    if isinstance(exc, ValueError) and text:
+        return text
+    return f"Training stopped with an error ({name}{': ' + text[:300] if text else ''}). The full traceback is in the admin."
+
+
+def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
+    from datasets_app.examples import held_out_examples, training_examples
+    from inference_app.loading import pick_device
+    from training_app.lora import Progress, TrainingHooks, latest_checkpoint, run_lora_training
+
+    config = TrainingConfig.from_dict(job.config)
+    spec = get_base_model_spec(config.base_model)
+    plan = pick_device()
+    out = job_dir(job)
+    resume_from = latest_checkpoint(out) if job.resume_count else None
+    if resume_from is not None:
+        step = int(resume_from.name.split("-")[-1])
+        # The resumed run logs these steps again: keep the history identical to an unbroken run.
+        LossPoint.objects.filter(job=job, step__gt=step).delete()
+    elif out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous_seconds = job.train_seconds
+    run_started = time.monotonic()
+    tokens_at_start = job.tokens_seen if resume_from else 0
+
+    def on_start(total: int) -> None:
+        TrainingJob.objects.filter(pk=job.pk).update(total_steps=total, device=plan.device)
+
+    def on_progress(p: Progress) -> None:
+        run_tokens = p.tokens_seen - tokens_at_start
+        TrainingJob.objects.filter(pk=job.pk).update(
+            current_step=p.step,
+            total_steps=p.total_steps,
+            epoch=p.epoch,
+            tokens_seen=p.tokens_seen,
+            tokens_per_second=run_tokens / p.train_seconds if p.train_seconds > 0 and run_tokens > 0 else F("tokens_per_second"),
+            train_seconds=previous_seconds + (time.monotonic() - run_started),
+            eta_seconds=p.eta_seconds,
+            heartbeat_at=timezone.now(),
+        )
+        LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
+
+    def should_stop() -> bool:
+        return TrainingJob.objects.filter(pk=job.pk, cancel_requested=True).exists()
+
+    result = run_lora_training(
+        config,
+        spec=spec,
+        plan=plan,
+        train_examples=training_examples(job.dataset),
+        eval_examples=held_out_examples(job.dataset),
+        output_dir=out,
+        hooks=TrainingHooks(on_progress=on_progress, should_stop=should_stop, on_start=on_start),
+        resume_from=resume_from,
+        extra_callbacks=extra_callbacks,
+        hf_token=settings.HF_TOKEN,
+    )
+    finished = timezone.now()
+    fields: dict[str, Any] = {
+        "current_step": result.global_step,
+        "total_steps": result.total_steps,
+        "tokens_seen": result.tokens_seen,
+        "train_seconds": previous_seconds + (time.monotonic() - run_started),
+        "completed_at": finished,
+        "eta_seconds": None,
+    }
+    run_tokens = result.tokens_seen - tokens_at_start
+    if result.train_seconds > 0 and run_tokens > 0:
+        fields["tokens_per_second"] = run_tokens / result.train_seconds
+    if result.stopped_early:
+        fields["status"] = TrainingJob.Status.CANCELLED
+    else:
+        fields.update(status=TrainingJob.Status.COMPLETED, adapter_dir=str(result.adapter_dir))
+        if "tokens_per_second" in fields:
+            ThroughputMeasurement.objects.create(
+                base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
+            )
+    TrainingJob.objects.filter(pk=job.pk).update(**fields)
+    logger.info("Training job %s %s after %s steps", job.pk, fields.get("status"), result.global_step)

