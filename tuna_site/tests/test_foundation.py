@@ -1,0 +1,153 @@
+"""Settings, the worker configuration, compose.yaml and the web process's footprint."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from django.conf import settings
+from django.core.management import call_command
+from django.utils import timezone
+
+from evaluation_app.models import Evaluation
+from training_app.models import TrainingJob
+from training_app.services import WORKER_STOPPED, training_jobs_reap_orphans
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tuna_site.settings", **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_it_refuses_to_start_without_a_secret_key_when_not_debug():
+    result = _run_python("import django; django.setup()", DEBUG="0", SECRET_KEY="")
+    assert result.returncode != 0
+    assert "SECRET_KEY must be set when DEBUG is off" in result.stderr
+
+
+def test_it_rejects_a_malformed_setting_loudly():
+    result = _run_python("import django; django.setup()", TUNA_GPU_HOURLY_USD="cheap")
+    assert result.returncode != 0
+    assert "TUNA_GPU_HOURLY_USD must be a number" in result.stderr
+
+
+def test_it_reads_extra_base_models_from_the_environment():
+    code = "import django; django.setup(); from django.conf import settings; print(sorted(settings.TUNA_BASE_MODELS))"
+    result = _run_python(code, TUNA_BASE_MODELS="llama-3.1-8b-instruct=meta-llama/Llama-3.1-8B-Instruct")
+    assert result.returncode == 0, result.stderr
+    assert "'llama-3.1-8b-instruct'" in result.stdout and "'smollm2-135m-instruct'" in result.stdout
+
+
+def test_it_configures_one_worker_that_never_redelivers_a_running_job():
+    q = settings.Q_CLUSTER
+    assert q["orm"] == "default"
+    assert q["workers"] == 1
+    assert q["max_attempts"] == 1
+    assert q["retry"] > q["timeout"]
+
+
+def test_it_does_not_import_torch_when_the_web_app_loads():
+    code = (
+        "import sys, django; django.setup();"
+        "from django.urls import get_resolver; get_resolver().url_patterns;"
+        "import tuna_site.wsgi;"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False False"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_it_keeps_the_web_process_under_200_mb_after_start(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "TUNA_DATA_DIR": str(tmp_path), "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR)}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=120)
+    server = subprocess.Popen(
+        [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/login/", timeout=5) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        rss = _rss_mb(server.pid)
+        print(f"web process RSS after start and one page: {rss:.0f} MB")
+        assert rss < 200
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_it_describes_db_web_and_worker_in_compose():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"db", "web", "worker"}
+    assert services["db"]["image"].startswith("postgres:16")
+    assert "pg_isready" in " ".join(services["db"]["healthcheck"]["test"])
+    assert services["web"]["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "migrate" in services["web"]["command"] and "gunicorn" in services["web"]["command"]
+    assert "tuna_worker" in services["worker"]["command"]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia"
+    assert {"pgdata", "data", "models"} <= set(compose["volumes"])
+    assert any(v.startswith("models:") for v in services["worker"]["volumes"])
+
+
+@pytest.mark.django_db
+def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_dataset):
+    running = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training", started_at=timezone.now())
+    queued = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
+    evaluation = Evaluation.objects.create(owner=alice, training_job=running, status="running")
+    assert training_jobs_reap_orphans() == 1
+    running.refresh_from_db()
+    queued.refresh_from_db()
+    evaluation.refresh_from_db()
+    assert running.status == "failed" and running.error_message == WORKER_STOPPED
+    assert "worker stopped" in running.error_message
+    assert queued.status == "queued"
+    from evaluation_app.services import evaluations_reap_orphans
+
+    assert evaluations_reap_orphans() == 1
+    evaluation.refresh_from_db()
+    assert evaluation.status == "failed"
+
+
+@pytest.mark.django_db
+def test_it_creates_the_local_admin_once(capsys, monkeypatch):
+    from django.contrib.auth.models import User
+
+    monkeypatch.delenv("TUNA_ADMIN_PASSWORD", raising=False)
+    monkeypatch.setenv("TUNA_ADMIN_USER", "root-admin")
+    call_command("tuna_bootstrap")
+    first = capsys.readouterr().out
+    assert "user name: root-admin" in first and "API token:" in first
+    call_command("tuna_bootstrap")
+    assert "exists" in capsys.readouterr().out
+    assert User.objects.filter(is_superuser=True).count() == 1
