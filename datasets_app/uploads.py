@@ -19,7 +19,13 @@ class MaxSizeUploadHandler(FileUploadHandler):
         self.limit = max_upload_bytes()
         self.received = 0
         # Multipart framing adds a little; anything this far over cannot be within the limit.
-        if content_length and content_length > self.limit + 64 * 1024:
+        self.over_limit = bool(content_length and content_length > self.limit + 64 * 1024)
+        # Returning None lets the parser go on; the rejection happens inside its loop (new_file),
+        # where Django discards the partial upload cleanly.
+
+    def new_file(self, *args, **kwargs):
+        super().new_file(*args, **kwargs)
+        if self.over_limit:
             self._reject()
 
     def receive_data_chunk(self, raw_data, start):
@@ -37,5 +43,6 @@ class MaxSizeUploadHandler(FileUploadHandler):
 
 
 def upload_too_large(request) -> bool:
+    request.FILES  # noqa: B018 - parsing the body is what runs the upload handlers
     raw = getattr(request, "_request", request)  # DRF wraps the Django request
     return getattr(raw, "tuna_upload_too_large", False)

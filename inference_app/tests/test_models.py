@@ -42,6 +42,8 @@ def test_it_counts_tokens_like_the_real_tokenizer_and_template():
     loaded = registry.get()
     counter = token_counter_for(get_base_model_spec())
     messages = [{"role": "user", "content": "Two large red hoodies, please."}, {"role": "assistant", "content": '{"product": "hoodie"}'}]
-    real = len(loaded.tokenizer(render_chat(loaded.tokenizer, messages, add_generation_prompt=False), add_special_tokens=False)["input_ids"])
+    real = len(
+        loaded.tokenizer(render_chat(loaded.tokenizer, messages, add_generation_prompt=False), add_special_tokens=False)["input_ids"]
+    )
     estimated = sum(counter.count_many([m["content"] for m in messages])) + counter.template_overhead(("user", "assistant"))
     assert abs(real - estimated) <= 2

@@ -49,7 +49,17 @@ def test_it_refuses_anonymous_requests_everywhere(client, name, url):
 
 def test_it_covers_the_main_pages_and_endpoints():
     urls = {url for _, url in URLS}
-    for expected in ["/", "/datasets", "/training", "/evaluations", "/playground", "/api/datasets", "/api/training", "/api/schema", "/docs"]:
+    for expected in [
+        "/",
+        "/datasets",
+        "/training",
+        "/evaluations",
+        "/playground",
+        "/api/datasets",
+        "/api/training",
+        "/api/schema",
+        "/docs",
+    ]:
         assert expected in urls
 
 
@@ -80,7 +90,11 @@ def test_it_answers_404_for_another_users_pages(client, bob, alice_objects):
         reverse("evaluation-detail", args=[evaluation.pk]),
     ]:
         assert client.get(url).status_code == 404, url
-    for url in [reverse("dataset-delete", args=[dataset.pk]), reverse("training-cancel", args=[job.pk]), reverse("training-resume", args=[job.pk])]:
+    for url in [
+        reverse("dataset-delete", args=[dataset.pk]),
+        reverse("training-cancel", args=[job.pk]),
+        reverse("training-resume", args=[job.pk]),
+    ]:
         assert client.post(url).status_code == 404, url
     assert TrainingJob.objects.get(pk=job.pk).status == TrainingJob.Status.QUEUED
     assert dataset.__class__.objects.filter(pk=dataset.pk).exists()

@@ -83,8 +83,11 @@ def test_it_keeps_the_web_process_under_200_mb_after_start(tmp_path):
     env = {**os.environ, "TUNA_DATA_DIR": str(tmp_path), "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR)}
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True, timeout=120)
     server = subprocess.Popen(
-        [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 60
@@ -122,7 +125,9 @@ def test_it_describes_db_web_and_worker_in_compose():
 
 @pytest.mark.django_db
 def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_dataset):
-    running = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training", started_at=timezone.now())
+    running = TrainingJob.objects.create(
+        owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training", started_at=timezone.now()
+    )
     queued = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
     evaluation = Evaluation.objects.create(owner=alice, training_job=running, status="running")
     assert training_jobs_reap_orphans() == 1
