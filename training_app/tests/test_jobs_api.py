@@ -1,0 +1,145 @@
+"""Starting, listing, cancelling and resuming jobs through the API and the pages (no training here)."""
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from training_app import services
+from training_app.lora import IGNORE_INDEX
+from training_app.models import LossPoint, TrainingJob
+
+pytestmark = pytest.mark.django_db
+
+
+def test_it_starts_a_job_with_the_seed_defaults(alice_api, valid_dataset, django_capture_on_commit_callbacks):
+    from django_q.models import OrmQ
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk}, format="json")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["status"] == "queued"
+    config = body["config"]
+    assert (config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert (config["num_epochs"], config["batch_size"], config["learning_rate"], config["max_seq_length"]) == (3, 4, 2e-4, 512)
+    assert config["base_model"] == "smollm2-135m-instruct"
+    assert OrmQ.objects.count() == 1  # handed to the worker
+
+
+def test_it_rejects_bad_settings_with_field_errors(alice_api, valid_dataset):
+    config = {"num_epochs": 0, "learning_rate": "fast", "lora_dropout": 0.9, "target_modules": ["q_proj", "nope"], "base_model": "gpt-9", "colour": 1}
+    response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": config}, format="json")
+    assert response.status_code == 400
+    errors = response.json()["errors"]
+    assert errors["num_epochs"] == "Must be between 1 and 50."
+    assert "Must be a number" in errors["learning_rate"]
+    assert "between 0 and 0.5" in errors["lora_dropout"]
+    assert "gpt-9" in errors["base_model"]
+    assert "Unknown setting" in errors["colour"]
+    assert TrainingJob.objects.count() == 0
+    response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": {"target_modules": "q_proj, nope"}}, format="json")
+    assert "Unknown module nope" in response.json()["errors"]["target_modules"]
+    assert "k_proj" in response.json()["errors"]["target_modules"]
+
+
+def test_it_refuses_an_invalid_dataset(alice_api, alice):
+    from datasets_app.services import dataset_create
+    from tuna_site.testing import jsonl_file, pc_rows
+
+    dataset = dataset_create(owner=alice, upload=jsonl_file(pc_rows(5)))
+    response = alice_api.post("/api/training/start", {"dataset_id": dataset.pk}, format="json")
+    assert response.status_code == 400 and "invalid" in response.json()["detail"]
+
+
+def test_it_answers_404_for_an_unknown_dataset(alice_api):
+    assert alice_api.post("/api/training/start", {"dataset_id": 999}, format="json").status_code == 404
+
+
+def test_it_shows_a_job_with_its_training_logs(alice_api, alice, valid_dataset):
+    job = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
+    LossPoint.objects.create(job=job, step=1, epoch=0.1, loss=2.5)
+    body = alice_api.get(f"/api/training/{job.pk}").json()
+    assert body["training_logs"][0]["step"] == 1 and body["training_logs"][0]["loss"] == 2.5
+    assert {"step", "loss", "epoch", "timestamp"} <= set(body["training_logs"][0])
+    assert {"started_at", "completed_at", "error_message", "progress_percent", "cost_usd"} <= set(body)
+    listing = alice_api.get("/api/training").json()
+    assert listing["count"] == 1 and listing["results"][0]["id"] == job.pk
+
+
+def test_it_cancels_a_queued_job_and_refuses_to_cancel_a_finished_one(alice_api, alice, valid_dataset):
+    job = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
+    assert alice_api.delete(f"/api/training/{job.pk}").status_code == 204
+    job.refresh_from_db()
+    assert job.status == "cancelled" and job.cancel_requested
+    response = alice_api.delete(f"/api/training/{job.pk}")
+    assert response.status_code == 409 and "already finished" in response.json()["detail"]
+
+
+def test_it_refuses_to_resume_without_a_checkpoint(alice_api, alice, valid_dataset):
+    job = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="failed")
+    response = alice_api.post(f"/api/training/{job.pk}/resume")
+    assert response.status_code == 409 and "no checkpoint" in response.json()["detail"]
+    running = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training")
+    assert alice_api.post(f"/api/training/{running.pk}/resume").status_code == 409
+
+
+def test_it_answers_404_for_an_adapter_that_does_not_exist(alice_api, alice, valid_dataset):
+    job = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
+    assert alice_api.get(f"/api/training/{job.pk}/adapter").status_code == 404
+
+
+def test_it_shows_the_start_form_with_defaults_and_a_measured_estimate(alice_client, valid_dataset):
+    from training_app.models import ThroughputMeasurement
+
+    page = alice_client.get(reverse("training-new", args=[valid_dataset.pk])).content.decode()
+    assert "No training speed has been measured" in page
+    ThroughputMeasurement.objects.create(base_model="smollm2-135m-instruct", device="cpu", tokens_per_second=400, source="calibration")
+    page = alice_client.get(reverse("training-new", args=[valid_dataset.pk])).content.decode()
+    assert "measured 400 tokens/s on cpu" in page
+    assert 'placeholder="2e-4"' in page or 'placeholder="0.0002"' in page
+    assert "Advanced" in page and "target_modules" in page
+
+
+def test_it_shows_field_errors_on_the_start_form(alice_client, valid_dataset):
+    response = alice_client.post(reverse("training-new", args=[valid_dataset.pk]), {"num_epochs": "100", "batch_size": "4"})
+    assert response.status_code == 400
+    assert "Must be between 1 and 50." in response.content.decode()
+    assert TrainingJob.objects.count() == 0
+    response = alice_client.post(reverse("training-new", args=[valid_dataset.pk]), {"num_epochs": "2"})
+    job = TrainingJob.objects.get()
+    assert response["Location"] == job.get_absolute_url() and job.config["num_epochs"] == 2
+
+
+def test_it_polls_while_running_and_stops_when_finished(alice_client, alice, valid_dataset):
+    job = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
+    fragment = alice_client.get(reverse("training-detail", args=[job.pk]), HTTP_HX_REQUEST="true").content.decode()
+    assert "hx-trigger=\"every 2s [document.visibilityState === 'visible']\"" in fragment
+    assert "<html" not in fragment and "next in line" in fragment
+    TrainingJob.objects.filter(pk=job.pk).update(status="completed", completed_at=timezone.now(), current_step=10, total_steps=10)
+    fragment = alice_client.get(reverse("training-detail", args=[job.pk]), HTTP_HX_REQUEST="true").content.decode()
+    assert "hx-trigger" not in fragment
+    assert "Download adapter" in fragment
+
+
+def test_it_tells_the_queue_position(alice, valid_dataset):
+    first = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
+    second = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
+    assert services.queue_position(first) == 0 and services.queue_position(second) == 1
+
+
+def test_it_explains_out_of_memory_in_plain_words():
+    message = services.readable_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert "ran out of memory" in message and "batch_size" in message
+
+
+def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
+    from inference_app.registry import registry
+    from training_app.lora import tokenize_example
+
+    tokenizer = registry.get().tokenizer
+    row = tokenize_example(tokenizer, [{"role": "user", "content": "Two red caps"}, {"role": "assistant", "content": "OK"}], 512)
+    learned = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert row["labels"][0] == IGNORE_INDEX
+    assert tokenizer.decode(learned).startswith("OK<|im_end|>")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in learned

@@ -1,0 +1,144 @@
+"""LoRA training on the real embedded model, through the worker's code path (tiny settings)."""
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from training_app import services, tasks
+from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+
+pytestmark = [pytest.mark.django_db, pytest.mark.model]
+
+TINY = {"max_steps": 4, "batch_size": 2, "max_seq_length": 128, "save_steps": 2, "eval_steps": 2, "eval_examples": 2}
+
+
+def start(alice, dataset, **overrides):
+    return services.training_job_start(owner=alice, dataset=dataset, config_data={**TINY, **overrides})
+
+
+class SimulatedCrash(BaseException):
+    """Escapes like a killed process would: nothing in the job's own error handling sees it."""
+
+
+class AtStep(TrainerCallback):
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.action()
+
+
+def test_it_trains_end_to_end_and_saves_a_working_adapter(alice, valid_dataset):
+    import torch
+    from peft import PeftModel
+
+    from inference_app.catalog import get_base_model_spec
+    from inference_app.loading import load_tokenizer_and_model, pick_device
+
+    job = start(alice, valid_dataset)
+    tasks.training_job_execute(job.pk)
+    job.refresh_from_db()
+    assert job.status == "completed", job.error_message
+    assert (job.current_step, job.total_steps) == (4, 4)
+    assert job.tokens_seen > 0 and job.tokens_per_second > 0 and job.train_seconds > 0
+    assert job.started_at and job.completed_at and job.device == "cpu"
+    losses = list(job.loss_points.exclude(loss=None).values_list("step", flat=True))
+    assert losses == [1, 2, 3, 4]
+    assert job.loss_points.exclude(eval_loss=None).count() == 2
+    assert ThroughputMeasurement.objects.filter(source=f"training job #{job.pk}").exists()
+
+    adapter = Path(job.adapter_dir)
+    assert {"adapter_model.safetensors", "adapter_config.json", "tuna_training_config.json"} <= {p.name for p in adapter.iterdir()}
+    checkpoints = sorted(p.name for p in (adapter.parent / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+
+    spec, plan = get_base_model_spec(), pick_device()
+    tokenizer, base = load_tokenizer_and_model(spec, plan)
+    _, pristine = load_tokenizer_and_model(spec, plan)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: it changed
+    reloaded = dict(model.get_base_model().named_parameters())
+    for name, param in pristine.named_parameters():
+        key = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight", "v_proj.base_layer.weight")
+        assert torch.equal(reloaded[key], param), name  # base weights untouched
+
+    ids = tokenizer("Extract the order: two red caps", return_tensors="pt")
+    with torch.no_grad():
+        tuned = model(**ids).logits
+        with model.disable_adapter():
+            plain = model(**ids).logits
+    assert not torch.allclose(tuned, plain)
+
+
+def test_it_cancels_a_running_job_within_one_step(alice, valid_dataset):
+    job = start(alice, valid_dataset, max_steps=8)
+    cancel = AtStep(3, lambda: services.training_job_cancel(job=TrainingJob.objects.get(pk=job.pk)))
+    services.training_job_run(job_id=job.pk, extra_callbacks=(cancel,))
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert job.current_step in (3, 4)  # the request landed during step 3: stopped by the end of the next one
+    assert job.adapter_dir == ""
+    assert (Path(services.job_dir(job)) / "checkpoints" / "checkpoint-2").is_dir()  # what it saved stays
+
+
+def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset):
+    job = start(alice, valid_dataset, max_steps=6)
+
+    def crash():
+        raise SimulatedCrash()
+
+    with pytest.raises(SimulatedCrash):
+        services.training_job_run(job_id=job.pk, extra_callbacks=(AtStep(3, crash),))
+    job.refresh_from_db()
+    assert job.status == "training"  # as a dead worker leaves it
+
+    assert services.training_jobs_reap_orphans() == 1
+    job.refresh_from_db()
+    assert job.status == "failed" and "worker stopped" in job.error_message
+    assert services.resumable_checkpoint(job).name == "checkpoint-2"
+    seconds_before = job.train_seconds
+
+    services.training_job_resume(job=job)
+    tasks.training_job_execute(job.pk)
+    job.refresh_from_db()
+    assert job.status == "completed", job.error_message
+    assert (job.current_step, job.total_steps, job.resume_count) == (6, 6, 1)
+    assert list(job.loss_points.exclude(loss=None).values_list("step", flat=True)) == [1, 2, 3, 4, 5, 6]
+    assert job.train_seconds > seconds_before
+    assert Path(job.adapter_dir, "adapter_model.safetensors").exists()
+
+
+def test_it_fails_a_bad_runtime_config_with_a_readable_reason(alice, valid_dataset):
+    job = TrainingJob.objects.create(
+        owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={**TINY, "base_model": "smollm2-135m-instruct", "target_modules": ["not_a_layer"]}
+    )
+    tasks.training_job_execute(job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed"
+    assert "not_a_layer" in job.error_message
+    assert "Traceback" in job.error_traceback
+    assert "Traceback" not in job.error_message
+
+
+def test_it_never_trains_a_job_twice(alice, valid_dataset):
+    job = start(alice, valid_dataset, max_steps=1)
+    tasks.training_job_execute(job.pk)
+    job.refresh_from_db()
+    points = job.loss_points.count()
+    tasks.training_job_execute(job.pk)  # a redelivered task
+    assert LossPoint.objects.filter(job=job).count() == points
+
+
+def test_it_downloads_the_adapter_as_a_zip(alice, alice_api, valid_dataset):
+    job = start(alice, valid_dataset, max_steps=1)
+    tasks.training_job_execute(job.pk)
+    response = alice_api.get(f"/api/training/{job.pk}/adapter")
+    assert response.status_code == 200 and response["Content-Type"] == "application/zip"
+    names = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).namelist()
+    assert f"tuna-job-{job.pk}-adapter/adapter_model.safetensors" in names
+    assert f"tuna-job-{job.pk}-adapter/tuna_training_config.json" in names
