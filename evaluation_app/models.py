@@ -17,7 +17,9 @@ class Evaluation(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     test_size = models.PositiveIntegerField(default=0)
     done = models.PositiveIntegerField(default=0)
+    max_new_tokens = models.PositiveIntegerField(default=0)
     metrics = models.JSONField(default=dict, blank=True)
+    run_seconds = models.FloatField(default=0)
     error_message = models.TextField(blank=True)
     error_traceback = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -36,3 +38,65 @@ class Evaluation(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.status in (self.Status.COMPLETED, self.Status.FAILED)
+
+    @property
+    def progress_percent(self) -> float:
+        return 100.0 * self.done / self.test_size if self.test_size else 0.0
+
+
+class EvaluationExample(models.Model):
+    evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="examples")
+    index = models.PositiveIntegerField()
+    messages = models.JSONField()  # the prompt as chat messages, exactly as both models saw it
+    reference = models.TextField()
+    base_output = models.TextField(blank=True)
+    finetuned_output = models.TextField(blank=True)
+    base_latency_ms = models.FloatField(default=0)
+    finetuned_latency_ms = models.FloatField(default=0)
+    base_prompt_tokens = models.PositiveIntegerField(default=0)
+    finetuned_prompt_tokens = models.PositiveIntegerField(default=0)
+    base_tokens = models.PositiveIntegerField(default=0)
+    finetuned_tokens = models.PositiveIntegerField(default=0)
+    base_cost_usd = models.FloatField(default=0)
+    finetuned_cost_usd = models.FloatField(default=0)
+    base_scores = models.JSONField(default=dict)
+    finetuned_scores = models.JSONField(default=dict)
+    # Blind mode: which side (A or B) shows the fine-tuned answer; drawn once, stored.
+    finetuned_side = models.CharField(max_length=1, choices=[("A", "A"), ("B", "B")])
+
+    class Meta:
+        ordering = ["index"]
+        constraints = [models.UniqueConstraint(fields=["evaluation", "index"], name="unique_example_index")]
+
+    def __str__(self) -> str:
+        return f"evaluation {self.evaluation_id} example {self.index}"
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"] if self.messages else ""
+
+    def side_output(self, side: str) -> str:
+        return self.finetuned_output if side == self.finetuned_side else self.base_output
+
+    def model_for_side(self, side: str) -> str:
+        return "finetuned" if side == self.finetuned_side else "base"
+
+
+class Rating(models.Model):
+    class Choice(models.TextChoices):
+        BASE = "base", "Base model"
+        FINETUNED = "finetuned", "Fine-tuned model"
+        TIE = "tie", "Tie"
+        BOTH_BAD = "both_bad", "Both bad"
+
+    example = models.ForeignKey(EvaluationExample, on_delete=models.CASCADE, related_name="ratings")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ratings")
+    preferred_model = models.CharField(max_length=16, choices=Choice.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["example", "user"], name="one_vote_per_user_per_example")]
+
+    def __str__(self) -> str:
+        return f"{self.user} prefers {self.preferred_model} on {self.example}"

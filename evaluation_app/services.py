@@ -1,15 +1,183 @@
-"""Writes for evaluations."""
+"""Writes for evaluations: start, run (in the worker), vote."""
 
 from __future__ import annotations
 
+import logging
+import random
+import time
+import traceback
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
-from evaluation_app.models import Evaluation
+from evaluation_app import metrics
+from evaluation_app.models import Evaluation, EvaluationExample, Rating
+from training_app.models import TrainingJob
+
+logger = logging.getLogger("tuna.evaluation")
 
 WORKER_STOPPED = "The worker stopped while this evaluation was running. Start the evaluation again."
+DEFAULT_TEST_SIZE = 50
+
+
+class EvaluationConflict(Exception):
+    pass
+
+
+class VoteInvalid(ValueError):
+    pass
 
 
 def evaluations_reap_orphans() -> int:
     return Evaluation.objects.filter(status=Evaluation.Status.RUNNING).update(
         status=Evaluation.Status.FAILED, error_message=WORKER_STOPPED, completed_at=timezone.now()
     )
+
+
+def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -> tuple[Evaluation, bool]:
+    """Queue an evaluation of a completed job. Returns (evaluation, created).
+
+    An evaluation of this job that is already queued or running is returned instead of a second one,
+    so a double click or a second tab never starts two runs.
+    """
+    if job.status != TrainingJob.Status.COMPLETED:
+        raise EvaluationConflict(f"Job #{job.pk} is {job.get_status_display().lower()}; only a completed fine-tune can be evaluated.")
+    held_out = job.dataset.num_eval
+    if held_out < 1:
+        raise EvaluationConflict("This dataset has no held-out examples to evaluate on.")
+    size = min(held_out, test_size or DEFAULT_TEST_SIZE)
+    with transaction.atomic():
+        # Lock the job row so two concurrent requests cannot both create a run.
+        TrainingJob.objects.select_for_update().get(pk=job.pk)
+        active = Evaluation.objects.filter(training_job=job, status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING]).first()
+        if active is not None:
+            return active, False
+        evaluation = Evaluation.objects.create(owner=owner, training_job=job, test_size=size)
+        transaction.on_commit(lambda: _enqueue(evaluation))
+    return evaluation, True
+
+
+def _enqueue(evaluation: Evaluation) -> None:
+    from django_q.tasks import async_task
+
+    async_task("evaluation_app.tasks.evaluation_execute", evaluation.pk, task_name=f"evaluation-{evaluation.pk}")
+
+
+def evaluation_run(*, evaluation_id: int) -> None:
+    claimed = Evaluation.objects.filter(pk=evaluation_id, status=Evaluation.Status.QUEUED).update(
+        status=Evaluation.Status.RUNNING, started_at=timezone.now()
+    )
+    if not claimed:
+        return
+    evaluation = Evaluation.objects.select_related("training_job", "training_job__dataset").get(pk=evaluation_id)
+    started = time.monotonic()
+    try:
+        _run(evaluation)
+    except Exception as exc:
+        logger.exception("Evaluation %s failed", evaluation_id)
+        from training_app.services import readable_error
+
+        Evaluation.objects.filter(pk=evaluation_id).update(
+            status=Evaluation.Status.FAILED,
+            error_message=readable_error(exc).replace("Training", "The evaluation"),
+            error_traceback=traceback.format_exc(),
+            completed_at=timezone.now(),
+            run_seconds=time.monotonic() - started,
+        )
+    else:
+        Evaluation.objects.filter(pk=evaluation_id).update(run_seconds=time.monotonic() - started)
+
+
+def _run(evaluation: Evaluation) -> None:
+    from datasets_app.examples import held_out_examples
+    from evaluation_app.runner import answer_loss, decoding_budget
+    from inference_app.engine import generate_chat
+    from inference_app.registry import registry
+
+    job = evaluation.training_job
+    examples = held_out_examples(job.dataset)[: evaluation.test_size]
+    loaded = registry.get(job.base_model)
+    adapter = f"job-{job.pk}"
+    loaded.attach_adapter(adapter, job.adapter_dir)
+    budget = decoding_budget(loaded, [m[-1]["content"] for m in examples])
+    Evaluation.objects.filter(pk=evaluation.pk).update(max_new_tokens=budget, test_size=len(examples))
+    EvaluationExample.objects.filter(evaluation=evaluation).delete()
+    sides = random.Random(f"evaluation-{evaluation.pk}")
+    price = settings.TUNA_GPU_HOURLY_USD
+    runs: dict[str, dict[str, list]] = {"base": {"q": [], "lat": [], "tok": []}, "finetuned": {"q": [], "lat": [], "tok": []}}
+    for index, messages in enumerate(examples):
+        prompt, reference = messages[:-1], messages[-1]["content"]
+        # Same rendering, same greedy decoding, same weights: only the adapter switch differs.
+        base = generate_chat(loaded, prompt, adapter=None, max_new_tokens=budget)
+        tuned = generate_chat(loaded, prompt, adapter=adapter, max_new_tokens=budget)
+        base_q, tuned_q = metrics.quality(base.text, reference), metrics.quality(tuned.text, reference)
+        EvaluationExample.objects.create(
+            evaluation=evaluation,
+            index=index,
+            messages=prompt,
+            reference=reference,
+            base_output=base.text,
+            finetuned_output=tuned.text,
+            base_latency_ms=base.latency_ms,
+            finetuned_latency_ms=tuned.latency_ms,
+            base_prompt_tokens=base.prompt_tokens,
+            finetuned_prompt_tokens=tuned.prompt_tokens,
+            base_tokens=base.completion_tokens,
+            finetuned_tokens=tuned.completion_tokens,
+            base_cost_usd=base.latency_ms / 3_600_000 * price,
+            finetuned_cost_usd=tuned.latency_ms / 3_600_000 * price,
+            base_scores=base_q,
+            finetuned_scores=tuned_q,
+            finetuned_side=sides.choice("AB"),
+        )
+        for name, result, q in (("base", base, base_q), ("finetuned", tuned, tuned_q)):
+            runs[name]["q"].append(q)
+            runs[name]["lat"].append(result.latency_ms)
+            runs[name]["tok"].append(result.completion_tokens)
+        Evaluation.objects.filter(pk=evaluation.pk).update(done=index + 1)
+    summaries = {}
+    for name, adapter_name in (("base", None), ("finetuned", adapter)):
+        loss = answer_loss(loaded, examples, adapter=adapter_name)
+        run = metrics.ModelRun(runs[name]["q"], runs[name]["lat"], runs[name]["tok"], loss)
+        summaries[name] = metrics.summarise(run, hourly_usd=price)
+    result = {
+        "base_model": summaries["base"],
+        "finetuned_model": summaries["finetuned"],
+        "improvements": metrics.improvements(summaries["base"], summaries["finetuned"]),
+        "decoding": {"greedy": True, "max_new_tokens": budget},
+        "hourly_usd": price,
+    }
+    Evaluation.objects.filter(pk=evaluation.pk).update(status=Evaluation.Status.COMPLETED, metrics=result, completed_at=timezone.now())
+    logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
+
+
+def rating_set(*, user, evaluation: Evaluation, example_index: int, preferred_model: str) -> tuple[Rating, bool]:
+    """Record (or change) one user's vote on one example."""
+    if preferred_model not in Rating.Choice.values:
+        raise VoteInvalid(f"preferred_model must be one of {', '.join(Rating.Choice.values)}; got {preferred_model!r}.")
+    if evaluation.status != Evaluation.Status.COMPLETED:
+        raise VoteInvalid("Votes open when the evaluation has completed.")
+    example = EvaluationExample.objects.filter(evaluation=evaluation, index=example_index).first()
+    if example is None:
+        raise VoteInvalid(f"example_index must be between 0 and {evaluation.test_size - 1}; got {example_index}.")
+    rating, created = Rating.objects.update_or_create(example=example, user=user, defaults={"preferred_model": preferred_model})
+    return rating, created
+
+
+def vote_summary(evaluation: Evaluation, user) -> dict[str, Any]:
+    counts = {choice: 0 for choice in Rating.Choice.values}
+    for choice in Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("preferred_model", flat=True):
+        counts[choice] += 1
+    cast = sum(counts.values())
+    decisive = counts["finetuned"] + counts["base"]
+    interval = metrics.wilson_interval(counts["finetuned"], decisive)
+    return {
+        "counts": counts,
+        "cast": cast,
+        "remaining": max(0, evaluation.test_size - cast),
+        "decisive": decisive,
+        "win_rate": counts["finetuned"] / decisive if decisive else None,
+        "interval": interval,
+    }

@@ -1,8 +1,17 @@
 from django.urls import path
 
-from evaluation_app import views
+from evaluation_app import api, views
 
 urlpatterns = [
     path("evaluations", views.evaluation_list, name="evaluation-list"),
+    path("evaluations/start/<int:job_pk>", views.evaluation_start, name="evaluation-start"),
     path("evaluations/<int:pk>", views.evaluation_detail, name="evaluation-detail"),
+    path("evaluations/<int:pk>/examples/<int:index>", views.evaluation_example, name="evaluation-example"),
+    path("evaluations/<int:pk>/examples/<int:index>/vote", views.evaluation_vote, name="evaluation-vote"),
+    path("evaluations/<int:pk>/preferences.jsonl", views.evaluation_preferences, name="evaluation-preferences"),
+    path("api/evaluation", api.EvaluationListApi.as_view(), name="api-evaluation-list"),
+    path("api/evaluation/run", api.EvaluationRunApi.as_view(), name="api-evaluation-run"),
+    path("api/evaluation/<int:pk>", api.EvaluationDetailApi.as_view(), name="api-evaluation-detail"),
+    path("api/evaluation/<int:pk>/rate", api.EvaluationRateApi.as_view(), name="api-evaluation-rate"),
+    path("api/evaluation/<int:pk>/preferences.jsonl", api.EvaluationPreferencesApi.as_view(), name="api-evaluation-preferences"),
 ]

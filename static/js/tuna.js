@@ -100,6 +100,23 @@
     });
   }
 
+  // -- Evaluation viewer: arrow keys move between examples, A / B vote; "jump to" swaps in place --
+  document.addEventListener("keydown", function (e) {
+    var target = e.target;
+    if (e.ctrlKey || e.metaKey || e.altKey || (target && /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName))) return;
+    var selector = { ArrowLeft: "[data-nav=prev]", ArrowRight: "[data-nav=next]", a: "[data-vote=A]", b: "[data-vote=B]" }[e.key];
+    var el = selector && document.querySelector("#example-view " + selector);
+    if (el) { e.preventDefault(); el.click(); }
+  });
+  document.addEventListener("submit", function (e) {
+    var form = e.target.closest("form[data-jump]");
+    if (!form) return;
+    e.preventDefault();
+    var n = parseInt(form.example.value, 10) - 1;
+    if (isNaN(n) || n < 0) return;
+    htmx.ajax("GET", form.dataset.jump + n + "?blind=" + form.dataset.blind, "#example-view");
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     htmx.onLoad(function (root) {
       initCharts(root);

@@ -28,7 +28,14 @@ def test_it_starts_a_job_with_the_seed_defaults(alice_api, valid_dataset, django
 
 
 def test_it_rejects_bad_settings_with_field_errors(alice_api, valid_dataset):
-    config = {"num_epochs": 0, "learning_rate": "fast", "lora_dropout": 0.9, "target_modules": ["q_proj", "nope"], "base_model": "gpt-9", "colour": 1}
+    config = {
+        "num_epochs": 0,
+        "learning_rate": "fast",
+        "lora_dropout": 0.9,
+        "target_modules": ["q_proj", "nope"],
+        "base_model": "gpt-9",
+        "colour": 1,
+    }
     response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": config}, format="json")
     assert response.status_code == 400
     errors = response.json()["errors"]
@@ -38,7 +45,9 @@ def test_it_rejects_bad_settings_with_field_errors(alice_api, valid_dataset):
     assert "gpt-9" in errors["base_model"]
     assert "Unknown setting" in errors["colour"]
     assert TrainingJob.objects.count() == 0
-    response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": {"target_modules": "q_proj, nope"}}, format="json")
+    response = alice_api.post(
+        "/api/training/start", {"dataset_id": valid_dataset.pk, "config": {"target_modules": "q_proj, nope"}}, format="json"
+    )
     assert "Unknown module nope" in response.json()["errors"]["target_modules"]
     assert "k_proj" in response.json()["errors"]["target_modules"]
 
@@ -80,7 +89,9 @@ def test_it_refuses_to_resume_without_a_checkpoint(alice_api, alice, valid_datas
     job = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="failed")
     response = alice_api.post(f"/api/training/{job.pk}/resume")
     assert response.status_code == 409 and "no checkpoint" in response.json()["detail"]
-    running = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training")
+    running = TrainingJob.objects.create(
+        owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training"
+    )
     assert alice_api.post(f"/api/training/{running.pk}/resume").status_code == 409
 
 

@@ -115,7 +115,10 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
 
 def test_it_fails_a_bad_runtime_config_with_a_readable_reason(alice, valid_dataset):
     job = TrainingJob.objects.create(
-        owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={**TINY, "base_model": "smollm2-135m-instruct", "target_modules": ["not_a_layer"]}
+        owner=alice,
+        dataset=valid_dataset,
+        base_model="smollm2-135m-instruct",
+        config={**TINY, "base_model": "smollm2-135m-instruct", "target_modules": ["not_a_layer"]},
     )
     tasks.training_job_execute(job.pk)
     job.refresh_from_db()

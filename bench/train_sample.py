@@ -1,0 +1,52 @@
+"""Train the sample dataset with the default settings through the worker's code path; print the time.
+
+    .venv/bin/python bench/train_sample.py
+
+Uses a throw-away data directory and SQLite database. Goal (training issue): under 5 minutes on a 2-core CPU.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from _common import ROOT, SAMPLE
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TUNA_DATA_DIR"] = tmp
+        os.environ.setdefault("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))
+        subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "-v0"], check=True)
+        from _common import setup_django
+
+        setup_django()
+        from django.contrib.auth.models import User
+        from django.core.files import File
+
+        from datasets_app.services import dataset_create
+        from training_app.services import training_job_start
+        from training_app.tasks import training_job_execute
+
+        user = User.objects.create(username="bench")
+        with SAMPLE.open("rb") as handle:
+            dataset = dataset_create(owner=user, upload=File(handle, name=SAMPLE.name))
+        job = training_job_start(owner=user, dataset=dataset, config_data={})
+        started = time.perf_counter()
+        training_job_execute(job.pk)
+        wall = time.perf_counter() - started
+        job.refresh_from_db()
+        losses = list(job.loss_points.exclude(loss=None).values_list("loss", flat=True))
+        evals = list(job.loss_points.exclude(eval_loss=None).values_list("eval_loss", flat=True))
+        print(f"status: {job.status} {job.error_message}")
+        print(f"{dataset.num_train} training examples x {job.config['num_epochs']} epochs = {job.total_steps} steps on {job.device}")
+        print(f"training loss: first {losses[0]:.3f}, last {losses[-1]:.3f}; held-out loss: first {evals[0]:.3f}, last {evals[-1]:.3f}")
+        print(
+            f"speed: {job.tokens_per_second:.0f} tokens/s; cost at ${job.cost_usd / max(job.train_seconds, 1e-9) * 3600:.2f}/h: ${job.cost_usd:.4f}"
+        )
+        print(f"wall time: {wall:.0f} s (goal < 300 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+import json
+
+from django.contrib import admin
+from django.utils.html import format_html
+
+from evaluation_app.models import Evaluation, EvaluationExample, Rating
+
+
+@admin.register(Evaluation)
+class EvaluationAdmin(admin.ModelAdmin):
+    list_display = ["id", "owner", "training_job", "status", "done", "test_size", "created_at"]
+    list_filter = ["status", "created_at"]
+    search_fields = ["id", "owner__username", "error_message"]
+    list_select_related = ["owner", "training_job"]
+    readonly_fields = ["metrics_display", "traceback_display"]
+    exclude = ["metrics", "error_traceback"]
+
+    @admin.display(description="Metrics")
+    def metrics_display(self, obj):
+        return format_html("<pre>{}</pre>", json.dumps(obj.metrics, indent=2))
+
+    @admin.display(description="Traceback")
+    def traceback_display(self, obj):
+        return format_html("<pre>{}</pre>", obj.error_traceback or "-")
+
+
+@admin.register(EvaluationExample)
+class EvaluationExampleAdmin(admin.ModelAdmin):
+    list_display = ["evaluation", "index", "base_latency_ms", "finetuned_latency_ms", "finetuned_side"]
+    list_filter = ["evaluation"]
+    list_select_related = ["evaluation"]
+
+
+@admin.register(Rating)
+class RatingAdmin(admin.ModelAdmin):
+    list_display = ["example", "user", "preferred_model", "updated_at"]
+    list_filter = ["preferred_model"]
+    list_select_related = ["example", "user"]

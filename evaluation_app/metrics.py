@@ -1,0 +1,128 @@
+"""Quality, latency and cost metrics for an evaluation. Django-free.
+
+Cost per 1,000 requests = mean measured latency (s) x 1,000 / 3,600 x hourly price: the machine's
+time each request occupied, at the configured price. No per-model constants.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_SPACE = re.compile(r"\s+")
+
+# name -> (label, higher is better, explanation shown on the page)
+METRICS: dict[str, tuple[str, bool, str]] = {
+    "exact_match": ("Exact match", True, "Share of answers identical to the reference (ignoring surrounding and repeated whitespace)."),
+    "rouge_l": ("ROUGE-L", True, "Longest common word sequence with the reference, as an F1 score from 0 to 1 (rouge-score package)."),
+    "bleu": ("BLEU", True, "Overlap of 1- to 4-word sequences with the reference, 0 to 1 (sacrebleu sentence BLEU, averaged)."),
+    "heldout_loss": (
+        "Held-out loss",
+        False,
+        "Cross-entropy of the model on the reference answers' tokens: lower means it finds the right answer more likely.",
+    ),
+    "perplexity": ("Perplexity", False, "exp(held-out loss): roughly how many tokens the model hesitates between at each step."),
+    "latency_mean_ms": ("Latency, mean", False, "Measured time to generate one answer, in milliseconds."),
+    "latency_p50_ms": ("Latency, p50", False, "Half of the answers took at most this long."),
+    "latency_p95_ms": ("Latency, p95", False, "95% of the answers took at most this long."),
+    "avg_length": ("Answer length", None, "Mean number of generated tokens per answer."),
+    "cost_per_1k_usd": ("Cost per 1,000 requests", False, "Mean measured latency x 1,000 requests at the configured hourly machine price."),
+}
+
+
+def normalise(text: str) -> str:
+    return _SPACE.sub(" ", text.strip())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return 1.0 if normalise(prediction) == normalise(reference) else 0.0
+
+
+_scorer = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return _scorer.score(reference, prediction)["rougeL"].fmeasure
+
+
+def bleu(prediction: str, reference: str) -> float:
+    import sacrebleu
+
+    return sacrebleu.sentence_bleu(prediction, [reference]).score / 100
+
+
+def quality(prediction: str, reference: str) -> dict[str, float]:
+    return {
+        "exact_match": exact_match(prediction, reference),
+        "rouge_l": rouge_l(prediction, reference),
+        "bleu": bleu(prediction, reference),
+    }
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's measurements over the test set."""
+
+    qualities: list[dict[str, float]]
+    latencies_ms: list[float]
+    completion_tokens: list[int]
+    loss: float | None
+
+
+def summarise(run: ModelRun, *, hourly_usd: float) -> dict[str, float | None]:
+    count = len(run.latencies_ms)
+    mean_latency = sum(run.latencies_ms) / count
+    return {
+        "exact_match": sum(q["exact_match"] for q in run.qualities) / count,
+        "rouge_l": sum(q["rouge_l"] for q in run.qualities) / count,
+        "bleu": sum(q["bleu"] for q in run.qualities) / count,
+        "heldout_loss": run.loss,
+        "perplexity": math.exp(run.loss) if run.loss is not None else None,
+        "latency_mean_ms": mean_latency,
+        "latency_p50_ms": percentile(run.latencies_ms, 50),
+        "latency_p95_ms": percentile(run.latencies_ms, 95),
+        "avg_length": sum(run.completion_tokens) / count,
+        "cost_per_1k_usd": mean_latency / 1000 * 1000 / 3600 * hourly_usd,
+        # the seed's names
+        "avg_latency_ms": mean_latency,
+        "count": count,
+    }
+
+
+def improvements(base: dict, finetuned: dict) -> dict[str, dict]:
+    out = {}
+    for name, (_label, higher_better, _help) in METRICS.items():
+        b, f = base.get(name), finetuned.get(name)
+        if b is None or f is None:
+            continue
+        delta = f - b
+        if higher_better is None or abs(delta) < 1e-12:
+            direction = "same" if abs(delta) < 1e-12 else "different"
+        else:
+            direction = "better" if (delta > 0) == higher_better else "worse"
+        out[name] = {"delta": delta, "relative": delta / b if b else None, "direction": direction}
+    return out
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float] | None:
+    """95% Wilson score interval for a proportion; None without trials."""
+    if trials == 0:
+        return None
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - margin), min(1.0, centre + margin)

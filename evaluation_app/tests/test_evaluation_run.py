@@ -1,0 +1,88 @@
+"""A real evaluation on the embedded model with an adapter trained in the test (tiny settings)."""
+
+import pytest
+
+from datasets_app.examples import held_out_examples, training_examples
+from evaluation_app import services, tasks
+from evaluation_app.models import Evaluation
+from training_app import services as training_services
+from training_app import tasks as training_tasks
+
+pytestmark = [pytest.mark.django_db, pytest.mark.model]
+
+
+def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_dataset, settings):
+    from peft import PeftModel
+
+    from inference_app.catalog import get_base_model_spec
+    from inference_app.engine import generate_chat
+    from inference_app.loading import load_tokenizer_and_model, pick_device
+    from inference_app.registry import LoadedBaseModel, registry
+
+    job = training_services.training_job_start(
+        owner=alice,
+        dataset=valid_dataset,
+        config_data={"max_steps": 6, "batch_size": 2, "max_seq_length": 128, "learning_rate": 1e-3, "eval_examples": 0},
+    )
+    training_tasks.training_job_execute(job.pk)
+    job.refresh_from_db()
+    assert job.status == "completed", job.error_message
+
+    evaluation, created = services.evaluation_start(owner=alice, job=job, test_size=3)
+    assert created
+    tasks.evaluation_execute(evaluation.pk)
+    evaluation.refresh_from_db()
+    assert evaluation.status == "completed", evaluation.error_message
+    assert (evaluation.done, evaluation.test_size) == (3, 3) and evaluation.max_new_tokens >= 32
+    examples = list(evaluation.examples.all())
+    assert [e.index for e in examples] == [0, 1, 2]
+
+    held_out = held_out_examples(valid_dataset)[:3]
+    trained_prompts = {m[0]["content"] for m in training_examples(valid_dataset)}
+    for example, messages in zip(examples, held_out, strict=True):
+        assert example.messages == messages[:-1] and example.reference == messages[-1]["content"]
+        assert example.prompt not in trained_prompts  # never a training example
+        assert example.base_output and example.finetuned_output
+        assert example.base_latency_ms > 0 and example.finetuned_latency_ms > 0
+        assert example.base_prompt_tokens == example.finetuned_prompt_tokens > 0
+        assert example.base_tokens > 0 and example.finetuned_tokens > 0
+        assert example.base_cost_usd == pytest.approx(example.base_latency_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
+        assert set(example.base_scores) == {"exact_match", "rouge_l", "bleu"}
+        assert example.finetuned_side in ("A", "B")
+
+    m = evaluation.metrics
+    for side in ("base_model", "finetuned_model"):
+        assert {
+            "exact_match",
+            "rouge_l",
+            "bleu",
+            "heldout_loss",
+            "perplexity",
+            "latency_mean_ms",
+            "latency_p50_ms",
+            "latency_p95_ms",
+            "avg_length",
+            "avg_latency_ms",
+            "cost_per_1k_usd",
+        } <= set(m[side])
+        assert m[side]["heldout_loss"] > 0
+    assert m["improvements"]["heldout_loss"]["direction"] == "better"  # trained on the same kind of answers
+    assert m["decoding"] == {"greedy": True, "max_new_tokens": evaluation.max_new_tokens}
+
+    # One copy of the base weights: the registry holds the base with the job's adapter attached ...
+    loaded = registry.get(job.base_model)
+    assert f"job-{job.pk}" in loaded.adapters
+    # ... and the outputs are what separately loaded models give with the adapter off and on.
+    spec, plan = get_base_model_spec(), pick_device()
+    tokenizer, plain = load_tokenizer_and_model(spec, plan)
+    pristine = LoadedBaseModel(spec, plan, tokenizer, plain)
+    budget = evaluation.max_new_tokens
+    assert generate_chat(pristine, examples[0].messages, max_new_tokens=budget).text == examples[0].base_output
+    _, other = load_tokenizer_and_model(spec, plan)
+    tuned = LoadedBaseModel(spec, plan, tokenizer, PeftModel.from_pretrained(other, job.adapter_dir).eval())
+    assert generate_chat(tuned, examples[0].messages, max_new_tokens=budget).text == examples[0].finetuned_output
+
+    # The held-out set is never re-run twice for one request.
+    again, created = services.evaluation_start(owner=alice, job=job, test_size=3)
+    assert created and again.pk != evaluation.pk  # a finished run can be repeated on purpose
+    assert Evaluation.objects.filter(status="queued").count() == 1
