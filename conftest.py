@@ -65,3 +65,41 @@ def valid_dataset(alice):
     from datasets_app.services import dataset_create
 
     return dataset_create(owner=alice, upload=jsonl_file(pc_rows(20)), name="Orders")
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory):
+    """A LoRA adapter trained once per session on the sample data (tiny settings, real model)."""
+    import json
+
+    from datasets_app.formats import PROMPT_COMPLETION, to_messages
+    from inference_app.catalog import get_base_model_spec
+    from inference_app.loading import pick_device
+    from training_app.config import TrainingConfig
+    from training_app.lora import run_lora_training
+
+    spec = get_base_model_spec()
+    examples = [to_messages(json.loads(line), PROMPT_COMPLETION) for line in SAMPLE.read_text().splitlines()[:40]]
+    config = TrainingConfig(
+        base_model=spec.name, max_steps=8, batch_size=4, learning_rate=2e-3, max_seq_length=160, eval_examples=0, save_steps=1000
+    )
+    out = tmp_path_factory.mktemp("adapter")
+    result = run_lora_training(config, spec=spec, plan=pick_device(), train_examples=examples, output_dir=out)
+    return result.adapter_dir
+
+
+@pytest.fixture
+def finetuned_job(alice, valid_dataset, trained_adapter):
+    from django.utils import timezone
+
+    from training_app.models import TrainingJob
+
+    return TrainingJob.objects.create(
+        owner=alice,
+        dataset=valid_dataset,
+        base_model="smollm2-135m-instruct",
+        config={},
+        status="completed",
+        adapter_dir=str(trained_adapter),
+        completed_at=timezone.now(),
+    )

@@ -57,7 +57,8 @@ def generate_chat(
     if new_tokens and new_tokens[-1] in stop_ids:
         finish = "stop"
     return Generation(
-        text=tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+        # A token limit can cut a multi-byte character in half: drop the partial character.
+        text=tokenizer.decode(new_tokens, skip_special_tokens=True).rstrip("\ufffd").strip(),
         prompt_tokens=prompt_len,
         completion_tokens=len(new_tokens),
         latency_ms=latency_ms,

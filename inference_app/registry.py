@@ -47,6 +47,7 @@ class LoadedBaseModel:
         return self.model.get_base_model() if self.adapters else self.model
 
     def attach_adapter(self, adapter_name: str, path: Path | str) -> None:
+        """Attach (or touch) an adapter; beyond TUNA_ADAPTER_CACHE_SIZE the least recently used goes."""
         from peft import PeftModel
 
         path = Path(path)
@@ -54,6 +55,8 @@ class LoadedBaseModel:
             if adapter_name in self.adapters:
                 self.adapters.move_to_end(adapter_name)
                 return
+            while len(self.adapters) >= max(1, settings.TUNA_ADAPTER_CACHE_SIZE):
+                self.detach_adapter(next(iter(self.adapters)))
             if not self.adapters:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_name)
             else:

@@ -1,18 +1,20 @@
-"""Inference: resolve a model id for a user, generate, log the call."""
+"""Inference: resolve a model id for a user, check the request, generate (batched), log the call."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from django.conf import settings
 
 from inference_app.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
 from inference_app.models import UsageLog
-from inference_app.prompting import Message
+from inference_app.prompting import Message, render_chat
 from training_app.models import TrainingJob
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
+MAX_TOKENS_LIMIT = 2048
 
 
 class ModelNotFound(LookupError):
@@ -21,6 +23,12 @@ class ModelNotFound(LookupError):
 
 class ModelNotReady(RuntimeError):
     pass
+
+
+class InferenceInvalid(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -42,16 +50,14 @@ def resolve_model(user, model_id: str | int) -> ResolvedModel:
         try:
             spec = get_base_model_spec(name)
         except UnknownBaseModel:
-            raise ModelNotFound(f"No model {raw!r}.") from None
+            raise ModelNotFound(f"The model {raw!r} does not exist.") from None
         return ResolvedModel(f"{BASE_PREFIX}{spec.name}", spec.name, None)
     number = raw.removeprefix(JOB_PREFIX)
-    if not number.isdigit():
-        raise ModelNotFound(f"No model {raw!r}. Use a training job id, tuna-job-<id> or base:<name>.")
-    job = TrainingJob.objects.filter(pk=int(number), owner=user).first()
+    job = TrainingJob.objects.filter(pk=int(number), owner=user).first() if number.isdigit() else None
     if job is None:
-        raise ModelNotFound(f"No model {raw!r}.")
+        raise ModelNotFound(f"The model {raw!r} does not exist. Use a training job id, tuna-job-<id> or base:<name>.")
     if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
-        raise ModelNotReady(f"Model {job.model_id} is not ready: its training job is {job.get_status_display().lower()}.")
+        raise ModelNotReady(f"The model {job.model_id} is not ready: its training job is {job.get_status_display().lower()}.")
     return ResolvedModel(job.model_id, job.base_model, job)
 
 
@@ -64,43 +70,113 @@ def cost_for(latency_ms: float) -> float:
     return latency_ms / 1000 / 3600 * settings.TUNA_GPU_HOURLY_USD
 
 
-def inference_generate(
+def check_params(*, max_tokens, temperature=0.0, top_p=1.0) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise InferenceInvalid(f"max_tokens must be a whole number from 1 to {MAX_TOKENS_LIMIT}; got {max_tokens!r}.", "max_tokens")
+    if not 0 <= temperature <= 2:
+        raise InferenceInvalid(f"temperature must be between 0 and 2; got {temperature!r}.", "temperature")
+    if not 0 < top_p <= 1:
+        raise InferenceInvalid(f"top_p must be greater than 0 and at most 1; got {top_p!r}.", "top_p")
+
+
+@dataclass
+class Call:
+    """A checked request, ready to run: model, loaded weights and the batching request."""
+
+    user: object
+    model: ResolvedModel
+    request: object  # batching.GenerationRequest
+    endpoint: str
+
+
+def prepare_call(
     *,
     user,
     model: ResolvedModel,
-    messages: list[Message],
     endpoint: str,
+    messages: list[Message] | None = None,
+    text: str | None = None,
     max_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
-):
-    from inference_app.engine import generate_chat
+    stop: list[str] | tuple[str, ...] = (),
+) -> Call:
+    """Render the prompt (chat template for messages, raw for text) and check it fits the context."""
+    from inference_app.batching import GenerationRequest
     from inference_app.registry import registry
 
+    check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    loaded = registry.get(model.base_model)
+    prompt = render_chat(loaded.tokenizer, messages, add_generation_prompt=True) if messages is not None else text
+    if not prompt or not prompt.strip():
+        raise InferenceInvalid("The prompt is empty.", "prompt")
+    context = getattr(loaded.base_model.config, "max_position_embeddings", None)
+    prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if context and prompt_tokens >= context:
+        raise InferenceInvalid(f"The prompt is {prompt_tokens} tokens; this model's context holds {context}.", "prompt")
+    request = GenerationRequest(
+        text=prompt,
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop),
+        adapter=model.adapter_name,
+        adapter_path=model.job.adapter_dir if model.job else None,
+    )
+    return Call(user=user, model=model, request=request, endpoint=endpoint)
+
+
+def _engine(call: Call):
+    from inference_app.batching import engine_for
+    from inference_app.registry import registry
+
+    return engine_for(registry.get(call.model.base_model))
+
+
+def run_call(call: Call):
     try:
-        loaded = registry.get(model.base_model)
-        if model.job is not None:
-            loaded.attach_adapter(model.adapter_name, model.job.adapter_dir)
-        result = generate_chat(
-            loaded,
-            messages,
-            adapter=model.adapter_name,
-            max_new_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-        )
+        result = _engine(call).generate(call.request)
     except Exception as exc:
-        UsageLog.objects.create(user=user, model_id=model.model_id, endpoint=endpoint, status=UsageLog.Status.ERROR, error=str(exc)[:500])
+        _log_error(call, exc)
         raise
+    _log(call, result)
+    return result
+
+
+def stream_call(call: Call) -> Iterator[str]:
+    """Text pieces as they are generated; the usage is logged when the stream ends."""
+    try:
+        yield from _engine(call).stream(call.request)
+    except Exception as exc:
+        _log_error(call, exc)
+        raise
+    _log(call, call.request.result)
+
+
+def _log(call: Call, result) -> None:
     UsageLog.objects.create(
-        user=user,
-        model_id=model.model_id,
-        endpoint=endpoint,
+        user=call.user,
+        model_id=call.model.model_id,
+        endpoint=call.endpoint,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         latency_ms=result.latency_ms,
         cost_usd=cost_for(result.latency_ms),
     )
-    return result
+
+
+def _log_error(call: Call, exc: Exception) -> None:
+    UsageLog.objects.create(
+        user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, status=UsageLog.Status.ERROR, error=str(exc)[:500]
+    )
+
+
+def log_rejected(*, user, model_id: str, endpoint: str, error: str) -> None:
+    """Requests refused before generation are logged too (with their reason)."""
+    UsageLog.objects.create(user=user, model_id=str(model_id)[:200], endpoint=endpoint, status=UsageLog.Status.ERROR, error=error[:500])
+
+
+def inference_generate(*, user, model: ResolvedModel, messages: list[Message], endpoint: str, **params):
+    return run_call(prepare_call(user=user, model=model, endpoint=endpoint, messages=messages, **params))

@@ -57,3 +57,11 @@ def _compare(request: HttpRequest, selected: str, prompt: str) -> dict:
         for label, m in results
     ]
     return {"answers": answers}
+
+
+@login_required
+@require_http_methods(["GET"])
+def usage(request: HttpRequest) -> HttpResponse:
+    from inference_app.selectors import usage_summary
+
+    return render(request, "inference_app/usage.html", usage_summary(request.user))

@@ -39,6 +39,8 @@ if TUNA_DEFAULT_BASE_MODEL not in TUNA_BASE_MODELS:
 HF_TOKEN = env_str("HF_TOKEN") or None
 # The one price every cost figure is computed from (USD per hour of the machine doing the work).
 TUNA_GPU_HOURLY_USD = env_float("TUNA_GPU_HOURLY_USD", 1.10)
+# LoRA adapters kept attached per base model in a serving process (least recently used evicted).
+TUNA_ADAPTER_CACHE_SIZE = int(env_float("TUNA_ADAPTER_CACHE_SIZE", 8, minimum=1))
 TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
 
 INSTALLED_APPS = [

@@ -68,7 +68,7 @@ def test_it_keeps_blind_labels_stable_across_reloads(alice_client, evaluation):
     second = alice_client.get(url, {"example": 1}).content.decode()
 
     def sides(html):
-        return html[html.index('id="example-view"') :].split('vote-form')[0]
+        return html[html.index('id="example-view"') :].split("vote-form")[0]
 
     assert sides(first) == sides(second)
     # Example 1 has the fine-tuned answer on side B, and the names stay hidden before a vote.

@@ -1,0 +1,80 @@
+"""Upload -> train (default settings) -> evaluate, on the sample dataset, from the command line.
+
+Runs the same services and worker tasks as the site, in a throw-away data directory and database,
+and prints the metrics and the total time. Goal (evaluation issue): under 10 minutes on a 2-core CPU.
+
+    .venv/bin/python bench/journey.py [--test-size 32]
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from _common import ROOT, SAMPLE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--test-size", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TUNA_DATA_DIR"] = tmp
+        os.environ.setdefault("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))
+        subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "-v0"], check=True)
+        from _common import setup_django
+
+        setup_django()
+        from django.contrib.auth.models import User
+        from django.core.files import File
+
+        from datasets_app.services import dataset_create
+        from evaluation_app.services import evaluation_start
+        from evaluation_app.tasks import evaluation_execute
+        from training_app.services import training_job_start
+        from training_app.tasks import training_job_execute
+
+        started = time.perf_counter()
+        user = User.objects.create(username="bench")
+        with SAMPLE.open("rb") as handle:
+            dataset = dataset_create(owner=user, upload=File(handle, name=SAMPLE.name))
+        uploaded = time.perf_counter()
+        job = training_job_start(owner=user, dataset=dataset, config_data={})
+        training_job_execute(job.pk)
+        job.refresh_from_db()
+        trained = time.perf_counter()
+        evaluation, _ = evaluation_start(owner=user, job=job, test_size=args.test_size)
+        evaluation_execute(evaluation.pk)
+        evaluation.refresh_from_db()
+        done = time.perf_counter()
+
+        print(
+            f"dataset: {dataset.num_examples} examples ({dataset.num_train} train, {dataset.num_eval} held out), {uploaded - started:.1f} s"
+        )
+        print(f"training: {job.status}, {job.total_steps} steps, {job.tokens_per_second:.0f} tokens/s, {trained - uploaded:.0f} s")
+        print(
+            f"evaluation: {evaluation.status} {evaluation.error_message}on {evaluation.test_size} held-out examples, {done - trained:.0f} s"
+        )
+        m = evaluation.metrics
+        rows = [
+            "exact_match",
+            "rouge_l",
+            "bleu",
+            "heldout_loss",
+            "perplexity",
+            "latency_mean_ms",
+            "latency_p95_ms",
+            "avg_length",
+            "cost_per_1k_usd",
+        ]
+        print(f"{'metric':<18}{'base':>12}{'fine-tuned':>12}  change")
+        for name in rows:
+            b, f = m["base_model"][name], m["finetuned_model"][name]
+            print(f"{name:<18}{b:>12.4f}{f:>12.4f}  {m['improvements'].get(name, {}).get('direction', '')}")
+        print(f"total time: {done - started:.0f} s (goal < 600 s)")
+
+
+if __name__ == "__main__":
+    main()
