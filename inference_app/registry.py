@@ -53,8 +53,10 @@ class LoadedBaseModel:
         path = Path(path)
         with self.lock:
             if adapter_name in self.adapters:
-                self.adapters.move_to_end(adapter_name)
-                return
+                if self.adapters[adapter_name] == path:
+                    self.adapters.move_to_end(adapter_name)
+                    return
+                self.detach_adapter(adapter_name)  # same name, new files: never serve stale weights
             while len(self.adapters) >= max(1, settings.TUNA_ADAPTER_CACHE_SIZE):
                 self.detach_adapter(next(iter(self.adapters)))
             if not self.adapters:
