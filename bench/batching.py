@@ -34,7 +34,9 @@ PROMPTS = [
 
 def call(url: str, token: str, prompt: str, tokens: int) -> int:
     body = json.dumps({"model_id": "base:smollm2-135m-instruct", "prompt": prompt, "max_tokens": tokens, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{url}/api/inference", data=body, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/api/inference", data=body, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=600) as response:
         return json.loads(response.read())["completion_tokens"]
 
@@ -45,18 +47,36 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "TUNA_DATA_DIR": tmp, "TUNA_MODEL_CACHE_DIR": os.environ.get("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))}
+        env = {
+            **os.environ,
+            "TUNA_DATA_DIR": tmp,
+            "TUNA_MODEL_CACHE_DIR": os.environ.get("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models")),
+        }
         manage = [sys.executable, str(ROOT / "manage.py")]
         subprocess.run([*manage, "migrate", "-v0"], check=True, env=env)
-        token = subprocess.run(
-            [*manage, "shell", "-c", "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
-             "u = User.objects.create_user('bench', password='x'); print(Token.objects.create(user=u).key)"],
-            check=True, env=env, capture_output=True, text=True,
-        ).stdout.strip().splitlines()[-1]
+        token = (
+            subprocess.run(
+                [
+                    *manage,
+                    "shell",
+                    "-c",
+                    "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
+                    "u = User.objects.create_user('bench', password='x'); print(Token.objects.create(user=u).key)",
+                ],
+                check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        server = subprocess.Popen([*manage, "runserver", "--noreload", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [*manage, "runserver", "--noreload", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             for _ in range(120):

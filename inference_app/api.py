@@ -7,7 +7,7 @@ import time
 import uuid
 
 from django.http import StreamingHttpResponse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -18,6 +18,7 @@ from inference_app.catalog import get_catalog
 from tuna_site.api import ApiError
 
 
+@extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]})
 class StopField(serializers.Field):
     """A string or a list of up to 4 strings, as OpenAI accepts."""
 
@@ -127,6 +128,21 @@ class OpenAIView(APIView):
         return response
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string"},
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+                    "required": ["type", "text"],
+                },
+            },
+        ]
+    }
+)
 class ContentField(serializers.Field):
     def to_internal_value(self, data):
         if isinstance(data, str):
@@ -178,8 +194,21 @@ def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+class ModelSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField()
+    created = serializers.IntegerField()
+    owned_by = serializers.CharField()
+    root = serializers.CharField(required=False)
+
+
+class ModelListSerializer(serializers.Serializer):
+    object = serializers.CharField()
+    data = ModelSerializer(many=True)
+
+
 class ModelsApi(OpenAIView):
-    @extend_schema(summary="List models (OpenAI-compatible)")
+    @extend_schema(summary="List models (OpenAI-compatible)", responses=ModelListSerializer)
     def get(self, request: Request) -> Response:
         data = [{"id": f"{services.BASE_PREFIX}{name}", "object": "model", "created": 0, "owned_by": "llm-tuna"} for name in get_catalog()]
         for job in services.completed_models_for(request.user):

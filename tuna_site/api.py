@@ -1,6 +1,7 @@
 """API conventions shared by every app: errors are ``{"detail": ...}``."""
 
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, NotFound
+from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
@@ -26,3 +27,52 @@ def exception_handler(exc, context):
         )
         response.data = {"detail": summary, "errors": fields}
     return response
+
+
+_ERROR = {"type": "object", "properties": {"detail": {"type": "string"}, "errors": {"type": "object"}}, "required": ["detail"]}
+_OPENAI_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+    "required": ["error"],
+}
+_ERROR_CODES = {
+    "400": "The request is invalid; `detail` says why.",
+    "401": "Missing or wrong credentials.",
+    "404": "No such object (or it belongs to another user).",
+    "405": "Method not allowed.",
+    "409": "The object is not in a state that allows this.",
+    "413": "The upload is larger than TUNA_MAX_UPLOAD_MB.",
+}
+
+
+def add_error_responses(result, generator, request, public):
+    """drf-spectacular post-processing hook: document the error answers every operation can give."""
+    schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"], schemas["OpenAIError"] = _ERROR, _OPENAI_ERROR
+    for path, operations in result.get("paths", {}).items():
+        ref = "#/components/schemas/OpenAIError" if path.startswith("/v1/") else "#/components/schemas/Error"
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for code, description in _ERROR_CODES.items():
+                responses.setdefault(code, {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}})
+    return result
+
+
+class NotFoundApi(APIView):
+    """Unknown paths under /api/ and /v1/ answer JSON like every other API error, not an HTML page."""
+
+    schema = None
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        raise NotFound("No such API endpoint or object.")

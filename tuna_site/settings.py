@@ -178,6 +178,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "tuna_site.api.add_error_responses"],
+    "ENUM_NAME_OVERRIDES": {
+        "TrainingStatusEnum": "training_app.models.TrainingJob.Status",
+        "EvaluationStatusEnum": "evaluation_app.models.Evaluation.Status",
+        "DatasetStatusEnum": "datasets_app.models.Dataset.Status",
+        "PreferredModelEnum": "evaluation_app.models.Rating.Choice",
+    },
 }
 
 # Background jobs: one cluster, one worker (one job per GPU at a time), ORM broker on this database.

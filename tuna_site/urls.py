@@ -1,9 +1,10 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from tuna_site import views
+from tuna_site.api import NotFoundApi
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -17,4 +18,5 @@ urlpatterns = [
     path("", include("training_app.urls")),
     path("", include("evaluation_app.urls")),
     path("", include("inference_app.urls")),
+    re_path(r"^(api|v1)/", NotFoundApi.as_view()),
 ]

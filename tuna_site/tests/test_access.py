@@ -127,3 +127,23 @@ def test_it_accepts_bearer_and_token_headers(alice, valid_dataset):
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION="Bearer wrong-key")
     assert api.get("/api/datasets").status_code == 401
+
+
+@pytest.mark.django_db
+def test_it_answers_unknown_api_paths_with_json(client, alice_api):
+    assert client.get("/api/nope").status_code == 401
+    response = alice_api.get("/api/training/null,null")
+    assert response.status_code == 404 and response.json() == {"detail": "No such API endpoint or object."}
+    assert alice_api.get("/v1/nope").status_code == 404
+
+
+@pytest.mark.django_db
+def test_it_documents_error_answers_in_the_schema(alice_client):
+    import yaml
+
+    schema = yaml.safe_load(alice_client.get("/api/schema").content)
+    operation = schema["paths"]["/api/training/{id}"]["get"]
+    assert {"200", "401", "404"} <= set(operation["responses"])
+    assert schema["paths"]["/v1/chat/completions"]["post"]["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "OpenAIError"
+    )

@@ -1,0 +1,163 @@
+"""The whole journey in a real browser (Debian's chromium via Playwright) against a live server and worker."""
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.e2e.conftest import ROOT
+
+pytestmark = pytest.mark.browser
+SAMPLE = (ROOT / "samples" / "orders_to_json.jsonl").read_text()
+TIMEOUT = 240_000
+
+
+def login(page, site, user):
+    page.goto(f"{site.url}/login/")
+    page.fill("input[name=username]", user)
+    page.fill("input[name=password]", f"{user}-pass-123")
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Dashboard")
+
+
+def drop_file(page, name: str, content: str) -> None:
+    page.wait_for_selector("[data-dropzone][data-ready]")  # the page's script has hooked the drop zone up
+    transfer = page.evaluate_handle(
+        "([name, content]) => { const dt = new DataTransfer(); dt.items.add(new File([content], name, {type: 'application/jsonl'})); return dt; }",
+        [name, content],
+    )
+    page.dispatch_event("[data-dropzone]", "drop", {"dataTransfer": transfer})
+
+
+def settled(page) -> None:
+    """Wait until htmx has no request, swap or settle in progress."""
+    page.wait_for_function("() => !document.querySelector('.htmx-request, .htmx-swapping, .htmx-settling, .htmx-added')")
+
+
+def chart_points(page, canvas_id: str) -> int:
+    return page.evaluate(
+        f"() => {{ const c = window.Chart && Chart.getChart(document.getElementById('{canvas_id}')); return c ? c.data.datasets[0].data.length : 0; }}"
+    )
+
+
+def test_it_takes_a_user_from_an_empty_site_to_a_callable_model(browser, live_site, shots):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    external = []
+    page.on("request", lambda r: external.append(r.url) if not r.url.startswith(live_site.url) and not r.url.startswith("data:") else None)
+    login(page, live_site, "alice")
+    shots(page, "01-dashboard")
+
+    page.click("nav >> text=Datasets")
+    drop_file(page, "orders_to_json.jsonl", SAMPLE)
+    report = page.locator("#upload-result .upload-report")
+    expect(report).to_contain_text("160 examples", timeout=30_000)
+    expect(page.locator("#upload-result canvas[data-chart=histogram]")).to_be_visible()
+    page.wait_for_function(
+        "() => { const c = document.querySelector('#upload-result canvas'); return c && window.Chart && Chart.getChart(c); }"
+    )
+    shots(page, "02-dataset-report")
+
+    page.click("text=Train with defaults")
+    expect(page.locator("h1")).to_contain_text("Fine-tune on")
+    page.click("summary:has-text('Advanced')")
+    for name, value in {"max_steps": "12", "max_seq_length": "160", "save_steps": "4", "eval_steps": "4", "eval_examples": "4"}.items():
+        page.fill(f"input[name={name}]", value)
+    shots(page, "03-training-form")
+    page.click("text=Start training")
+    expect(page.locator("h1")).to_contain_text("Training job #")
+    page.wait_for_function(
+        "() => { const c = window.Chart && Chart.getChart(document.getElementById('loss-chart')); return c && c.data.datasets[0].data.length > 0; }",
+        timeout=TIMEOUT,
+    )
+    first_points = chart_points(page, "loss-chart")
+    expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
+    page.wait_for_timeout(500)
+    assert chart_points(page, "loss-chart") >= max(first_points, 12)
+    assert page.locator("#job-progress[hx-trigger]").count() == 0  # polling stopped by itself
+    shots(page, "04-training-done")
+
+    page.fill("input[name=test_size]", "4")
+    page.click("#evaluate-button")
+    expect(page.locator("h1")).to_contain_text("base vs fine-tuned")
+    expect(page.locator(".example-view")).to_be_visible(timeout=TIMEOUT)
+    expect(page.locator(".example-view")).to_contain_text("Example 1 of 4")
+    settled(page)
+    page.keyboard.press("ArrowRight")
+    expect(page.locator(".example-view")).to_contain_text("Example 2 of 4")
+    assert "Fine-tuned" not in page.locator(".sides").inner_text()  # blind before the vote
+    settled(page)
+    page.keyboard.press("a")
+    expect(page.locator("#your-vote")).to_be_visible()
+    expect(page.locator(".sides")).to_contain_text("Fine-tuned")
+    expect(page.locator("#win-rate")).not_to_have_text("—")
+    settled(page)
+    page.keyboard.press("ArrowRight")
+    expect(page.locator(".example-view")).to_contain_text("Example 3 of 4")
+    settled(page)
+    page.keyboard.press("b")
+    expect(page.locator("#win-rate-card")).to_contain_text("2 cast")
+    shots(page, "05-evaluation")
+
+    page.click("nav >> text=Playground")
+    page.fill(
+        "textarea[name=prompt]",
+        "Extract the order as JSON with keys product, color, size, quantity, shipping.\nOrder: Please send 2 hoodies, red, large. no rush",
+    )
+    page.click("text=Generate")
+    expect(page.locator("#playground-result .answer")).to_have_count(2, timeout=120_000)
+    expect(page.locator("#playground-result")).to_contain_text("Fine-tuned (tuna-job-")
+    shots(page, "06-playground")
+
+    page.click(".usermenu summary")
+    page.click("text=Log out")
+    expect(page).to_have_url(re.compile(r"/login/"))
+    assert external == [], external  # nothing loaded from another host
+
+
+def test_it_shows_line_numbered_errors_for_an_invalid_file(browser, live_site, shots):
+    page = browser.new_page()
+    login(page, live_site, "alice")
+    page.goto(f"{live_site.url}/datasets")
+    lines = SAMPLE.splitlines()[:20]
+    lines[6] = '{"prompt": "broken'
+    drop_file(page, "broken.jsonl", "\n".join(lines))
+    expect(page.locator("#upload-result")).to_contain_text("line 7", timeout=30_000)
+    expect(page.locator("#upload-result")).to_contain_text("not valid JSON")
+    shots(page, "07-invalid-file")
+
+
+def test_it_shows_a_cancelled_job_whose_chart_stops(browser, live_site, shots):
+    page = browser.new_page()
+    login(page, live_site, "alice")
+    page.goto(f"{live_site.url}/datasets")
+    page.click("text=Try the sample dataset")
+    page.click("a.btn-primary:has-text('Train')")
+    page.click("summary:has-text('Advanced')")
+    page.fill("input[name=max_steps]", "400")
+    page.fill("input[name=max_seq_length]", "160")
+    page.click("text=Start training")
+    page.wait_for_function(
+        "() => { const c = window.Chart && Chart.getChart(document.getElementById('loss-chart')); return c && c.data.datasets[0].data.length > 1; }",
+        timeout=TIMEOUT,
+    )
+    page.click("#job-progress button:has-text('Cancel')")
+    expect(page.locator("#job-status")).to_have_text("Cancelled", timeout=60_000)
+    points = chart_points(page, "loss-chart")
+    page.wait_for_timeout(4000)
+    assert chart_points(page, "loss-chart") == points
+    assert page.locator("#job-progress[hx-trigger]").count() == 0
+    shots(page, "08-cancelled")
+
+
+def test_it_keeps_bob_out_of_alices_pages(browser, live_site):
+    page = browser.new_page()
+    login(page, live_site, "alice")
+    page.goto(f"{live_site.url}/datasets")
+    page.click("text=Try the sample dataset")
+    alice_url = page.url
+    assert re.search(r"/datasets/\d+$", alice_url)
+    other = browser.new_context().new_page()
+    login(other, live_site, "bob")
+    response = other.goto(alice_url)
+    assert response.status == 404
+    assert "Sample: orders to JSON" not in other.content()
