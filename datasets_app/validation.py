@@ -220,9 +220,10 @@ class JsonlValidator:
     def _stats(self) -> dict[str, Any]:
         if not self.total_lens:
             return {"examples": 0}
+        low = min(min(self.prompt_lens), min(self.completion_lens))
         top = max(max(self.prompt_lens), max(self.completion_lens))
-        width = max(1, math.ceil((top + 1) / HISTOGRAM_BINS))
-        edges = [i * width for i in range(HISTOGRAM_BINS + 1)]
+        width = max(1, math.ceil((top - low + 1) / HISTOGRAM_BINS))
+        edges = [low + i * width for i in range(HISTOGRAM_BINS + 1)]
         return {
             "examples": len(self.total_lens),
             "total_tokens": int(sum(self.total_lens)),
@@ -233,8 +234,8 @@ class JsonlValidator:
             "truncated": self.warnings["truncated"].count,
             "histogram": {
                 "edges": edges,
-                "prompt": _bucket(self.prompt_lens, width),
-                "completion": _bucket(self.completion_lens, width),
+                "prompt": _bucket(self.prompt_lens, low, width),
+                "completion": _bucket(self.completion_lens, low, width),
             },
         }
 
@@ -289,10 +290,10 @@ def _percentile(ordered: list[int], pct: float) -> int:
     return ordered[rank - 1]
 
 
-def _bucket(values: array, width: int) -> list[int]:
+def _bucket(values: array, low: int, width: int) -> list[int]:
     counts = [0] * HISTOGRAM_BINS
     for value in values:
-        counts[min(value // width, HISTOGRAM_BINS - 1)] += 1
+        counts[min((value - low) // width, HISTOGRAM_BINS - 1)] += 1
     return counts
 
 

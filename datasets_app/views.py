@@ -50,7 +50,8 @@ def dataset_upload(request: HttpRequest) -> HttpResponse:
     except services.UploadRejected as exc:
         return _upload_error(request, exc.message, exc.status_code)
     if request.htmx:
-        return render(request, "datasets_app/_upload_result.html", _detail_context(dataset))
+        context = {**_detail_context(dataset), "datasets": selectors.datasets_for_user(request.user)}
+        return render(request, "datasets_app/_upload_result.html", context)
     return redirect(dataset)
 
 

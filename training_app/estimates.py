@@ -24,7 +24,7 @@ def training_estimate(*, dataset, base_model: str | None = None, num_epochs: int
             "available": False,
             "tokens": tokens,
             "reason": f"No training speed has been measured for {base_model} yet: the first training job "
-            "(or `python manage.py tuna_models --calibrate`) measures it.",
+            "(or python manage.py tuna_models --calibrate) measures it.",
         }
     seconds = tokens / measurement.tokens_per_second
     return {

@@ -136,6 +136,7 @@ def test_it_swaps_in_the_report_after_an_htmx_upload(alice_client, sample_upload
     assert "160 examples" in html
     assert 'data-chart="histogram"' in html
     assert "Train with defaults" in html
+    assert 'id="dataset-table" hx-swap-oob="true"' in html  # the list below updates too
 
 
 def test_it_shows_the_broken_line_number_in_the_page_report(alice_client):
