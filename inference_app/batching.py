@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from inference_app.engine import Generation
+from inference_app.engine import Generation, stop_token_ids
 from inference_app.registry import LoadedBaseModel
 
 logger = logging.getLogger("tuna.inference")
@@ -120,7 +120,7 @@ class BatchingEngine:
         tokenizer.padding_side = "left"
         encoded = tokenizer([r.text for r in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
         prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
-        stop_ids = set(_as_list(loaded.base_model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
+        stop_ids = stop_token_ids(loaded)
         first = batch[0]
 
         def finish(request: GenerationRequest, reason: str) -> None:
@@ -197,12 +197,6 @@ class BatchingEngine:
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     positions = [text.find(s) for s in stops if s and s in text]
     return min(positions) if positions else None
-
-
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 _engines: dict[int, BatchingEngine] = {}

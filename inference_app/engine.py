@@ -52,7 +52,7 @@ def generate_chat(
         )
         latency_ms = (time.perf_counter() - started) * 1000
     new_tokens = output[0, prompt_len:].tolist()
-    stop_ids = set(_as_list(model.generation_config.eos_token_id)) | {tokenizer.eos_token_id}
+    stop_ids = stop_token_ids(loaded)
     finish = "length"
     if new_tokens and new_tokens[-1] in stop_ids:
         finish = "stop"
@@ -66,7 +66,8 @@ def generate_chat(
     )
 
 
-def _as_list(value) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def stop_token_ids(loaded: LoadedBaseModel) -> set[int]:
+    """End-of-turn and end-of-text ids: generation ends on any of them."""
+    eos = loaded.base_model.generation_config.eos_token_id
+    ids = set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
+    return ids | {loaded.tokenizer.eos_token_id}

@@ -87,28 +87,26 @@ def training_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "training_app/training_detail.html", context)
 
 
-@login_required
-@require_POST
-def training_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+def _job_action(request: HttpRequest, pk: int, action, success: str) -> HttpResponse:
     job = get_job_for_user(request.user, pk)
     try:
-        services.training_job_cancel(job=job)
-        messages.success(request, f"Cancelling job #{job.pk}: it stops after the current step.")
+        action(job=job)
+        messages.success(request, success.format(pk=job.pk))
     except services.JobConflict as exc:
         messages.error(request, str(exc))
     return redirect(job)
+
+
+@login_required
+@require_POST
+def training_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    return _job_action(request, pk, services.training_job_cancel, "Cancelling job #{pk}: it stops after the current step.")
 
 
 @login_required
 @require_POST
 def training_resume(request: HttpRequest, pk: int) -> HttpResponse:
-    job = get_job_for_user(request.user, pk)
-    try:
-        services.training_job_resume(job=job)
-        messages.success(request, f"Job #{job.pk} is queued to resume from its last checkpoint.")
-    except services.JobConflict as exc:
-        messages.error(request, str(exc))
-    return redirect(job)
+    return _job_action(request, pk, services.training_job_resume, "Job #{pk} is queued to resume from its last checkpoint.")
 
 
 @login_required
