@@ -10,6 +10,8 @@ DEV_STAMP := $(VENV)/.installed-dev-$(shell cat requirements-dev.txt | cksum | c
 .PHONY: run test install install-dev migrate lint format worker web clean
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "LLM Tuna needs Python 3.11 or newer; set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
@@ -31,7 +33,7 @@ migrate: install
 	$(PY) manage.py migrate --noinput
 
 run: migrate
-	$(PY) manage.py tuna_models
+	$(PY) manage.py tuna_models --calibrate-if-missing
 	$(PY) manage.py tuna_bootstrap
 	@echo "LLM Tuna: http://127.0.0.1:$(PORT)  (Ctrl-C stops the web server and the worker)"
 	@trap 'kill 0' INT TERM EXIT; \

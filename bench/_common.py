@@ -1,8 +1,12 @@
 """Shared set-up for the benchmarks: Django settings and the sample examples."""
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,3 +26,27 @@ def sample_messages() -> list[list[dict[str, str]]]:
 
     with SAMPLE.open(encoding="utf-8") as handle:
         return [to_messages(json.loads(line), PROMPT_COMPLETION) for line in handle if line.strip()]
+
+
+@contextlib.contextmanager
+def temporary_site() -> Iterator[Path]:
+    """A throw-away data directory and SQLite database, migrated, with Django set up."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TUNA_DATA_DIR"] = tmp
+        os.environ.pop("DATABASE_URL", None)
+        os.environ.setdefault("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))
+        subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "-v0"], check=True)
+        setup_django()
+        yield Path(tmp)
+
+
+def upload_sample(username: str = "bench"):
+    """Create a user and upload the sample dataset through the platform's own service."""
+    from django.contrib.auth.models import User
+    from django.core.files import File
+
+    from datasets_app.services import dataset_create
+
+    user = User.objects.create(username=username)
+    with SAMPLE.open("rb") as handle:
+        return user, dataset_create(owner=user, upload=File(handle, name=SAMPLE.name))

@@ -7,39 +7,24 @@ and prints the metrics and the total time. Goal (evaluation issue): under 10 min
 """
 
 import argparse
-import os
-import subprocess
-import sys
-import tempfile
 import time
 
-from _common import ROOT, SAMPLE
+from _common import temporary_site, upload_sample
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--test-size", type=int, default=32)
+    parser.add_argument("--show-misses", type=int, default=5, help="print this many answers that miss the reference")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["TUNA_DATA_DIR"] = tmp
-        os.environ.setdefault("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))
-        subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "-v0"], check=True)
-        from _common import setup_django
-
-        setup_django()
-        from django.contrib.auth.models import User
-        from django.core.files import File
-
-        from datasets_app.services import dataset_create
+    with temporary_site():
         from evaluation_app.services import evaluation_start
         from evaluation_app.tasks import evaluation_execute
         from training_app.services import training_job_start
         from training_app.tasks import training_job_execute
 
         started = time.perf_counter()
-        user = User.objects.create(username="bench")
-        with SAMPLE.open("rb") as handle:
-            dataset = dataset_create(owner=user, upload=File(handle, name=SAMPLE.name))
+        user, dataset = upload_sample()
         uploaded = time.perf_counter()
         job = training_job_start(owner=user, dataset=dataset, config_data={})
         training_job_execute(job.pk)
@@ -73,6 +58,10 @@ def main() -> None:
         for name in rows:
             b, f = m["base_model"][name], m["finetuned_model"][name]
             print(f"{name:<18}{b:>12.4f}{f:>12.4f}  {m['improvements'].get(name, {}).get('direction', '')}")
+        misses = [e for e in evaluation.examples.all() if e.finetuned_scores.get("exact_match") != 1.0]
+        print(f"fine-tuned answers that differ from the reference: {len(misses)} of {evaluation.test_size}")
+        for example in misses[: args.show_misses]:
+            print(f"  #{example.index}: got {example.finetuned_output!r}\n        want {example.reference!r}")
         print(f"total time: {done - started:.0f} s (goal < 600 s)")
 
 

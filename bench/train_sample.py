@@ -5,33 +5,17 @@
 Uses a throw-away data directory and SQLite database. Goal (training issue): under 5 minutes on a 2-core CPU.
 """
 
-import os
-import subprocess
-import sys
-import tempfile
 import time
 
-from _common import ROOT, SAMPLE
+from _common import temporary_site, upload_sample
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["TUNA_DATA_DIR"] = tmp
-        os.environ.setdefault("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))
-        subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "-v0"], check=True)
-        from _common import setup_django
-
-        setup_django()
-        from django.contrib.auth.models import User
-        from django.core.files import File
-
-        from datasets_app.services import dataset_create
+    with temporary_site():
         from training_app.services import training_job_start
         from training_app.tasks import training_job_execute
 
-        user = User.objects.create(username="bench")
-        with SAMPLE.open("rb") as handle:
-            dataset = dataset_create(owner=user, upload=File(handle, name=SAMPLE.name))
+        user, dataset = upload_sample()
         job = training_job_start(owner=user, dataset=dataset, config_data={})
         started = time.perf_counter()
         training_job_execute(job.pk)

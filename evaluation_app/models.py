@@ -25,6 +25,8 @@ class Evaluation(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker_host = models.CharField(max_length=200, blank=True, help_text="Machine whose worker runs (or last ran) this evaluation.")
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -22,10 +22,36 @@ def metric_rows(evaluation: Evaluation) -> list[dict]:
     m = evaluation.metrics or {}
     base, tuned, diff = m.get("base_model", {}), m.get("finetuned_model", {}), m.get("improvements", {})
     return [
-        {"name": name, "label": label, "help": help_text, "base": base.get(name), "finetuned": tuned.get(name), "diff": diff.get(name, {})}
+        {
+            "name": name,
+            "label": label,
+            "help": help_text,
+            "base": base.get(name),
+            "finetuned": tuned.get(name),
+            "diff": diff.get(name, {}),
+            "change": change_text(name, diff.get(name, {})),
+        }
         for name, (label, _higher, help_text) in METRICS.items()
         if name in base
     ]
+
+
+def change_text(name: str, diff: dict) -> str:
+    """The fine-tuned minus base difference in the metric's own unit, with the relative change."""
+    delta = diff.get("delta")
+    if delta is None:
+        return ""
+    sign = "+" if delta >= 0 else "−"
+    if "cost" in name:
+        text = f"{sign}${abs(delta):.5f}"
+    elif "latency" in name:
+        text = f"{sign}{abs(delta):.0f} ms"
+    else:
+        text = f"{sign}{abs(delta):.3f}"
+    relative = diff.get("relative")
+    if relative is not None and abs(relative) < 1000:
+        text += f" ({sign}{abs(relative) * 100:.0f}%)"
+    return text
 
 
 def chart_data(evaluation: Evaluation) -> dict:

@@ -15,6 +15,7 @@ from django.utils import timezone
 from evaluation_app import metrics
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
+from tuna_site.workers import orphaned, worker_host
 
 logger = logging.getLogger("tuna.evaluation")
 
@@ -31,7 +32,8 @@ class VoteInvalid(ValueError):
 
 
 def evaluations_reap_orphans() -> int:
-    return Evaluation.objects.filter(status=Evaluation.Status.RUNNING).update(
+    """Mark evaluations a dead worker left running as failed (called when a worker starts)."""
+    return Evaluation.objects.filter(orphaned(), status=Evaluation.Status.RUNNING).update(
         status=Evaluation.Status.FAILED, error_message=WORKER_STOPPED, completed_at=timezone.now()
     )
 
@@ -67,7 +69,7 @@ def _enqueue(evaluation: Evaluation) -> None:
 
 def evaluation_run(*, evaluation_id: int) -> None:
     claimed = Evaluation.objects.filter(pk=evaluation_id, status=Evaluation.Status.QUEUED).update(
-        status=Evaluation.Status.RUNNING, started_at=timezone.now()
+        status=Evaluation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), worker_host=worker_host()
     )
     if not claimed:
         return
@@ -136,7 +138,7 @@ def _run(evaluation: Evaluation) -> None:
             runs[name]["q"].append(q)
             runs[name]["lat"].append(result.latency_ms)
             runs[name]["tok"].append(result.completion_tokens)
-        Evaluation.objects.filter(pk=evaluation.pk).update(done=index + 1)
+        Evaluation.objects.filter(pk=evaluation.pk).update(done=index + 1, heartbeat_at=timezone.now())
     summaries = {}
     for name, adapter_name in (("base", None), ("finetuned", adapter)):
         loss = answer_loss(loaded, examples, adapter=adapter_name)

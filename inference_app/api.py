@@ -7,8 +7,10 @@ import time
 import uuid
 
 from django.http import StreamingHttpResponse
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -33,7 +35,12 @@ class StopField(serializers.Field):
 
 
 class SamplingSerializer(serializers.Serializer):
-    max_tokens = serializers.IntegerField(required=False, default=256, help_text=f"1 to {services.MAX_TOKENS_LIMIT}.")
+    max_tokens = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="1 to TUNA_MAX_TOKENS_LIMIT (2048 unless configured); 256 (or the limit, if lower) when left out.",
+    )
     temperature = serializers.FloatField(
         required=False, default=0.0, help_text="0 (the default) decodes greedily: the same prompt gives the same answer."
     )
@@ -62,6 +69,17 @@ def _sampling(data: dict) -> dict:
     return {k: data[k] for k in ("max_tokens", "temperature", "top_p", "seed", "stop")}
 
 
+def _validated(request: Request, serializer_class: type[serializers.Serializer], endpoint: str, model_field: str) -> dict:
+    """Validate the body; a refused body is logged like any other refused call, then answered 400."""
+    data = serializer_class(data=request.data)
+    if not data.is_valid():
+        model_id = request.data.get(model_field, "") if isinstance(request.data, dict) else ""
+        errors = "; ".join(f"{field}: {' '.join(map(str, messages))}" for field, messages in data.errors.items())
+        services.log_rejected(user=request.user, model_id=str(model_id), endpoint=endpoint, error=errors)
+        raise ValidationError(data.errors)
+    return data.validated_data
+
+
 def _resolve(request: Request, model_id: str, endpoint: str) -> services.ResolvedModel:
     try:
         return services.resolve_model(request.user, model_id)
@@ -78,15 +96,16 @@ def _prepare(request: Request, model: services.ResolvedModel, endpoint: str, **k
         return services.prepare_call(user=request.user, model=model, endpoint=endpoint, **kwargs)
     except services.InferenceInvalid as exc:
         services.log_rejected(user=request.user, model_id=model.model_id, endpoint=endpoint, error=str(exc))
-        raise ApiError(str(exc), 400) from None
+        raise ApiError(str(exc), 400, param=exc.param) from None
+    except services.ModelNotReady as exc:
+        services.log_rejected(user=request.user, model_id=model.model_id, endpoint=endpoint, error=str(exc))
+        raise ApiError(str(exc), 409) from None
 
 
 class InferenceApi(APIView):
     @extend_schema(request=InferenceSerializer, responses=InferenceResultSerializer)
     def post(self, request: Request) -> Response:
-        data = InferenceSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        values = data.validated_data
+        values = _validated(request, InferenceSerializer, "api/inference", "model_id")
         model = _resolve(request, values["model_id"], "api/inference")
         call = _prepare(request, model, "api/inference", messages=[{"role": "user", "content": values["prompt"]}], **_sampling(values))
         result = services.run_call(call)
@@ -122,7 +141,7 @@ class OpenAIView(APIView):
         param = None
         if isinstance(response.data, dict) and response.data.get("errors"):
             param = next(iter(response.data["errors"]))
-        elif isinstance(exc, ApiError) and getattr(exc, "param", None):
+        elif isinstance(exc, ApiError):
             param = exc.param
         response.data = {"error": {"message": str(detail), "type": kind, "param": param, "code": code}}
         return response
@@ -194,6 +213,49 @@ def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+class UsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class AssistantMessageSerializer(serializers.Serializer):
+    role = serializers.CharField()
+    content = serializers.CharField()
+
+
+class ChatChoiceSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    message = AssistantMessageSerializer()
+    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    logprobs = serializers.JSONField(allow_null=True)
+
+
+class TextChoiceSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    text = serializers.CharField(allow_blank=True)
+    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    logprobs = serializers.JSONField(allow_null=True)
+
+
+class ChatCompletionResultSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField()
+    created = serializers.IntegerField()
+    model = serializers.CharField()
+    choices = ChatChoiceSerializer(many=True)
+    usage = UsageSerializer()
+
+
+class CompletionResultSerializer(ChatCompletionResultSerializer):
+    choices = TextChoiceSerializer(many=True)
+
+
+EVENT_STREAM = OpenApiResponse(
+    OpenApiTypes.STR, description='With "stream": true: server-sent events, one "data: {chunk}" per piece, then "data: [DONE]".'
+)
+
+
 class ModelSerializer(serializers.Serializer):
     id = serializers.CharField()
     object = serializers.CharField()
@@ -225,9 +287,7 @@ class _GenerationApi(OpenAIView):
     object_name = ""
 
     def post(self, request: Request):
-        data = self.serializer_class(data=request.data)
-        data.is_valid(raise_exception=True)
-        values = data.validated_data
+        values = _validated(request, self.serializer_class, self.endpoint, "model")
         model = _resolve(request, values["model"], self.endpoint)
         call = _prepare(request, model, self.endpoint, **self.prompt_kwargs(values), **_sampling(values))
         ident, created = f"{self.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -300,7 +360,11 @@ class ChatCompletionsApi(_GenerationApi):
     def delta(piece, finish_reason=None):
         return {"index": 0, "delta": {"content": piece} if piece is not None else {}, "finish_reason": finish_reason, "logprobs": None}
 
-    @extend_schema(request=ChatCompletionSerializer, summary="Chat completion (OpenAI-compatible, stream supported)")
+    @extend_schema(
+        request=ChatCompletionSerializer,
+        responses={(200, "application/json"): ChatCompletionResultSerializer, (200, "text/event-stream"): EVENT_STREAM},
+        summary="Chat completion (OpenAI-compatible, stream supported)",
+    )
     def post(self, request: Request):
         return super().post(request)
 
@@ -328,6 +392,10 @@ class CompletionsApi(_GenerationApi):
     def delta(piece, finish_reason=None):
         return {"index": 0, "text": piece or "", "finish_reason": finish_reason, "logprobs": None}
 
-    @extend_schema(request=CompletionSerializer, summary="Text completion (OpenAI-compatible, stream supported)")
+    @extend_schema(
+        request=CompletionSerializer,
+        responses={(200, "application/json"): CompletionResultSerializer, (200, "text/event-stream"): EVENT_STREAM},
+        summary="Text completion (OpenAI-compatible, stream supported)",
+    )
     def post(self, request: Request):
         return super().post(request)

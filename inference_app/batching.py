@@ -1,8 +1,9 @@
 """Request batching: concurrent requests for one base model share one generation loop.
 
 Each loaded base model gets one engine thread. Requests that arrive within a short window and share
-decoding settings and adapter are left-padded into one batch and decoded together by
-``model.generate``; a streamer hands each row's new tokens to its own request as they are produced,
+decoding settings are left-padded into one batch and decoded together by ``model.generate``, whatever
+adapter each asks for: rows for different adapters (or none) go through peft's mixed-adapter forward,
+each row through its own LoRA weights on the one copy of the base; a streamer hands each row's new tokens to its own request as they are produced,
 and a stopping criterion ends each row at its own token limit or stop string. Greedy answers are the
 same as when a request runs alone (tested).
 """
@@ -15,6 +16,8 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from django.conf import settings
 
 from inference_app.engine import Generation, stop_token_ids
 from inference_app.registry import LoadedBaseModel
@@ -48,8 +51,8 @@ class GenerationRequest:
 
     @property
     def key(self) -> tuple:
-        sampling = (self.temperature, self.top_p, self.seed) if self.temperature > 0 else (0.0, 1.0, None)
-        return (self.adapter, *sampling)
+        """Requests with equal keys can share a batch (one decoding setting per ``generate`` call)."""
+        return (self.temperature, self.top_p, self.seed) if self.temperature > 0 else (0.0, 1.0, None)
 
 
 class BatchingEngine:
@@ -96,8 +99,7 @@ class BatchingEngine:
                     self._cond.wait()
             time.sleep(self.window_s)  # let concurrent requests arrive
             with self._cond:
-                key = self._pending[0].key
-                batch = [r for r in self._pending if r.key == key][: self.max_batch]
+                batch = self._next_batch()
                 self._pending = [r for r in self._pending if r not in batch]
             try:
                 self._run(batch)
@@ -108,6 +110,25 @@ class BatchingEngine:
                         request.error = exc
                         request.deltas.put(None)
                         request.done.set()
+
+    def _next_batch(self) -> list[GenerationRequest]:
+        """The oldest request and those that can join it: same decoding settings, and no more distinct
+        adapters than the adapter cache holds (all of them must be attached at once)."""
+        key = self._pending[0].key
+        room = max(1, settings.TUNA_ADAPTER_CACHE_SIZE)
+        batch: list[GenerationRequest] = []
+        adapters: set[str] = set()
+        for request in self._pending:
+            if len(batch) == self.max_batch:
+                break
+            if request.key != key:
+                continue
+            if request.adapter is not None and request.adapter not in adapters:
+                if len(adapters) == room:
+                    continue
+                adapters.add(request.adapter)
+            batch.append(request)
+        return batch
 
     def _run(self, batch: list[GenerationRequest]) -> None:
         import torch
@@ -179,13 +200,15 @@ class BatchingEngine:
             kwargs.update(temperature=first.temperature, top_p=first.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if first.adapter is not None:
-            loaded.attach_adapter(first.adapter, first.adapter_path)  # may have been evicted since it was queued
-        with loaded.using(first.adapter) as model, torch.inference_mode():
+        for request in batch:
+            if request.adapter is not None:  # may have been evicted since it was queued
+                loaded.attach_adapter(request.adapter, request.adapter_path)
+        with loaded.using_per_row([r.adapter for r in batch]) as (model, routing), torch.inference_mode():
             if first.seed is not None:
                 torch.manual_seed(first.seed)
             model.generate(
                 **encoded,
+                **routing,
                 max_new_tokens=max(r.max_new_tokens for r in batch),
                 pad_token_id=tokenizer.pad_token_id,
                 streamer=RowStreamer(),

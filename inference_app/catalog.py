@@ -48,6 +48,16 @@ class BaseModelSpec:
     def is_default(self) -> bool:
         return self.name == settings.TUNA_DEFAULT_BASE_MODEL
 
+    def config_dir(self) -> str | None:
+        """A directory holding this model's config.json, without touching the network: the model's own
+        directory, or for a hub model the local Hugging Face cache once it has been downloaded."""
+        if self.kind != "hub":
+            return self.load_path
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(self.source, "config.json")
+        return str(Path(cached).parent) if isinstance(cached, str) else None
+
     def state(self) -> str:
         """A one-word state for lists: ready, not prepared, missing, or remote."""
         if self.kind == "embedded":

@@ -95,8 +95,12 @@ def load_tokenizer_and_model(spec: BaseModelSpec, plan: DevicePlan, *, hf_token:
     else:
         kwargs["local_files_only"] = True
     logger.info("Loading base model %s on %s (%s)", spec.name, plan.device, plan.dtype_name)
-    tokenizer = AutoTokenizer.from_pretrained(spec.load_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(spec.load_path, dtype=plan.dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.load_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.load_path, dtype=plan.dtype, **kwargs)
+    except (OSError, ValueError) as exc:  # not downloadable (offline, gated without HF_TOKEN), not a model directory
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelUnavailable(f"Base model {spec.name!r} ({spec.load_path}) could not be loaded: {first_line}") from exc
     model.to(plan.device)
     model.eval()
     if tokenizer.pad_token_id is None:

@@ -99,6 +99,26 @@ class LoadedBaseModel:
             self.model.set_adapter(adapter_name)
             yield self.model
 
+    @contextlib.contextmanager
+    def using_per_row(self, row_adapters: list[str | None]) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """Hold the weights for a batch whose rows may each use a different adapter (None: the base).
+
+        Yields the model and the extra ``generate`` arguments: nothing when every row uses the same
+        adapter, otherwise peft's ``adapter_names``, which routes each row through its own LoRA weights.
+        """
+        distinct = set(row_adapters)
+        if len(distinct) == 1:
+            with self.using(row_adapters[0]) as model:
+                yield model, {}
+            return
+        with self.lock:
+            missing = sorted(name for name in distinct - {None} if name not in self.adapters)
+            if missing:
+                raise KeyError(f"Adapters {missing} are not attached to {self.name}.")
+            for name in distinct - {None}:
+                self.adapters.move_to_end(name)
+            yield self.model, {"adapter_names": [name or "__base__" for name in row_adapters]}
+
 
 class ModelRegistry:
     def __init__(self) -> None:

@@ -14,7 +14,7 @@ from training_app.models import TrainingJob
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
-MAX_TOKENS_LIMIT = 2048
+DEFAULT_MAX_TOKENS = 256
 
 
 class ModelNotFound(LookupError):
@@ -71,8 +71,9 @@ def cost_for(latency_ms: float) -> float:
 
 
 def check_params(*, max_tokens, temperature=0.0, top_p=1.0) -> None:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise InferenceInvalid(f"max_tokens must be a whole number from 1 to {MAX_TOKENS_LIMIT}; got {max_tokens!r}.", "max_tokens")
+    limit = settings.TUNA_MAX_TOKENS_LIMIT
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
+        raise InferenceInvalid(f"max_tokens must be a whole number from 1 to {limit}; got {max_tokens!r}.", "max_tokens")
     if not 0 <= temperature <= 2:
         raise InferenceInvalid(f"temperature must be between 0 and 2; got {temperature!r}.", "temperature")
     if not 0 < top_p <= 1:
@@ -96,7 +97,7 @@ def prepare_call(
     endpoint: str,
     messages: list[Message] | None = None,
     text: str | None = None,
-    max_tokens: int = 256,
+    max_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
@@ -104,10 +105,16 @@ def prepare_call(
 ) -> Call:
     """Render the prompt (chat template for messages, raw for text) and check it fits the context."""
     from inference_app.batching import GenerationRequest
+    from inference_app.loading import ModelUnavailable
     from inference_app.registry import registry
 
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT)
     check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    loaded = registry.get(model.base_model)
+    try:
+        loaded = registry.get(model.base_model)
+    except ModelUnavailable as exc:
+        raise ModelNotReady(str(exc)) from exc
     prompt = render_chat(loaded.tokenizer, messages, add_generation_prompt=True) if messages is not None else text
     if not prompt or not prompt.strip():
         raise InferenceInvalid("The prompt is empty.", "prompt")

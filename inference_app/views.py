@@ -46,17 +46,25 @@ def _compare(request: HttpRequest, selected: str, prompt: str) -> dict:
     results = [("Base model", base)]
     if model.job is not None:
         results.append((f"Fine-tuned ({model.model_id})", model))
-    answers = [
-        {
-            "label": label,
-            "model_id": m.model_id,
-            "result": services.inference_generate(
-                user=request.user, model=m, messages=messages, endpoint="playground", max_tokens=MAX_PLAYGROUND_TOKENS
-            ),
-        }
-        for label, m in results
-    ]
-    return {"answers": answers}
+    try:
+        # Check every call before running any, so a prompt the model cannot take costs nothing.
+        calls = [
+            (
+                label,
+                services.prepare_call(
+                    user=request.user,
+                    model=m,
+                    endpoint="playground",
+                    messages=messages,
+                    max_tokens=min(MAX_PLAYGROUND_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT),
+                ),
+            )
+            for label, m in results
+        ]
+    except (services.InferenceInvalid, services.ModelNotReady) as exc:
+        services.log_rejected(user=request.user, model_id=model.model_id, endpoint="playground", error=str(exc))
+        return {"error": str(exc), "status": 400 if isinstance(exc, services.InferenceInvalid) else 409}
+    return {"answers": [{"label": label, "model_id": call.model.model_id, "result": services.run_call(call)} for label, call in calls]}
 
 
 @login_required

@@ -40,6 +40,7 @@ class TrainingJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker_host = models.CharField(max_length=200, blank=True, help_text="Machine whose worker runs (or last ran) this job.")
 
     class Meta:
         ordering = ["-created_at", "-id"]

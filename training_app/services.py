@@ -18,6 +18,7 @@ from datasets_app.models import Dataset
 from inference_app.catalog import get_base_model_spec, get_catalog
 from training_app.config import ConfigResult, TrainingConfig, build_config
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from tuna_site.workers import orphaned, worker_host
 
 logger = logging.getLogger("tuna.training")
 
@@ -46,7 +47,7 @@ def job_dir(job: TrainingJob) -> Path:
 
 def validate_training_config(data: dict[str, Any]) -> ConfigResult:
     catalog = get_catalog()
-    model_dirs = {name: spec.load_path if spec.kind != "hub" else None for name, spec in catalog.items()}
+    model_dirs = {name: spec.config_dir() for name, spec in catalog.items()}
     return build_config(data, catalog=catalog, default_model=settings.TUNA_DEFAULT_BASE_MODEL, model_dirs=model_dirs)
 
 
@@ -111,7 +112,7 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
 
 def training_jobs_reap_orphans() -> int:
     """Mark jobs a dead worker left running as failed (called when a worker starts)."""
-    return TrainingJob.objects.filter(status=TrainingJob.Status.TRAINING).update(
+    return TrainingJob.objects.filter(orphaned(), status=TrainingJob.Status.TRAINING).update(
         status=TrainingJob.Status.FAILED, error_message=WORKER_STOPPED, completed_at=timezone.now(), eta_seconds=None
     )
 
@@ -130,7 +131,7 @@ def queue_position(job: TrainingJob) -> int:
 def training_job_run(*, job_id: int, extra_callbacks: tuple = ()) -> None:
     """Run a queued job to its end. Claims the row first, so a redelivered task never trains twice."""
     claimed = TrainingJob.objects.filter(pk=job_id, status=TrainingJob.Status.QUEUED).update(
-        status=TrainingJob.Status.TRAINING, heartbeat_at=timezone.now()
+        status=TrainingJob.Status.TRAINING, heartbeat_at=timezone.now(), worker_host=worker_host()
     )
     if not claimed:
         logger.info("Training job %s is not queued any more; nothing to do", job_id)
@@ -156,7 +157,9 @@ def readable_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if "OutOfMemory" in name or "out of memory" in text.lower():
         return "The machine ran out of memory. Lower batch_size or max_seq_length (or raise gradient_accumulation_steps) and start again."
-    if isinstance(exc, ValueError) and text:
+    from inference_app.loading import ModelUnavailable
+
+    if isinstance(exc, (ValueError, ModelUnavailable)) and text:
         return text
     return f"Training stopped with an error ({name}{': ' + text[:300] if text else ''}). The full traceback is in the admin."
 

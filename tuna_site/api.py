@@ -8,9 +8,10 @@ from rest_framework.views import exception_handler as drf_exception_handler
 class ApiError(APIException):
     """An error with a specific status and a plain-language ``detail``."""
 
-    def __init__(self, message: str, status_code: int) -> None:
+    def __init__(self, message: str, status_code: int, param: str | None = None) -> None:
         super().__init__(detail=message)
         self.status_code = status_code
+        self.param = param  # the request field at fault, where there is one (OpenAI's error shape names it)
 
 
 def exception_handler(exc, context):

@@ -40,6 +40,7 @@ HF_TOKEN = env_str("HF_TOKEN") or None
 # The one price every cost figure is computed from (USD per hour of the machine doing the work).
 TUNA_GPU_HOURLY_USD = env_float("TUNA_GPU_HOURLY_USD", 1.10)
 # LoRA adapters kept attached per base model in a serving process (least recently used evicted).
+TUNA_MAX_TOKENS_LIMIT = int(env_float("TUNA_MAX_TOKENS_LIMIT", 2048, minimum=1))
 TUNA_ADAPTER_CACHE_SIZE = int(env_float("TUNA_ADAPTER_CACHE_SIZE", 8, minimum=1))
 TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
 
@@ -189,6 +190,9 @@ SPECTACULAR_SETTINGS = {
 
 # Background jobs: one cluster, one worker (one job per GPU at a time), ORM broker on this database.
 TUNA_JOB_TIMEOUT_S = int(env_float("TUNA_JOB_TIMEOUT_S", 6 * 3600, minimum=60))
+# One worker per machine; a running job whose worker has not written for this long counts as orphaned.
+TUNA_WORKER_NAME = env_str("TUNA_WORKER_NAME", "")
+TUNA_WORKER_STALE_SECONDS = int(env_float("TUNA_WORKER_STALE_SECONDS", 900, minimum=30))
 Q_CLUSTER = {
     "name": "tuna",
     "workers": 1,

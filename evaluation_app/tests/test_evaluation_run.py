@@ -1,5 +1,8 @@
 """A real evaluation on the embedded model with an adapter trained in the test (tiny settings)."""
 
+import logging
+import math
+
 import pytest
 
 from datasets_app.examples import held_out_examples, training_examples
@@ -9,6 +12,15 @@ from training_app import services as training_services
 from training_app import tasks as training_tasks
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
+
+
+class _LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_dataset, settings):
@@ -30,10 +42,24 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
 
     evaluation, created = services.evaluation_start(owner=alice, job=job, test_size=3)
     assert created
-    tasks.evaluation_execute(evaluation.pk)
+    loaded_before = registry.get(job.base_model)
+    weight = loaded_before.base_model.get_input_embeddings().weight
+    loads = _LogLines()
+    logging.getLogger("tuna.models").addHandler(loads)
+    try:
+        tasks.evaluation_execute(evaluation.pk)
+    finally:
+        logging.getLogger("tuna.models").removeHandler(loads)
     evaluation.refresh_from_db()
     assert evaluation.status == "completed", evaluation.error_message
     assert (evaluation.done, evaluation.test_size) == (3, 3) and evaluation.max_new_tokens >= 32
+    assert evaluation.run_seconds > 0 and evaluation.started_at <= evaluation.completed_at
+    assert evaluation.worker_host and evaluation.heartbeat_at is not None
+    assert evaluation.error_message == "" and evaluation.error_traceback == ""
+    # No second copy of the base: nothing was loaded during the run, the same weights were used.
+    assert not [line for line in loads.lines if line.startswith("Loading base model")], loads.lines
+    assert registry.get(job.base_model) is loaded_before
+    assert loaded_before.base_model.get_input_embeddings().weight.data_ptr() == weight.data_ptr()
     examples = list(evaluation.examples.all())
     assert [e.index for e in examples] == [0, 1, 2]
 
@@ -47,7 +73,9 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
         assert example.base_prompt_tokens == example.finetuned_prompt_tokens > 0
         assert example.base_tokens > 0 and example.finetuned_tokens > 0
         assert example.base_cost_usd == pytest.approx(example.base_latency_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
-        assert set(example.base_scores) == {"exact_match", "rouge_l", "bleu"}
+        assert example.finetuned_cost_usd == pytest.approx(example.finetuned_latency_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
+        assert set(example.base_scores) == set(example.finetuned_scores) == {"exact_match", "rouge_l", "bleu"}
+        assert all(0 <= v <= 1 for v in [*example.base_scores.values(), *example.finetuned_scores.values()])
         assert example.finetuned_side in ("A", "B")
 
     m = evaluation.metrics
@@ -66,6 +94,17 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
             "cost_per_1k_usd",
         } <= set(m[side])
         assert m[side]["heldout_loss"] > 0
+        assert m[side]["perplexity"] == pytest.approx(math.exp(m[side]["heldout_loss"]))
+        prefix = "base" if side == "base_model" else "finetuned"
+        latencies = [getattr(e, f"{prefix}_latency_ms") for e in examples]
+        for metric in ("exact_match", "rouge_l", "bleu"):
+            assert m[side][metric] == pytest.approx(sum(getattr(e, f"{prefix}_scores")[metric] for e in examples) / 3)
+        assert m[side]["latency_mean_ms"] == pytest.approx(sum(latencies) / 3) == m[side]["avg_latency_ms"]
+        assert m[side]["latency_p50_ms"] == pytest.approx(sorted(latencies)[1])
+        assert m[side]["avg_length"] == pytest.approx(sum(getattr(e, f"{prefix}_tokens") for e in examples) / 3)
+        assert m[side]["cost_per_1k_usd"] == pytest.approx(sum(latencies) / 3 / 3_600_000 * 1000 * settings.TUNA_GPU_HOURLY_USD)
+    for name, change in m["improvements"].items():
+        assert change["delta"] == pytest.approx(m["finetuned_model"][name] - m["base_model"][name])
     assert m["improvements"]["heldout_loss"]["direction"] == "better"  # trained on the same kind of answers
     assert m["decoding"] == {"greedy": True, "max_new_tokens": evaluation.max_new_tokens}
 

@@ -8,7 +8,7 @@ from training_app.models import TrainingJob
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
-ORDER = "Extract the order as JSON with keys product, color, size, quantity, shipping.\nOrder: Please send 2 hoodies, red, large. no rush"
+ORDER = "Extract the order as JSON with keys product, color, size, quantity, shipping.\nOrder: Please send hoodie (red, L), quantity 2. no rush"
 
 
 def test_it_answers_the_seed_contract_from_a_fine_tuned_adapter(alice_api, alice, finetuned_job):
@@ -60,7 +60,9 @@ def test_it_refuses_bad_inference_requests_clearly(alice_api, bob, alice, finetu
         assert response.status_code == status, (payload, response.content)
         assert message in response.json()["detail"], payload
         assert "Traceback" not in response.content.decode()
-    assert UsageLog.objects.filter(user=alice, status="error").count() >= 6
+    # Every refused call is in the usage log with its reason, including bodies refused by validation.
+    assert UsageLog.objects.filter(user=alice, status="error").count() == len(cases)
+    assert UsageLog.objects.filter(user=alice, status="error", error__contains="prompt").exists()
 
 
 def test_it_refuses_a_wrong_token(client):
@@ -80,6 +82,48 @@ def test_it_answers_openai_errors_in_openai_shape(alice_api, finetuned_job):
     assert response.json()["error"]["code"] == "model_not_found"
     response = alice_api.post("/v1/chat/completions", {"model": finetuned_job.model_id, "messages": []}, format="json")
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_it_names_the_faulty_parameter_on_v1(alice_api, alice, valid_dataset, finetuned_job):
+    queued = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
+    chat = {"model": finetuned_job.model_id, "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("/v1/chat/completions", {**chat, "max_tokens": 5000}, 400, "max_tokens", None),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "word " * 9000}]}, 400, "prompt", None),
+        ("/v1/completions", {"model": finetuned_job.model_id, "prompt": "word " * 9000}, 400, "prompt", None),
+        ("/v1/completions", {"model": finetuned_job.model_id, "prompt": "hi", "temperature": 3}, 400, "temperature", None),
+        ("/v1/chat/completions", {**chat, "model": queued.model_id}, 409, None, "model_not_ready"),
+        ("/v1/completions", {"model": queued.model_id, "prompt": "hi"}, 409, None, "model_not_ready"),
+    ]
+    for path, payload, status, param, code in cases:
+        response = alice_api.post(path, payload, format="json")
+        assert response.status_code == status, (path, response.content)
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), (path, error)
+        assert error["message"] and "Traceback" not in error["message"]
+
+
+def test_it_answers_409_for_a_configured_base_model_that_cannot_be_loaded(alice_api, alice_client, settings, tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    settings.TUNA_BASE_MODELS = {**settings.TUNA_BASE_MODELS, "gone": str(tmp_path / "gone"), "empty": str(tmp_path / "empty-model")}
+    for name, reason in (("gone", "does not exist"), ("empty", "could not be loaded")):
+        response = alice_api.post(
+            "/v1/chat/completions", {"model": f"base:{name}", "messages": [{"role": "user", "content": "hi"}]}, format="json"
+        )
+        assert response.status_code == 409, response.content
+        assert reason in response.json()["error"]["message"]
+        response = alice_api.post("/api/inference", {"model_id": f"base:{name}", "prompt": "hi"}, format="json")
+        assert response.status_code == 409 and reason in response.json()["detail"]
+        page = alice_client.post(reverse("playground"), {"model": f"base:{name}", "prompt": "hi"}, HTTP_HX_REQUEST="true")
+        assert page.status_code == 409 and reason in page.content.decode()
+    assert UsageLog.objects.filter(status="error", model_id="base:gone").count() == 3
+
+
+def test_it_refuses_a_playground_prompt_longer_than_the_context(alice_client, alice, finetuned_job):
+    response = alice_client.post(reverse("playground"), {"model": finetuned_job.model_id, "prompt": "word " * 9000}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 400
+    assert "context holds 8192" in response.content.decode()
+    assert not UsageLog.objects.filter(user=alice, status="ok").exists()  # nothing was generated
 
 
 def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
@@ -107,6 +151,40 @@ def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
         t.join(timeout=120)
     assert engine.largest_batch == 4 and engine.batches_run == 1
     assert [r.result.text for r in requests] == alone
+
+
+def test_it_batches_base_and_fine_tuned_requests_together_with_the_same_answers_as_alone(trained_adapter):
+    import threading
+
+    from inference_app.batching import BatchingEngine, GenerationRequest
+    from inference_app.engine import generate_chat
+    from inference_app.prompting import render_chat
+    from inference_app.registry import registry
+
+    loaded = registry.get()
+    loaded.attach_adapter("mixed-a", trained_adapter)
+    other = ORDER.replace("hoodie (red, L), quantity 2", "cap (navy, M), quantity 5")
+    rows = [(ORDER, None), (ORDER, "mixed-a"), (other, "mixed-a"), (other, None)]
+    alone = [generate_chat(loaded, [{"role": "user", "content": p}], adapter=a, max_new_tokens=40).text for p, a in rows]
+    assert alone[0] != alone[1]  # the adapter changes the answer, so routing rows to it matters
+    engine = BatchingEngine(loaded, window_s=0.3)
+    requests = [
+        GenerationRequest(
+            text=render_chat(loaded.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True),
+            max_new_tokens=40,
+            adapter=a,
+            adapter_path=str(trained_adapter) if a else None,
+        )
+        for p, a in rows
+    ]
+    threads = [threading.Thread(target=engine.generate, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert engine.batches_run == 1 and engine.largest_batch == 4
+    assert [r.result.text for r in requests] == alone
+    loaded.detach_adapter("mixed-a")
 
 
 def test_it_keeps_a_bounded_adapter_cache_without_reloading_the_base(settings, trained_adapter):

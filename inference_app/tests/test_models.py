@@ -47,3 +47,18 @@ def test_it_counts_tokens_like_the_real_tokenizer_and_template():
     )
     estimated = sum(counter.count_many([m["content"] for m in messages])) + counter.template_overhead(("user", "assistant"))
     assert abs(real - estimated) <= 2
+
+
+@pytest.mark.django_db
+@pytest.mark.model
+def test_it_measures_training_speed_once_when_asked_if_missing(capsys):
+    from training_app.models import ThroughputMeasurement
+
+    call_command("tuna_models", "--calibrate-if-missing")
+    first = ThroughputMeasurement.objects.get()
+    assert first.base_model == "smollm2-135m-instruct" and first.tokens_per_second > 0
+    assert first.source.startswith("calibration, 8 steps")
+    assert "Measuring training speed" in capsys.readouterr().out
+    call_command("tuna_models", "--calibrate-if-missing")  # make run again: nothing changes
+    assert ThroughputMeasurement.objects.count() == 1
+    assert "Measuring" not in capsys.readouterr().out

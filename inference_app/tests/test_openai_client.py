@@ -44,6 +44,13 @@ def test_it_works_with_the_openai_package(openai_client, finetuned_job):
     completion = openai_client.completions.create(model="base:smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8)
     assert completion.choices[0].text and completion.usage.completion_tokens > 0
 
+    chunks = list(
+        openai_client.completions.create(model="base:smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, stream=True)
+    )
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed.strip() == completion.choices[0].text.strip()  # greedy: the same text, in pieces
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and len(chunks) > 2
+
 
 def test_it_reports_errors_the_openai_way(openai_client):
     import openai

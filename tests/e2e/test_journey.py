@@ -12,8 +12,10 @@ SAMPLE = (ROOT / "samples" / "orders_to_json.jsonl").read_text()
 TIMEOUT = 240_000
 
 
-def login(page, site, user):
+def login(page, site, user, shots=None):
     page.goto(f"{site.url}/login/")
+    if shots is not None:
+        shots(page, "00-login")
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", f"{user}-pass-123")
     page.click("button[type=submit]")
@@ -44,7 +46,7 @@ def test_it_takes_a_user_from_an_empty_site_to_a_callable_model(browser, live_si
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     external = []
     page.on("request", lambda r: external.append(r.url) if not r.url.startswith(live_site.url) and not r.url.startswith("data:") else None)
-    login(page, live_site, "alice")
+    login(page, live_site, "alice", shots)
     shots(page, "01-dashboard")
 
     page.click("nav >> text=Datasets")
@@ -59,26 +61,40 @@ def test_it_takes_a_user_from_an_empty_site_to_a_callable_model(browser, live_si
 
     page.click("text=Train with defaults")
     expect(page.locator("h1")).to_contain_text("Fine-tune on")
+    dataset_url = "/datasets/" + re.search(r"/training/new/(\d+)", page.url).group(1)
     page.click("summary:has-text('Advanced')")
     for name, value in {"max_steps": "12", "max_seq_length": "160", "save_steps": "4", "eval_steps": "4", "eval_examples": "4"}.items():
         page.fill(f"input[name={name}]", value)
     shots(page, "03-training-form")
     page.click("text=Start training")
     expect(page.locator("h1")).to_contain_text("Training job #")
+    job_url = page.url.removeprefix(live_site.url)
     page.wait_for_function(
         "() => { const c = window.Chart && Chart.getChart(document.getElementById('loss-chart')); return c && c.data.datasets[0].data.length > 0; }",
         timeout=TIMEOUT,
     )
     first_points = chart_points(page, "loss-chart")
+    # Watch the chart gain points while the job is still training (htmx polling, no reload).
+    page.wait_for_function(
+        f"""() => {{ const c = Chart.getChart(document.getElementById('loss-chart'));
+                     return c.data.datasets[0].data.length > {first_points}
+                            && document.getElementById('job-status').textContent.trim() === 'Training'; }}""",
+        timeout=TIMEOUT,
+    )
+    expect(page.locator("#job-step")).to_contain_text(re.compile(r"\d+ / 12"))
+    shots(page, "04-training-live")
     expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
     page.wait_for_timeout(500)
-    assert chart_points(page, "loss-chart") >= max(first_points, 12)
+    assert chart_points(page, "loss-chart") >= 12
     assert page.locator("#job-progress[hx-trigger]").count() == 0  # polling stopped by itself
-    shots(page, "04-training-done")
+    shots(page, "05-training-done")
 
     page.fill("input[name=test_size]", "4")
     page.click("#evaluate-button")
     expect(page.locator("h1")).to_contain_text("base vs fine-tuned")
+    evaluation_url = page.url.removeprefix(live_site.url).split("?")[0]
+    expect(page.locator("#eval-progress")).to_contain_text(re.compile(r"\d of 4 examples answered"), timeout=TIMEOUT)
+    shots(page, "06-evaluation-running")
     expect(page.locator(".example-view")).to_be_visible(timeout=TIMEOUT)
     expect(page.locator(".example-view")).to_contain_text("Example 1 of 4")
     settled(page)
@@ -96,21 +112,32 @@ def test_it_takes_a_user_from_an_empty_site_to_a_callable_model(browser, live_si
     settled(page)
     page.keyboard.press("b")
     expect(page.locator("#win-rate-card")).to_contain_text("2 cast")
-    shots(page, "05-evaluation")
+    shots(page, "07-evaluation")
 
     page.click("nav >> text=Playground")
     page.fill(
         "textarea[name=prompt]",
-        "Extract the order as JSON with keys product, color, size, quantity, shipping.\nOrder: Please send 2 hoodies, red, large. no rush",
+        "Extract the order as JSON with keys product, color, size, quantity, shipping.\nOrder: Please send hoodie (red, L), quantity 2. no rush",
     )
     page.click("text=Generate")
     expect(page.locator("#playground-result .answer")).to_have_count(2, timeout=120_000)
     expect(page.locator("#playground-result")).to_contain_text("Fine-tuned (tuna-job-")
-    shots(page, "06-playground")
+    shots(page, "08-playground")
+
+    # Bob, signed in beside alice, gets 404 on each of her pages and on her adapter download.
+    bob = browser.new_context().new_page()
+    login(bob, live_site, "bob")
+    for path in (dataset_url, job_url, f"{job_url}/adapter.zip", evaluation_url, f"{evaluation_url}/preferences.jsonl"):
+        response = bob.request.get(f"{live_site.url}{path}")
+        assert response.status == 404, path
+    bob.goto(f"{live_site.url}{evaluation_url}")
+    assert "base vs fine-tuned" not in bob.content()
+    bob.context.close()
 
     page.click(".usermenu summary")
     page.click("text=Log out")
     expect(page).to_have_url(re.compile(r"/login/"))
+    shots(page, "09-logged-out")
     assert external == [], external  # nothing loaded from another host
 
 

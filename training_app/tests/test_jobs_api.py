@@ -52,6 +52,27 @@ def test_it_rejects_bad_settings_with_field_errors(alice_api, valid_dataset):
     assert "k_proj" in response.json()["errors"]["target_modules"]
 
 
+def test_it_checks_target_modules_of_a_hub_model_from_the_local_hub_cache(settings, tmp_path, monkeypatch):
+    import json
+
+    from huggingface_hub import constants
+
+    # The layout huggingface_hub leaves after a download: refs/main names the snapshot.
+    repo = tmp_path / "hub" / "models--meta-llama--Llama-3.1-8B-Instruct"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    settings.TUNA_BASE_MODELS = {**settings.TUNA_BASE_MODELS, "llama": "meta-llama/Llama-3.1-8B-Instruct", "other": "org/not-downloaded"}
+
+    bad = services.validate_training_config({"base_model": "llama", "target_modules": ["q_proj", "c_attn"]})
+    assert "Unknown module c_attn" in bad.errors["target_modules"] and "gate_proj" in bad.errors["target_modules"]
+    assert services.validate_training_config({"base_model": "llama", "target_modules": ["q_proj", "o_proj"]}).config is not None
+    # Not downloaded yet: nothing to check against without the network; the worker reports it if wrong.
+    assert services.validate_training_config({"base_model": "other", "target_modules": ["anything"]}).config is not None
+
+
 def test_it_refuses_an_invalid_dataset(alice_api, alice):
     from datasets_app.services import dataset_create
     from tuna_site.testing import jsonl_file, pc_rows

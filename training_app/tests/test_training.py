@@ -101,6 +101,8 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
     job.refresh_from_db()
     assert job.status == "failed" and "worker stopped" in job.error_message
     assert services.resumable_checkpoint(job).name == "checkpoint-2"
+    before_crash = dict(job.loss_points.exclude(loss=None).values_list("step", "loss"))
+    assert set(before_crash) == {1, 2}  # the crash came at step 3, before its loss was written
     seconds_before = job.train_seconds
 
     services.training_job_resume(job=job)
@@ -109,6 +111,9 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
     assert job.status == "completed", job.error_message
     assert (job.current_step, job.total_steps, job.resume_count) == (6, 6, 1)
     assert list(job.loss_points.exclude(loss=None).values_list("step", flat=True)) == [1, 2, 3, 4, 5, 6]
+    # The history up to the checkpoint is the one recorded before the crash (kept, not rewritten).
+    after = dict(job.loss_points.exclude(loss=None).values_list("step", "loss"))
+    assert [after[1], after[2]] == [before_crash[1], before_crash[2]]
     assert job.train_seconds > seconds_before
     assert Path(job.adapter_dir, "adapter_model.safetensors").exists()
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,8 @@ def test_it_describes_db_web_and_worker_in_compose():
     assert services["db"]["image"].startswith("postgres:16")
     assert "pg_isready" in " ".join(services["db"]["healthcheck"]["test"])
     assert services["web"]["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "/login/" in " ".join(services["web"]["healthcheck"]["test"])
+    assert services["worker"]["depends_on"]["web"]["condition"] == "service_healthy"  # after the migrations
     assert "migrate" in services["web"]["command"] and "gunicorn" in services["web"]["command"]
     assert "tuna_worker" in services["worker"]["command"]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
@@ -142,6 +145,31 @@ def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_data
     assert evaluations_reap_orphans() == 1
     evaluation.refresh_from_db()
     assert evaluation.status == "failed"
+
+
+@pytest.mark.django_db
+def test_it_leaves_jobs_that_another_live_worker_machine_runs(alice, valid_dataset, settings):
+    settings.TUNA_WORKER_NAME = "gpu-a"
+    settings.TUNA_WORKER_STALE_SECONDS = 900
+    now = timezone.now()
+
+    def running(host, seconds_ago):
+        return TrainingJob.objects.create(
+            owner=alice,
+            dataset=valid_dataset,
+            base_model="smollm2-135m-instruct",
+            config={},
+            status="training",
+            worker_host=host,
+            heartbeat_at=now - timedelta(seconds=seconds_ago),
+        )
+
+    mine = running("gpu-a", 5)  # this machine's worker is starting, so its last job lost its worker
+    live_elsewhere = running("gpu-b", 30)
+    dead_elsewhere = running("gpu-c", 3600)
+    assert training_jobs_reap_orphans() == 2
+    statuses = {j.worker_host: j.status for j in TrainingJob.objects.filter(pk__in=[mine.pk, live_elsewhere.pk, dead_elsewhere.pk])}
+    assert statuses == {"gpu-a": "failed", "gpu-b": "training", "gpu-c": "failed"}
 
 
 @pytest.mark.django_db

@@ -14,6 +14,11 @@ class Command(BaseCommand):
             action="store_true",
             help="Measure training speed of the default model on this machine (a few LoRA steps) for time and cost estimates.",
         )
+        parser.add_argument(
+            "--calibrate-if-missing",
+            action="store_true",
+            help="Calibrate only when no training speed has been measured for the default model yet (used by make run).",
+        )
 
     def handle(self, *args, **options):
         catalog = get_catalog()
@@ -30,8 +35,16 @@ class Command(BaseCommand):
             default = "  (default)" if spec.is_default else ""
             source = spec.load_path if spec.kind != "hub" else spec.source
             self.stdout.write(f"{spec.name.ljust(width)}  {spec.state().ljust(12)}  {spec.kind.ljust(8)}  {source}{default}")
-        if options["calibrate"]:
+        calibrate = options["calibrate"]
+        if options["calibrate_if_missing"] and not calibrate:
+            from django.conf import settings
+
+            from training_app.estimates import latest_throughput
+
+            calibrate = latest_throughput(settings.TUNA_DEFAULT_BASE_MODEL) is None
+        if calibrate:
             from training_app.calibration import calibrate_default_model
 
+            self.stdout.write("Measuring training speed on this machine (a few LoRA steps) for time and cost estimates...")
             measurement = calibrate_default_model()
             self.stdout.write(f"Measured {measurement}")
