@@ -8,7 +8,9 @@ from training_app.models import TrainingJob
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
-ORDER = "Extract the order as JSON with keys product, color, size, quantity, shipping.\nOrder: Please send hoodie (red, L), quantity 2. no rush"
+ORDER = (
+    "Extract the order as JSON with keys product, color, size, quantity, shipping.\nOrder: Please send hoodie (red, L), quantity 2. no rush"
+)
 
 
 def test_it_answers_the_seed_contract_from_a_fine_tuned_adapter(alice_api, alice, finetuned_job):
