@@ -26,15 +26,17 @@ def playground(request: HttpRequest) -> HttpResponse:
         "token": Token.objects.get_or_create(user=request.user)[0],
         "api_base": request.build_absolute_uri("/v1"),
         "default_base": settings.TUNA_DEFAULT_BASE_MODEL,
+        "default_model_id": f"base:{settings.TUNA_DEFAULT_BASE_MODEL}",
+        "max_tokens": min(MAX_PLAYGROUND_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT),
     }
     if request.method == "POST":
-        context.update(_compare(request, selected, prompt))
+        context.update(_compare(request, selected, prompt, context["max_tokens"]))
         if request.htmx:
             return render(request, "inference_app/_playground_result.html", context, status=context.get("status", 200))
     return render(request, "inference_app/playground.html", context, status=context.get("status", 200))
 
 
-def _compare(request: HttpRequest, selected: str, prompt: str) -> dict:
+def _compare(request: HttpRequest, selected: str, prompt: str, max_tokens: int) -> dict:
     if not prompt:
         return {"error": "Type a prompt first.", "status": 400}
     try:
@@ -56,7 +58,7 @@ def _compare(request: HttpRequest, selected: str, prompt: str) -> dict:
                     model=m,
                     endpoint="playground",
                     messages=messages,
-                    max_tokens=min(MAX_PLAYGROUND_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT),
+                    max_tokens=max_tokens,
                 ),
             )
             for label, m in results

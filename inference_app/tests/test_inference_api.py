@@ -209,7 +209,7 @@ def test_it_shows_usage_totals_and_the_playground(alice_client, alice, finetuned
     html = response.content.decode()
     assert "Base model" in html and f"Fine-tuned ({finetuned_job.model_id})" in html and " ms" in html
     page = alice_client.get(reverse("playground")).content.decode()
-    assert "from openai import OpenAI" in page and "/api/inference" in page
+    assert "from openai import OpenAI" in page and "/api/inference" in page and "data-snippet-model" in page
     usage = alice_client.get(reverse("usage")).content.decode()
     assert finetuned_job.model_id in usage and "usage-chart-data" in usage
     assert UsageLog.objects.filter(user=alice, endpoint="playground").count() == 2

@@ -10,7 +10,7 @@
   // -- Charts: <canvas data-chart="histogram|loss|..." data-source="json-script-id"> -------------
   var builders = {
     histogram: function (data) {
-      var labels = data.edges.slice(0, -1).map(function (lo, i) { return lo + "–" + (data.edges[i + 1] - 1); });
+      var labels = data.edges.slice(0, -1).map(function (lo, i) { var hi = data.edges[i + 1] - 1; return hi > lo ? lo + "–" + hi : String(lo); });
       return {
         type: "bar",
         data: { labels: labels, datasets: [
@@ -115,6 +115,12 @@
     var n = parseInt(form.example.value, 10) - 1;
     if (isNaN(n) || n < 0) return;
     htmx.ajax("GET", form.dataset.jump + n + "?blind=" + form.dataset.blind, "#example-view");
+  });
+
+  // -- Playground: the code snippets follow the model picked in the form --
+  document.addEventListener("change", function (e) {
+    if (!e.target.matches("select[data-snippet-source]")) return;
+    document.querySelectorAll("[data-snippet-model]").forEach(function (el) { el.textContent = e.target.value; });
   });
 
   document.addEventListener("DOMContentLoaded", function () {

@@ -123,6 +123,8 @@ def test_it_takes_a_user_from_an_empty_site_to_a_callable_model(browser, live_si
     expect(page.locator("#playground-result .answer")).to_have_count(2, timeout=120_000)
     expect(page.locator("#playground-result")).to_contain_text("Fine-tuned (tuna-job-")
     shots(page, "08-playground")
+    page.select_option("select[name=model]", "base:smollm2-135m-instruct")
+    expect(page.locator("[data-snippet-model]").first).to_have_text("base:smollm2-135m-instruct")  # snippets follow the pick
 
     # Bob, signed in beside alice, gets 404 on each of her pages and on her adapter download.
     bob = browser.new_context().new_page()
@@ -150,7 +152,7 @@ def test_it_shows_line_numbered_errors_for_an_invalid_file(browser, live_site, s
     drop_file(page, "broken.jsonl", "\n".join(lines))
     expect(page.locator("#upload-result")).to_contain_text("line 7", timeout=30_000)
     expect(page.locator("#upload-result")).to_contain_text("not valid JSON")
-    shots(page, "07-invalid-file")
+    shots(page, "10-invalid-file")
 
 
 def test_it_shows_a_cancelled_job_whose_chart_stops(browser, live_site, shots):
@@ -173,7 +175,7 @@ def test_it_shows_a_cancelled_job_whose_chart_stops(browser, live_site, shots):
     page.wait_for_timeout(4000)
     assert chart_points(page, "loss-chart") == points
     assert page.locator("#job-progress[hx-trigger]").count() == 0
-    shots(page, "08-cancelled")
+    shots(page, "11-cancelled")
 
 
 def test_it_keeps_bob_out_of_alices_pages(browser, live_site):
