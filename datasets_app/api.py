@@ -92,3 +92,27 @@ class DatasetDetailApi(APIView):
         except services.DatasetInUse as exc:
             raise ApiError(str(exc), 409) from None
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class EvalFileUploadSerializer(serializers.Serializer):
+    file = serializers.FileField(required=False, help_text="A .jsonl file in the dataset's format: all of it is held out.")
+
+
+class DatasetEvalFileApi(APIView):
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(
+        request={"multipart/form-data": EvalFileUploadSerializer},
+        responses=DatasetSerializer,
+        summary="Use a separate held-out file for evaluation instead of the split",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        dataset = get_dataset_for_user(request.user, pk)
+        if upload_too_large(request):
+            raise ApiError(_too_large(), 413)
+        try:
+            services.dataset_attach_eval_file(dataset=dataset, upload=request.FILES.get("file"))
+        except services.UploadRejected as exc:
+            raise ApiError(exc.message, exc.status_code) from None
+        dataset.refresh_from_db()
+        return Response(DatasetSerializer(dataset).data)

@@ -12,4 +12,5 @@ urlpatterns = [
     path("datasets/<int:pk>/delete", views.dataset_delete, name="dataset-delete"),
     path("api/datasets", api.DatasetListCreateApi.as_view(), name="api-dataset-list"),
     path("api/datasets/<int:pk>", api.DatasetDetailApi.as_view(), name="api-dataset-detail"),
+    path("api/datasets/<int:pk>/eval-file", api.DatasetEvalFileApi.as_view(), name="api-dataset-eval-file"),
 ]

@@ -22,7 +22,7 @@ def answer_loss(
     total, count = 0.0, 0
     with loaded.using(adapter) as model, torch.inference_mode():
         for messages in examples:
-            row = tokenize_example(loaded.tokenizer, messages, max_seq_length)
+            row = tokenize_example(loaded.tokenizer, messages, max_seq_length, final_turn_only=True)
             if row is None:
                 continue
             input_ids = torch.tensor([row["input_ids"]], device=loaded.device)

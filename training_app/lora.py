@@ -57,24 +57,57 @@ class TrainingResult:
 
 
 # -- data -------------------------------------------------------------------------------------
-def tokenize_example(tokenizer: Any, messages: list[Message], max_seq_length: int) -> dict[str, list[int]] | None:
-    """Token ids with labels on the final assistant answer only (its end-of-turn token included).
+def tokenize_example(
+    tokenizer: Any, messages: list[Message], max_seq_length: int, *, final_turn_only: bool = False
+) -> dict[str, list[int]] | None:
+    """Token ids with labels on the assistant turns only, each with its end-of-turn token.
 
-    Returns None when truncation leaves no answer tokens to learn from.
+    Every assistant turn of a conversation is learned (the rest is context), as long as the chat
+    template renders each conversation prefix as a prefix of the whole; templates that rewrite earlier
+    turns fall back to the final answer only, as does ``final_turn_only`` (used to score the reference
+    answer). Returns None when truncation leaves no answer tokens to learn from.
     """
-    prompt_text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
-    full_text = render_chat(tokenizer, messages, add_generation_prompt=False)
-    if full_text.startswith(prompt_text):
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-    else:  # a template that renders history differently once the answer is present
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + answer_ids)[:max_seq_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_seq_length]
+    turns = None if final_turn_only else _assistant_segments(tokenizer, messages)
+    if turns is None:
+        turns = [_final_segment(tokenizer, messages)]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for context_ids, answer_ids in turns:
+        input_ids += context_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(context_ids) + answer_ids
+    input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": input_ids, "labels": labels}
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _final_segment(tokenizer: Any, messages: list[Message]) -> tuple[list[int], list[int]]:
+    prompt_text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
+    full_text = render_chat(tokenizer, messages, add_generation_prompt=False)
+    if full_text.startswith(prompt_text):
+        return _ids(tokenizer, prompt_text), _ids(tokenizer, full_text[len(prompt_text) :])
+    # A template that renders history differently once the answer is present.
+    return _ids(tokenizer, prompt_text), _ids(tokenizer, messages[-1]["content"]) + [tokenizer.eos_token_id]
+
+
+def _assistant_segments(tokenizer: Any, messages: list[Message]) -> list[tuple[list[int], list[int]]] | None:
+    """(context, answer) token pieces, one per assistant turn; None if the template is not prefix-stable."""
+    segments = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant" or index == 0:
+            continue
+        prompt_text = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        full_text = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not prompt_text.startswith(rendered) or not full_text.startswith(prompt_text):
+            return None
+        segments.append((_ids(tokenizer, prompt_text[len(rendered) :]), _ids(tokenizer, full_text[len(prompt_text) :])))
+        rendered = full_text
+    return segments or None
 
 
 def tokenize_examples(tokenizer: Any, examples: Sequence[list[Message]], max_seq_length: int) -> list[dict[str, list[int]]]:

@@ -197,3 +197,20 @@ def test_it_uses_a_separate_held_out_file(alice_client, valid_dataset):
     assert "line 1" in bad.content.decode()
     valid_dataset.refresh_from_db()
     assert valid_dataset.num_eval == 5
+
+
+def test_it_takes_a_separate_held_out_file_through_the_api(alice_api, bob_api, valid_dataset, data_dir):
+    url = f"/api/datasets/{valid_dataset.pk}/eval-file"
+    response = alice_api.post(url, {"file": jsonl_file(pc_rows(6, start=100), "heldout.jsonl")}, format="multipart")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["has_eval_file"] and (body["train_examples"], body["eval_examples"]) == (20, 6)
+    stored = sorted(stored_files(data_dir))
+    bad = alice_api.post(url, {"file": jsonl_file(["{bad"], "heldout.jsonl")}, format="multipart")
+    assert bad.status_code == 400 and "line 1" in bad.json()["detail"]
+    missing = alice_api.post(url, {}, format="multipart")
+    assert missing.status_code == 400 and "file" in missing.json()["detail"]
+    assert sorted(stored_files(data_dir)) == stored  # a refused file leaves nothing behind
+    valid_dataset.refresh_from_db()
+    assert valid_dataset.num_eval == 6
+    assert bob_api.post(url, {"file": jsonl_file(pc_rows(6), "heldout.jsonl")}, format="multipart").status_code == 404

@@ -175,3 +175,39 @@ def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
     assert row["labels"][0] == IGNORE_INDEX
     assert tokenizer.decode(learned).startswith("OK<|im_end|>")
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in learned
+
+
+def test_it_learns_every_assistant_turn_of_a_conversation_and_nothing_else():
+    from inference_app.registry import registry
+    from training_app.lora import tokenize_example
+
+    tokenizer = registry.get().tokenizer
+    conversation = [
+        {"role": "system", "content": "You take shop orders."},
+        {"role": "user", "content": "Two red caps"},
+        {"role": "assistant", "content": "Which size?"},
+        {"role": "user", "content": "Medium"},
+        {"role": "assistant", "content": '{"product": "cap", "size": "M"}'},
+    ]
+    row = tokenize_example(tokenizer, conversation, 512)
+    assert len(row["input_ids"]) == len(row["labels"])
+    spans, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(tokenizer.decode(current))
+                current = []
+        else:
+            assert label == token
+            current.append(token)
+    spans.append(tokenizer.decode(current))
+    assert [s.strip() for s in spans] == ["Which size?<|im_end|>", '{"product": "cap", "size": "M"}<|im_end|>']
+    # The whole sequence is exactly the rendered conversation.
+    from inference_app.prompting import render_chat
+
+    assert tokenizer.decode(row["input_ids"]) == render_chat(tokenizer, conversation, add_generation_prompt=False)
+    # Scoring a reference answer looks at the final turn only.
+    final = tokenize_example(tokenizer, conversation, 512, final_turn_only=True)
+    learned = [t for t in final["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned).strip() == '{"product": "cap", "size": "M"}<|im_end|>'
+    assert final["input_ids"] == row["input_ids"]
