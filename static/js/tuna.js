@@ -25,7 +25,7 @@
       return {
         type: "line",
         data: { datasets: [
-          { label: "Training loss", data: data.train, borderColor: "#2456d6", backgroundColor: "#2456d6", pointRadius: 2, tension: .2 },
+          { label: "Training loss", data: data.train, borderColor: "#2456d6", backgroundColor: "#2456d6", pointRadius: 2, tension: 0 },
           { label: "Held-out loss", data: data.eval, borderColor: "#c0392b", backgroundColor: "#c0392b", pointRadius: 4, showLine: true }
         ] },
         options: { responsive: true, maintainAspectRatio: false, animation: false, parsing: false,
