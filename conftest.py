@@ -9,7 +9,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tuna_site.testing import jsonl_file, pc_rows
+from tuna_site.testing import job_row, jsonl_file, pc_rows
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "orders_to_json.jsonl"
 
@@ -92,13 +92,9 @@ def trained_adapter(tmp_path_factory):
 def finetuned_job(alice, valid_dataset, trained_adapter):
     from django.utils import timezone
 
-    from training_app.models import TrainingJob
-
-    return TrainingJob.objects.create(
-        owner=alice,
-        dataset=valid_dataset,
-        base_model="smollm2-135m-instruct",
-        config={},
+    return job_row(
+        alice,
+        valid_dataset,
         status="completed",
         adapter_dir=str(trained_adapter),
         completed_at=timezone.now(),

@@ -18,6 +18,7 @@ def main() -> None:
     parser.add_argument("--show-misses", type=int, default=5, help="print this many answers that miss the reference")
     args = parser.parse_args()
     with temporary_site():
+        from evaluation_app.metrics import METRICS
         from evaluation_app.services import evaluation_start
         from evaluation_app.tasks import evaluation_execute
         from training_app.services import training_job_start
@@ -43,19 +44,8 @@ def main() -> None:
             f"evaluation: {evaluation.status} {evaluation.error_message}on {evaluation.test_size} held-out examples, {done - trained:.0f} s"
         )
         m = evaluation.metrics
-        rows = [
-            "exact_match",
-            "rouge_l",
-            "bleu",
-            "heldout_loss",
-            "perplexity",
-            "latency_mean_ms",
-            "latency_p95_ms",
-            "avg_length",
-            "cost_per_1k_usd",
-        ]
         print(f"{'metric':<18}{'base':>12}{'fine-tuned':>12}  change")
-        for name in rows:
+        for name in METRICS:
             b, f = m["base_model"][name], m["finetuned_model"][name]
             print(f"{name:<18}{b:>12.4f}{f:>12.4f}  {m['improvements'].get(name, {}).get('direction', '')}")
         misses = [e for e in evaluation.examples.all() if e.finetuned_scores.get("exact_match") != 1.0]

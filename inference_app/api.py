@@ -224,18 +224,18 @@ class AssistantMessageSerializer(serializers.Serializer):
     content = serializers.CharField()
 
 
-class ChatChoiceSerializer(serializers.Serializer):
+class ChoiceSerializer(serializers.Serializer):
     index = serializers.IntegerField()
+    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    logprobs = serializers.JSONField(allow_null=True)
+
+
+class ChatChoiceSerializer(ChoiceSerializer):
     message = AssistantMessageSerializer()
-    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
-    logprobs = serializers.JSONField(allow_null=True)
 
 
-class TextChoiceSerializer(serializers.Serializer):
-    index = serializers.IntegerField()
+class TextChoiceSerializer(ChoiceSerializer):
     text = serializers.CharField(allow_blank=True)
-    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
-    logprobs = serializers.JSONField(allow_null=True)
 
 
 class ChatCompletionResultSerializer(serializers.Serializer):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from inference_app.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
+from inference_app.loading import ModelUnavailable
 from inference_app.models import UsageLog
 from inference_app.prompting import Message, render_chat
 from training_app.models import TrainingJob
@@ -105,7 +106,6 @@ def prepare_call(
 ) -> Call:
     """Render the prompt (chat template for messages, raw for text) and check it fits the context."""
     from inference_app.batching import GenerationRequest
-    from inference_app.loading import ModelUnavailable
     from inference_app.registry import registry
 
     if max_tokens is None:

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from datasets_app.models import Dataset
 from inference_app.catalog import get_base_model_spec, get_catalog
+from inference_app.loading import ModelUnavailable
 from training_app.config import ConfigResult, TrainingConfig, build_config
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from tuna_site.workers import orphaned, worker_host
@@ -157,8 +158,6 @@ def readable_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if "OutOfMemory" in name or "out of memory" in text.lower():
         return "The machine ran out of memory. Lower batch_size or max_seq_length (or raise gradient_accumulation_steps) and start again."
-    from inference_app.loading import ModelUnavailable
-
     if isinstance(exc, (ValueError, ModelUnavailable)) and text:
         return text
     return f"Training stopped with an error ({name}{': ' + text[:300] if text else ''}). The full traceback is in the admin."

@@ -29,3 +29,11 @@ def pc_rows(count: int, start: int = 0) -> list[dict]:
         }
         for i in range(start, start + count)
     ]
+
+
+def job_row(owner, dataset, **fields):
+    """A training job row in any state, for tests that need one without training: the embedded model and
+    an empty config unless ``fields`` say otherwise."""
+    from training_app.models import TrainingJob
+
+    return TrainingJob.objects.create(owner=owner, dataset=dataset, **{"base_model": "smollm2-135m-instruct", "config": {}, **fields})

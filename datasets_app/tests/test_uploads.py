@@ -8,8 +8,7 @@ from django.urls import reverse
 
 from datasets_app.examples import held_out_examples, training_examples
 from datasets_app.models import Dataset
-from training_app.models import TrainingJob
-from tuna_site.testing import jsonl_file, pc_rows
+from tuna_site.testing import job_row, jsonl_file, pc_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -121,7 +120,7 @@ def test_it_deletes_a_dataset_and_its_file(alice_api, valid_dataset, data_dir, d
 
 
 def test_it_refuses_to_delete_a_dataset_that_jobs_use(alice_api, alice, valid_dataset):
-    TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
+    job_row(alice, valid_dataset)
     response = alice_api.delete(f"/api/datasets/{valid_dataset.pk}")
     assert response.status_code == 409
     assert "used by 1 training job" in response.json()["detail"]

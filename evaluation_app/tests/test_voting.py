@@ -8,16 +8,14 @@ from django.utils import timezone
 
 from evaluation_app import metrics, services
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
-from training_app.models import TrainingJob
+from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def job(alice, valid_dataset):
-    return TrainingJob.objects.create(
-        owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="completed", adapter_dir="/nonexistent"
-    )
+    return job_row(alice, valid_dataset, status="completed", adapter_dir="/nonexistent")
 
 
 @pytest.fixture
@@ -157,7 +155,7 @@ def test_it_starts_one_run_per_job_however_often_asked(alice_api, job, valid_dat
 
 
 def test_it_refuses_to_evaluate_an_unfinished_job(alice_api, alice, valid_dataset):
-    queued = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
+    queued = job_row(alice, valid_dataset)
     response = alice_api.post("/api/evaluation/run", {"training_job_id": queued.pk}, format="json")
     assert response.status_code == 409 and "only a completed fine-tune" in response.json()["detail"]
 

@@ -4,7 +4,7 @@ import pytest
 from django.urls import reverse
 
 from inference_app.models import UsageLog
-from training_app.models import TrainingJob
+from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
@@ -37,15 +37,8 @@ def test_it_answers_the_seed_contract_from_a_fine_tuned_adapter(alice_api, alice
 
 
 def test_it_refuses_bad_inference_requests_clearly(alice_api, bob, alice, finetuned_job, valid_dataset):
-    other = TrainingJob.objects.create(
-        owner=bob,
-        dataset=valid_dataset,
-        base_model="smollm2-135m-instruct",
-        config={},
-        status="completed",
-        adapter_dir=finetuned_job.adapter_dir,
-    )
-    queued = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
+    other = job_row(bob, valid_dataset, status="completed", adapter_dir=finetuned_job.adapter_dir)
+    queued = job_row(alice, valid_dataset)
     cases = [
         ({"model_id": 999, "prompt": "hi"}, 404, "does not exist"),
         ({"model_id": other.pk, "prompt": "hi"}, 404, "does not exist"),
@@ -87,7 +80,7 @@ def test_it_answers_openai_errors_in_openai_shape(alice_api, finetuned_job):
 
 
 def test_it_names_the_faulty_parameter_on_v1(alice_api, alice, valid_dataset, finetuned_job):
-    queued = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
+    queued = job_row(alice, valid_dataset)
     chat = {"model": finetuned_job.model_id, "messages": [{"role": "user", "content": "hi"}]}
     cases = [
         ("/v1/chat/completions", {**chat, "max_tokens": 5000}, 400, "max_tokens", None),
@@ -128,39 +121,45 @@ def test_it_refuses_a_playground_prompt_longer_than_the_context(alice_client, al
     assert not UsageLog.objects.filter(user=alice, status="ok").exists()  # nothing was generated
 
 
-def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
+def generate_concurrently(loaded, rows, *, max_new_tokens: int, window_s: float, adapter_path: str | None = None):
+    """Send one (prompt, adapter) request per thread to a fresh batching engine; return it and the answers."""
     import threading
 
     from inference_app.batching import BatchingEngine, GenerationRequest
-    from inference_app.engine import generate_chat
     from inference_app.prompting import render_chat
-    from inference_app.registry import registry
 
-    loaded = registry.get()
-    prompts = ["What is the capital of France?", "Name three colours.", "Say hello in Spanish.", "What is 2 + 2?"]
-    alone = [generate_chat(loaded, [{"role": "user", "content": p}], max_new_tokens=24).text for p in prompts]
-    engine = BatchingEngine(loaded, window_s=0.2)
+    engine = BatchingEngine(loaded, window_s=window_s)
     requests = [
         GenerationRequest(
-            text=render_chat(loaded.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True), max_new_tokens=24
+            text=render_chat(loaded.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True),
+            max_new_tokens=max_new_tokens,
+            adapter=adapter,
+            adapter_path=adapter_path if adapter else None,
         )
-        for p in prompts
+        for prompt, adapter in rows
     ]
     threads = [threading.Thread(target=engine.generate, args=(r,)) for r in requests]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    return engine, [r.result.text for r in requests]
+
+
+def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
+    from inference_app.engine import generate_chat
+    from inference_app.registry import registry
+
+    loaded = registry.get()
+    prompts = ["What is the capital of France?", "Name three colours.", "Say hello in Spanish.", "What is 2 + 2?"]
+    alone = [generate_chat(loaded, [{"role": "user", "content": p}], max_new_tokens=24).text for p in prompts]
+    engine, batched = generate_concurrently(loaded, [(p, None) for p in prompts], max_new_tokens=24, window_s=0.2)
     assert engine.largest_batch == 4 and engine.batches_run == 1
-    assert [r.result.text for r in requests] == alone
+    assert batched == alone
 
 
 def test_it_batches_base_and_fine_tuned_requests_together_with_the_same_answers_as_alone(trained_adapter):
-    import threading
-
-    from inference_app.batching import BatchingEngine, GenerationRequest
     from inference_app.engine import generate_chat
-    from inference_app.prompting import render_chat
     from inference_app.registry import registry
 
     loaded = registry.get()
@@ -169,24 +168,12 @@ def test_it_batches_base_and_fine_tuned_requests_together_with_the_same_answers_
     rows = [(ORDER, None), (ORDER, "mixed-a"), (other, "mixed-a"), (other, None)]
     alone = [generate_chat(loaded, [{"role": "user", "content": p}], adapter=a, max_new_tokens=40).text for p, a in rows]
     assert alone[0] != alone[1]  # the adapter changes the answer, so routing rows to it matters
-    engine = BatchingEngine(loaded, window_s=0.3)
-    requests = [
-        GenerationRequest(
-            text=render_chat(loaded.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True),
-            max_new_tokens=40,
-            adapter=a,
-            adapter_path=str(trained_adapter) if a else None,
-        )
-        for p, a in rows
-    ]
-    threads = [threading.Thread(target=engine.generate, args=(r,)) for r in requests]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    try:
+        engine, batched = generate_concurrently(loaded, rows, max_new_tokens=40, window_s=0.3, adapter_path=str(trained_adapter))
+    finally:
+        loaded.detach_adapter("mixed-a")
     assert engine.batches_run == 1 and engine.largest_batch == 4
-    assert [r.result.text for r in requests] == alone
-    loaded.detach_adapter("mixed-a")
+    assert batched == alone
 
 
 def test_it_keeps_a_bounded_adapter_cache_without_reloading_the_base(settings, trained_adapter):

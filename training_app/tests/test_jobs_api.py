@@ -7,6 +7,7 @@ from django.utils import timezone
 from training_app import services
 from training_app.lora import IGNORE_INDEX
 from training_app.models import LossPoint, TrainingJob
+from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
 
@@ -107,12 +108,10 @@ def test_it_cancels_a_queued_job_and_refuses_to_cancel_a_finished_one(alice_api,
 
 
 def test_it_refuses_to_resume_without_a_checkpoint(alice_api, alice, valid_dataset):
-    job = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="failed")
+    job = job_row(alice, valid_dataset, status="failed")
     response = alice_api.post(f"/api/training/{job.pk}/resume")
     assert response.status_code == 409 and "no checkpoint" in response.json()["detail"]
-    running = TrainingJob.objects.create(
-        owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training"
-    )
+    running = job_row(alice, valid_dataset, status="training")
     assert alice_api.post(f"/api/training/{running.pk}/resume").status_code == 409
 
 

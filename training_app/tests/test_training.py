@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 
 from training_app import services, tasks
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
@@ -119,12 +120,7 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
 
 
 def test_it_fails_a_bad_runtime_config_with_a_readable_reason(alice, valid_dataset):
-    job = TrainingJob.objects.create(
-        owner=alice,
-        dataset=valid_dataset,
-        base_model="smollm2-135m-instruct",
-        config={**TINY, "base_model": "smollm2-135m-instruct", "target_modules": ["not_a_layer"]},
-    )
+    job = job_row(alice, valid_dataset, config={**TINY, "base_model": "smollm2-135m-instruct", "target_modules": ["not_a_layer"]})
     tasks.training_job_execute(job.pk)
     job.refresh_from_db()
     assert job.status == "failed"

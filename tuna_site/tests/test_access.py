@@ -5,6 +5,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from evaluation_app.models import Evaluation
 from training_app.models import TrainingJob
+from tuna_site.testing import job_row
 
 PUBLIC = {"login", "logout"}
 
@@ -72,7 +73,7 @@ def test_it_redirects_admin_to_its_login(client):
 
 @pytest.fixture
 def alice_objects(alice, valid_dataset):
-    job = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={"num_epochs": 3})
+    job = job_row(alice, valid_dataset, config={"num_epochs": 3})
     evaluation = Evaluation.objects.create(owner=alice, training_job=job)
     return valid_dataset, job, evaluation
 

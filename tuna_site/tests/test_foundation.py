@@ -18,6 +18,7 @@ from django.utils import timezone
 from evaluation_app.models import Evaluation
 from training_app.models import TrainingJob
 from training_app.services import WORKER_STOPPED, training_jobs_reap_orphans
+from tuna_site.testing import job_row
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,10 +129,8 @@ def test_it_describes_db_web_and_worker_in_compose():
 
 @pytest.mark.django_db
 def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_dataset):
-    running = TrainingJob.objects.create(
-        owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={}, status="training", started_at=timezone.now()
-    )
-    queued = TrainingJob.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct", config={})
+    running = job_row(alice, valid_dataset, status="training", started_at=timezone.now())
+    queued = job_row(alice, valid_dataset)
     evaluation = Evaluation.objects.create(owner=alice, training_job=running, status="running")
     assert training_jobs_reap_orphans() == 1
     running.refresh_from_db()
@@ -154,11 +153,9 @@ def test_it_leaves_jobs_that_another_live_worker_machine_runs(alice, valid_datas
     now = timezone.now()
 
     def running(host, seconds_ago):
-        return TrainingJob.objects.create(
-            owner=alice,
-            dataset=valid_dataset,
-            base_model="smollm2-135m-instruct",
-            config={},
+        return job_row(
+            alice,
+            valid_dataset,
             status="training",
             worker_host=host,
             heartbeat_at=now - timedelta(seconds=seconds_ago),

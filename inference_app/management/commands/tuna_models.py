@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from inference_app.catalog import get_catalog
@@ -37,8 +38,6 @@ class Command(BaseCommand):
             self.stdout.write(f"{spec.name.ljust(width)}  {spec.state().ljust(12)}  {spec.kind.ljust(8)}  {source}{default}")
         calibrate = options["calibrate"]
         if options["calibrate_if_missing"] and not calibrate:
-            from django.conf import settings
-
             from training_app.estimates import latest_throughput
 
             calibrate = latest_throughput(settings.TUNA_DEFAULT_BASE_MODEL) is None
