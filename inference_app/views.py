@@ -17,7 +17,8 @@ MAX_PLAYGROUND_TOKENS = 256
 @require_http_methods(["GET", "POST"])
 def playground(request: HttpRequest) -> HttpResponse:
     models = services.completed_models_for(request.user)
-    selected = request.POST.get("model") or request.GET.get("model") or (models[0].model_id if models else "")
+    default = models[0].model_id if models else f"base:{settings.TUNA_DEFAULT_BASE_MODEL}"
+    selected = request.POST.get("model") or request.GET.get("model") or default
     prompt = request.POST.get("prompt", "").strip()
     context = {
         "models": models,
@@ -26,7 +27,6 @@ def playground(request: HttpRequest) -> HttpResponse:
         "token": Token.objects.get_or_create(user=request.user)[0],
         "api_base": request.build_absolute_uri("/v1"),
         "default_base": settings.TUNA_DEFAULT_BASE_MODEL,
-        "default_model_id": f"base:{settings.TUNA_DEFAULT_BASE_MODEL}",
         "max_tokens": min(MAX_PLAYGROUND_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT),
     }
     if request.method == "POST":
