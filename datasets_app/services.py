@@ -21,6 +21,7 @@ logger = logging.getLogger("tuna.datasets")
 MIN_EVAL_FRACTION = 0.05
 MAX_EVAL_FRACTION = 0.5
 DEFAULT_EVAL_FRACTION = 0.2
+LENGTH_BUCKET = 16
 
 
 class UploadRejected(Exception):
@@ -40,6 +41,7 @@ class DatasetInUse(Exception):
 class _Validated:
     report: dict[str, Any]
     total_lens: list[int]
+    fingerprints: list[bytes]
 
 
 def _check_upload(upload: UploadedFile | None) -> UploadedFile:
@@ -71,7 +73,21 @@ def _validate(upload: UploadedFile, *, max_seq_length: int = DEFAULT_MAX_SEQ_LEN
     validator = JsonlValidator(counter, max_seq_length=max_seq_length)
     upload.seek(0)
     validator.feed(upload)  # File.__iter__ yields lines across chunk boundaries: streamed
-    return _Validated(validator.report(), validator.total_lens.tolist())
+    return _Validated(validator.report(), validator.total_lens.tolist(), validator.fingerprints)
+
+
+def length_counts(lengths: list[int]) -> dict[str, int]:
+    """Token lengths rounded up to LENGTH_BUCKET, counted: enough for estimates at any max_seq_length."""
+    counts: dict[str, int] = {}
+    for length in lengths:
+        key = str(-(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _overlap(held_out: list[bytes], trained: set[bytes]) -> list[int]:
+    """Positions of held-out examples that also occur among the trained ones (never scored)."""
+    return [index for index, key in enumerate(held_out) if key in trained]
 
 
 def split_counts(examples: int, eval_fraction: float) -> tuple[int, int]:
@@ -98,12 +114,17 @@ def dataset_create(*, owner, upload: UploadedFile | None, name: str = "", eval_f
     valid = report["errors"]["count"] == 0
     examples = report["valid_examples"]
     train, held_out = split_counts(examples, eval_fraction) if valid else (0, 0)
+    overlap = _overlap(validated.fingerprints[train:], set(validated.fingerprints[:train])) if valid else []
+    held_out -= len(overlap)
     report["split"] = {
         "train": train,
         "eval": held_out,
         "eval_fraction": eval_fraction,
         "train_tokens": sum(min(t, DEFAULT_MAX_SEQ_LENGTH) for t in validated.total_lens[:train]),
+        "train_length_counts": length_counts(validated.total_lens[:train]),
         "source": "split",
+        "overlap": len(overlap),
+        "overlap_indexes": overlap,
     }
     dataset = Dataset(
         owner=owner,
@@ -145,11 +166,17 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
         line_errors = [e for e in report["errors"]["items"] if e["line"] is not None]
         if line_errors or report["valid_examples"] == 0:
             raise UploadRejected(_first_errors(report), status_code=400)
+    overlap = _overlap(validated.fingerprints, _file_fingerprints(dataset))
+    if len(overlap) == len(validated.fingerprints):
+        raise UploadRejected(
+            f"Every example of {upload.name!r} also occurs in the training file. Held-out examples must be ones the model "
+            "was not trained on, or the comparison flatters the fine-tune: upload examples that are not in the training file."
+        )
     old_file = dataset.eval_file.name if dataset.eval_file else None
     upload.seek(0)
     dataset.eval_file.save(upload.name, upload, save=False)
     dataset.eval_original_filename = upload.name[:255]
-    dataset.num_eval = report["valid_examples"]
+    dataset.num_eval = report["valid_examples"] - len(overlap)
     dataset.num_train = dataset.num_examples
     split = dict(dataset.validation_report.get("split", {}))
     stats = dataset.validation_report.get("stats", {})
@@ -158,6 +185,9 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
         eval=dataset.num_eval,
         source="file",
         train_tokens=stats.get("total_tokens", split.get("train_tokens", 0)),
+        train_length_counts=length_counts(validated.total_lens),
+        overlap=len(overlap),
+        overlap_indexes=overlap,
     )
     dataset.validation_report = {**dataset.validation_report, "split": split}
     try:
@@ -169,6 +199,13 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
     if old_file:
         dataset.eval_file.storage.delete(old_file)
     return report
+
+
+def _file_fingerprints(dataset: Dataset) -> set[bytes]:
+    from datasets_app.validation import fingerprint, iter_examples
+
+    with dataset.file.open("rb") as handle:
+        return {fingerprint(messages) for messages in iter_examples(handle)}
 
 
 def _first_errors(report: dict[str, Any], limit: int = 5) -> str:

@@ -85,6 +85,7 @@ class JsonlValidator:
         self.completion_lens = array("i")
         self.total_lens = array("i")
         self._seen: dict[bytes, int] = {}
+        self.fingerprints: list[bytes] = []  # one per valid example, in file order
         self._pending: list[_Pending] = []
 
     # -- reading ---------------------------------------------------------------------------
@@ -148,8 +149,8 @@ class JsonlValidator:
         self._pending.append(_Pending(number, tuple(m["role"] for m in messages), [m["content"] for m in messages], completion))
 
     def _check_duplicate(self, number: int, messages: list[dict[str, str]]) -> None:
-        canonical = "\x1f".join(f"{m['role']}\x1e{m['content'].strip().casefold()}" for m in messages)
-        key = hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest()
+        key = fingerprint(messages)
+        self.fingerprints.append(key)
         first = self._seen.get(key)
         if first is None:
             self._seen[key] = number
@@ -270,6 +271,12 @@ class JsonlValidator:
         if examples and not tips:
             tips.append("The data looks clean. Start a fine-tune with the default settings.")
         return tips
+
+
+def fingerprint(messages: list[dict[str, str]]) -> bytes:
+    """8 bytes that are equal for examples equal up to case and surrounding whitespace."""
+    canonical = "\x1f".join(f"{m['role']}\x1e{m['content'].strip().casefold()}" for m in messages)
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest()
 
 
 def summarise(values: array) -> dict[str, float | int]:

@@ -15,7 +15,6 @@ from datasets_app import selectors, services
 from datasets_app.forms import DatasetUploadForm, EvalFileForm
 from datasets_app.selectors import EXAMPLES_PER_PAGE, dataset_examples, get_dataset_for_user
 from datasets_app.uploads import upload_too_large
-from training_app.estimates import training_estimate
 
 SAMPLE_PATH = Path(settings.BASE_DIR) / "samples" / "orders_to_json.jsonl"
 
@@ -85,7 +84,6 @@ def _detail_context(dataset) -> dict:
         "histogram_id": f"histogram-{dataset.pk}",
         "default_model": settings.TUNA_DEFAULT_BASE_MODEL,
         "split": report.get("split", {}),
-        "estimate": training_estimate(dataset=dataset) if dataset.is_valid else None,
     }
 
 

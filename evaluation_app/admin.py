@@ -33,6 +33,6 @@ class EvaluationExampleAdmin(admin.ModelAdmin):
 
 @admin.register(Rating)
 class RatingAdmin(admin.ModelAdmin):
-    list_display = ["example", "user", "preferred_model", "updated_at"]
-    list_filter = ["preferred_model"]
+    list_display = ["example", "user", "preferred_model", "blind", "updated_at"]
+    list_filter = ["preferred_model", "blind"]
     list_select_related = ["example", "user"]

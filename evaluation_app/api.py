@@ -86,6 +86,13 @@ class RunSerializer(serializers.Serializer):
 class RateSerializer(serializers.Serializer):
     example_index = serializers.IntegerField(min_value=0)
     preferred_model = serializers.ChoiceField(choices=Rating.Choice.values)
+    blind = serializers.BooleanField(
+        default=True,
+        help_text=(
+            "Whether the model names were hidden from the rater when this vote was cast. Only blind votes count in the "
+            "blind win rate; send false when the rater saw which answer came from which model. Changing a vote sets it again."
+        ),
+    )
 
 
 class EvaluationListApi(ListAPIView):
@@ -125,7 +132,10 @@ class EvaluationRateApi(APIView):
             rating, _ = services.rating_set(user=request.user, evaluation=evaluation, **data.validated_data)
         except services.VoteInvalid as exc:
             raise ApiError(str(exc), 400) from None
-        return Response({"example_index": rating.example.index, "preferred_model": rating.preferred_model}, status=status.HTTP_201_CREATED)
+        return Response(
+            {"example_index": rating.example.index, "preferred_model": rating.preferred_model, "blind": rating.blind},
+            status=status.HTTP_201_CREATED,
+        )
 
 
 class EvaluationPreferencesApi(APIView):

@@ -8,16 +8,46 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 _SPACE = re.compile(r"\s+")
 
+# Scripts written without spaces between words: each character is its own token, a common stand-in
+# for word segmentation (no dictionary needed). CJK ideographs (with extensions and compatibility
+# forms), Hiragana, Katakana, Hangul syllables, Thai, Lao, Khmer, Myanmar.
+NO_SPACE_SCRIPTS = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f"
+)
+_NO_SPACE_CHAR = re.compile(f"[{NO_SPACE_SCRIPTS}]")
+# Combining marks that belong inside a word (Python's \w leaves them out): accents, Hebrew points,
+# Arabic harakat, the vowel signs of the Indic scripts.
+_MARKS = "\u0300-\u036f\u0591-\u05c7\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06ed\u0900-\u0dff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+# A token: a character of a no-space script, or a run of other letters, digits, underscores and marks.
+TOKEN_PATTERN = f"[{NO_SPACE_SCRIPTS}]|(?:[^\\W{NO_SPACE_SCRIPTS}][{_MARKS}]*)+"
+_TOKEN = re.compile(TOKEN_PATTERN)
+
 # name -> (label, higher is better, explanation shown on the page)
 METRICS: dict[str, tuple[str, bool, str]] = {
     "exact_match": ("Exact match", True, "Share of answers identical to the reference (ignoring surrounding and repeated whitespace)."),
-    "rouge_l": ("ROUGE-L", True, "Longest common word sequence with the reference, as an F1 score from 0 to 1 (rouge-score package)."),
-    "bleu": ("BLEU", True, "Overlap of 1- to 4-word sequences with the reference, 0 to 1 (sacrebleu sentence BLEU, averaged)."),
+    "rouge_l": (
+        "ROUGE-L",
+        True,
+        (
+            "Longest common word sequence with the reference, as an F1 score from 0 to 1 (rouge-score package). Any language: "
+            "case-insensitive Unicode words; Chinese, Japanese, Korean and Thai compared character by character."
+        ),
+    ),
+    "bleu": (
+        "BLEU",
+        True,
+        (
+            "Overlap of 1- to 4-word sequences with the reference, 0 to 1 (sacrebleu sentence BLEU, averaged; "
+            "Chinese, Japanese, Korean and Thai compared character by character)."
+        ),
+    ),
     "heldout_loss": (
         "Held-out loss",
         False,
@@ -33,11 +63,28 @@ METRICS: dict[str, tuple[str, bool, str]] = {
 
 
 def normalise(text: str) -> str:
-    return _SPACE.sub(" ", text.strip())
+    # NFC: "é" typed as one code point or as "e" + accent is the same answer.
+    return _SPACE.sub(" ", unicodedata.normalize("NFC", text).strip())
 
 
 def exact_match(prediction: str, reference: str) -> float:
     return 1.0 if normalise(prediction) == normalise(reference) else 0.0
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Case-insensitive Unicode words, one token per character in scripts without spaces.
+
+    rouge-score's default tokenizer keeps only [a-z0-9], so two identical Russian or Chinese answers
+    would share no token and score 0.
+    """
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+class UnicodeTokenizer:
+    """The tokenizer object rouge-score's RougeScorer accepts (anything with a ``tokenize`` method)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return rouge_tokens(text)
 
 
 _scorer = None
@@ -48,14 +95,25 @@ def rouge_l(prediction: str, reference: str) -> float:
     if _scorer is None:
         from rouge_score import rouge_scorer
 
-        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=UnicodeTokenizer())
     return _scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
+def _space_out_no_space_scripts(text: str) -> str:
+    return _NO_SPACE_CHAR.sub(lambda m: f" {m.group()} ", unicodedata.normalize("NFC", text))
+
+
 def bleu(prediction: str, reference: str) -> float:
+    """sacrebleu's default 13a tokenizer, with characters of no-space scripts spaced out first.
+
+    13a alone sees a whole CJK or Thai sentence as one word, so any difference scores 0; text in other
+    scripts is unchanged. (The "flores200" tokenizer needs sentencepiece and a downloaded model; "zh"
+    splits Chinese ideographs only, not kana, Hangul or Thai.)
+    """
     import sacrebleu
 
-    return sacrebleu.sentence_bleu(prediction, [reference]).score / 100
+    score = sacrebleu.sentence_bleu(_space_out_no_space_scripts(prediction), [_space_out_no_space_scripts(reference)]).score / 100
+    return min(1.0, score)  # identical texts score 100.00000000000004 in floating point
 
 
 def quality(prediction: str, reference: str) -> dict[str, float]:

@@ -94,6 +94,10 @@ class Rating(models.Model):
     example = models.ForeignKey(EvaluationExample, on_delete=models.CASCADE, related_name="ratings")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ratings")
     preferred_model = models.CharField(max_length=16, choices=Choice.choices)
+    # Whether the model names were hidden when this vote was cast (or last changed); only blind votes
+    # count in the blind win rate. False by default: votes recorded before this field existed may have
+    # been cast with the names shown, and counting an unknown vote as blind would overstate the result.
+    blind = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
+
+from django.core.paginator import Page, Paginator
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
+from evaluation_app import metrics
 from evaluation_app.metrics import METRICS
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
+from training_app.models import TrainingJob
+
+# Verdict thresholds: a change in exact matches of at least max(1, 10% of the examples), or in mean
+# ROUGE-L of at least 0.05 while exact matches do not move the other way. Below that, small test sets
+# mostly measure noise, so the page says "No clear difference" rather than guess.
+VERDICT_EXACT_SHARE = 0.10
+VERDICT_ROUGE_DELTA = 0.05
+VERDICTS = {"better": "Better", "worse": "Worse", "no_difference": "No clear difference"}
+EXAMPLES_PER_PAGE = 10
+# Diff tokens: whitespace, the metric's words (a single character in CJK/Thai), any other character.
+_DIFF_TOKEN = re.compile(rf"\s+|{metrics.TOKEN_PATTERN}|.", re.DOTALL)
 
 
 def evaluations_for_user(user) -> QuerySet[Evaluation]:
@@ -74,9 +91,121 @@ def user_vote(example: EvaluationExample, user) -> Rating | None:
     return Rating.objects.filter(example=example, user=user).first()
 
 
-def first_unvoted_index(evaluation: Evaluation, user) -> int:
+def next_unvoted_index(evaluation: Evaluation, user, *, after: int = -1) -> int | None:
+    """The first example after ``after`` the user has not voted on, wrapping round; None when all are voted."""
     voted = set(Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("example__index", flat=True))
-    return next((i for i in range(evaluation.test_size) if i not in voted), 0)
+    order = [*range(after + 1, evaluation.test_size), *range(0, after + 1)]
+    return next((i for i in order if i not in voted), None)
+
+
+def vote_reveal(rating: Rating) -> str:
+    """What a vote just cast chose, with the names the blind page hid until then."""
+    example = rating.example
+    tuned, base = example.finetuned_side, "B" if example.finetuned_side == "A" else "A"
+    if rating.preferred_model == Rating.Choice.FINETUNED:
+        chose = f"you preferred {tuned}"
+    elif rating.preferred_model == Rating.Choice.BASE:
+        chose = f"you preferred {base}"
+    else:
+        chose = f"you voted {rating.get_preferred_model_display().lower()}"
+    return f"Example {example.index + 1}: {chose}. {tuned} was the fine-tuned model, {base} the base model."
+
+
+def evaluation_queue_position(evaluation: Evaluation) -> int:
+    """How many jobs the one worker runs before this queued evaluation: training jobs and evaluations
+    queued earlier, and whatever is running now."""
+    queued_before = {"status": "queued", "created_at__lt": evaluation.created_at}
+    return (
+        Evaluation.objects.filter(**queued_before).count()
+        + TrainingJob.objects.filter(**queued_before).count()
+        + Evaluation.objects.filter(status=Evaluation.Status.RUNNING).count()
+        + TrainingJob.objects.filter(status=TrainingJob.Status.TRAINING).count()
+    )
+
+
+def comparison_verdict(evaluation: Evaluation) -> dict | None:
+    """Did fine-tuning help? "better", "worse" or "no_difference", with the figures behind it.
+
+    Better: exact matches rise by at least max(1, 10% of n), or mean ROUGE-L rises by at least 0.05
+    with exact matches not falling. Worse: the mirror image. Held-out loss is shown, not judged: it can
+    fall while the answers stay the same.
+    """
+    m = evaluation.metrics or {}
+    base, tuned = m.get("base_model"), m.get("finetuned_model")
+    if not base or not tuned:
+        return None
+    n = int(base.get("count") or evaluation.test_size or 0)
+    exact = (round(base.get("exact_match", 0) * n), round(tuned.get("exact_match", 0) * n))
+    rouge = (base.get("rouge_l"), tuned.get("rouge_l"))
+    exact_delta = exact[1] - exact[0]
+    rouge_delta = rouge[1] - rouge[0] if None not in rouge else 0.0
+    bar = max(1, math.ceil(VERDICT_EXACT_SHARE * n))  # exact-match counts are whole numbers
+    if exact_delta >= bar or (rouge_delta >= VERDICT_ROUGE_DELTA and exact_delta >= 0):
+        key = "better"
+    elif exact_delta <= -bar or (rouge_delta <= -VERDICT_ROUGE_DELTA and exact_delta <= 0):
+        key = "worse"
+    else:
+        key = "no_difference"
+    return {
+        "key": key,
+        "label": VERDICTS[key],
+        "n": n,
+        "exact": exact,
+        "rouge": rouge,
+        "loss": (base.get("heldout_loss"), tuned.get("heldout_loss")),
+        "exact_bar": bar,
+    }
+
+
+def word_diff(reference: str, answer: str) -> list[tuple[str, str]]:
+    """Word-level differences of an answer from the reference, as (op, text) runs: "same", "del" (in the
+    reference, missing from the answer) and "ins" (in the answer only). The template escapes the text."""
+    ref, out = _DIFF_TOKEN.findall(reference), _DIFF_TOKEN.findall(answer)
+    runs: list[tuple[str, str]] = []
+
+    def add(op: str, tokens: list[str]) -> None:
+        if not tokens:
+            return
+        if runs and runs[-1][0] == op:
+            runs[-1] = (op, runs[-1][1] + "".join(tokens))
+        else:
+            runs.append((op, "".join(tokens)))
+
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ref, out, autojunk=False).get_opcodes():
+        if tag == "equal":
+            add("same", ref[i1:i2])
+        else:
+            add("del", ref[i1:i2])
+            add("ins", out[j1:j2])
+    return runs
+
+
+def _answer(label: str, output: str, reference: str, scores: dict) -> dict:
+    exact = scores.get("exact_match")
+    rouge = scores.get("rouge_l")
+    return {
+        "label": label,
+        "output": output,
+        "exact": bool(exact if exact is not None else metrics.exact_match(output, reference)),
+        "rouge": rouge if rouge is not None else metrics.rouge_l(output, reference),
+        "diff": word_diff(reference, output),
+    }
+
+
+def comparison_page(evaluation: Evaluation, page_number) -> Page:
+    """One page of examples, each with the base and fine-tuned answers scored and diffed against the reference."""
+    page = Paginator(EvaluationExample.objects.filter(evaluation=evaluation), EXAMPLES_PER_PAGE).get_page(page_number)
+    page.object_list = [
+        {
+            "example": example,
+            "answers": [
+                _answer("Base", example.base_output, example.reference, example.base_scores),
+                _answer("Fine-tuned", example.finetuned_output, example.reference, example.finetuned_scores),
+            ],
+        }
+        for example in page.object_list
+    ]
+    return page
 
 
 def preference_rows(evaluation: Evaluation, user) -> list[dict]:

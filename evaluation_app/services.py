@@ -155,8 +155,8 @@ def _run(evaluation: Evaluation) -> None:
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
 
 
-def rating_set(*, user, evaluation: Evaluation, example_index: int, preferred_model: str) -> tuple[Rating, bool]:
-    """Record (or change) one user's vote on one example."""
+def rating_set(*, user, evaluation: Evaluation, example_index: int, preferred_model: str, blind: bool) -> tuple[Rating, bool]:
+    """Record (or change) one user's vote on one example; ``blind``: the model names were hidden when it was cast."""
     if preferred_model not in Rating.Choice.values:
         raise VoteInvalid(f"preferred_model must be one of {', '.join(Rating.Choice.values)}; got {preferred_model!r}.")
     if evaluation.status != Evaluation.Status.COMPLETED:
@@ -164,22 +164,46 @@ def rating_set(*, user, evaluation: Evaluation, example_index: int, preferred_mo
     example = EvaluationExample.objects.filter(evaluation=evaluation, index=example_index).first()
     if example is None:
         raise VoteInvalid(f"example_index must be between 0 and {evaluation.test_size - 1}; got {example_index}.")
-    rating, created = Rating.objects.update_or_create(example=example, user=user, defaults={"preferred_model": preferred_model})
+    # A changed vote takes the new blind flag: a vote changed after the reveal is no longer blind.
+    rating, created = Rating.objects.update_or_create(
+        example=example, user=user, defaults={"preferred_model": preferred_model, "blind": blind}
+    )
     return rating, created
 
 
+def rating_set_from_page(*, user, evaluation: Evaluation, example_index: int, choice: str, blind_mode: bool) -> Rating:
+    """A vote from the comparison page, where the choice is a side (A or B), tie or both_bad.
+
+    The page hides the names only in blind mode and only until the first vote on an example (then it
+    reveals them), so a first vote in blind mode is blind and any other is not.
+    """
+    example = EvaluationExample.objects.filter(evaluation=evaluation, index=example_index).first()
+    preferred = example.model_for_side(choice) if example is not None and choice in ("A", "B") else choice
+    revealed = example is not None and Rating.objects.filter(example=example, user=user).exists()
+    rating, _ = rating_set(
+        user=user, evaluation=evaluation, example_index=example_index, preferred_model=preferred, blind=blind_mode and not revealed
+    )
+    return rating
+
+
 def vote_summary(evaluation: Evaluation, user) -> dict[str, Any]:
+    """The user's votes; the win rate and its interval count blind votes only, the others are reported apart."""
     counts = {choice: 0 for choice in Rating.Choice.values}
-    for choice in Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("preferred_model", flat=True):
-        counts[choice] += 1
-    cast = sum(counts.values())
+    shown = 0
+    for choice, blind in Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("preferred_model", "blind"):
+        if blind:
+            counts[choice] += 1
+        else:
+            shown += 1
+    cast = sum(counts.values()) + shown
     decisive = counts["finetuned"] + counts["base"]
-    interval = metrics.wilson_interval(counts["finetuned"], decisive)
     return {
         "counts": counts,
         "cast": cast,
+        "blind": cast - shown,
+        "shown": shown,
         "remaining": max(0, evaluation.test_size - cast),
         "decisive": decisive,
         "win_rate": counts["finetuned"] / decisive if decisive else None,
-        "interval": interval,
+        "interval": metrics.wilson_interval(counts["finetuned"], decisive),
     }

@@ -13,8 +13,6 @@ from evaluation_app import selectors, services
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.selectors import get_job_for_user
 
-SIDE_CHOICES = {"A": None, "B": None, "tie": "tie", "both_bad": "both_bad"}
-
 
 @login_required
 @require_GET
@@ -36,6 +34,19 @@ def evaluation_start(request: HttpRequest, job_pk: int) -> HttpResponse:
     return redirect(evaluation)
 
 
+@login_required
+@require_POST
+def evaluation_rerun(request: HttpRequest, pk: int) -> HttpResponse:
+    """Start a new evaluation of the same fine-tune, on as many examples as this one."""
+    evaluation = get_evaluation_for_user(request.user, pk)
+    try:
+        fresh, _ = services.evaluation_start(owner=request.user, job=evaluation.training_job, test_size=evaluation.test_size or None)
+    except services.EvaluationConflict as exc:
+        messages.error(request, str(exc))
+        return redirect(evaluation)
+    return redirect(fresh)
+
+
 def _int(raw) -> int | None:
     try:
         return int(raw) if raw else None
@@ -43,10 +54,20 @@ def _int(raw) -> int | None:
         return None
 
 
-def _example_context(request: HttpRequest, evaluation, index: int) -> dict:
-    example = selectors.example_at(evaluation, index)
+def _blind(request: HttpRequest) -> bool:
+    return request.GET.get("blind", request.POST.get("blind", "1")) != "0"
+
+
+def _progress_context(evaluation) -> dict:
+    queued = evaluation.status == evaluation.Status.QUEUED
+    return {"evaluation": evaluation, "queue_position": selectors.evaluation_queue_position(evaluation) if queued else None}
+
+
+def _example_context(request: HttpRequest, evaluation, index: int | None, last_vote=None) -> dict:
+    """The voting panel for one example, or its "all voted" state when ``index`` is None."""
+    example = selectors.example_at(evaluation, index) if index is not None else None
     vote = selectors.user_vote(example, request.user) if example else None
-    blind = request.GET.get("blind", request.POST.get("blind", "1")) != "0"
+    blind = _blind(request)
     return {
         "evaluation": evaluation,
         "example": example,
@@ -54,13 +75,9 @@ def _example_context(request: HttpRequest, evaluation, index: int) -> dict:
         "vote": vote,
         "blind": blind,
         "revealed": not blind or vote is not None,
-        "sides": [
-            ("A", example.side_output("A"), example.model_for_side("A")),
-            ("B", example.side_output("B"), example.model_for_side("B")),
-        ]
-        if example
-        else [],
+        "sides": [(side, example.side_output(side), example.model_for_side(side)) for side in "AB"] if example else [],
         "summary": services.vote_summary(evaluation, request.user),
+        "last_vote": selectors.vote_reveal(last_vote) if last_vote else "",
     }
 
 
@@ -71,11 +88,20 @@ def evaluation_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if request.htmx and request.GET.get("fragment") == "progress":
         if evaluation.is_finished:
             return HttpResponseClientRefresh()  # results replace the progress bar: load the full page once
-        return render(request, "evaluation_app/_eval_progress.html", {"evaluation": evaluation})
+        return render(request, "evaluation_app/_eval_progress.html", _progress_context(evaluation))
     index = _int(request.GET.get("example"))
-    index = selectors.first_unvoted_index(evaluation, request.user) if index is None else index
-    context = _example_context(request, evaluation, max(0, min(index, max(evaluation.test_size - 1, 0))))
-    context.update(rows=selectors.metric_rows(evaluation), chart=selectors.chart_data(evaluation))
+    if index is None:
+        index = selectors.next_unvoted_index(evaluation, request.user)
+    else:
+        index = max(0, min(index, max(evaluation.test_size - 1, 0)))
+    context = _example_context(request, evaluation, index)
+    context.update(
+        _progress_context(evaluation),
+        verdict=selectors.comparison_verdict(evaluation),
+        comparison=selectors.comparison_page(evaluation, request.GET.get("page")),
+        rows=selectors.metric_rows(evaluation),
+        chart=selectors.chart_data(evaluation),
+    )
     return render(request, "evaluation_app/evaluation_detail.html", context)
 
 
@@ -91,19 +117,23 @@ def evaluation_example(request: HttpRequest, pk: int, index: int) -> HttpRespons
 @login_required
 @require_POST
 def evaluation_vote(request: HttpRequest, pk: int, index: int) -> HttpResponse:
+    """Record the vote, then show the next example not voted on yet (or the "all voted" state)."""
     evaluation = get_evaluation_for_user(request.user, pk)
-    example = selectors.example_at(evaluation, index)
-    choice = request.POST.get("choice", "")
-    preferred = example.model_for_side(choice) if example and choice in ("A", "B") else SIDE_CHOICES.get(choice, choice)
     try:
-        services.rating_set(user=request.user, evaluation=evaluation, example_index=index, preferred_model=preferred)
+        rating = services.rating_set_from_page(
+            user=request.user, evaluation=evaluation, example_index=index, choice=request.POST.get("choice", ""), blind_mode=_blind(request)
+        )
     except services.VoteInvalid as exc:
         if request.htmx:
             return HttpResponse(str(exc), status=400)
         messages.error(request, str(exc))
+        return redirect(f"{evaluation.get_absolute_url()}?example={index}")
+    following = selectors.next_unvoted_index(evaluation, request.user, after=index)
     if request.htmx:
-        return render(request, "evaluation_app/_example_view.html", _example_context(request, evaluation, index))
-    return redirect(f"{evaluation.get_absolute_url()}?example={index}")
+        return render(request, "evaluation_app/_example_view.html", _example_context(request, evaluation, following, last_vote=rating))
+    messages.success(request, selectors.vote_reveal(rating))
+    where = f"&example={following}" if following is not None else ""  # none left: the page opens on "all voted"
+    return redirect(f"{evaluation.get_absolute_url()}?blind={'1' if _blind(request) else '0'}{where}")
 
 
 @login_required

@@ -5,7 +5,19 @@ from inference_app.models import UsageLog
 
 @admin.register(UsageLog)
 class UsageLogAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "user", "model_id", "endpoint", "status", "prompt_tokens", "completion_tokens", "latency_ms", "cost_usd"]
+    list_display = [
+        "created_at",
+        "user",
+        "model_id",
+        "endpoint",
+        "status",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms",
+        "queue_ms",
+        "compute_ms",
+        "cost_usd",
+    ]
     list_filter = ["status", "endpoint", "model_id", "created_at"]
     search_fields = ["user__username", "model_id", "error"]
     list_select_related = ["user"]

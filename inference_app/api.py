@@ -56,11 +56,15 @@ class InferenceSerializer(SamplingSerializer):
 
 class InferenceResultSerializer(serializers.Serializer):
     output = serializers.CharField()
-    latency_ms = serializers.FloatField()
+    latency_ms = serializers.FloatField(help_text="From the start of the batch that decoded this request to its last token.")
+    queue_ms = serializers.FloatField(help_text="Time spent waiting for a batch, before latency_ms starts.")
+    compute_ms = serializers.FloatField(
+        help_text="This request's share of its batch's decoding time: each step's time is split between the requests decoded in it."
+    )
     tokens_used = serializers.IntegerField()
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
-    cost_usd = serializers.FloatField()
+    cost_usd = serializers.FloatField(help_text="compute_ms at TUNA_GPU_HOURLY_USD; queue time is not billed.")
     model_id = serializers.CharField()
     finish_reason = serializers.CharField()
 
@@ -113,10 +117,12 @@ class InferenceApi(APIView):
             {
                 "output": result.text,
                 "latency_ms": round(result.latency_ms, 1),
+                "queue_ms": round(result.queue_ms, 1),
+                "compute_ms": round(result.compute_ms, 1),
                 "tokens_used": result.prompt_tokens + result.completion_tokens,
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": result.completion_tokens,
-                "cost_usd": services.cost_for(result.latency_ms),
+                "cost_usd": services.cost_for(result.compute_ms),
                 "model_id": model.model_id,
                 "finish_reason": result.finish_reason,
             }

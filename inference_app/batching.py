@@ -6,6 +6,10 @@ adapter each asks for: rows for different adapters (or none) go through peft's m
 each row through its own LoRA weights on the one copy of the base; a streamer hands each row's new tokens to its own request as they are produced,
 and a stopping criterion ends each row at its own token limit or stop string. Greedy answers are the
 same as when a request runs alone (tested).
+
+Timing: a request's clock starts when its batch starts (``started``); the wait before is its queue time.
+Rows decoded together share the batch's time: each step's wall time is split equally between the rows
+still decoding in it, and a row's ``compute_ms`` (what it is billed) is the sum of its shares.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class GenerationRequest:
     adapter: str | None = None
     adapter_path: str | None = None
     submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # when its batch began: queue wait before, latency after
+    compute_ms: float = 0.0  # its share of the batch's time so far
     deltas: queue.Queue = field(default_factory=queue.Queue)  # text pieces, then None
     done: threading.Event = field(default_factory=threading.Event)
     result: Generation | None = None
@@ -69,10 +75,14 @@ class BatchingEngine:
 
     # -- callers ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationRequest:
-        with self._cond:
-            self._pending.append(request)
-            self._cond.notify()
+        self.submit_all([request])
         return request
+
+    def submit_all(self, requests: list[GenerationRequest]) -> None:
+        """Queue requests in one step, so that they are waiting together when the next batch is formed."""
+        with self._cond:
+            self._pending.extend(requests)
+            self._cond.notify()
 
     def generate(self, request: GenerationRequest) -> Generation:
         self.submit(request).done.wait()
@@ -135,6 +145,9 @@ class BatchingEngine:
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
+        started = time.perf_counter()
+        for request in batch:
+            request.started = started
         loaded, tokenizer = self.loaded, self.loaded.tokenizer
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(batch))
@@ -150,11 +163,14 @@ class BatchingEngine:
             request.finished = True
             request.finish_reason = reason
             text = request.emitted
+            # Every field is set before the caller is released (deltas, then done).
             request.result = Generation(
                 text=text.strip(),
                 prompt_tokens=prompt_lengths[batch.index(request)],
                 completion_tokens=len(request.tokens),
-                latency_ms=(time.perf_counter() - request.submitted) * 1000,
+                latency_ms=(time.perf_counter() - request.started) * 1000,
+                queue_ms=(request.started - request.submitted) * 1000,
+                compute_ms=request.compute_ms,
                 finish_reason=reason,
             )
             request.deltas.put(None)
@@ -163,11 +179,22 @@ class BatchingEngine:
         class RowStreamer(BaseStreamer):
             def __init__(self) -> None:
                 self.prompt_seen = False
+                self.clock = started
+
+            def charge(self) -> None:
+                """Split the time since the last step between the rows that were still decoding in it.
+                The first new token's share covers the prefill (and setup) since the batch started."""
+                now = time.perf_counter()
+                active = [r for r in batch if not r.finished]
+                for request in active:
+                    request.compute_ms += (now - self.clock) * 1000 / len(active)
+                self.clock = now
 
             def put(self, value) -> None:
                 if not self.prompt_seen:  # the first call carries the prompts
                     self.prompt_seen = True
                     return
+                self.charge()
                 for request, token in zip(batch, value.reshape(-1).tolist(), strict=True):
                     if request.finished:
                         continue
@@ -188,6 +215,7 @@ class BatchingEngine:
                         finish(request, "length")
 
             def end(self) -> None:
+                self.charge()
                 for request in batch:
                     finish(request, "length")
 

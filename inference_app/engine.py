@@ -14,7 +14,9 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    latency_ms: float
+    latency_ms: float  # from the start of its generation (its batch's start) to its own end
+    queue_ms: float  # waiting for a batch, before latency_ms starts
+    compute_ms: float  # its share of the generation time: what it is billed
     finish_reason: str  # "stop" or "length"
 
 
@@ -62,6 +64,9 @@ def generate_chat(
         prompt_tokens=prompt_len,
         completion_tokens=len(new_tokens),
         latency_ms=latency_ms,
+        # Run alone and at once: no queue, and all of the time is its own.
+        queue_ms=0.0,
+        compute_ms=latency_ms,
         finish_reason=finish,
     )
 

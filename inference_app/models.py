@@ -3,7 +3,7 @@ from django.db import models
 
 
 class UsageLog(models.Model):
-    """One inference call: who, which model, how many tokens, how long, and how it ended."""
+    """One inference call: who, which model, how many tokens, how long (latency, queue wait, compute), and how it ended."""
 
     class Status(models.TextChoices):
         OK = "ok", "OK"
@@ -14,7 +14,9 @@ class UsageLog(models.Model):
     endpoint = models.CharField(max_length=64)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
-    latency_ms = models.FloatField(default=0)
+    latency_ms = models.FloatField(default=0)  # from its batch's start to its own end
+    queue_ms = models.FloatField(default=0)  # waiting for a batch, before that
+    compute_ms = models.FloatField(default=0)  # its share of the batch's time; cost_usd is computed from it
     cost_usd = models.FloatField(default=0)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.OK)
     error = models.CharField(max_length=500, blank=True)

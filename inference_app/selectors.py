@@ -15,17 +15,28 @@ DAYS = 14
 
 def usage_summary(user) -> dict:
     logs = UsageLog.objects.filter(user=user)
+    ok = Q(status=UsageLog.Status.OK)
     totals = logs.aggregate(
         calls=Count("id"),
         errors=Count("id", filter=Q(status=UsageLog.Status.ERROR)),
         prompt_tokens=Sum("prompt_tokens"),
         completion_tokens=Sum("completion_tokens"),
-        cost_usd=Sum("cost_usd"),
-        latency_ms=Avg("latency_ms", filter=Q(status=UsageLog.Status.OK)),
+        cost_usd=Sum("cost_usd"),  # each row's cost is its compute time at the price
+        compute_ms=Sum("compute_ms"),
+        latency_ms=Avg("latency_ms", filter=ok),
+        queue_ms=Avg("queue_ms", filter=ok),
     )
     by_model = list(
         logs.values("model_id")
-        .annotate(calls=Count("id"), tokens=Sum("completion_tokens"), cost_usd=Sum("cost_usd"), latency_ms=Avg("latency_ms"))
+        .annotate(
+            calls=Count("id"),
+            tokens=Sum("completion_tokens"),
+            cost_usd=Sum("cost_usd"),
+            compute_ms=Sum("compute_ms"),
+            # Refused calls have no timings: they would pull the means towards zero.
+            latency_ms=Avg("latency_ms", filter=ok),
+            queue_ms=Avg("queue_ms", filter=ok),
+        )
         .order_by("-calls")
     )
     since = timezone.now().date() - timedelta(days=DAYS - 1)

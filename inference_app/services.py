@@ -66,9 +66,9 @@ def completed_models_for(user) -> list[TrainingJob]:
     return list(TrainingJob.objects.filter(owner=user, status=TrainingJob.Status.COMPLETED).select_related("dataset"))
 
 
-def cost_for(latency_ms: float) -> float:
-    """Measured time at the configured hourly price."""
-    return latency_ms / 1000 / 3600 * settings.TUNA_GPU_HOURLY_USD
+def cost_for(compute_ms: float) -> float:
+    """A request's compute time (its share of its batch, never its queue wait) at the configured hourly price."""
+    return compute_ms / 1000 / 3600 * settings.TUNA_GPU_HOURLY_USD
 
 
 def check_params(*, max_tokens, temperature=0.0, top_p=1.0) -> None:
@@ -143,13 +143,32 @@ def _engine(call: Call):
 
 
 def run_call(call: Call):
-    try:
-        result = _engine(call).generate(call.request)
-    except Exception as exc:
-        _log_error(call, exc)
-        raise
-    _log(call, result)
-    return result
+    return run_calls([call])[0]
+
+
+def run_calls(calls: list[Call]) -> list:
+    """Queue every call before waiting for any, so calls on one base model share a batch (and its time)."""
+    by_engine: dict = {}
+    for call in calls:
+        try:
+            engine = _engine(call)
+        except Exception as exc:
+            _log_error(call, exc)
+            raise
+        by_engine.setdefault(engine, []).append(call.request)
+    for engine, requests in by_engine.items():
+        engine.submit_all(requests)
+    failure = None
+    for call in calls:
+        call.request.done.wait()
+        if call.request.error is not None:
+            _log_error(call, call.request.error)
+            failure = failure or call.request.error
+        else:
+            _log(call, call.request.result)
+    if failure is not None:
+        raise failure
+    return [call.request.result for call in calls]
 
 
 def stream_call(call: Call) -> Iterator[str]:
@@ -170,7 +189,9 @@ def _log(call: Call, result) -> None:
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         latency_ms=result.latency_ms,
-        cost_usd=cost_for(result.latency_ms),
+        queue_ms=result.queue_ms,
+        compute_ms=result.compute_ms,
+        cost_usd=cost_for(result.compute_ms),
     )
 
 

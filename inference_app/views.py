@@ -66,7 +66,14 @@ def _compare(request: HttpRequest, selected: str, prompt: str, max_tokens: int) 
     except (services.InferenceInvalid, services.ModelNotReady) as exc:
         services.log_rejected(user=request.user, model_id=model.model_id, endpoint="playground", error=str(exc))
         return {"error": str(exc), "status": 400 if isinstance(exc, services.InferenceInvalid) else 409}
-    return {"answers": [{"label": label, "model_id": call.model.model_id, "result": services.run_call(call)} for label, call in calls]}
+    # Together, so base and fine-tune share one batch: neither waits for the other, each is billed its share.
+    results = services.run_calls([call for _, call in calls])
+    return {
+        "answers": [
+            {"label": label, "model_id": call.model.model_id, "result": result, "cost_usd": services.cost_for(result.compute_ms)}
+            for (label, call), result in zip(calls, results, strict=True)
+        ]
+    }
 
 
 @login_required

@@ -29,6 +29,7 @@ class TrainingJobSerializer(serializers.ModelSerializer):
     progress_percent = serializers.FloatField()
     cost_usd = serializers.FloatField()
     training_logs = LossPointSerializer(source="loss_points", many=True)
+    parent_id = serializers.IntegerField(allow_null=True, help_text="The job this run continues, if any.")
 
     class Meta:
         model = TrainingJob
@@ -39,6 +40,9 @@ class TrainingJobSerializer(serializers.ModelSerializer):
             "base_model",
             "status",
             "config",
+            "config_reasons",
+            "parent_id",
+            "step_offset",
             "current_step",
             "total_steps",
             "progress_percent",
@@ -46,6 +50,9 @@ class TrainingJobSerializer(serializers.ModelSerializer):
             "tokens_seen",
             "tokens_per_second",
             "train_seconds",
+            "eval_seconds",
+            "best_step",
+            "best_eval_loss",
             "eta_seconds",
             "cost_usd",
             "device",
@@ -70,7 +77,7 @@ class TrainingStartSerializer(serializers.Serializer):
     config = serializers.DictField(
         required=False,
         default=dict,
-        help_text="Any of base_model, num_epochs, batch_size, learning_rate, max_seq_length, lora_r, lora_alpha, lora_dropout, target_modules, warmup_steps, gradient_accumulation_steps, seed, max_steps, save_steps, eval_steps, save_total_limit, eval_examples.",
+        help_text="Settings to set yourself; any left out are chosen from the dataset and the base model (see config_reasons in the answer). Any of base_model, num_epochs, batch_size, learning_rate, max_seq_length, lora_r, lora_alpha, lora_dropout, target_modules, warmup_steps, gradient_accumulation_steps, seed, max_steps, save_steps, eval_steps, save_total_limit, eval_examples.",
     )
 
 
@@ -118,6 +125,28 @@ class TrainingJobResumeApi(APIView):
         except services.JobConflict as exc:
             raise ApiError(str(exc), 409) from None
         return Response(TrainingJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class TrainingContinueSerializer(serializers.Serializer):
+    epochs = serializers.IntegerField(
+        required=False, min_value=1, max_value=services.MAX_CONTINUE_EPOCHS, help_text="More epochs to train (default: as many as the job ran)."
+    )
+
+
+class TrainingJobContinueApi(APIView):
+    @extend_schema(
+        request=TrainingContinueSerializer,
+        responses={201: TrainingJobSerializer},
+        description="Start a new run from a completed job's adapter for more epochs; its loss history joins the job's.",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        data = TrainingContinueSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            child = services.training_job_continue(job=get_job_for_user(request.user, pk), epochs=data.validated_data.get("epochs"))
+        except services.JobConflict as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(TrainingJobSerializer(child).data, status=status.HTTP_201_CREATED)
 
 
 class TrainingJobAdapterApi(APIView):

@@ -10,7 +10,7 @@ from django.conf import settings
 
 from inference_app.catalog import get_base_model_spec
 from inference_app.loading import pick_device
-from training_app.config import TrainingConfig
+from training_app.autoconfig import DataFacts, choose_settings, model_facts
 from training_app.models import ThroughputMeasurement
 
 SAMPLE = Path(settings.BASE_DIR) / "samples" / "orders_to_json.jsonl"
@@ -24,9 +24,11 @@ def calibrate_default_model() -> ThroughputMeasurement:
 
     spec = get_base_model_spec()
     plan = pick_device()
-    config = TrainingConfig(base_model=spec.name, max_steps=CALIBRATION_STEPS, save_steps=10_000, eval_examples=0)
     with SAMPLE.open(encoding="utf-8") as handle:
         examples = [to_messages(json.loads(line), PROMPT_COMPLETION) for line in handle if line.strip()]
+    # The settings a default job on this data would use (adapter size changes the speed), for a few steps.
+    facts = DataFacts(train_pool=len(examples), **model_facts(spec.config_dir()))
+    config, _ = choose_settings({"max_steps": CALIBRATION_STEPS, "eval_examples": 0}, facts, base_model=spec.name)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_lora_training(config, spec=spec, plan=plan, train_examples=examples, output_dir=Path(tmp))
     return ThroughputMeasurement.objects.create(

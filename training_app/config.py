@@ -37,10 +37,12 @@ class TrainingConfig:
     seed: int = 42
     # 0 = train for num_epochs; a positive number stops after that many optimizer steps.
     max_steps: int = 0
-    # 0 = automatic: about ten checkpoints / held-out evaluations over the run.
+    # 0 = automatic: about ten checkpoints / validation-loss evaluations over the run.
     save_steps: int = 0
     eval_steps: int = 0
     save_total_limit: int = 3
+    # Validation examples, set aside from the training examples (never trained on, never scored by the
+    # comparison): their loss picks the checkpoint that is kept. 0 = none.
     eval_examples: int = 16
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,33 +64,43 @@ class Field:
     kind: type
     minimum: float
     maximum: float
+    label: str
     help: str
     advanced: bool = True
 
 
 RANGES: dict[str, Field] = {
-    "num_epochs": Field(int, 1, 50, "Passes over the training examples.", advanced=False),
-    "batch_size": Field(int, 1, 128, "Examples per step.", advanced=False),
-    "learning_rate": Field(float, 1e-7, 1e-2, "Step size; 1e-4 to 3e-4 suits LoRA.", advanced=False),
-    "max_seq_length": Field(int, 32, 32768, "Longer examples are cut to this many tokens.", advanced=False),
-    "lora_r": Field(int, 1, 256, "Rank of the LoRA update: capacity of the adapter."),
-    "lora_alpha": Field(int, 1, 1024, "Scale of the LoRA update (often 2 x r)."),
-    "lora_dropout": Field(float, 0.0, 0.5, "Dropout on the LoRA path."),
-    "warmup_steps": Field(int, 0, 100000, "Steps over which the learning rate ramps up."),
-    "gradient_accumulation_steps": Field(int, 1, 128, "Steps whose gradients add up before one update."),
-    "seed": Field(int, 0, 2**31 - 1, "Random seed: the same seed and data give the same run."),
-    "max_steps": Field(int, 0, 1000000, "Stop after this many updates (0 = run all epochs)."),
-    "save_steps": Field(int, 0, 1000000, "Checkpoint every N updates (0 = about ten per run)."),
-    "eval_steps": Field(int, 0, 1000000, "Held-out loss every N updates (0 = about ten per run)."),
-    "save_total_limit": Field(int, 1, 20, "Checkpoints kept on disk (older ones are deleted)."),
-    "eval_examples": Field(int, 0, 256, "Held-out examples used for the loss curve (0 = none)."),
+    "num_epochs": Field(int, 1, 50, "Epochs", "Passes over the training examples.", advanced=False),
+    "learning_rate": Field(float, 1e-7, 1e-2, "Learning rate", "Step size of each update.", advanced=False),
+    "batch_size": Field(int, 1, 128, "Batch size", "Examples per step.", advanced=False),
+    "max_seq_length": Field(int, 32, 32768, "Max tokens per example", "Longer examples are cut to this many tokens.", advanced=False),
+    "lora_r": Field(int, 1, 256, "LoRA rank (r)", "Capacity of the adapter."),
+    "lora_alpha": Field(int, 1, 1024, "LoRA alpha", "Scale of the LoRA update (often 2 × r)."),
+    "lora_dropout": Field(float, 0.0, 0.5, "LoRA dropout", "Dropout on the LoRA path."),
+    "warmup_steps": Field(int, 0, 100000, "Warm-up updates", "Updates over which the learning rate ramps up."),
+    "gradient_accumulation_steps": Field(int, 1, 128, "Gradient accumulation", "Batches whose gradients add up before one update."),
+    "seed": Field(int, 0, 2**31 - 1, "Random seed", "The same seed and data give the same run."),
+    "max_steps": Field(int, 0, 1000000, "Max updates", "Stop after this many updates (0 = run all epochs)."),
+    "save_steps": Field(int, 0, 1000000, "Checkpoint every", "Updates between checkpoints (0 = automatic)."),
+    "eval_steps": Field(int, 0, 1000000, "Validate every", "Updates between validation-loss measurements (0 = automatic)."),
+    "save_total_limit": Field(int, 1, 20, "Checkpoints kept", "Checkpoints kept on disk besides the best one."),
+    "eval_examples": Field(
+        int, 0, 256, "Validation examples", "Set aside from training to pick the best checkpoint; never trained on (0 = none)."
+    ),
 }
 
 
 @dataclass
 class ConfigResult:
-    config: TrainingConfig | None
+    """The settings the user gave, checked (base_model always set); the rest is chosen later."""
+
+    explicit: dict[str, Any] | None
     errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config(self) -> TrainingConfig | None:
+        """The user's values over the fixed defaults, for callers that choose nothing automatically."""
+        return TrainingConfig(**self.explicit) if self.explicit is not None else None
 
 
 def known_modules_for(model_dir: str | None) -> tuple[str, ...] | None:
@@ -136,7 +148,7 @@ def build_config(data: dict[str, Any], *, catalog: dict[str, Any], default_model
         values["target_modules"] = modules
     if errors:
         return ConfigResult(None, errors)
-    return ConfigResult(TrainingConfig(**values))
+    return ConfigResult(values)
 
 
 def _coerce(raw: Any, spec: Field) -> tuple[Any, str | None]:

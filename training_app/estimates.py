@@ -1,41 +1,101 @@
-"""Training time and cost estimates from measured throughput, never from constants."""
+"""Training time and cost estimates from measured throughput, never from constants.
+
+The speed is the median of the recent measurements for the base model (a single run on a busy machine
+must not swing the estimate), and the spread of those measurements says how sure the estimate is.
+The work counted is what the job will run: its updates (max_steps included), each example cut at
+max_seq_length, and the validation-loss passes.
+"""
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any
 
 from django.conf import settings
 
+from training_app.config import TrainingConfig
 from training_app.models import ThroughputMeasurement
 
-DEFAULT_EPOCHS = 3
+RECENT_MEASUREMENTS = 5
 
 
 def latest_throughput(base_model: str) -> ThroughputMeasurement | None:
     return ThroughputMeasurement.objects.filter(base_model=base_model).order_by("-measured_at", "-id").first()
 
 
-def training_estimate(*, dataset, base_model: str | None = None, num_epochs: int = DEFAULT_EPOCHS) -> dict[str, Any]:
-    base_model = base_model or settings.TUNA_DEFAULT_BASE_MODEL
-    tokens = int(dataset.validation_report.get("split", {}).get("train_tokens", 0)) * num_epochs
-    measurement = latest_throughput(base_model)
-    if measurement is None:
+def recent_speeds(base_model: str) -> list[float]:
+    return list(
+        ThroughputMeasurement.objects.filter(base_model=base_model)
+        .order_by("-measured_at", "-id")
+        .values_list("tokens_per_second", flat=True)[:RECENT_MEASUREMENTS]
+    )
+
+
+def _tokens_per_epoch(split: dict[str, Any], max_seq_length: int, trained_share: float) -> int:
+    counts = split.get("train_length_counts")
+    if counts:
+        tokens = sum(min(int(length), max_seq_length) * n for length, n in counts.items())
+    else:  # datasets uploaded before lengths were kept: counted at the default 512
+        tokens = int(split.get("train_tokens", 0))
+    return round(tokens * trained_share)
+
+
+def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
+    from training_app.lora import steps_per_epoch, total_steps
+
+    split = dataset.validation_report.get("split", {})
+    trained = max(1, dataset.num_train - config.eval_examples)
+    per_epoch_tokens = _tokens_per_epoch(split, config.max_seq_length, trained / max(1, dataset.num_train))
+    per_epoch = steps_per_epoch(config, trained)
+    updates = total_steps(config, trained)
+    tokens = round(per_epoch_tokens * updates / per_epoch)
+    evaluations = (2 + updates // config.eval_steps) if config.eval_examples and config.eval_steps else 0
+    eval_tokens = evaluations * config.eval_examples * per_epoch_tokens / trained
+    speeds = recent_speeds(config.base_model)
+    base = {"tokens": tokens, "updates": updates, "epochs": config.num_epochs, "evaluations": evaluations, "max_steps": config.max_steps}
+    if not speeds:
         return {
+            **base,
             "available": False,
-            "tokens": tokens,
-            "reason": f"No training speed has been measured for {base_model} yet: the first training job "
+            "reason": f"No training speed has been measured for {config.base_model} yet: the first training job "
             "(or python manage.py tuna_models --calibrate) measures it.",
         }
-    seconds = tokens / measurement.tokens_per_second
+
+    def seconds_at(speed: float) -> float:
+        # A forward pass for validation costs about a third of a training step over the same tokens.
+        return (tokens + eval_tokens / 3) / speed
+
+    speed = statistics.median(speeds)
+    seconds = seconds_at(speed)
+    latest = latest_throughput(config.base_model)
     return {
+        **base,
         "available": True,
-        "tokens": tokens,
         "seconds": seconds,
-        "cost_usd": seconds / 3600 * settings.TUNA_GPU_HOURLY_USD,
-        "tokens_per_second": measurement.tokens_per_second,
-        "device": measurement.device,
-        "source": measurement.source,
-        "measured_at": measurement.measured_at,
-        "epochs": num_epochs,
+        "eval_seconds": eval_tokens / 3 / speed,
+        "low_seconds": seconds_at(max(speeds)),
+        "high_seconds": seconds_at(min(speeds)),
+        "cost_usd": cost_usd(seconds),
+        "tokens_per_second": speed,
+        "measurements": len(speeds),
+        "certainty": _certainty(speeds),
+        "device": latest.device,
+        "source": latest.source,
+        "measured_at": latest.measured_at,
         "hourly_usd": settings.TUNA_GPU_HOURLY_USD,
     }
+
+
+def _certainty(speeds: list[float]) -> str:
+    if len(speeds) < 3:
+        return f"from {len(speeds)} measurement{'s' if len(speeds) != 1 else ''}: a rough guess"
+    spread = (max(speeds) - min(speeds)) / statistics.median(speeds)
+    if spread <= 0.2:
+        return f"the last {len(speeds)} runs agree within {math.ceil(spread * 100)}%"
+    return f"the last {len(speeds)} runs differ by up to {math.ceil(spread * 100)}%: the machine's speed varies"
+
+
+def cost_usd(seconds: float) -> float:
+    """Measured (or estimated) machine time at the configured hourly price."""
+    return seconds / 3600 * settings.TUNA_GPU_HOURLY_USD

@@ -34,6 +34,7 @@ class Progress:
     tokens_seen: int
     train_seconds: float  # this run only
     eta_seconds: float | None
+    eval_seconds: float = 0.0  # of train_seconds, the time spent on validation loss (this run only)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class TrainingResult:
     train_seconds: float
     adapter_dir: Path | None
     final_loss: float | None
+    eval_seconds: float = 0.0
+    best_step: int | None = None  # the checkpoint kept (lowest validation loss), when there was validation
+    best_eval_loss: float | None = None
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -165,6 +169,7 @@ def training_arguments(config: TrainingConfig, *, output_dir: Path, plan: Device
 
     steps = total_steps(config, train_rows)
     every = max(1, steps // 10)
+    eval_steps = config.eval_steps or every
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
@@ -178,10 +183,14 @@ def training_arguments(config: TrainingConfig, *, output_dir: Path, plan: Device
         logging_steps=max(1, steps // 200),
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=config.save_steps or every,
+        # With validation, a checkpoint at every validation so that the best one can be kept.
+        save_steps=eval_steps if has_eval else (config.save_steps or every),
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=(config.eval_steps or every) if has_eval else None,
+        eval_steps=eval_steps if has_eval else None,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
         seed=config.seed,
         data_seed=config.seed,
         bf16=plan.dtype_name == "bfloat16",
@@ -195,11 +204,16 @@ def training_arguments(config: TrainingConfig, *, output_dir: Path, plan: Device
     )
 
 
-def make_progress_callback(hooks: TrainingHooks):
+def make_progress_callback(hooks: TrainingHooks, *, has_eval: bool):
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
-        """Writes progress on each log and stops training when asked (checked every step)."""
+        """Writes progress on each log, stops training when asked (checked every step), and validates and
+        saves at the last step so the final weights compete for "best checkpoint" too."""
+
+        started: float | None = None
+        start_step = 0
+        eval_seconds = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
@@ -210,7 +224,8 @@ def make_progress_callback(hooks: TrainingHooks):
             logs = logs or {}
             if "loss" not in logs and "eval_loss" not in logs:
                 return
-            elapsed = time.perf_counter() - self.started
+            self.eval_seconds += float(logs.get("eval_runtime", 0.0))
+            elapsed = time.perf_counter() - self.started if self.started is not None else 0.0
             done = state.global_step - self.start_step
             remaining = state.max_steps - state.global_step
             eta = elapsed / done * remaining if done > 0 else None
@@ -225,6 +240,7 @@ def make_progress_callback(hooks: TrainingHooks):
                     tokens_seen=int(state.num_input_tokens_seen or 0),
                     train_seconds=elapsed,
                     eta_seconds=eta,
+                    eval_seconds=self.eval_seconds,
                 )
             )
 
@@ -232,6 +248,10 @@ def make_progress_callback(hooks: TrainingHooks):
             if hooks.should_stop():
                 control.should_training_stop = True
                 control.should_save = False
+                control.should_evaluate = False
+            elif has_eval and state.global_step >= state.max_steps:
+                control.should_evaluate = True
+                control.should_save = True
 
     return ProgressCallback()
 
@@ -247,10 +267,15 @@ def run_lora_training(
     output_dir: Path,
     hooks: TrainingHooks = TrainingHooks(),
     resume_from: Path | None = None,
+    init_adapter: Path | None = None,
     extra_callbacks: Sequence[Any] = (),
     hf_token: str | None = None,
 ) -> TrainingResult:
-    from peft import get_peft_model
+    """Train a LoRA adapter; with `eval_examples` (validation), keep the checkpoint of lowest validation loss.
+
+    `init_adapter` continues training an existing adapter (a "continue training" run) instead of a fresh one.
+    """
+    from peft import PeftModel, get_peft_model
     from transformers import Trainer, set_seed
 
     set_seed(config.seed)
@@ -263,27 +288,34 @@ def run_lora_training(
         raise ValueError("No training example has answer tokens left after cutting to max_seq_length; raise max_seq_length.")
 
     model.config.use_cache = False
-    model = get_peft_model(model, lora_config(config))
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(config))
     model.train()
 
     checkpoints = output_dir / "checkpoints"
+    progress = make_progress_callback(hooks, has_eval=bool(eval_rows))
     trainer = Trainer(
         model=model,
         args=training_arguments(config, output_dir=checkpoints, plan=plan, train_rows=len(train_rows), has_eval=bool(eval_rows)),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=PadCollator(tokenizer.pad_token_id),
-        callbacks=[make_progress_callback(hooks), *extra_callbacks],
+        callbacks=[progress, *extra_callbacks],
     )
     started = time.perf_counter()
+    if eval_rows and resume_from is None and init_adapter is None:
+        trainer.evaluate()  # the validation loss before any update: where "did it learn?" starts from
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
     state = trainer.state
     stopped_early = hooks.should_stop()
+    best_step = int(state.best_model_checkpoint.rsplit("-", 1)[-1]) if eval_rows and state.best_model_checkpoint else None
     adapter_dir = None
     if not stopped_early:
         adapter_dir = output_dir / "adapter"
-        save_adapter(model, tokenizer, config, spec, adapter_dir)
+        save_adapter(trainer.model, tokenizer, config, spec, adapter_dir)  # the best checkpoint's weights, when validated
     return TrainingResult(
         stopped_early=stopped_early,
         global_step=state.global_step,
@@ -292,6 +324,9 @@ def run_lora_training(
         train_seconds=train_seconds,
         adapter_dir=adapter_dir,
         final_loss=output.training_loss if output else None,
+        eval_seconds=progress.eval_seconds,
+        best_step=best_step,
+        best_eval_loss=state.best_metric if best_step is not None else None,
     )
 
 

@@ -20,6 +20,11 @@ class TrainingJob(models.Model):
     dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.PROTECT, related_name="training_jobs")
     base_model = models.CharField(max_length=200)
     config = models.JSONField(default=dict)
+    # Why each setting has its value: "set by you" or the reason it was chosen from the data and model.
+    config_reasons = models.JSONField(default=dict, blank=True)
+    # A "continue training" run starts from its parent's adapter; its steps follow the parent's.
+    parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="continuations")
+    step_offset = models.PositiveIntegerField(default=0, help_text="Updates before this run (its parent's, for a continued run).")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     cancel_requested = models.BooleanField(default=False)
     current_step = models.PositiveIntegerField(default=0)
@@ -31,6 +36,10 @@ class TrainingJob(models.Model):
     # (what the machine is billed for); a resumed job adds to it.
     train_seconds = models.FloatField(default=0)
     eta_seconds = models.FloatField(null=True, blank=True)
+    # Of train_seconds, the time spent measuring validation loss.
+    eval_seconds = models.FloatField(default=0)
+    best_step = models.PositiveIntegerField(null=True, blank=True, help_text="Step of the checkpoint kept (lowest validation loss).")
+    best_eval_loss = models.FloatField(null=True, blank=True)
     device = models.CharField(max_length=32, blank=True)
     adapter_dir = models.CharField(max_length=500, blank=True)
     error_message = models.TextField(blank=True)
@@ -72,6 +81,15 @@ class TrainingJob(models.Model):
         if not self.total_steps:
             return 0.0
         return min(100.0, 100.0 * self.current_step / self.total_steps)
+
+    def share_eval_seconds(self) -> float:
+        """Share of the worker's time on this job that went to validation loss."""
+        return self.eval_seconds / self.train_seconds if self.train_seconds else 0.0
+
+    def best_step_text(self) -> str:
+        if self.best_step is None:
+            return "last step (no validation)"
+        return f"step {self.best_step} of {self.current_step}"
 
     @property
     def cost_usd(self) -> float:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
-from training_app.models import TrainingJob
+from training_app.config import RANGES
+from training_app.models import LossPoint, TrainingJob
+
+# "Still improving": the last validation loss is the best and fell by more than this share since the one before.
+STILL_FALLING = 0.03
+LEARNED = 0.5  # best validation loss at most half the starting one
+LEARNED_SOME = 0.9
 
 
 def jobs_for_user(user) -> QuerySet[TrainingJob]:
@@ -14,13 +22,90 @@ def jobs_for_user(user) -> QuerySet[TrainingJob]:
 
 def get_job_for_user(user, pk: int) -> TrainingJob:
     """Another user's job is a 404, never a 403 that confirms it exists."""
-    return get_object_or_404(TrainingJob.objects.select_related("dataset"), pk=pk, owner=user)
+    return get_object_or_404(TrainingJob.objects.select_related("dataset", "parent"), pk=pk, owner=user)
+
+
+def _lineage(job: TrainingJob) -> list[TrainingJob]:
+    """The job and the runs it continues, oldest first."""
+    chain = [job]
+    while chain[-1].parent_id is not None:
+        chain.append(TrainingJob.objects.get(pk=chain[-1].parent_id))
+    return chain[::-1]
 
 
 def loss_chart_data(job: TrainingJob) -> dict:
-    points = list(job.loss_points.values_list("step", "loss", "eval_loss"))
-    return {
-        "train": [{"x": step, "y": loss} for step, loss, _ in points if loss is not None],
-        "eval": [{"x": step, "y": eval_loss} for step, _, eval_loss in points if eval_loss is not None],
-        "total_steps": job.total_steps,
-    }
+    """One history: a continued run's points follow those of the runs it continues, up to where it took over."""
+    chain = _lineage(job)
+    train, evals = [], []
+    for run, successor in zip(chain, [*chain[1:], None], strict=True):
+        points = LossPoint.objects.filter(job=run)
+        if successor is not None:
+            points = points.filter(step__lte=successor.step_offset - run.step_offset)
+        for step, loss, eval_loss in points.values_list("step", "loss", "eval_loss"):
+            if loss is not None:
+                train.append({"x": run.step_offset + step, "y": loss})
+            if eval_loss is not None:
+                evals.append({"x": run.step_offset + step, "y": eval_loss})
+    return {"train": train, "eval": evals, "total_steps": job.step_offset + job.total_steps}
+
+
+def settings_rows(config: dict, reasons: dict) -> list[dict]:
+    """Every setting with its readable name, value and why it has that value."""
+    rows = [{"name": "target_modules", "label": "LoRA layers", "value": ", ".join(config.get("target_modules", []))}]
+    rows += [{"name": name, "label": spec.label, "value": config.get(name)} for name, spec in RANGES.items() if name in config]
+    for row in rows:
+        row["reason"] = reasons.get(row["name"], "")
+        row["auto"] = bool(row["reason"]) and row["reason"] != "set by you"
+    return rows
+
+
+@dataclass(frozen=True)
+class LearningVerdict:
+    """Whether a finished run learned, in plain words, from its validation (or training) loss."""
+
+    kind: str  # "learned", "some", "none", "unknown"
+    headline: str
+    detail: str
+    still_improving: bool
+    start: float | None = None
+    best: float | None = None
+
+
+def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
+    if job.status != TrainingJob.Status.COMPLETED:
+        return None
+    points = list(LossPoint.objects.filter(job=job).values_list("step", "loss", "eval_loss"))
+    evals = [(step, value) for step, _, value in points if value is not None]
+    source = "validation loss"
+    if len(evals) < 2:
+        # No validation examples: judge from the training loss (a weaker sign, and said so).
+        evals = [(step, value) for step, value, _ in points if value is not None]
+        source = "training loss (no validation examples)"
+    if len(evals) < 2:
+        return LearningVerdict("unknown", "Not enough loss measurements to tell whether it learned.", "", False)
+    start = evals[0][1] if job.parent_id is None else _parent_start(job, evals[0][1])
+    best_step, best = min(evals, key=lambda point: point[1])
+    last_step, last = evals[-1]
+    still = last <= best and len(evals) >= 2 and evals[-2][1] - last > STILL_FALLING * evals[-2][1]
+    change = f"{source} {start:.3g} → {best:.3g} ({(best - start) / start:+.0%})" if start else f"{source} {best:.3g}"
+    if best <= LEARNED * start:
+        kind, headline = "learned", "It learned."
+    elif best <= LEARNED_SOME * start:
+        kind, headline = "some", "It learned a little."
+    else:
+        kind, headline = "none", "It did not learn much."
+    detail = change + "."
+    if still:
+        detail += " The loss was still falling when training stopped: more epochs would likely help."
+    elif best_step < last_step and last > best * (1 + STILL_FALLING):
+        detail += f" It was lowest at step {job.step_offset + best_step} and rose afterwards (over-fitting)."
+    if job.best_step is not None:
+        detail += f" The checkpoint kept (served, evaluated, downloaded) is step {job.step_offset + job.best_step}, the one with the lowest validation loss."
+    return LearningVerdict(kind, headline, detail, still, start, best)
+
+
+def _parent_start(job: TrainingJob, fallback: float) -> float:
+    """A continued run is judged from where the whole history started."""
+    root = _lineage(job)[0]
+    first = LossPoint.objects.filter(job=root, eval_loss__isnull=False).order_by("step").values_list("eval_loss", flat=True).first()
+    return first if first is not None else fallback

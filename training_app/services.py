@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, replace
 import time
 import traceback
 from pathlib import Path
@@ -17,6 +18,7 @@ from django.utils import timezone
 from datasets_app.models import Dataset
 from inference_app.catalog import get_base_model_spec, get_catalog
 from inference_app.loading import ModelUnavailable
+from training_app.autoconfig import DataFacts, choose_settings, model_facts
 from training_app.config import ConfigResult, TrainingConfig, build_config
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from tuna_site.workers import orphaned, worker_host
@@ -52,6 +54,33 @@ def validate_training_config(data: dict[str, Any]) -> ConfigResult:
     return build_config(data, catalog=catalog, default_model=settings.TUNA_DEFAULT_BASE_MODEL, model_dirs=model_dirs)
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a job would run with: the user's settings, the chosen ones and why."""
+
+    config: TrainingConfig | None
+    reasons: dict[str, str]
+    errors: dict[str, str]
+
+
+def training_plan(*, dataset: Dataset, config_data: dict[str, Any]) -> TrainingPlan:
+    """Check the user's settings and choose the rest from the dataset and the base model."""
+    result = validate_training_config(config_data)
+    if result.errors:
+        return TrainingPlan(None, {}, result.errors)
+    explicit = dict(result.explicit)
+    base_model = explicit.pop("base_model")
+    stats = dataset.validation_report.get("stats", {}).get("example_tokens", {})
+    facts = DataFacts(
+        train_pool=dataset.num_train,
+        longest_tokens=stats.get("max"),
+        p95_tokens=stats.get("p95"),
+        **model_facts(get_base_model_spec(base_model).config_dir()),
+    )
+    config, reasons = choose_settings(explicit, facts, base_model=base_model)
+    return TrainingPlan(config, reasons, {})
+
+
 def _enqueue(job: TrainingJob) -> None:
     from django_q.tasks import async_task
 
@@ -61,12 +90,14 @@ def _enqueue(job: TrainingJob) -> None:
 def training_job_start(*, owner, dataset: Dataset, config_data: dict[str, Any]) -> TrainingJob:
     if not dataset.is_valid:
         raise DatasetNotTrainable(f"Dataset {dataset.name!r} is invalid ({dataset.error_count} errors); fix the file and upload it again.")
-    result = validate_training_config(config_data)
-    if result.errors:
-        raise ConfigInvalid(result.errors)
-    config = result.config
+    plan = training_plan(dataset=dataset, config_data=config_data)
+    if plan.errors:
+        raise ConfigInvalid(plan.errors)
+    config = plan.config
     with transaction.atomic():
-        job = TrainingJob.objects.create(owner=owner, dataset=dataset, base_model=config.base_model, config=config.to_dict())
+        job = TrainingJob.objects.create(
+            owner=owner, dataset=dataset, base_model=config.base_model, config=config.to_dict(), config_reasons=plan.reasons
+        )
         transaction.on_commit(lambda: _enqueue(job))
     logger.info("Training job %s queued by %s on dataset %s", job.pk, owner, dataset.pk)
     return job
@@ -84,6 +115,40 @@ def training_job_cancel(*, job: TrainingJob) -> TrainingJob:
     job.cancel_requested = True
     job.save(update_fields=["status", "completed_at", "cancel_requested"])
     return job
+
+
+MAX_CONTINUE_EPOCHS = 50
+
+
+@transaction.atomic
+def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> TrainingJob:
+    """A new run that starts from a completed job's adapter and trains `epochs` more epochs."""
+    from training_app.autoconfig import eval_every
+
+    job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+    if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
+        raise JobConflict(f"Only a completed fine-tune can be trained further; job #{job.pk} is {job.get_status_display().lower()}.")
+    parent = TrainingConfig.from_dict(job.config)
+    epochs = parent.num_epochs if epochs is None else epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_CONTINUE_EPOCHS:
+        raise ConfigInvalid({"epochs": f"Must be a whole number from 1 to {MAX_CONTINUE_EPOCHS}; got {epochs!r}."})
+    from training_app.lora import steps_per_epoch
+
+    updates = steps_per_epoch(parent, job.dataset.num_train - parent.eval_examples) * epochs
+    every = eval_every(updates, parent.eval_examples, parent.batch_size * parent.gradient_accumulation_steps) if parent.eval_examples else 0
+    config = replace(parent, num_epochs=epochs, max_steps=0, eval_steps=every, save_steps=every or max(1, updates // 10))
+    reasons = {**job.config_reasons, "num_epochs": f"{epochs} more epoch{'s' if epochs != 1 else ''} from job #{job.pk}'s adapter"}
+    child = TrainingJob.objects.create(
+        owner=job.owner,
+        dataset=job.dataset,
+        base_model=job.base_model,
+        config=config.to_dict(),
+        config_reasons=reasons,
+        parent=job,
+        step_offset=job.step_offset + (job.best_step if job.best_step is not None else job.current_step),
+    )
+    transaction.on_commit(lambda: _enqueue(child))
+    return child
 
 
 def resumable_checkpoint(job: TrainingJob) -> Path | None:
@@ -164,7 +229,7 @@ def readable_error(exc: BaseException) -> str:
 
 
 def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
-    from datasets_app.examples import held_out_examples, training_examples
+    from datasets_app.examples import training_examples, validation_examples
     from inference_app.loading import pick_device
     from training_app.lora import Progress, TrainingHooks, latest_checkpoint, run_lora_training
 
@@ -181,6 +246,7 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     previous_seconds = job.train_seconds
+    previous_eval_seconds = job.eval_seconds if resume_from else 0.0
     run_started = time.monotonic()
     tokens_at_start = job.tokens_seen if resume_from else 0
 
@@ -194,9 +260,12 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
             total_steps=p.total_steps,
             epoch=p.epoch,
             tokens_seen=p.tokens_seen,
-            tokens_per_second=run_tokens / p.train_seconds if p.train_seconds > 0 and run_tokens > 0 else F("tokens_per_second"),
+            tokens_per_second=run_tokens / (p.train_seconds - p.eval_seconds)
+            if p.train_seconds > p.eval_seconds and run_tokens > 0
+            else F("tokens_per_second"),
             train_seconds=previous_seconds + (time.monotonic() - run_started),
             eta_seconds=p.eta_seconds,
+            eval_seconds=previous_eval_seconds + p.eval_seconds,
             heartbeat_at=timezone.now(),
         )
         LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
@@ -208,11 +277,12 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
         config,
         spec=spec,
         plan=plan,
-        train_examples=training_examples(job.dataset),
-        eval_examples=held_out_examples(job.dataset),
+        train_examples=training_examples(job.dataset, validation=config.eval_examples),
+        eval_examples=validation_examples(job.dataset, validation=config.eval_examples),
         output_dir=out,
         hooks=TrainingHooks(on_progress=on_progress, should_stop=should_stop, on_start=on_start),
         resume_from=resume_from,
+        init_adapter=Path(job.parent.adapter_dir) if job.parent_id else None,
         extra_callbacks=extra_callbacks,
         hf_token=settings.HF_TOKEN,
     )
@@ -224,10 +294,15 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
         "train_seconds": previous_seconds + (time.monotonic() - run_started),
         "completed_at": finished,
         "eta_seconds": None,
+        "eval_seconds": previous_eval_seconds + result.eval_seconds,
+        "best_step": result.best_step,
+        "best_eval_loss": result.best_eval_loss,
     }
     run_tokens = result.tokens_seen - tokens_at_start
-    if result.train_seconds > 0 and run_tokens > 0:
-        fields["tokens_per_second"] = run_tokens / result.train_seconds
+    # Training speed without the validation passes: estimates add those apart.
+    training_seconds = result.train_seconds - result.eval_seconds
+    if training_seconds > 0 and run_tokens > 0:
+        fields["tokens_per_second"] = run_tokens / training_seconds
     if result.stopped_early:
         fields["status"] = TrainingJob.Status.CANCELLED
     else:

@@ -8,10 +8,13 @@ urlpatterns = [
     path("training/<int:pk>", views.training_detail, name="training-detail"),
     path("training/<int:pk>/cancel", views.training_cancel, name="training-cancel"),
     path("training/<int:pk>/resume", views.training_resume, name="training-resume"),
+    path("training/<int:pk>/continue", views.training_continue, name="training-continue"),
+    path("training/estimate/<int:dataset_pk>", views.training_estimate_fragment, name="training-estimate"),
     path("training/<int:pk>/adapter.zip", views.training_adapter, name="training-adapter"),
     path("api/training", api.TrainingJobListApi.as_view(), name="api-training-list"),
     path("api/training/start", api.TrainingJobStartApi.as_view(), name="api-training-start"),
     path("api/training/<int:pk>", api.TrainingJobDetailApi.as_view(), name="api-training-detail"),
     path("api/training/<int:pk>/resume", api.TrainingJobResumeApi.as_view(), name="api-training-resume"),
+    path("api/training/<int:pk>/continue", api.TrainingJobContinueApi.as_view(), name="api-training-continue"),
     path("api/training/<int:pk>/adapter", api.TrainingJobAdapterApi.as_view(), name="api-training-adapter"),
 ]

@@ -4,7 +4,6 @@ import io
 import zipfile
 from pathlib import Path
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
@@ -14,9 +13,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from datasets_app.selectors import get_dataset_for_user
 from inference_app.catalog import get_catalog
 from training_app import services
-from training_app.config import RANGES, TrainingConfig
+from datasets_app.examples import validation_lines
+from training_app.config import RANGES
 from training_app.estimates import training_estimate
-from training_app.selectors import get_job_for_user, jobs_for_user, loss_chart_data
+from training_app.selectors import get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
 
 
 @login_required
@@ -28,47 +28,61 @@ def training_list(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def training_new(request: HttpRequest, dataset_pk: int) -> HttpResponse:
+    """The confirmation form: every setting the job would run with and why; a change re-renders the plan."""
     dataset = get_dataset_for_user(request.user, dataset_pk)
-    errors: dict[str, str] = {}
-    values = {k: v for k, v in request.POST.items() if k != "csrfmiddlewaretoken" and v != ""}
-    if request.method == "POST":
+    values = {k: v for k, v in request.POST.items() if k not in ("csrfmiddlewaretoken", "preview") and v != ""}
+    plan = services.training_plan(dataset=dataset, config_data=values)
+    if request.method == "POST" and not request.POST.get("preview") and not plan.errors:
         try:
             job = services.training_job_start(owner=request.user, dataset=dataset, config_data=values)
-        except services.ConfigInvalid as exc:
-            errors = exc.errors
         except services.DatasetNotTrainable as exc:
             messages.error(request, str(exc))
             return redirect(dataset)
-        else:
-            return redirect(job)
-    defaults = TrainingConfig(base_model=settings.TUNA_DEFAULT_BASE_MODEL)
+        return redirect(job)
+    defaults = plan.config or services.training_plan(dataset=dataset, config_data={}).config
     context = {
         "dataset": dataset,
         "catalog": get_catalog(),
         "fields": [
-            {"name": name, "spec": spec, "default": getattr(defaults, name), "value": values.get(name, ""), "error": errors.get(name)}
+            {"name": name, "spec": spec, "chosen": getattr(defaults, name), "value": values.get(name, ""), "error": plan.errors.get(name)}
             for name, spec in RANGES.items()
         ],
         "defaults": defaults,
         "values": values,
-        "errors": errors,
-        "estimate": training_estimate(
-            dataset=dataset, base_model=values.get("base_model"), num_epochs=_int(values.get("num_epochs"), defaults.num_epochs)
-        ),
+        "errors": plan.errors,
+        **_plan_context(dataset, plan),
     }
-    return render(request, "training_app/training_new.html", context, status=400 if errors else 200)
+    status = 400 if plan.errors and not request.POST.get("preview") else 200
+    if request.htmx and request.POST.get("preview"):
+        return render(request, "training_app/_plan.html", context)
+    return render(request, "training_app/training_new.html", context, status=status)
 
 
-def _int(raw, default: int) -> int:
-    try:
-        return max(1, int(raw))
-    except (TypeError, ValueError):
-        return default
+def _plan_context(dataset, plan: services.TrainingPlan) -> dict:
+    if plan.config is None:
+        return {"rows": [], "estimate": None, "validation_lines": None}
+    return {
+        "rows": settings_rows(plan.config.to_dict(), plan.reasons),
+        "estimate": training_estimate(dataset=dataset, config=plan.config),
+        "validation_lines": validation_lines(dataset, validation=plan.config.eval_examples),
+    }
+
+
+@login_required
+@require_GET
+def training_estimate_fragment(request: HttpRequest, dataset_pk: int) -> HttpResponse:
+    """The default plan's estimate, for the dataset page (loaded as a fragment)."""
+    dataset = get_dataset_for_user(request.user, dataset_pk)
+    if not dataset.is_valid:
+        raise Http404("An invalid dataset cannot be trained.")
+    context = {"dataset": dataset, **_plan_context(dataset, services.training_plan(dataset=dataset, config_data={}))}
+    return render(request, "training_app/_estimate.html", context)
 
 
 def _progress_context(job) -> dict:
     return {
         "job": job,
+        "verdict": learning_verdict(job),
         "chart": loss_chart_data(job),
         "chart_id": f"loss-data-{job.pk}",
         "queue_position": services.queue_position(job) if job.status == job.Status.QUEUED else None,
@@ -83,7 +97,13 @@ def training_detail(request: HttpRequest, pk: int) -> HttpResponse:
     if request.htmx:
         return render(request, "training_app/_progress.html", _progress_context(job))
     context = _progress_context(job)
-    context["evaluations"] = job.evaluations.all()[:10]
+    config = job.config
+    context.update(
+        evaluations=job.evaluations.all()[:10],
+        continuations=job.continuations.all(),
+        rows=settings_rows(config, job.config_reasons),
+        validation_lines=validation_lines(job.dataset, validation=config.get("eval_examples", 0)) if job.config_reasons else None,
+    )
     return render(request, "training_app/training_detail.html", context)
 
 
@@ -107,6 +127,31 @@ def training_cancel(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def training_resume(request: HttpRequest, pk: int) -> HttpResponse:
     return _job_action(request, pk, services.training_job_resume, "Job #{pk} is queued to resume from its last checkpoint.")
+
+
+@login_required
+@require_POST
+def training_continue(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_job_for_user(request.user, pk)
+    try:
+        child = services.training_job_continue(job=job, epochs=_epochs(request.POST.get("epochs")))
+    except services.JobConflict as exc:
+        messages.error(request, str(exc))
+        return redirect(job)
+    except services.ConfigInvalid as exc:
+        messages.error(request, f"Epochs: {exc.errors['epochs']}")
+        return redirect(job)
+    messages.success(request, f"Job #{child.pk} continues job #{job.pk} from its adapter.")
+    return redirect(child)
+
+
+def _epochs(raw: str | None) -> int | str | None:
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return raw
 
 
 @login_required

@@ -4,42 +4,12 @@ import json
 
 import pytest
 from django.urls import reverse
-from django.utils import timezone
 
 from evaluation_app import metrics, services
-from evaluation_app.models import Evaluation, EvaluationExample, Rating
+from evaluation_app.models import Evaluation, Rating
 from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def job(alice, valid_dataset):
-    return job_row(alice, valid_dataset, status="completed", adapter_dir="/nonexistent")
-
-
-@pytest.fixture
-def evaluation(alice, job):
-    evaluation = Evaluation.objects.create(
-        owner=alice,
-        training_job=job,
-        status="completed",
-        test_size=4,
-        done=4,
-        completed_at=timezone.now(),
-        metrics={"base_model": {"exact_match": 0.0}, "finetuned_model": {"exact_match": 1.0}, "improvements": {}},
-    )
-    for i, side in enumerate("ABBA"):
-        EvaluationExample.objects.create(
-            evaluation=evaluation,
-            index=i,
-            messages=[{"role": "user", "content": f"prompt <b>{i}</b>"}],
-            reference=f"ref {i}",
-            base_output=f"base answer {i}",
-            finetuned_output=f"tuned answer {i}",
-            finetuned_side=side,
-        )
-    return evaluation
 
 
 def test_it_computes_the_wilson_interval_like_by_hand():
@@ -79,12 +49,56 @@ def test_it_reveals_the_models_after_a_vote_and_lets_me_change_it(alice_client, 
     response = alice_client.post(url, {"choice": "B"}, HTTP_HX_REQUEST="true")
     assert response.status_code == 200
     html = response.content.decode()
-    assert "B: Fine-tuned" in html and "A: Base" in html
+    assert 'id="last-vote"' in html and "B was the fine-tuned model" in html
     assert 'id="win-rate-card"' in html and 'hx-swap-oob="true"' in html
     assert Rating.objects.get(user=alice).preferred_model == "finetuned"
+    # Back on example 1, the names are shown and the vote can be changed.
+    back = alice_client.get(reverse("evaluation-example", args=[evaluation.pk, 1]), HTTP_HX_REQUEST="true").content.decode()
+    assert "B: Fine-tuned" in back and "A: Base" in back and 'id="your-vote"' in back
     alice_client.post(url, {"choice": "A"}, HTTP_HX_REQUEST="true")
     assert Rating.objects.get(user=alice).preferred_model == "base"
     assert Rating.objects.count() == 1
+
+
+def test_it_leaves_the_blind_win_rate_alone_for_a_vote_cast_with_names_shown(alice_client, alice, evaluation):
+    url = reverse("evaluation-vote", args=[evaluation.pk, 0])
+    response = alice_client.post(f"{url}?blind=0", {"choice": "A", "blind": "0"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    rating = Rating.objects.get(user=alice)
+    assert rating.preferred_model == "finetuned" and rating.blind is False
+    summary = services.vote_summary(evaluation, alice)
+    assert summary["win_rate"] is None and summary["decisive"] == 0 and summary["shown"] == 1
+    assert summary["cast"] == 1 and summary["remaining"] == 3
+    assert "1 vote cast with names shown is not counted in the blind win rate" in response.content.decode()
+
+
+def test_it_counts_a_vote_cast_blind_in_the_win_rate(alice_client, alice, evaluation):
+    response = alice_client.post(reverse("evaluation-vote", args=[evaluation.pk, 0]), {"choice": "A", "blind": "1"}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    assert Rating.objects.get(user=alice).blind is True
+    summary = services.vote_summary(evaluation, alice)
+    assert summary["win_rate"] == 1.0 and summary["decisive"] == 1 and summary["shown"] == 0
+    assert 'id="win-rate">1.00<' in response.content.decode()
+
+
+def test_it_marks_a_vote_changed_after_the_reveal_as_not_blind(alice_client, alice, evaluation):
+    url = reverse("evaluation-vote", args=[evaluation.pk, 0])
+    alice_client.post(url, {"choice": "A", "blind": "1"}, HTTP_HX_REQUEST="true")  # example 0: A is the fine-tune
+    alice_client.post(url, {"choice": "B", "blind": "1"}, HTTP_HX_REQUEST="true")  # the names were shown after the first vote
+    rating = Rating.objects.get(user=alice)
+    assert rating.preferred_model == "base" and rating.blind is False
+    assert services.vote_summary(evaluation, alice)["win_rate"] is None
+
+
+def test_it_takes_a_blind_flag_in_the_rate_api(alice_api, alice, evaluation):
+    url = f"/api/evaluation/{evaluation.pk}/rate"
+    first = alice_api.post(url, {"example_index": 0, "preferred_model": "finetuned"}, format="json")
+    assert first.status_code == 201 and first.json()["blind"] is True
+    shown = alice_api.post(url, {"example_index": 1, "preferred_model": "base", "blind": False}, format="json")
+    assert shown.status_code == 201 and shown.json()["blind"] is False
+    assert dict(Rating.objects.values_list("example__index", "blind")) == {0: True, 1: False}
+    votes = alice_api.get(f"/api/evaluation/{evaluation.pk}").json()["votes"]
+    assert votes["win_rate"] == 1.0 and votes["shown"] == 1 and votes["cast"] == 2
 
 
 def test_it_rates_through_the_api_one_vote_per_user_per_example(alice_api, alice, evaluation):
@@ -101,7 +115,7 @@ def test_it_rates_through_the_api_one_vote_per_user_per_example(alice_api, alice
 
 def test_it_summarises_votes_with_win_rate_and_interval(alice, evaluation):
     for index, choice in enumerate(["finetuned", "finetuned", "base", "tie"]):
-        services.rating_set(user=alice, evaluation=evaluation, example_index=index, preferred_model=choice)
+        services.rating_set(user=alice, evaluation=evaluation, example_index=index, preferred_model=choice, blind=True)
     summary = services.vote_summary(evaluation, alice)
     assert summary["cast"] == 4 and summary["remaining"] == 0 and summary["decisive"] == 3
     assert summary["win_rate"] == pytest.approx(2 / 3)
@@ -112,9 +126,9 @@ def test_it_summarises_votes_with_win_rate_and_interval(alice, evaluation):
 
 
 def test_it_exports_votes_as_a_preference_dataset(alice_client, alice_api, alice, evaluation):
-    services.rating_set(user=alice, evaluation=evaluation, example_index=0, preferred_model="finetuned")
-    services.rating_set(user=alice, evaluation=evaluation, example_index=1, preferred_model="base")
-    services.rating_set(user=alice, evaluation=evaluation, example_index=2, preferred_model="both_bad")
+    services.rating_set(user=alice, evaluation=evaluation, example_index=0, preferred_model="finetuned", blind=True)
+    services.rating_set(user=alice, evaluation=evaluation, example_index=1, preferred_model="base", blind=True)
+    services.rating_set(user=alice, evaluation=evaluation, example_index=2, preferred_model="both_bad", blind=True)
     response = alice_client.get(reverse("evaluation-preferences", args=[evaluation.pk]))
     rows = [json.loads(line) for line in response.content.decode().splitlines()]
     assert rows[0] == {

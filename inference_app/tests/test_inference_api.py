@@ -122,7 +122,7 @@ def test_it_refuses_a_playground_prompt_longer_than_the_context(alice_client, al
 
 
 def generate_concurrently(loaded, rows, *, max_new_tokens: int, window_s: float, adapter_path: str | None = None):
-    """Send one (prompt, adapter) request per thread to a fresh batching engine; return it and the answers."""
+    """Send one (prompt, adapter) request per thread to a fresh batching engine; return it and the requests."""
     import threading
 
     from inference_app.batching import BatchingEngine, GenerationRequest
@@ -143,7 +143,7 @@ def generate_concurrently(loaded, rows, *, max_new_tokens: int, window_s: float,
         t.start()
     for t in threads:
         t.join(timeout=120)
-    return engine, [r.result.text for r in requests]
+    return engine, requests
 
 
 def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
@@ -153,9 +153,9 @@ def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
     loaded = registry.get()
     prompts = ["What is the capital of France?", "Name three colours.", "Say hello in Spanish.", "What is 2 + 2?"]
     alone = [generate_chat(loaded, [{"role": "user", "content": p}], max_new_tokens=24).text for p in prompts]
-    engine, batched = generate_concurrently(loaded, [(p, None) for p in prompts], max_new_tokens=24, window_s=0.2)
+    engine, requests = generate_concurrently(loaded, [(p, None) for p in prompts], max_new_tokens=24, window_s=0.2)
     assert engine.largest_batch == 4 and engine.batches_run == 1
-    assert batched == alone
+    assert [r.result.text for r in requests] == alone
 
 
 def test_it_batches_base_and_fine_tuned_requests_together_with_the_same_answers_as_alone(trained_adapter):
@@ -169,11 +169,42 @@ def test_it_batches_base_and_fine_tuned_requests_together_with_the_same_answers_
     alone = [generate_chat(loaded, [{"role": "user", "content": p}], adapter=a, max_new_tokens=40).text for p, a in rows]
     assert alone[0] != alone[1]  # the adapter changes the answer, so routing rows to it matters
     try:
-        engine, batched = generate_concurrently(loaded, rows, max_new_tokens=40, window_s=0.3, adapter_path=str(trained_adapter))
+        engine, requests = generate_concurrently(loaded, rows, max_new_tokens=40, window_s=0.3, adapter_path=str(trained_adapter))
     finally:
         loaded.detach_adapter("mixed-a")
     assert engine.batches_run == 1 and engine.largest_batch == 4
-    assert batched == alone
+    assert [r.result.text for r in requests] == alone
+
+
+def test_it_splits_a_shared_batch_s_time_between_its_rows(alice, settings, monkeypatch):
+    from inference_app import batching, services
+    from inference_app.registry import registry
+
+    loaded = registry.get()
+    engine = batching.BatchingEngine(loaded, max_batch=4, window_s=0.3)
+    # The services' calls go to this fresh engine, so its counters are theirs alone.
+    monkeypatch.setitem(batching._engines, id(loaded), engine)
+    base = services.resolve_model(alice, "base:smollm2-135m-instruct")
+    prompts = ["What is the capital of France?", "Name three colours.", "Say hello in Spanish.", "Count from one to twenty."]
+    # Different token limits, so rows leave the batch at different steps.
+    calls = [
+        services.prepare_call(user=alice, model=base, endpoint="api/inference", messages=[{"role": "user", "content": p}], max_tokens=n)
+        for p, n in zip(prompts, (8, 16, 24, 32), strict=True)
+    ]
+    results = services.run_calls(calls)
+    assert engine.batches_run == 1 and engine.largest_batch == 4
+    assert len({c.request.started for c in calls}) == 1  # one batch start for every row
+    wall_ms = max(r.latency_ms for r in results)  # batch start to its last row's finish
+    compute_ms = [r.compute_ms for r in results]
+    print(f"batch wall {wall_ms:.1f} ms; compute {[round(c, 1) for c in compute_ms]}, sum {sum(compute_ms):.1f} ms")
+    assert sum(compute_ms) == pytest.approx(wall_ms, rel=0.15)  # not 4x the batch's time
+    for result in results:
+        assert 0 < result.compute_ms <= result.latency_ms and result.queue_ms >= 0
+    logs = UsageLog.objects.filter(user=alice, status="ok").order_by("id")
+    assert [log.compute_ms for log in logs] == pytest.approx(compute_ms)
+    for log in logs:
+        assert log.cost_usd == pytest.approx(log.compute_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
+        assert log.queue_ms >= 0 and log.latency_ms >= log.compute_ms
 
 
 def test_it_keeps_a_bounded_adapter_cache_without_reloading_the_base(settings, trained_adapter):
@@ -200,3 +231,22 @@ def test_it_shows_usage_totals_and_the_playground(alice_client, alice, finetuned
     usage = alice_client.get(reverse("usage")).content.decode()
     assert finetuned_job.model_id in usage and "usage-chart-data" in usage
     assert UsageLog.objects.filter(user=alice, endpoint="playground").count() == 2
+
+
+def test_it_times_a_playground_answer_from_its_own_batch_start(alice_client, alice, finetuned_job, settings):
+    response = alice_client.post(reverse("playground"), {"model": finetuned_job.model_id, "prompt": ORDER}, HTTP_HX_REQUEST="true")
+    assert response.status_code == 200
+    base, tuned = UsageLog.objects.filter(user=alice, endpoint="playground").order_by("id")
+    assert (base.model_id, tuned.model_id) == ("base:smollm2-135m-instruct", finetuned_job.model_id)
+    print(
+        f"base {base.latency_ms:.0f} ms (compute {base.compute_ms:.0f}, queue {base.queue_ms:.0f}); "
+        f"fine-tune {tuned.latency_ms:.0f} ms (compute {tuned.compute_ms:.0f}, queue {tuned.queue_ms:.0f})"
+    )
+    # Had the fine-tune's clock started while the base generated, its latency would be at least the base's
+    # latency plus its own compute time.
+    assert tuned.latency_ms < base.latency_ms + tuned.compute_ms
+    for log in (base, tuned):
+        assert 0 < log.compute_ms <= log.latency_ms and log.queue_ms >= 0
+        assert log.cost_usd == pytest.approx(log.compute_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
+    html = response.content.decode()
+    assert "queue" in html and f"${tuned.cost_usd:.6f}" in html

@@ -12,18 +12,22 @@ from tuna_site.testing import job_row
 pytestmark = pytest.mark.django_db
 
 
-def test_it_starts_a_job_with_the_seed_defaults(alice_api, valid_dataset, django_capture_on_commit_callbacks):
+def test_it_starts_a_job_with_settings_chosen_from_the_data_and_says_why(alice_api, valid_dataset, django_capture_on_commit_callbacks):
     from django_q.models import OrmQ
 
     with django_capture_on_commit_callbacks(execute=True):
-        response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk}, format="json")
+        response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": {"batch_size": 2}}, format="json")
     assert response.status_code == 201
     body = response.json()
     assert body["status"] == "queued"
-    config = body["config"]
-    assert (config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
-    assert config["target_modules"] == ["q_proj", "v_proj"]
-    assert (config["num_epochs"], config["batch_size"], config["learning_rate"], config["max_seq_length"]) == (3, 4, 2e-4, 512)
+    config, reasons = body["config"], body["config_reasons"]
+    # 16 training examples: too few to set validation aside; enough epochs for about 60 updates.
+    assert config["eval_examples"] == 0 and "too few" in reasons["eval_examples"]
+    assert config["batch_size"] == 2 and reasons["batch_size"] == "set by you"
+    assert config["num_epochs"] * 8 >= 60 and reasons["num_epochs"].startswith("16 examples: ")
+    assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (config["lora_r"], config["lora_alpha"], config["learning_rate"]) == (16, 32, 1e-3)
+    assert "134M parameters" in reasons["learning_rate"]  # SmolLM2-135M has 134.5M
     assert config["base_model"] == "smollm2-135m-instruct"
     assert OrmQ.objects.count() == 1  # handed to the worker
 
@@ -120,16 +124,40 @@ def test_it_answers_404_for_an_adapter_that_does_not_exist(alice_api, alice, val
     assert alice_api.get(f"/api/training/{job.pk}/adapter").status_code == 404
 
 
-def test_it_shows_the_start_form_with_defaults_and_a_measured_estimate(alice_client, valid_dataset):
+def test_it_shows_the_start_form_with_every_chosen_setting_and_a_robust_estimate(alice_client, valid_dataset):
     from training_app.models import ThroughputMeasurement
 
-    page = alice_client.get(reverse("training-new", args=[valid_dataset.pk])).content.decode()
+    url = reverse("training-new", args=[valid_dataset.pk])
+    page = alice_client.get(url).content.decode()
     assert "No training speed has been measured" in page
-    ThroughputMeasurement.objects.create(base_model="smollm2-135m-instruct", device="cpu", tokens_per_second=400, source="calibration")
-    page = alice_client.get(reverse("training-new", args=[valid_dataset.pk])).content.decode()
-    assert "measured 400 tokens/s on cpu" in page
-    assert 'placeholder="2e-4"' in page or 'placeholder="0.0002"' in page
-    assert "Advanced" in page and "target_modules" in page
+    for speed in (100, 400, 420):  # one slow run on a busy machine must not swing the estimate
+        ThroughputMeasurement.objects.create(base_model="smollm2-135m-instruct", device="cpu", tokens_per_second=speed, source="job")
+    page = alice_client.get(url).content.decode()
+    assert "400 tokens/s, the median of measured runs on cpu" in page and "differ by up to" in page
+    assert 'placeholder="auto: 0.001"' in page
+    assert ">Epochs <input" in page and "num_epochs <input" not in page  # readable names, not raw setting names
+    assert "auto: 16 examples: " in page and "LoRA layers" in page
+    # A change re-renders the plan: the user's value, marked as theirs.
+    preview = alice_client.post(url, {"num_epochs": "2", "preview": "1"}, headers={"HX-Request": "true"})
+    assert preview.status_code == 200 and TrainingJob.objects.count() == 0
+    assert '<tr data-setting="num_epochs"><th>Epochs</th><td class="num">2</td><td class="small ">set by you' in preview.content.decode()
+
+
+def test_it_estimates_the_work_the_job_will_run(valid_dataset):
+    from dataclasses import replace
+
+    from training_app.estimates import training_estimate
+    from training_app.models import ThroughputMeasurement
+
+    ThroughputMeasurement.objects.create(base_model="smollm2-135m-instruct", device="cpu", tokens_per_second=400, source="job")
+    config = services.training_plan(dataset=valid_dataset, config_data={"eval_examples": 0}).config
+    full = training_estimate(dataset=valid_dataset, config=config)
+    short = training_estimate(dataset=valid_dataset, config=replace(config, max_steps=2))
+    assert short["updates"] == 2 and short["seconds"] < full["seconds"] / 5  # max_steps counts
+    cut = training_estimate(dataset=valid_dataset, config=replace(config, max_seq_length=32))
+    assert cut["tokens"] < full["tokens"] / 2  # examples cut at max_seq_length count as cut
+    validated = training_estimate(dataset=valid_dataset, config=replace(config, eval_examples=4, eval_steps=2))
+    assert validated["evaluations"] > 0 and validated["eval_seconds"] > 0  # validation passes take time too
 
 
 def test_it_shows_field_errors_on_the_start_form(alice_client, valid_dataset):

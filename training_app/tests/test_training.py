@@ -49,7 +49,9 @@ def test_it_trains_end_to_end_and_saves_a_working_adapter(alice, valid_dataset):
     assert job.started_at and job.completed_at and job.device == "cpu"
     losses = list(job.loss_points.exclude(loss=None).values_list("step", flat=True))
     assert losses == [1, 2, 3, 4]
-    assert job.loss_points.exclude(eval_loss=None).count() == 2
+    # Validation before the first update, then every 2 updates (the last one included).
+    assert list(job.loss_points.exclude(eval_loss=None).values_list("step", flat=True)) == [0, 2, 4]
+    assert 0 < job.eval_seconds < job.train_seconds
     assert ThroughputMeasurement.objects.filter(source=f"training job #{job.pk}").exists()
 
     adapter = Path(job.adapter_dir)
@@ -65,7 +67,8 @@ def test_it_trains_end_to_end_and_saves_a_working_adapter(alice, valid_dataset):
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: it changed
     reloaded = dict(model.get_base_model().named_parameters())
     for name, param in pristine.named_parameters():
-        key = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight", "v_proj.base_layer.weight")
+        module, leaf = name.rsplit(".", 1)
+        key = name if name in reloaded else f"{module}.base_layer.{leaf}"  # layers wrapped by LoRA
         assert torch.equal(reloaded[key], param), name  # base weights untouched
 
     ids = tokenizer("Extract the order: two red caps", return_tensors="pt")
@@ -146,3 +149,48 @@ def test_it_downloads_the_adapter_as_a_zip(alice, alice_api, valid_dataset):
     names = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).namelist()
     assert f"tuna-job-{job.pk}-adapter/adapter_model.safetensors" in names
     assert f"tuna-job-{job.pk}-adapter/tuna_training_config.json" in names
+
+
+def test_it_trains_on_neither_validation_nor_held_out_examples(alice, valid_dataset):
+    from datasets_app.examples import held_out_examples, training_examples, validation_examples
+
+    trained = training_examples(valid_dataset, validation=2)
+    validation = validation_examples(valid_dataset, validation=2)
+    held_out = held_out_examples(valid_dataset)
+    assert (len(trained), len(validation), len(held_out)) == (14, 2, 4)
+    prompts = [[m["content"] for m in example] for example in trained]
+    assert not any(example_prompts in prompts for example_prompts in ([m["content"] for m in e] for e in validation + held_out))
+
+
+def test_it_keeps_the_checkpoint_with_the_lowest_validation_loss_and_continues_from_it(alice, alice_client, valid_dataset):
+    from safetensors.torch import load_file
+
+    from training_app.selectors import loss_chart_data
+
+    job = start(alice, valid_dataset, max_steps=6, learning_rate=5e-3)
+    tasks.training_job_execute(job.pk)
+    job.refresh_from_db()
+    assert job.status == "completed", job.error_message
+    validations = dict(job.loss_points.exclude(eval_loss=None).exclude(step=0).values_list("step", "eval_loss"))
+    assert set(validations) == {2, 4, 6}
+    assert job.best_step == min(validations, key=validations.get)
+    assert job.best_eval_loss == pytest.approx(validations[job.best_step])
+    kept = load_file(str(Path(job.adapter_dir) / "adapter_model.safetensors"))
+    best = load_file(str(services.job_dir(job) / "checkpoints" / f"checkpoint-{job.best_step}" / "adapter_model.safetensors"))
+    assert kept.keys() == best.keys() and all((kept[k] == best[k]).all() for k in kept)
+    page = alice_client.get(f"/training/{job.pk}").content.decode()
+    assert f"is step {job.best_step}, the one with the lowest validation loss" in page
+
+    child = services.training_job_continue(job=job, epochs=1)
+    assert child.parent_id == job.pk and child.step_offset == job.best_step
+    tasks.training_job_execute(child.pk)
+    child.refresh_from_db()
+    assert child.status == "completed", child.error_message
+    assert child.current_step == 7  # one epoch of the 14 trained examples at batch 2
+    chart = loss_chart_data(child)
+    steps = [point["x"] for point in chart["train"]]
+    # One history: the parent's points up to the checkpoint it kept, then the continued run's.
+    assert steps == list(range(1, job.best_step + 1)) + [job.best_step + s for s in range(1, 8)]
+    assert chart["total_steps"] == job.best_step + 7
+    continued = load_file(str(Path(child.adapter_dir) / "adapter_model.safetensors"))
+    assert continued.keys() == kept.keys() and any(not (continued[k] == kept[k]).all() for k in kept)

@@ -1,0 +1,69 @@
+"""Settings chosen from the data and the model: pure rules, no database, no model."""
+
+from training_app.autoconfig import MIN_UPDATES, DataFacts, choose_settings, estimate_parameters, eval_every, validation_count
+
+LLAMA_8B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+
+
+def small_model(train_pool: int, **facts) -> DataFacts:
+    return DataFacts(train_pool=train_pool, longest_tokens=90, p95_tokens=80, parameters=135_000_000, model_type="llama", **facts)
+
+
+def test_it_counts_parameters_from_a_config_alone():
+    assert 7.9e9 < estimate_parameters(LLAMA_8B) < 8.1e9
+    assert estimate_parameters({"model_type": "mystery"}) is None
+
+
+def test_it_gives_a_small_dataset_enough_updates_to_learn():
+    config, reasons = choose_settings({}, small_model(48), base_model="m")
+    trained = 48 - config.eval_examples
+    updates = -(-trained // config.batch_size) * config.num_epochs
+    assert config.eval_examples == validation_count(48) == 5
+    assert MIN_UPDATES <= updates < MIN_UPDATES + -(-trained // config.batch_size)
+    assert reasons["num_epochs"] == f"{trained} examples: {config.num_epochs} epochs = {updates} updates, because a small dataset needs about 60 updates to learn its format"
+    assert config.learning_rate == 1e-3 and config.lora_r == 16 and len(config.target_modules) == 7
+    assert config.max_seq_length == 128 and "90 tokens" in reasons["max_seq_length"]
+
+
+def test_it_keeps_three_epochs_for_a_mid_sized_dataset_and_fewer_for_a_large_one():
+    assert choose_settings({}, small_model(400), base_model="m")[0].num_epochs == 3
+    big, reasons = choose_settings({}, small_model(40_000), base_model="m")
+    assert big.num_epochs == 1 and "large dataset" in reasons["num_epochs"]
+
+
+def test_it_uses_the_common_rate_for_big_or_unknown_models():
+    big = DataFacts(train_pool=48, parameters=estimate_parameters(LLAMA_8B), model_type="llama")
+    assert choose_settings({}, big, base_model="m")[0].learning_rate == 2e-4
+    unknown, reasons = choose_settings({}, DataFacts(train_pool=48), base_model="m")
+    assert unknown.learning_rate == 2e-4 and "unknown" in reasons["learning_rate"]
+    assert unknown.target_modules == ("q_proj", "v_proj")
+
+
+def test_it_lets_the_user_override_any_choice():
+    config, reasons = choose_settings({"num_epochs": 2, "learning_rate": 5e-5, "eval_examples": 0}, small_model(48), base_model="m")
+    assert (config.num_epochs, config.learning_rate, config.eval_examples) == (2, 5e-5, 0)
+    assert reasons["num_epochs"] == reasons["learning_rate"] == reasons["eval_examples"] == "set by you"
+    assert config.eval_steps == 0
+
+
+def test_it_bounds_validation_to_about_a_tenth_of_training_compute():
+    # One validation pass over V examples costs about V/3 example-updates; ten percent of 66 updates x 4 examples.
+    every = eval_every(66, 5, 4)
+    evaluations = -(-66 // every) + 2  # plus the one before training and the one at the end
+    assert evaluations * 5 / 3 <= 0.1 * 66 * 4 * 1.05
+    config, _ = choose_settings({}, small_model(48), base_model="m")
+    assert config.save_steps == config.eval_steps  # a checkpoint at each validation, so the best can be kept
+
+
+def test_it_cuts_only_very_long_examples():
+    config, reasons = choose_settings({}, DataFacts(train_pool=100, longest_tokens=9000, p95_tokens=700, context=8192), base_model="m")
+    assert config.max_seq_length == 704 and "95%" in reasons["max_seq_length"]
