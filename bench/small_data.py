@@ -7,6 +7,7 @@ Prints one row per task: the settings the platform chose, training time, held-ou
 ROUGE-L and loss for the base and the fine-tuned model.
 
     .venv/bin/python bench/small_data.py                      # every task, default settings
+    .venv/bin/python bench/small_data.py --compare            # the previous release's defaults beside today's, per task
     .venv/bin/python bench/small_data.py --tasks tickets --config '{"num_epochs": 3}'   # an experiment
     .venv/bin/python bench/small_data.py --tasks sample       # the sample dataset, for comparison
 """
@@ -47,13 +48,25 @@ def run_task(owner, task: str, config: dict) -> dict:
     return {"task": task, "dataset": dataset, "job": job, "evaluation": evaluation, "train_wall": train_wall, "eval_wall": eval_wall, "m": m}
 
 
+# The defaults before settings were chosen from the data: r 8 on q/v, lr 2e-4, 3 epochs, batch 4, no validation.
+PREVIOUS_DEFAULTS = {
+    "num_epochs": 3,
+    "learning_rate": 2e-4,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "target_modules": ["q_proj", "v_proj"],
+    "max_seq_length": 512,
+    "eval_examples": 0,
+}
+
+
 def print_row(row: dict) -> None:
     job, m, n = row["job"], row["m"], row["evaluation"].test_size
     cfg = job.config
     base, tuned = m["base_model"], m["finetuned_model"]
-    modules = "all" if len(cfg["target_modules"]) > 2 else "+".join(cfg["target_modules"])
+    modules = "all" if len(cfg["target_modules"]) > 2 else "/".join(m.removesuffix("_proj") for m in cfg["target_modules"])
     print(
-        f"{row['task']:<9} {row['dataset'].num_train:>3}/{n:<3} {cfg['num_epochs']:>3} {job.total_steps:>4} {cfg['learning_rate']:>7g} "
+        f"{row['task']:<9} {row['label']:<9} {row['dataset'].num_train:>3}/{n:<3} {cfg['num_epochs']:>3} {job.total_steps:>4} {cfg['learning_rate']:>7g} "
         f"{cfg['lora_r']:>2} {modules:<6} {row['train_wall']:>6.0f} s {job.share_eval_seconds():>5.0%} "
         f"{round(base['exact_match'] * n):>3}/{n} -> {round(tuned['exact_match'] * n):>2}/{n} ({tuned['exact_match']:.2f})  "
         f"{base['rouge_l']:.2f} -> {tuned['rouge_l']:.2f}  {base['heldout_loss']:.3f} -> {tuned['heldout_loss']:.3f}  "
@@ -66,27 +79,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {', '.join(TASKS)}, sample")
     parser.add_argument("--config", default="{}", help="settings to override, as JSON (default: none, as a new user would)")
+    parser.add_argument("--compare", action="store_true", help="also run the previous release's defaults, beside today's")
     parser.add_argument("--show-misses", type=int, default=2)
     args = parser.parse_args()
-    config = json.loads(args.config)
+    runs = [("previous", PREVIOUS_DEFAULTS)] if args.compare else []
+    runs.append(("chosen" if args.config == "{}" else "custom", json.loads(args.config)))
     with temporary_site():
         from django.contrib.auth.models import User
 
         owner = User.objects.create(username="bench")
-        print(f"settings overridden: {config or 'none'}")
+        for label, config in runs:
+            print(f"{label}: settings overridden: {config or 'none (chosen from the data)'}")
         print(
-            f"{'task':<9} {'trn/eval':<7} {'ep':>3} {'upd':>4} {'lr':>7} {'r':>2} {'target':<6} {'train':>8} {'eval%':>5} "
+            f"{'task':<9} {'settings':<9} {'trn/eval':<7} {'ep':>3} {'upd':>4} {'lr':>7} {'r':>2} {'target':<6} {'train':>8} {'eval%':>5} "
             f"{'exact match':>17}        {'ROUGE-L':<12}  {'held-out loss':<16}  best checkpoint"
         )
         rows = []
         for task in args.tasks.split(","):
-            row = run_task(owner, task, config)
-            rows.append(row)
-            print_row(row)
+            for label, config in runs:
+                row = run_task(owner, task, config) | {"label": label}
+                rows.append(row)
+                print_row(row)
         for row in rows:
             misses = [e for e in row["evaluation"].examples.all() if e.finetuned_scores.get("exact_match") != 1.0]
             for example in misses[: args.show_misses]:
                 print(f"  {row['task']} #{example.index}: got {example.finetuned_output!r}, want {example.reference!r}")
+        rows = [r for r in rows if r["label"] != "previous"]
         worst = min(r["m"]["finetuned_model"]["exact_match"] for r in rows)
         slowest = max(r["train_wall"] for r in rows)
         print(f"worst fine-tuned exact match {worst:.2f} (goal >= 0.80); slowest training {slowest:.0f} s (goal < 300 s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -10,7 +11,7 @@ from django.conf import settings
 from inference_app.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
 from inference_app.loading import ModelUnavailable
 from inference_app.models import UsageLog
-from inference_app.prompting import Message, render_chat
+from inference_app.prompting import Message, prompt_messages, render_chat
 from training_app.models import TrainingJob
 
 BASE_PREFIX = "base:"
@@ -18,15 +19,22 @@ JOB_PREFIX = "tuna-job-"
 DEFAULT_MAX_TOKENS = 256
 
 
-class ModelNotFound(LookupError):
-    pass
+class InferenceRefused(Exception):
+    """A call refused before generation; ``status`` is the HTTP answer, ``param`` the request field at fault."""
+
+    status = 400
+    param: str | None = None
 
 
-class ModelNotReady(RuntimeError):
-    pass
+class ModelNotFound(InferenceRefused, LookupError):
+    status = 404
 
 
-class InferenceInvalid(ValueError):
+class ModelNotReady(InferenceRefused, RuntimeError):
+    status = 409
+
+
+class InferenceInvalid(InferenceRefused, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
@@ -135,6 +143,42 @@ def prepare_call(
     return Call(user=user, model=model, request=request, endpoint=endpoint)
 
 
+def checked_call(*, user, model_id: str | int, endpoint: str, **params) -> Call:
+    """Resolve model_id and prepare the call (see prepare_call); a refused call is logged before it propagates."""
+    with _refusals_logged(user=user, model_id=model_id, endpoint=endpoint):
+        model = resolve_model(user, model_id)
+    with _refusals_logged(user=user, model_id=model.model_id, endpoint=endpoint):
+        return prepare_call(user=user, model=model, endpoint=endpoint, **params)
+
+
+@dataclass(frozen=True)
+class PlaygroundAnswer:
+    label: str
+    model_id: str
+    result: object  # batching.GenerationResult
+    cost_usd: float
+
+
+def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> list[PlaygroundAnswer]:
+    """The base model's answer and, for a fine-tuned model, its answer too, generated in one batch."""
+    if not prompt:
+        raise InferenceInvalid("Type a prompt first.", "prompt")
+    model = resolve_model(user, model_id)
+    models = [("Base model", resolve_model(user, f"{BASE_PREFIX}{model.base_model}"))]
+    if model.job is not None:
+        models.append((f"Fine-tuned ({model.model_id})", model))
+    messages = prompt_messages(prompt)
+    # Check every call before running any, so a prompt the model cannot take costs nothing.
+    with _refusals_logged(user=user, model_id=model.model_id, endpoint="playground"):
+        calls = [prepare_call(user=user, model=m, endpoint="playground", messages=messages, max_tokens=max_tokens) for _, m in models]
+    # Together, so base and fine-tune share one batch: neither waits for the other, each is billed its share.
+    results = run_calls(calls)
+    return [
+        PlaygroundAnswer(label, call.model.model_id, result, cost_for(result.compute_ms))
+        for (label, _), call, result in zip(models, calls, results, strict=True)
+    ]
+
+
 def _engine(call: Call):
     from inference_app.batching import engine_for
     from inference_app.registry import registry
@@ -201,10 +245,15 @@ def _log_error(call: Call, exc: Exception) -> None:
     )
 
 
-def log_rejected(*, user, model_id: str, endpoint: str, error: str) -> None:
+def log_rejected(*, user, model_id: str | int, endpoint: str, error: str) -> None:
     """Requests refused before generation are logged too (with their reason)."""
     UsageLog.objects.create(user=user, model_id=str(model_id)[:200], endpoint=endpoint, status=UsageLog.Status.ERROR, error=error[:500])
 
 
-def inference_generate(*, user, model: ResolvedModel, messages: list[Message], endpoint: str, **params):
-    return run_call(prepare_call(user=user, model=model, endpoint=endpoint, messages=messages, **params))
+@contextmanager
+def _refusals_logged(*, user, model_id: str | int, endpoint: str) -> Iterator[None]:
+    try:
+        yield
+    except InferenceRefused as exc:
+        log_rejected(user=user, model_id=model_id, endpoint=endpoint, error=str(exc))
+        raise

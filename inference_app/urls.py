@@ -1,12 +1,13 @@
 from django.urls import path
 
-from inference_app import api, views
+from inference_app import views
+from inference_app.api import openai, seed
 
 urlpatterns = [
     path("playground", views.playground, name="playground"),
     path("usage", views.usage, name="usage"),
-    path("api/inference", api.InferenceApi.as_view(), name="api-inference"),
-    path("v1/models", api.ModelsApi.as_view(), name="openai-models"),
-    path("v1/chat/completions", api.ChatCompletionsApi.as_view(), name="openai-chat-completions"),
-    path("v1/completions", api.CompletionsApi.as_view(), name="openai-completions"),
+    path("api/inference", seed.InferenceApi.as_view(), name="api-inference"),
+    path("v1/models", openai.ModelsApi.as_view(), name="openai-models"),
+    path("v1/chat/completions", openai.ChatCompletionsApi.as_view(), name="openai-chat-completions"),
+    path("v1/completions", openai.CompletionsApi.as_view(), name="openai-completions"),
 ]

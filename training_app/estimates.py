@@ -14,6 +14,7 @@ from typing import Any
 
 from django.conf import settings
 
+from training_app.autoconfig import VALIDATION_COST
 from training_app.config import TrainingConfig
 from training_app.models import ThroughputMeasurement
 
@@ -63,8 +64,7 @@ def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
         }
 
     def seconds_at(speed: float) -> float:
-        # A forward pass for validation costs about a third of a training step over the same tokens.
-        return (tokens + eval_tokens / 3) / speed
+        return (tokens + eval_tokens * VALIDATION_COST) / speed
 
     speed = statistics.median(speeds)
     seconds = seconds_at(speed)
@@ -73,7 +73,7 @@ def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
         **base,
         "available": True,
         "seconds": seconds,
-        "eval_seconds": eval_tokens / 3 / speed,
+        "eval_seconds": eval_tokens * VALIDATION_COST / speed,
         "low_seconds": seconds_at(max(speeds)),
         "high_seconds": seconds_at(min(speeds)),
         "cost_usd": cost_usd(seconds),

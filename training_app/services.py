@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, replace
 import time
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 

@@ -10,10 +10,10 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from datasets_app.examples import validation_lines
 from datasets_app.selectors import get_dataset_for_user
 from inference_app.catalog import get_catalog
 from training_app import services
-from datasets_app.examples import validation_lines
 from training_app.config import RANGES
 from training_app.estimates import training_estimate
 from training_app.selectors import get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows

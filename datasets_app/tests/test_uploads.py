@@ -213,3 +213,32 @@ def test_it_takes_a_separate_held_out_file_through_the_api(alice_api, bob_api, v
     valid_dataset.refresh_from_db()
     assert valid_dataset.num_eval == 6
     assert bob_api.post(url, {"file": jsonl_file(pc_rows(6), "heldout.jsonl")}, format="multipart").status_code == 404
+
+
+def test_it_never_scores_a_held_out_example_that_also_occurs_in_training(alice_client, alice):
+    from datasets_app.services import dataset_create
+
+    rows = pc_rows(19)
+    twin = {"prompt": "  " + rows[3]["prompt"].upper(), "completion": rows[3]["completion"]}  # equal up to case and spaces
+    dataset = dataset_create(owner=alice, upload=jsonl_file([*rows, twin]))
+    assert (dataset.num_train, dataset.num_eval) == (16, 3)  # 4 held out by position, 1 of them seen in training
+    assert dataset.validation_report["split"]["overlap"] == 1
+    trained = training_examples(dataset)
+    scored = held_out_examples(dataset)
+    assert len(scored) == 3 and not any(example in trained for example in scored)
+    assert all(example[0]["content"] != twin["prompt"] for example in scored)
+    page = alice_client.get(dataset.get_absolute_url()).content.decode()
+    assert "1 held-out example also occurs among the training examples: it is not scored" in page
+
+
+def test_it_checks_a_held_out_file_against_the_training_file(alice_api, valid_dataset, data_dir):
+    url = f"/api/datasets/{valid_dataset.pk}/eval-file"
+    stored = sorted(stored_files(data_dir))
+    same = alice_api.post(url, {"file": jsonl_file(pc_rows(20), "heldout.jsonl")}, format="multipart")
+    assert same.status_code == 400 and "Every example of 'heldout.jsonl' also occurs in the training file" in same.json()["detail"]
+    assert sorted(stored_files(data_dir)) == stored
+    mixed = alice_api.post(url, {"file": jsonl_file([*pc_rows(2), *pc_rows(3, start=100)], "heldout.jsonl")}, format="multipart")
+    assert mixed.status_code == 200
+    valid_dataset.refresh_from_db()
+    assert valid_dataset.num_eval == 3 and valid_dataset.validation_report["split"]["overlap"] == 2
+    assert [e[0]["content"] for e in held_out_examples(valid_dataset)] == [r["prompt"] for r in pc_rows(3, start=100)]

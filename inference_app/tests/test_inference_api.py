@@ -1,9 +1,16 @@
 """The seed's /api/inference and the OpenAI-compatible /v1, on the real embedded model."""
 
+import threading
+
 import pytest
 from django.urls import reverse
 
+from inference_app import batching, services
+from inference_app.batching import BatchingEngine, GenerationRequest
+from inference_app.engine import generate_chat
 from inference_app.models import UsageLog
+from inference_app.prompting import render_chat
+from inference_app.registry import registry
 from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
@@ -121,13 +128,21 @@ def test_it_refuses_a_playground_prompt_longer_than_the_context(alice_client, al
     assert not UsageLog.objects.filter(user=alice, status="ok").exists()  # nothing was generated
 
 
+def test_it_refuses_playground_calls_it_cannot_answer(alice_client, alice, bob, valid_dataset):
+    cases = [
+        ({"model": "tuna-job-999", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": job_row(bob, valid_dataset, status="completed").model_id, "prompt": "hi"}, 404, "does not exist"),
+        ({"model": job_row(alice, valid_dataset).model_id, "prompt": "hi"}, 409, "not ready"),
+        ({"model": "base:smollm2-135m-instruct", "prompt": "  "}, 400, "Type a prompt first."),
+    ]
+    for payload, status, message in cases:
+        response = alice_client.post(reverse("playground"), payload, HTTP_HX_REQUEST="true")
+        assert response.status_code == status, payload
+        assert message in response.content.decode()
+
+
 def generate_concurrently(loaded, rows, *, max_new_tokens: int, window_s: float, adapter_path: str | None = None):
     """Send one (prompt, adapter) request per thread to a fresh batching engine; return it and the requests."""
-    import threading
-
-    from inference_app.batching import BatchingEngine, GenerationRequest
-    from inference_app.prompting import render_chat
-
     engine = BatchingEngine(loaded, window_s=window_s)
     requests = [
         GenerationRequest(
@@ -147,9 +162,6 @@ def generate_concurrently(loaded, rows, *, max_new_tokens: int, window_s: float,
 
 
 def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
-    from inference_app.engine import generate_chat
-    from inference_app.registry import registry
-
     loaded = registry.get()
     prompts = ["What is the capital of France?", "Name three colours.", "Say hello in Spanish.", "What is 2 + 2?"]
     alone = [generate_chat(loaded, [{"role": "user", "content": p}], max_new_tokens=24).text for p in prompts]
@@ -159,9 +171,6 @@ def test_it_batches_concurrent_requests_with_the_same_answers_as_alone():
 
 
 def test_it_batches_base_and_fine_tuned_requests_together_with_the_same_answers_as_alone(trained_adapter):
-    from inference_app.engine import generate_chat
-    from inference_app.registry import registry
-
     loaded = registry.get()
     loaded.attach_adapter("mixed-a", trained_adapter)
     other = ORDER.replace("hoodie (red, L), quantity 2", "cap (navy, M), quantity 5")
@@ -177,11 +186,8 @@ def test_it_batches_base_and_fine_tuned_requests_together_with_the_same_answers_
 
 
 def test_it_splits_a_shared_batch_s_time_between_its_rows(alice, settings, monkeypatch):
-    from inference_app import batching, services
-    from inference_app.registry import registry
-
     loaded = registry.get()
-    engine = batching.BatchingEngine(loaded, max_batch=4, window_s=0.3)
+    engine = BatchingEngine(loaded, max_batch=4, window_s=0.3)
     # The services' calls go to this fresh engine, so its counters are theirs alone.
     monkeypatch.setitem(batching._engines, id(loaded), engine)
     base = services.resolve_model(alice, "base:smollm2-135m-instruct")
@@ -208,8 +214,6 @@ def test_it_splits_a_shared_batch_s_time_between_its_rows(alice, settings, monke
 
 
 def test_it_keeps_a_bounded_adapter_cache_without_reloading_the_base(settings, trained_adapter):
-    from inference_app.registry import registry
-
     settings.TUNA_ADAPTER_CACHE_SIZE = 2
     loaded = registry.get()
     base = loaded.base_model

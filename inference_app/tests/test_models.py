@@ -5,7 +5,10 @@ from django.core.management import call_command
 
 from inference_app.catalog import get_base_model_spec, get_catalog
 from inference_app.engine import generate_chat
+from inference_app.prompting import render_chat
 from inference_app.registry import registry
+from inference_app.tokencount import token_counter_for
+from training_app.models import ThroughputMeasurement
 
 
 def test_it_lists_the_embedded_model_ready(capsys):
@@ -36,9 +39,6 @@ def test_it_answers_a_chat_prompt_sensibly_on_cpu():
 
 @pytest.mark.model
 def test_it_counts_tokens_like_the_real_tokenizer_and_template():
-    from inference_app.prompting import render_chat
-    from inference_app.tokencount import token_counter_for
-
     loaded = registry.get()
     counter = token_counter_for(get_base_model_spec())
     messages = [{"role": "user", "content": "Two large red hoodies, please."}, {"role": "assistant", "content": '{"product": "hoodie"}'}]
@@ -52,8 +52,6 @@ def test_it_counts_tokens_like_the_real_tokenizer_and_template():
 @pytest.mark.django_db
 @pytest.mark.model
 def test_it_measures_training_speed_once_when_asked_if_missing(capsys):
-    from training_app.models import ThroughputMeasurement
-
     call_command("tuna_models", "--calibrate-if-missing")
     first = ThroughputMeasurement.objects.get()
     assert first.base_model == "smollm2-135m-instruct" and first.tokens_per_second > 0

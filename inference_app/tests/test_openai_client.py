@@ -1,5 +1,6 @@
 """The official openai package against the live test server, streaming included."""
 
+import openai
 import pytest
 from openai import OpenAI
 from rest_framework.authtoken.models import Token
@@ -53,8 +54,6 @@ def test_it_works_with_the_openai_package(openai_client, finetuned_job):
 
 
 def test_it_reports_errors_the_openai_way(openai_client):
-    import openai
-
     with pytest.raises(openai.NotFoundError) as caught:
         openai_client.chat.completions.create(model="tuna-job-424242", messages=[{"role": "user", "content": "hi"}])
     assert "does not exist" in caught.value.message
