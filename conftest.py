@@ -70,16 +70,15 @@ def valid_dataset(alice):
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory):
     """A LoRA adapter trained once per session on the sample data (tiny settings, real model)."""
-    import json
 
-    from datasets_app.formats import PROMPT_COMPLETION, to_messages
-    from inference_app.catalog import get_base_model_spec
-    from inference_app.loading import pick_device
-    from training_app.config import TrainingConfig
-    from training_app.lora import run_lora_training
+    from datasets_app.examples import file_examples
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.loading import pick_device
+    from tuna_llm.training import run_lora_training
+    from tuna_llm.training_config import TrainingConfig
 
     spec = get_base_model_spec()
-    examples = [to_messages(json.loads(line), PROMPT_COMPLETION) for line in SAMPLE.read_text().splitlines()[:40]]
+    examples = file_examples(SAMPLE)[:40]
     config = TrainingConfig(
         base_model=spec.name, max_steps=8, batch_size=4, learning_rate=2e-3, max_seq_length=160, eval_examples=0, save_steps=1000
     )

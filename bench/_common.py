@@ -1,7 +1,6 @@
 """Shared set-up for the benchmarks: Django settings and the sample examples."""
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -22,10 +21,9 @@ def setup_django() -> None:
 
 
 def sample_messages() -> list[list[dict[str, str]]]:
-    from datasets_app.formats import PROMPT_COMPLETION, to_messages
+    from datasets_app.examples import file_examples
 
-    with SAMPLE.open(encoding="utf-8") as handle:
-        return [to_messages(json.loads(line), PROMPT_COMPLETION) for line in handle if line.strip()]
+    return file_examples(SAMPLE)
 
 
 @contextlib.contextmanager

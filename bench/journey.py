@@ -18,11 +18,11 @@ def main() -> None:
     parser.add_argument("--show-misses", type=int, default=5, help="print this many answers that miss the reference")
     args = parser.parse_args()
     with temporary_site():
-        from evaluation_app.metrics import METRICS
         from evaluation_app.services import evaluation_start
         from evaluation_app.tasks import evaluation_execute
         from training_app.services import training_job_start
         from training_app.tasks import training_job_execute
+        from tuna_llm.metrics import METRICS
 
         started = time.perf_counter()
         user, dataset = upload_sample()

@@ -45,7 +45,15 @@ def run_task(owner, task: str, config: dict) -> dict:
     evaluation.refresh_from_db()
     assert evaluation.status == "completed", evaluation.error_message
     m = evaluation.metrics
-    return {"task": task, "dataset": dataset, "job": job, "evaluation": evaluation, "train_wall": train_wall, "eval_wall": eval_wall, "m": m}
+    return {
+        "task": task,
+        "dataset": dataset,
+        "job": job,
+        "evaluation": evaluation,
+        "train_wall": train_wall,
+        "eval_wall": eval_wall,
+        "m": m,
+    }
 
 
 # The defaults before settings were chosen from the data: r 8 on q/v, lr 2e-4, 3 epochs, batch 4, no validation.

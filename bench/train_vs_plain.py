@@ -19,8 +19,8 @@ def plain_loop(config, spec, plan, examples, steps: int) -> tuple[int, float]:
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup
 
-    from inference_app.loading import load_tokenizer_and_model
-    from training_app.lora import PadCollator, lora_config, tokenize_examples
+    from tuna_llm.loading import load_tokenizer_and_model
+    from tuna_llm.training import PadCollator, lora_config, tokenize_examples
 
     torch.manual_seed(config.seed)
     tokenizer, model = load_tokenizer_and_model(spec, plan)
@@ -67,9 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     with temporary_site():
         from datasets_app.examples import training_examples
-        from inference_app.catalog import get_base_model_spec
-        from inference_app.loading import pick_device
         from training_app.services import training_plan
+        from tuna_llm.catalog import get_base_model_spec
+        from tuna_llm.loading import pick_device
 
         owner, dataset = upload_sample()
         spec, plan = get_base_model_spec(), pick_device()

@@ -43,8 +43,8 @@ def main() -> None:
 
     django.setup()
     from datasets_app.validation import JsonlValidator
-    from inference_app.catalog import get_base_model_spec
-    from inference_app.tokencount import token_counter_for
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.tokencount import token_counter_for
 
     counter = token_counter_for(get_base_model_spec())  # tokenizer loaded before the baseline
     with tempfile.TemporaryDirectory() as tmp:

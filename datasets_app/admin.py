@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.utils.html import format_html
 
 from datasets_app.models import Dataset
+from datasets_app.services import dataset_delete
 
 
 @admin.register(Dataset)
@@ -14,6 +15,14 @@ class DatasetAdmin(admin.ModelAdmin):
     list_select_related = ["owner"]
     readonly_fields = ["report_summary", "pretty_report", "created_at"]
     exclude = ["validation_report"]
+
+    # Deleting goes through the service, as on the page and in the API: the stored files go too.
+    def delete_model(self, request, obj: Dataset) -> None:
+        dataset_delete(dataset=obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        for dataset in queryset:
+            dataset_delete(dataset=dataset)
 
     @admin.display(description="Report summary")
     def report_summary(self, obj: Dataset) -> str:

@@ -1,4 +1,3 @@
-from django.conf import settings
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.generics import ListAPIView
@@ -10,7 +9,7 @@ from rest_framework.views import APIView
 from datasets_app import services
 from datasets_app.models import Dataset
 from datasets_app.selectors import datasets_for_user, get_dataset_for_user
-from datasets_app.uploads import upload_too_large
+from datasets_app.uploads import too_large_message, upload_too_large
 from tuna_site.api import ApiError
 
 
@@ -60,7 +59,7 @@ class DatasetListCreateApi(ListAPIView):
     @extend_schema(request={"multipart/form-data": DatasetUploadSerializer}, responses={201: DatasetSerializer})
     def post(self, request: Request) -> Response:
         if upload_too_large(request):
-            raise ApiError(_too_large(), 413)
+            raise ApiError(too_large_message(), 413)
         data = DatasetUploadSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         try:
@@ -73,10 +72,6 @@ class DatasetListCreateApi(ListAPIView):
         except services.UploadRejected as exc:
             raise ApiError(exc.message, exc.status_code) from None
         return Response(DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
-
-
-def _too_large() -> str:
-    return f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit (TUNA_MAX_UPLOAD_MB)."
 
 
 class DatasetDetailApi(APIView):
@@ -109,7 +104,7 @@ class DatasetEvalFileApi(APIView):
     def post(self, request: Request, pk: int) -> Response:
         dataset = get_dataset_for_user(request.user, pk)
         if upload_too_large(request):
-            raise ApiError(_too_large(), 413)
+            raise ApiError(too_large_message(), 413)
         try:
             services.dataset_attach_eval_file(dataset=dataset, upload=request.FILES.get("file"))
         except services.UploadRejected as exc:

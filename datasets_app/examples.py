@@ -9,10 +9,19 @@ that is kept. Held-out examples that also occur among the training examples are 
 from __future__ import annotations
 
 from itertools import islice
+from pathlib import Path
 
 from datasets_app.models import Dataset
 from datasets_app.validation import iter_examples
-from inference_app.prompting import Message
+from tuna_llm.prompting import Message
+
+SAMPLE_PATH = Path(__file__).resolve().parents[1] / "samples" / "orders_to_json.jsonl"
+
+
+def file_examples(path: Path) -> list[list[Message]]:
+    """Every example of a valid JSONL file on disk (the sample, a bench's data), as chat messages."""
+    with path.open("rb") as handle:
+        return list(iter_examples(handle))
 
 
 def training_examples(dataset: Dataset, *, validation: int = 0) -> list[list[Message]]:

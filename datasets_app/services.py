@@ -6,15 +6,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 
 from datasets_app.models import Dataset
-from datasets_app.uploads import max_upload_bytes
-from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator
-from inference_app.catalog import get_base_model_spec
-from inference_app.tokencount import token_counter_for
+from datasets_app.uploads import max_upload_bytes, too_large_message
+from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
+from tuna_llm.catalog import get_base_model_spec
+from tuna_llm.tokencount import token_counter_for
 
 logger = logging.getLogger("tuna.datasets")
 
@@ -53,7 +52,7 @@ def _check_upload(upload: UploadedFile | None) -> UploadedFile:
         )
     if upload.size > max_upload_bytes():
         raise UploadRejected(
-            f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit (TUNA_MAX_UPLOAD_MB).",
+            too_large_message(),
             status_code=413,
         )
     if upload.size == 0:
@@ -202,8 +201,6 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
 
 
 def _file_fingerprints(dataset: Dataset) -> set[bytes]:
-    from datasets_app.validation import fingerprint, iter_examples
-
     with dataset.file.open("rb") as handle:
         return {fingerprint(messages) for messages in iter_examples(handle)}
 

@@ -8,6 +8,11 @@ def max_upload_bytes() -> int:
     return int(settings.TUNA_MAX_UPLOAD_MB * 1024 * 1024)
 
 
+def too_large_message() -> str:
+    """What every front door answers for an upload over the limit (with status 413)."""
+    return f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit (TUNA_MAX_UPLOAD_MB)."
+
+
 class MaxSizeUploadHandler(FileUploadHandler):
     """First in FILE_UPLOAD_HANDLERS: stops the upload as soon as it passes TUNA_MAX_UPLOAD_MB.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from datasets_app.formats import FORMAT_LABELS, ExampleError, detect_format, to_messages, type_name
+from tuna_llm.metrics import percentile
 
 MAX_MESSAGES_PER_KIND = 100
 MIN_EXAMPLES = 10
@@ -285,16 +286,10 @@ def summarise(values: array) -> dict[str, float | int]:
     return {
         "min": ordered[0],
         "mean": round(sum(ordered) / count, 1),
-        "p50": _percentile(ordered, 50),
-        "p95": _percentile(ordered, 95),
+        "p50": percentile(ordered, 50),
+        "p95": percentile(ordered, 95),
         "max": ordered[-1],
     }
-
-
-def _percentile(ordered: list[int], pct: float) -> int:
-    """Nearest-rank percentile."""
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def _bucket(values: array, low: int, width: int) -> list[int]:

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -12,11 +10,10 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from datasets_app import selectors, services
+from datasets_app.examples import SAMPLE_PATH
 from datasets_app.forms import DatasetUploadForm, EvalFileForm
 from datasets_app.selectors import EXAMPLES_PER_PAGE, dataset_examples, get_dataset_for_user
-from datasets_app.uploads import upload_too_large
-
-SAMPLE_PATH = Path(settings.BASE_DIR) / "samples" / "orders_to_json.jsonl"
+from datasets_app.uploads import too_large_message, upload_too_large
 
 
 @login_required
@@ -34,8 +31,7 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 @require_POST
 def dataset_upload(request: HttpRequest) -> HttpResponse:
     if upload_too_large(request):
-        error = f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit (TUNA_MAX_UPLOAD_MB)."
-        return _upload_error(request, error, 413)
+        return _upload_error(request, too_large_message(), 413)
     form = DatasetUploadForm(request.POST, request.FILES)
     if not form.is_valid():
         return _upload_error(request, " ".join(m for errs in form.errors.values() for m in errs), 400)
@@ -112,7 +108,7 @@ def dataset_examples_page(request: HttpRequest, pk: int) -> HttpResponse:
 def dataset_eval_file(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_dataset_for_user(request.user, pk)
     if upload_too_large(request):
-        messages.error(request, f"The file is larger than the {settings.TUNA_MAX_UPLOAD_MB:g} MB limit.")
+        messages.error(request, too_large_message())
         return redirect(dataset)
     try:
         report = services.dataset_attach_eval_file(dataset=dataset, upload=request.FILES.get("file"))

@@ -1,5 +1,3 @@
-import json
-
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
@@ -142,5 +140,4 @@ class EvaluationPreferencesApi(APIView):
     @extend_schema(responses={(200, "application/jsonl"): OpenApiTypes.STR})
     def get(self, request: Request, pk: int) -> HttpResponse:
         evaluation = get_evaluation_for_user(request.user, pk)
-        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in selectors.preference_rows(evaluation, request.user))
-        return HttpResponse(body, content_type="application/jsonl; charset=utf-8")
+        return HttpResponse(selectors.preferences_jsonl(evaluation, request.user), content_type="application/jsonl; charset=utf-8")

@@ -4,13 +4,20 @@ from django.conf import settings
 from django.db import models
 from django.urls import reverse
 
+from tuna_site.models import WorkerJob
 
-class Evaluation(models.Model):
+
+class Evaluation(WorkerJob):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
         COMPLETED = "completed", "Completed"
         FAILED = "failed", "Failed"
+
+    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.RUNNING, Status.FAILED
+    TASK = "evaluation_app.tasks.evaluation_execute"
+    WORK = "The evaluation"
+    WORKER_STOPPED = "The worker stopped while this evaluation was running. Start the evaluation again."
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="evaluations")
     training_job = models.ForeignKey("training_app.TrainingJob", on_delete=models.CASCADE, related_name="evaluations")
@@ -20,13 +27,6 @@ class Evaluation(models.Model):
     max_new_tokens = models.PositiveIntegerField(default=0)
     metrics = models.JSONField(default=dict, blank=True)
     run_seconds = models.FloatField(default=0)
-    error_message = models.TextField(blank=True)
-    error_traceback = models.TextField(blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    completed_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    worker_host = models.CharField(max_length=200, blank=True, help_text="Machine whose worker runs (or last ran) this evaluation.")
 
     class Meta:
         ordering = ["-created_at", "-id"]

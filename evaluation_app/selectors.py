@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 
@@ -10,10 +11,9 @@ from django.core.paginator import Page, Paginator
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
-from evaluation_app import metrics
-from evaluation_app.metrics import METRICS
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
-from training_app.models import TrainingJob
+from tuna_llm import metrics
+from tuna_llm.metrics import METRICS
 
 # Verdict thresholds: a change in exact matches of at least max(1, 10% of the examples), or in mean
 # ROUGE-L of at least 0.05 while exact matches do not move the other way. Below that, small test sets
@@ -109,18 +109,6 @@ def vote_reveal(rating: Rating) -> str:
     else:
         chose = f"you voted {rating.get_preferred_model_display().lower()}"
     return f"Example {example.index + 1}: {chose}. {tuned} was the fine-tuned model, {base} the base model."
-
-
-def evaluation_queue_position(evaluation: Evaluation) -> int:
-    """How many jobs the one worker runs before this queued evaluation: training jobs and evaluations
-    queued earlier, and whatever is running now."""
-    queued_before = {"status": "queued", "created_at__lt": evaluation.created_at}
-    return (
-        Evaluation.objects.filter(**queued_before).count()
-        + TrainingJob.objects.filter(**queued_before).count()
-        + Evaluation.objects.filter(status=Evaluation.Status.RUNNING).count()
-        + TrainingJob.objects.filter(status=TrainingJob.Status.TRAINING).count()
-    )
 
 
 def comparison_verdict(evaluation: Evaluation) -> dict | None:
@@ -223,3 +211,8 @@ def preference_rows(evaluation: Evaluation, user) -> list[dict]:
         )
         rows.append({"prompt": example.prompt, "messages": example.messages, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+def preferences_jsonl(evaluation: Evaluation, user) -> str:
+    """The user's votes as a preference dataset file: one JSON object per line."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in preference_rows(evaluation, user))

@@ -5,21 +5,21 @@ from __future__ import annotations
 import logging
 import random
 import time
-import traceback
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from evaluation_app import metrics
+from datasets_app.examples import held_out_examples
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
-from tuna_site.workers import orphaned, worker_host
+from tuna_llm import metrics
+from tuna_site.costs import cost_usd
+from tuna_site.jobs import job_claim, job_enqueue, job_fail, job_heartbeat
 
 logger = logging.getLogger("tuna.evaluation")
 
-WORKER_STOPPED = "The worker stopped while this evaluation was running. Start the evaluation again."
 DEFAULT_TEST_SIZE = 50
 
 
@@ -29,13 +29,6 @@ class EvaluationConflict(Exception):
 
 class VoteInvalid(ValueError):
     pass
-
-
-def evaluations_reap_orphans() -> int:
-    """Mark evaluations a dead worker left running as failed (called when a worker starts)."""
-    return Evaluation.objects.filter(orphaned(), status=Evaluation.Status.RUNNING).update(
-        status=Evaluation.Status.FAILED, error_message=WORKER_STOPPED, completed_at=timezone.now()
-    )
 
 
 def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -> tuple[Evaluation, bool]:
@@ -57,21 +50,12 @@ def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -
         if active is not None:
             return active, False
         evaluation = Evaluation.objects.create(owner=owner, training_job=job, test_size=size)
-        transaction.on_commit(lambda: _enqueue(evaluation))
+        job_enqueue(evaluation)
     return evaluation, True
 
 
-def _enqueue(evaluation: Evaluation) -> None:
-    from django_q.tasks import async_task
-
-    async_task("evaluation_app.tasks.evaluation_execute", evaluation.pk, task_name=f"evaluation-{evaluation.pk}")
-
-
 def evaluation_run(*, evaluation_id: int) -> None:
-    claimed = Evaluation.objects.filter(pk=evaluation_id, status=Evaluation.Status.QUEUED).update(
-        status=Evaluation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), worker_host=worker_host()
-    )
-    if not claimed:
+    if not job_claim(Evaluation, evaluation_id):
         return
     evaluation = Evaluation.objects.select_related("training_job", "training_job__dataset").get(pk=evaluation_id)
     started = time.monotonic()
@@ -79,79 +63,53 @@ def evaluation_run(*, evaluation_id: int) -> None:
         _run(evaluation)
     except Exception as exc:
         logger.exception("Evaluation %s failed", evaluation_id)
-        from training_app.services import readable_error
-
-        Evaluation.objects.filter(pk=evaluation_id).update(
-            status=Evaluation.Status.FAILED,
-            error_message=readable_error(exc).replace("Training", "The evaluation"),
-            error_traceback=traceback.format_exc(),
-            completed_at=timezone.now(),
-            run_seconds=time.monotonic() - started,
-        )
+        job_fail(evaluation, exc, run_seconds=time.monotonic() - started)
     else:
         Evaluation.objects.filter(pk=evaluation_id).update(run_seconds=time.monotonic() - started)
 
 
 def _run(evaluation: Evaluation) -> None:
-    from datasets_app.examples import held_out_examples
-    from evaluation_app.runner import answer_loss, decoding_budget
-    from inference_app.engine import generate_chat
-    from inference_app.registry import registry
+    from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
+    from tuna_llm.registry import registry
 
     job = evaluation.training_job
     examples = held_out_examples(job.dataset)[: evaluation.test_size]
     loaded = registry.get(job.base_model)
     adapter = f"job-{job.pk}"
     loaded.attach_adapter(adapter, job.adapter_dir)
-    budget = decoding_budget(loaded, [m[-1]["content"] for m in examples])
-    Evaluation.objects.filter(pk=evaluation.pk).update(max_new_tokens=budget, test_size=len(examples))
     EvaluationExample.objects.filter(evaluation=evaluation).delete()
-    sides = random.Random(f"evaluation-{evaluation.pk}")
-    price = settings.TUNA_GPU_HOURLY_USD
-    runs: dict[str, dict[str, list]] = {"base": {"q": [], "lat": [], "tok": []}, "finetuned": {"q": [], "lat": [], "tok": []}}
-    for index, messages in enumerate(examples):
-        prompt, reference = messages[:-1], messages[-1]["content"]
-        # Same rendering, same greedy decoding, same weights: only the adapter switch differs.
-        base = generate_chat(loaded, prompt, adapter=None, max_new_tokens=budget)
-        tuned = generate_chat(loaded, prompt, adapter=adapter, max_new_tokens=budget)
-        base_q, tuned_q = metrics.quality(base.text, reference), metrics.quality(tuned.text, reference)
+    sides = random.Random(f"evaluation-{evaluation.pk}")  # the blind A/B mapping, drawn once per example
+
+    def on_start(budget: int, count: int) -> None:
+        Evaluation.objects.filter(pk=evaluation.pk).update(max_new_tokens=budget, test_size=count)
+
+    def on_example(r: ExampleResult) -> None:
         EvaluationExample.objects.create(
             evaluation=evaluation,
-            index=index,
-            messages=prompt,
-            reference=reference,
-            base_output=base.text,
-            finetuned_output=tuned.text,
-            base_latency_ms=base.latency_ms,
-            finetuned_latency_ms=tuned.latency_ms,
-            base_prompt_tokens=base.prompt_tokens,
-            finetuned_prompt_tokens=tuned.prompt_tokens,
-            base_tokens=base.completion_tokens,
-            finetuned_tokens=tuned.completion_tokens,
-            base_cost_usd=base.latency_ms / 3_600_000 * price,
-            finetuned_cost_usd=tuned.latency_ms / 3_600_000 * price,
-            base_scores=base_q,
-            finetuned_scores=tuned_q,
+            index=r.index,
+            messages=r.prompt,
+            reference=r.reference,
+            base_output=r.base.text,
+            finetuned_output=r.finetuned.text,
+            base_latency_ms=r.base.latency_ms,
+            finetuned_latency_ms=r.finetuned.latency_ms,
+            base_prompt_tokens=r.base.prompt_tokens,
+            finetuned_prompt_tokens=r.finetuned.prompt_tokens,
+            base_tokens=r.base.completion_tokens,
+            finetuned_tokens=r.finetuned.completion_tokens,
+            base_cost_usd=cost_usd(r.base.compute_ms / 1000),
+            finetuned_cost_usd=cost_usd(r.finetuned.compute_ms / 1000),
+            base_scores=r.base_scores,
+            finetuned_scores=r.finetuned_scores,
             finetuned_side=sides.choice("AB"),
         )
-        for name, result, q in (("base", base, base_q), ("finetuned", tuned, tuned_q)):
-            runs[name]["q"].append(q)
-            runs[name]["lat"].append(result.latency_ms)
-            runs[name]["tok"].append(result.completion_tokens)
-        Evaluation.objects.filter(pk=evaluation.pk).update(done=index + 1, heartbeat_at=timezone.now())
-    summaries = {}
-    for name, adapter_name in (("base", None), ("finetuned", adapter)):
-        loss = answer_loss(loaded, examples, adapter=adapter_name)
-        run = metrics.ModelRun(runs[name]["q"], runs[name]["lat"], runs[name]["tok"], loss)
-        summaries[name] = metrics.summarise(run, hourly_usd=price)
-    result = {
-        "base_model": summaries["base"],
-        "finetuned_model": summaries["finetuned"],
-        "improvements": metrics.improvements(summaries["base"], summaries["finetuned"]),
-        "decoding": {"greedy": True, "max_new_tokens": budget},
-        "hourly_usd": price,
-    }
-    Evaluation.objects.filter(pk=evaluation.pk).update(status=Evaluation.Status.COMPLETED, metrics=result, completed_at=timezone.now())
+        job_heartbeat(Evaluation, evaluation.pk, done=r.index + 1)
+
+    price = settings.TUNA_GPU_HOURLY_USD
+    result = run_evaluation(loaded, examples, adapter, hourly_usd=price, hooks=EvaluationHooks(on_start=on_start, on_example=on_example))
+    Evaluation.objects.filter(pk=evaluation.pk).update(
+        status=Evaluation.Status.COMPLETED, metrics=result.as_dict(price), completed_at=timezone.now()
+    )
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
 
 

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
@@ -12,6 +10,7 @@ from django_htmx.http import HttpResponseClientRefresh
 from evaluation_app import selectors, services
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.selectors import get_job_for_user
+from tuna_site.jobs import queue_position
 
 
 @login_required
@@ -60,7 +59,7 @@ def _blind(request: HttpRequest) -> bool:
 
 def _progress_context(evaluation) -> dict:
     queued = evaluation.status == evaluation.Status.QUEUED
-    return {"evaluation": evaluation, "queue_position": selectors.evaluation_queue_position(evaluation) if queued else None}
+    return {"evaluation": evaluation, "queue_position": queue_position(evaluation) if queued else None}
 
 
 def _example_context(request: HttpRequest, evaluation, index: int | None, last_vote=None) -> dict:
@@ -140,7 +139,6 @@ def evaluation_vote(request: HttpRequest, pk: int, index: int) -> HttpResponse:
 @require_GET
 def evaluation_preferences(request: HttpRequest, pk: int) -> HttpResponse:
     evaluation = get_evaluation_for_user(request.user, pk)
-    body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in selectors.preference_rows(evaluation, request.user))
-    response = HttpResponse(body, content_type="application/jsonl; charset=utf-8")
+    response = HttpResponse(selectors.preferences_jsonl(evaluation, request.user), content_type="application/jsonl; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="evaluation-{evaluation.pk}-preferences.jsonl"'
     return response

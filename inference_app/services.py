@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from inference_app.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
-from inference_app.loading import ModelUnavailable
 from inference_app.models import UsageLog
-from inference_app.prompting import Message, prompt_messages, render_chat
 from training_app.models import TrainingJob
+from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
+from tuna_llm.loading import ModelUnavailable
+from tuna_llm.prompting import Message, prompt_messages, render_chat
+from tuna_site.costs import cost_usd
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
@@ -76,7 +77,7 @@ def completed_models_for(user) -> list[TrainingJob]:
 
 def cost_for(compute_ms: float) -> float:
     """A request's compute time (its share of its batch, never its queue wait) at the configured hourly price."""
-    return compute_ms / 1000 / 3600 * settings.TUNA_GPU_HOURLY_USD
+    return cost_usd(compute_ms / 1000)
 
 
 def check_params(*, max_tokens, temperature=0.0, top_p=1.0) -> None:
@@ -113,8 +114,8 @@ def prepare_call(
     stop: list[str] | tuple[str, ...] = (),
 ) -> Call:
     """Render the prompt (chat template for messages, raw for text) and check it fits the context."""
-    from inference_app.batching import GenerationRequest
-    from inference_app.registry import registry
+    from tuna_llm.batching import GenerationRequest
+    from tuna_llm.registry import registry
 
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT)
@@ -180,8 +181,8 @@ def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> 
 
 
 def _engine(call: Call):
-    from inference_app.batching import engine_for
-    from inference_app.registry import registry
+    from tuna_llm.batching import engine_for
+    from tuna_llm.registry import registry
 
     return engine_for(registry.get(call.model.base_model))
 

@@ -10,8 +10,7 @@ from datasets_app.models import Dataset
 from datasets_app.selectors import get_dataset_for_user
 from training_app import services
 from training_app.models import LossPoint, TrainingJob
-from training_app.selectors import get_job_for_user, jobs_for_user
-from training_app.views import adapter_zip_response
+from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user
 from tuna_site.api import ApiError
 
 
@@ -129,7 +128,10 @@ class TrainingJobResumeApi(APIView):
 
 class TrainingContinueSerializer(serializers.Serializer):
     epochs = serializers.IntegerField(
-        required=False, min_value=1, max_value=services.MAX_CONTINUE_EPOCHS, help_text="More epochs to train (default: as many as the job ran)."
+        required=False,
+        min_value=1,
+        max_value=services.MAX_CONTINUE_EPOCHS,
+        help_text="More epochs to train (default: as many as the job ran).",
     )
 
 
@@ -152,4 +154,4 @@ class TrainingJobContinueApi(APIView):
 class TrainingJobAdapterApi(APIView):
     @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
     def get(self, request: Request, pk: int):
-        return adapter_zip_response(get_job_for_user(request.user, pk))
+        return adapter_download(get_job_for_user(request.user, pk))

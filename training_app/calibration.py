@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from django.conf import settings
-
-from inference_app.catalog import get_base_model_spec
-from inference_app.loading import pick_device
-from training_app.autoconfig import DataFacts, choose_settings, model_facts
+from datasets_app.examples import SAMPLE_PATH, file_examples
 from training_app.models import ThroughputMeasurement
+from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
+from tuna_llm.catalog import get_base_model_spec
+from tuna_llm.loading import pick_device
 
-SAMPLE = Path(settings.BASE_DIR) / "samples" / "orders_to_json.jsonl"
 CALIBRATION_STEPS = 8
 
 
 def calibrate_default_model() -> ThroughputMeasurement:
     """A few LoRA steps with the default settings on the sample data; records tokens per second."""
-    from datasets_app.formats import PROMPT_COMPLETION, to_messages
-    from training_app.lora import run_lora_training
+    from tuna_llm.training import run_lora_training
 
     spec = get_base_model_spec()
     plan = pick_device()
-    with SAMPLE.open(encoding="utf-8") as handle:
-        examples = [to_messages(json.loads(line), PROMPT_COMPLETION) for line in handle if line.strip()]
+    examples = file_examples(SAMPLE_PATH)
     # The settings a default job on this data would use (adapter size changes the speed), for a few steps.
     facts = DataFacts(train_pool=len(examples), **model_facts(spec.config_dir()))
     config, _ = choose_settings({"max_steps": CALIBRATION_STEPS, "eval_examples": 0}, facts, base_model=spec.name)

@@ -14,9 +14,10 @@ from typing import Any
 
 from django.conf import settings
 
-from training_app.autoconfig import VALIDATION_COST
-from training_app.config import TrainingConfig
 from training_app.models import ThroughputMeasurement
+from tuna_llm.autoconfig import VALIDATION_COST
+from tuna_llm.training_config import TrainingConfig
+from tuna_site.costs import cost_usd
 
 RECENT_MEASUREMENTS = 5
 
@@ -43,7 +44,7 @@ def _tokens_per_epoch(split: dict[str, Any], max_seq_length: int, trained_share:
 
 
 def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
-    from training_app.lora import steps_per_epoch, total_steps
+    from tuna_llm.training import steps_per_epoch, total_steps
 
     split = dataset.validation_report.get("split", {})
     trained = max(1, dataset.num_train - config.eval_examples)
@@ -94,8 +95,3 @@ def _certainty(speeds: list[float]) -> str:
     if spread <= 0.2:
         return f"the last {len(speeds)} runs agree within {math.ceil(spread * 100)}%"
     return f"the last {len(speeds)} runs differ by up to {math.ceil(spread * 100)}%: the machine's speed varies"
-
-
-def cost_usd(seconds: float) -> float:
-    """Measured (or estimated) machine time at the configured hourly price."""
-    return seconds / 3600 * settings.TUNA_GPU_HOURLY_USD

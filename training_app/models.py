@@ -5,8 +5,11 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+from tuna_site.costs import cost_usd
+from tuna_site.models import WorkerJob
 
-class TrainingJob(models.Model):
+
+class TrainingJob(WorkerJob):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         TRAINING = "training", "Training"
@@ -15,6 +18,12 @@ class TrainingJob(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     FINISHED = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.TRAINING, Status.FAILED
+    TASK = "training_app.tasks.training_job_execute"
+    WORK = "Training"
+    WORKER_STOPPED = (
+        "The worker stopped while this job was running (it was restarted or crashed). Resume the job to continue from its last checkpoint."
+    )
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="training_jobs")
     dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.PROTECT, related_name="training_jobs")
@@ -42,14 +51,7 @@ class TrainingJob(models.Model):
     best_eval_loss = models.FloatField(null=True, blank=True)
     device = models.CharField(max_length=32, blank=True)
     adapter_dir = models.CharField(max_length=500, blank=True)
-    error_message = models.TextField(blank=True)
-    error_traceback = models.TextField(blank=True)
     resume_count = models.PositiveIntegerField(default=0)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    completed_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    worker_host = models.CharField(max_length=200, blank=True, help_text="Machine whose worker runs (or last ran) this job.")
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -60,6 +62,12 @@ class TrainingJob(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("training-detail", args=[self.pk])
+
+    def task_name(self) -> str:
+        return f"training-job-{self.pk}-{self.resume_count}"  # a resumed job is a new task
+
+    def stop_fields(self) -> dict:
+        return {"eta_seconds": None}
 
     @property
     def model_id(self) -> str:
@@ -94,7 +102,7 @@ class TrainingJob(models.Model):
     @property
     def cost_usd(self) -> float:
         """Measured worker time at the configured hourly price."""
-        return self.train_seconds / 3600 * settings.TUNA_GPU_HOURLY_USD
+        return cost_usd(self.train_seconds)
 
 
 class LossPoint(models.Model):

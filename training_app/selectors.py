@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from django.db.models import QuerySet
+from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
 
-from training_app.config import RANGES
 from training_app.models import LossPoint, TrainingJob
+from tuna_llm.training import NOISE_SHARE
+from tuna_llm.training_config import RANGES
 
-# "Still improving": the last validation loss is the best and fell by more than this share since the one before.
+# "Still improving": the last validation loss is the best and fell by more than this share since the one before
+# (and by more than the noise share of the starting loss).
 STILL_FALLING = 0.03
 LEARNED = 0.5  # best validation loss at most half the starting one
 LEARNED_SOME = 0.9
@@ -23,6 +29,25 @@ def jobs_for_user(user) -> QuerySet[TrainingJob]:
 def get_job_for_user(user, pk: int) -> TrainingJob:
     """Another user's job is a 404, never a 403 that confirms it exists."""
     return get_object_or_404(TrainingJob.objects.select_related("dataset", "parent"), pk=pk, owner=user)
+
+
+def adapter_archive(job: TrainingJob) -> tuple[io.BytesIO, str]:
+    """The job's adapter directory as a zip (in memory) and its file name; Http404 when there is none."""
+    if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir or not Path(job.adapter_dir).is_dir():
+        raise Http404("This job has no adapter to download.")
+    buffer = io.BytesIO()
+    root = Path(job.adapter_dir)
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                archive.write(path, Path(f"tuna-job-{job.pk}-adapter") / path.relative_to(root))
+    buffer.seek(0)
+    return buffer, f"tuna-job-{job.pk}-adapter.zip"
+
+
+def adapter_download(job: TrainingJob) -> FileResponse:
+    buffer, filename = adapter_archive(job)
+    return FileResponse(buffer, as_attachment=True, filename=filename, content_type="application/zip")
 
 
 def _lineage(job: TrainingJob) -> list[TrainingJob]:
@@ -84,9 +109,11 @@ def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
     if len(evals) < 2:
         return LearningVerdict("unknown", "Not enough loss measurements to tell whether it learned.", "", False)
     start = evals[0][1] if job.parent_id is None else _parent_start(job, evals[0][1])
-    best_step, best = min(evals, key=lambda point: point[1])
-    last_step, last = evals[-1]
-    still = last <= best and len(evals) >= 2 and evals[-2][1] - last > STILL_FALLING * evals[-2][1]
+    best = min(value for _, value in evals)
+    last = evals[-1][1]
+    # Still falling: the last measurement is the lowest, and the step down to it is more than noise.
+    drop = evals[-2][1] - last
+    still = last <= best and drop > STILL_FALLING * evals[-2][1] and drop > NOISE_SHARE * start
     change = f"{source} {start:.3g} → {best:.3g} ({(best - start) / start:+.0%})" if start else f"{source} {best:.3g}"
     if best <= LEARNED * start:
         kind, headline = "learned", "It learned."
@@ -97,10 +124,15 @@ def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
     detail = change + "."
     if still:
         detail += " The loss was still falling when training stopped: more epochs would likely help."
-    elif best_step < last_step and last > best * (1 + STILL_FALLING):
-        detail += f" It was lowest at step {job.step_offset + best_step} and rose afterwards (over-fitting)."
-    if job.best_step is not None:
-        detail += f" The checkpoint kept (served, evaluated, downloaded) is step {job.step_offset + job.best_step}, the one with the lowest validation loss."
+    if job.best_step is not None and job.best_step < job.current_step:
+        detail += (
+            f" It was lowest at step {job.step_offset + job.best_step} and rose clearly afterwards (over-fitting): the checkpoint of "
+            f"step {job.step_offset + job.best_step} is kept (served, evaluated, downloaded) instead of the final weights."
+        )
+    elif job.best_step is not None:
+        detail += (
+            " The final weights are kept (served, evaluated, downloaded): the validation loss did not rise clearly after its lowest point."
+        )
     return LearningVerdict(kind, headline, detail, still, start, best)
 
 

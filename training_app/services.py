@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,19 +14,16 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from datasets_app.examples import training_examples, validation_examples
 from datasets_app.models import Dataset
-from inference_app.catalog import get_base_model_spec, get_catalog
-from inference_app.loading import ModelUnavailable
-from training_app.autoconfig import DataFacts, choose_settings, model_facts
-from training_app.config import ConfigResult, TrainingConfig, build_config
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
-from tuna_site.workers import orphaned, worker_host
+from tuna_llm.autoconfig import DataFacts, choose_settings, eval_every, model_facts
+from tuna_llm.catalog import get_base_model_spec, get_catalog
+from tuna_llm.training import steps_per_epoch
+from tuna_llm.training_config import ConfigResult, TrainingConfig, build_config
+from tuna_site.jobs import job_claim, job_enqueue, job_fail, job_heartbeat
 
 logger = logging.getLogger("tuna.training")
-
-WORKER_STOPPED = (
-    "The worker stopped while this job was running (it was restarted or crashed). Resume the job to continue from its last checkpoint."
-)
 
 
 class JobConflict(Exception):
@@ -81,12 +77,6 @@ def training_plan(*, dataset: Dataset, config_data: dict[str, Any]) -> TrainingP
     return TrainingPlan(config, reasons, {})
 
 
-def _enqueue(job: TrainingJob) -> None:
-    from django_q.tasks import async_task
-
-    async_task("training_app.tasks.training_job_execute", job.pk, task_name=f"training-job-{job.pk}-{job.resume_count}")
-
-
 def training_job_start(*, owner, dataset: Dataset, config_data: dict[str, Any]) -> TrainingJob:
     if not dataset.is_valid:
         raise DatasetNotTrainable(f"Dataset {dataset.name!r} is invalid ({dataset.error_count} errors); fix the file and upload it again.")
@@ -98,7 +88,7 @@ def training_job_start(*, owner, dataset: Dataset, config_data: dict[str, Any]) 
         job = TrainingJob.objects.create(
             owner=owner, dataset=dataset, base_model=config.base_model, config=config.to_dict(), config_reasons=plan.reasons
         )
-        transaction.on_commit(lambda: _enqueue(job))
+        job_enqueue(job)
     logger.info("Training job %s queued by %s on dataset %s", job.pk, owner, dataset.pk)
     return job
 
@@ -123,8 +113,6 @@ MAX_CONTINUE_EPOCHS = 50
 @transaction.atomic
 def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> TrainingJob:
     """A new run that starts from a completed job's adapter and trains `epochs` more epochs."""
-    from training_app.autoconfig import eval_every
-
     job = TrainingJob.objects.select_for_update().get(pk=job.pk)
     if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
         raise JobConflict(f"Only a completed fine-tune can be trained further; job #{job.pk} is {job.get_status_display().lower()}.")
@@ -132,8 +120,6 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
     epochs = parent.num_epochs if epochs is None else epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_CONTINUE_EPOCHS:
         raise ConfigInvalid({"epochs": f"Must be a whole number from 1 to {MAX_CONTINUE_EPOCHS}; got {epochs!r}."})
-    from training_app.lora import steps_per_epoch
-
     updates = steps_per_epoch(parent, job.dataset.num_train - parent.eval_examples) * epochs
     every = eval_every(updates, parent.eval_examples, parent.batch_size * parent.gradient_accumulation_steps) if parent.eval_examples else 0
     config = replace(parent, num_epochs=epochs, max_steps=0, eval_steps=every, save_steps=every or max(1, updates // 10))
@@ -147,12 +133,12 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
         parent=job,
         step_offset=job.step_offset + (job.best_step if job.best_step is not None else job.current_step),
     )
-    transaction.on_commit(lambda: _enqueue(child))
+    job_enqueue(child)
     return child
 
 
 def resumable_checkpoint(job: TrainingJob) -> Path | None:
-    from training_app.lora import latest_checkpoint
+    from tuna_llm.training import latest_checkpoint
 
     return latest_checkpoint(job_dir(job))
 
@@ -172,66 +158,27 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
     job.eta_seconds = None
     job.resume_count += 1
     job.save()
-    transaction.on_commit(lambda: _enqueue(job))
+    job_enqueue(job)
     return job
-
-
-def training_jobs_reap_orphans() -> int:
-    """Mark jobs a dead worker left running as failed (called when a worker starts)."""
-    return TrainingJob.objects.filter(orphaned(), status=TrainingJob.Status.TRAINING).update(
-        status=TrainingJob.Status.FAILED, error_message=WORKER_STOPPED, completed_at=timezone.now(), eta_seconds=None
-    )
-
-
-def queue_position(job: TrainingJob) -> int:
-    """How many jobs run before this queued one (one worker: one job at a time)."""
-    from evaluation_app.models import Evaluation
-
-    ahead = TrainingJob.objects.filter(status=TrainingJob.Status.QUEUED, created_at__lt=job.created_at).count()
-    running = TrainingJob.objects.filter(status=TrainingJob.Status.TRAINING).count()
-    evaluating = Evaluation.objects.filter(status=Evaluation.Status.RUNNING).count()
-    return ahead + running + evaluating
 
 
 # -- the worker side --------------------------------------------------------------------------
 def training_job_run(*, job_id: int, extra_callbacks: tuple = ()) -> None:
     """Run a queued job to its end. Claims the row first, so a redelivered task never trains twice."""
-    claimed = TrainingJob.objects.filter(pk=job_id, status=TrainingJob.Status.QUEUED).update(
-        status=TrainingJob.Status.TRAINING, heartbeat_at=timezone.now(), worker_host=worker_host()
-    )
-    if not claimed:
+    if not job_claim(TrainingJob, job_id):
         logger.info("Training job %s is not queued any more; nothing to do", job_id)
         return
-    job = TrainingJob.objects.select_related("dataset").get(pk=job_id)
-    if job.started_at is None:
-        TrainingJob.objects.filter(pk=job_id).update(started_at=timezone.now())
+    job = TrainingJob.objects.select_related("dataset", "parent").get(pk=job_id)
     try:
         _train(job, extra_callbacks)
     except Exception as exc:  # every failure ends as `failed` with a readable reason
         logger.exception("Training job %s failed", job_id)
-        TrainingJob.objects.filter(pk=job_id).update(
-            status=TrainingJob.Status.FAILED,
-            error_message=readable_error(exc),
-            error_traceback=traceback.format_exc(),
-            completed_at=timezone.now(),
-            eta_seconds=None,
-        )
-
-
-def readable_error(exc: BaseException) -> str:
-    name = type(exc).__name__
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if "OutOfMemory" in name or "out of memory" in text.lower():
-        return "The machine ran out of memory. Lower batch_size or max_seq_length (or raise gradient_accumulation_steps) and start again."
-    if isinstance(exc, (ValueError, ModelUnavailable)) and text:
-        return text
-    return f"Training stopped with an error ({name}{': ' + text[:300] if text else ''}). The full traceback is in the admin."
+        job_fail(job, exc)
 
 
 def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
-    from datasets_app.examples import training_examples, validation_examples
-    from inference_app.loading import pick_device
-    from training_app.lora import Progress, TrainingHooks, latest_checkpoint, run_lora_training
+    from tuna_llm.loading import pick_device
+    from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training
 
     config = TrainingConfig.from_dict(job.config)
     spec = get_base_model_spec(config.base_model)
@@ -255,7 +202,9 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
 
     def on_progress(p: Progress) -> None:
         run_tokens = p.tokens_seen - tokens_at_start
-        TrainingJob.objects.filter(pk=job.pk).update(
+        job_heartbeat(
+            TrainingJob,
+            job.pk,
             current_step=p.step,
             total_steps=p.total_steps,
             epoch=p.epoch,
@@ -266,7 +215,6 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
             train_seconds=previous_seconds + (time.monotonic() - run_started),
             eta_seconds=p.eta_seconds,
             eval_seconds=previous_eval_seconds + p.eval_seconds,
-            heartbeat_at=timezone.now(),
         )
         LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
 

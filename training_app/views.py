@@ -1,22 +1,19 @@
 from __future__ import annotations
 
-import io
-import zipfile
-from pathlib import Path
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from datasets_app.examples import validation_lines
 from datasets_app.selectors import get_dataset_for_user
-from inference_app.catalog import get_catalog
 from training_app import services
-from training_app.config import RANGES
 from training_app.estimates import training_estimate
-from training_app.selectors import get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
+from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
+from tuna_llm.catalog import get_catalog
+from tuna_llm.training_config import RANGES
+from tuna_site.jobs import queue_position
 
 
 @login_required
@@ -85,7 +82,7 @@ def _progress_context(job) -> dict:
         "verdict": learning_verdict(job),
         "chart": loss_chart_data(job),
         "chart_id": f"loss-data-{job.pk}",
-        "queue_position": services.queue_position(job) if job.status == job.Status.QUEUED else None,
+        "queue_position": queue_position(job) if job.status == job.Status.QUEUED else None,
         "can_resume": job.status in (job.Status.FAILED, job.Status.CANCELLED) and services.resumable_checkpoint(job) is not None,
     }
 
@@ -157,18 +154,4 @@ def _epochs(raw: str | None) -> int | str | None:
 @login_required
 @require_GET
 def training_adapter(request: HttpRequest, pk: int) -> HttpResponse:
-    job = get_job_for_user(request.user, pk)
-    return adapter_zip_response(job)
-
-
-def adapter_zip_response(job) -> FileResponse:
-    if job.status != job.Status.COMPLETED or not job.adapter_dir or not Path(job.adapter_dir).is_dir():
-        raise Http404("This job has no adapter to download.")
-    buffer = io.BytesIO()
-    root = Path(job.adapter_dir)
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                archive.write(path, Path(f"tuna-job-{job.pk}-adapter") / path.relative_to(root))
-    buffer.seek(0)
-    return FileResponse(buffer, as_attachment=True, filename=f"tuna-job-{job.pk}-adapter.zip", content_type="application/zip")
+    return adapter_download(get_job_for_user(request.user, pk))

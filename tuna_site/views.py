@@ -3,23 +3,24 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from rest_framework.authtoken.models import Token
 
-from datasets_app.models import Dataset
-from evaluation_app.models import Evaluation
-from training_app.models import TrainingJob
+from datasets_app.selectors import datasets_for_user
+from evaluation_app.selectors import evaluations_for_user
+from training_app.selectors import jobs_for_user
 
 
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
+    """Every app's recent items, each read through the selectors the app owns."""
     user = request.user
-    datasets = Dataset.objects.filter(owner=user)
-    jobs = TrainingJob.objects.filter(owner=user).select_related("dataset")
-    evaluations = Evaluation.objects.filter(owner=user).select_related("training_job")
+    datasets = datasets_for_user(user)
+    jobs = jobs_for_user(user)
+    evaluations = evaluations_for_user(user)
     context = {
         "counts": {
             "datasets": datasets.count(),
-            "valid_datasets": datasets.filter(validation_status=Dataset.Status.VALID).count(),
+            "valid_datasets": datasets.filter(validation_status="valid").count(),
             "jobs": jobs.count(),
-            "completed_jobs": jobs.filter(status=TrainingJob.Status.COMPLETED).count(),
+            "completed_jobs": jobs.filter(status="completed").count(),
             "evaluations": evaluations.count(),
         },
         "recent_datasets": datasets.order_by("-created_at")[:5],

@@ -242,3 +242,22 @@ def test_it_checks_a_held_out_file_against_the_training_file(alice_api, valid_da
     valid_dataset.refresh_from_db()
     assert valid_dataset.num_eval == 3 and valid_dataset.validation_report["split"]["overlap"] == 2
     assert [e[0]["content"] for e in held_out_examples(valid_dataset)] == [r["prompt"] for r in pc_rows(3, start=100)]
+
+
+def test_it_removes_the_files_when_the_admin_deletes_datasets(admin_client, alice, data_dir, django_capture_on_commit_callbacks):
+    from datasets_app.services import dataset_attach_eval_file, dataset_create
+
+    one = dataset_create(owner=alice, upload=jsonl_file(pc_rows(12)))
+    dataset_attach_eval_file(dataset=one, upload=jsonl_file(pc_rows(3, start=100), "heldout.jsonl"))
+    two = dataset_create(owner=alice, upload=jsonl_file(pc_rows(12, start=200)))
+    assert len(stored_files(data_dir)) == 3
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(f"/admin/datasets_app/dataset/{one.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302 and not Dataset.objects.filter(pk=one.pk).exists()
+    assert len(stored_files(data_dir)) == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            "/admin/datasets_app/dataset/", {"action": "delete_selected", "_selected_action": [two.pk], "post": "yes"}
+        )
+    assert response.status_code == 302 and Dataset.objects.count() == 0
+    assert stored_files(data_dir) == []

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from datasets_app.validation import validate_lines
-from inference_app.catalog import get_base_model_spec
-from inference_app.tokencount import token_counter_for
+from tuna_llm.catalog import get_base_model_spec
+from tuna_llm.tokencount import token_counter_for
 from tuna_site.testing import pc_rows
 
 

@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from evaluation_app import selectors
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
+from tuna_site.jobs import queue_position
 from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
@@ -102,7 +103,7 @@ def test_it_shows_how_many_jobs_are_ahead_of_a_queued_evaluation(alice_client, a
     earlier = Evaluation.objects.create(owner=alice, training_job=job, test_size=4)
     mine = Evaluation.objects.create(owner=alice, training_job=job, test_size=4)
     Evaluation.objects.create(owner=alice, training_job=job, test_size=4)  # queued after: not ahead
-    assert selectors.evaluation_queue_position(earlier) == 2 and selectors.evaluation_queue_position(mine) == 3
+    assert queue_position(earlier) == 2 and queue_position(mine) == 3
     html = alice_client.get(reverse("evaluation-detail", args=[mine.pk])).content.decode()
     assert "3 jobs ahead of this one" in html
     fragment = alice_client.get(reverse("evaluation-detail", args=[mine.pk]), {"fragment": "progress"}, HTTP_HX_REQUEST="true")

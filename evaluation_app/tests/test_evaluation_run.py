@@ -26,10 +26,10 @@ class _LogLines(logging.Handler):
 def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_dataset, settings):
     from peft import PeftModel
 
-    from inference_app.catalog import get_base_model_spec
-    from inference_app.engine import generate_chat
-    from inference_app.loading import load_tokenizer_and_model, pick_device
-    from inference_app.registry import LoadedBaseModel, registry
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.engine import generate_chat
+    from tuna_llm.loading import load_tokenizer_and_model, pick_device
+    from tuna_llm.registry import LoadedBaseModel, registry
 
     job = training_services.training_job_start(
         owner=alice,

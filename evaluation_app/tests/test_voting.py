@@ -5,8 +5,9 @@ import json
 import pytest
 from django.urls import reverse
 
-from evaluation_app import metrics, services
+from evaluation_app import services
 from evaluation_app.models import Evaluation, Rating
+from tuna_llm import metrics
 from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db

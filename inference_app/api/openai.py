@@ -23,7 +23,7 @@ from inference_app.api.serializers import (
     CompletionSerializer,
     ModelListSerializer,
 )
-from inference_app.catalog import get_catalog
+from tuna_llm.catalog import get_catalog
 from tuna_site.api import ApiError
 
 

@@ -5,12 +5,13 @@ import threading
 import pytest
 from django.urls import reverse
 
-from inference_app import batching, services
-from inference_app.batching import BatchingEngine, GenerationRequest
-from inference_app.engine import generate_chat
+from inference_app import services
 from inference_app.models import UsageLog
-from inference_app.prompting import render_chat
-from inference_app.registry import registry
+from tuna_llm import batching
+from tuna_llm.batching import BatchingEngine, GenerationRequest
+from tuna_llm.engine import generate_chat
+from tuna_llm.prompting import render_chat
+from tuna_llm.registry import registry
 from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]

@@ -3,12 +3,12 @@
 import pytest
 from django.core.management import call_command
 
-from inference_app.catalog import get_base_model_spec, get_catalog
-from inference_app.engine import generate_chat
-from inference_app.prompting import render_chat
-from inference_app.registry import registry
-from inference_app.tokencount import token_counter_for
 from training_app.models import ThroughputMeasurement
+from tuna_llm.catalog import get_base_model_spec, get_catalog
+from tuna_llm.engine import generate_chat
+from tuna_llm.prompting import render_chat
+from tuna_llm.registry import registry
+from tuna_llm.tokencount import token_counter_for
 
 
 def test_it_lists_the_embedded_model_ready(capsys):

@@ -189,3 +189,31 @@ def test_it_keeps_bob_out_of_alices_pages(browser, live_site):
     response = other.goto(alice_url)
     assert response.status == 404
     assert "Sample: orders to JSON" not in other.content()
+
+
+def test_it_offers_to_continue_a_run_that_stopped_while_improving(browser, live_site, shots):
+    page = browser.new_page()
+    login(page, live_site, "alice")
+    page.goto(f"{live_site.url}/datasets")
+    drop_file(page, "thirty.jsonl", "\n".join(SAMPLE.splitlines()[:30]))  # 24 to train (4 of them validate), 6 held out
+    expect(page.locator("#upload-result")).to_contain_text("Valid", timeout=30_000)
+    page.click("#upload-result a:has-text('Train with defaults')")
+    expect(page.locator("#plan-table")).to_contain_text("Validation examples")
+    page.click("summary:has-text('Advanced')")
+    for name, value in {"max_steps": "4", "eval_steps": "2", "max_seq_length": "160"}.items():
+        page.fill(f"input[name={name}]", value)
+    page.click("text=Start training")
+    expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
+    # Four updates cannot finish learning the format: the page says so and offers one click to go on.
+    expect(page.locator("#learning-verdict")).to_contain_text("still falling when training stopped")
+    shots(page, "12-still-improving")
+    page.fill("#learning-verdict input[name=epochs]", "1")
+    page.click("#continue-button")
+    expect(page.locator("h1")).to_contain_text("Training job #")
+    expect(page.locator("#job-progress")).to_contain_text("Continues")
+    expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
+    page.wait_for_timeout(500)
+    steps = page.evaluate("() => Chart.getChart(document.getElementById('loss-chart')).data.datasets[0].data.map(p => p.x)")
+    # One history: the first run's updates, then the continued run's 5 (one epoch of 20 examples), numbered on.
+    assert len(steps) > 5 and steps == list(range(1, len(steps) + 1)), steps
+    shots(page, "13-continued")

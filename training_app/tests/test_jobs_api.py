@@ -5,8 +5,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from training_app import services
-from training_app.lora import IGNORE_INDEX
 from training_app.models import LossPoint, TrainingJob
+from tuna_llm.training import IGNORE_INDEX
+from tuna_site.jobs import queue_position, readable_error
 from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
@@ -184,17 +185,17 @@ def test_it_polls_while_running_and_stops_when_finished(alice_client, alice, val
 def test_it_tells_the_queue_position(alice, valid_dataset):
     first = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
     second = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
-    assert services.queue_position(first) == 0 and services.queue_position(second) == 1
+    assert queue_position(first) == 0 and queue_position(second) == 1
 
 
 def test_it_explains_out_of_memory_in_plain_words():
-    message = services.readable_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    message = readable_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert "ran out of memory" in message and "batch_size" in message
 
 
 def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
-    from inference_app.registry import registry
-    from training_app.lora import tokenize_example
+    from tuna_llm.registry import registry
+    from tuna_llm.training import tokenize_example
 
     tokenizer = registry.get().tokenizer
     row = tokenize_example(tokenizer, [{"role": "user", "content": "Two red caps"}, {"role": "assistant", "content": "OK"}], 512)
@@ -205,8 +206,8 @@ def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
 
 
 def test_it_learns_every_assistant_turn_of_a_conversation_and_nothing_else():
-    from inference_app.registry import registry
-    from training_app.lora import tokenize_example
+    from tuna_llm.registry import registry
+    from tuna_llm.training import tokenize_example
 
     tokenizer = registry.get().tokenizer
     conversation = [
@@ -230,7 +231,7 @@ def test_it_learns_every_assistant_turn_of_a_conversation_and_nothing_else():
     spans.append(tokenizer.decode(current))
     assert [s.strip() for s in spans] == ["Which size?<|im_end|>", '{"product": "cap", "size": "M"}<|im_end|>']
     # The whole sequence is exactly the rendered conversation.
-    from inference_app.prompting import render_chat
+    from tuna_llm.prompting import render_chat
 
     assert tokenizer.decode(row["input_ids"]) == render_chat(tokenizer, conversation, add_generation_prompt=False)
     # Scoring a reference answer looks at the final turn only.

@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 
 from training_app import services, tasks
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from tuna_site.jobs import jobs_reap_orphans
 from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
@@ -37,8 +38,8 @@ def test_it_trains_end_to_end_and_saves_a_working_adapter(alice, valid_dataset):
     import torch
     from peft import PeftModel
 
-    from inference_app.catalog import get_base_model_spec
-    from inference_app.loading import load_tokenizer_and_model, pick_device
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.loading import load_tokenizer_and_model, pick_device
 
     job = start(alice, valid_dataset)
     tasks.training_job_execute(job.pk)
@@ -101,7 +102,7 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
     job.refresh_from_db()
     assert job.status == "training"  # as a dead worker leaves it
 
-    assert services.training_jobs_reap_orphans() == 1
+    assert jobs_reap_orphans()["training jobs"] == 1
     job.refresh_from_db()
     assert job.status == "failed" and "worker stopped" in job.error_message
     assert services.resumable_checkpoint(job).name == "checkpoint-2"
@@ -166,20 +167,20 @@ def test_it_keeps_the_checkpoint_with_the_lowest_validation_loss_and_continues_f
     from safetensors.torch import load_file
 
     from training_app.selectors import loss_chart_data
+    from tuna_llm.training import checkpoint_to_keep
 
     job = start(alice, valid_dataset, max_steps=6, learning_rate=5e-3)
     tasks.training_job_execute(job.pk)
     job.refresh_from_db()
     assert job.status == "completed", job.error_message
-    validations = dict(job.loss_points.exclude(eval_loss=None).exclude(step=0).values_list("step", "eval_loss"))
-    assert set(validations) == {2, 4, 6}
-    assert job.best_step == min(validations, key=validations.get)
-    assert job.best_eval_loss == pytest.approx(validations[job.best_step])
+    validations = list(job.loss_points.exclude(eval_loss=None).values_list("step", "eval_loss"))
+    assert [step for step, _ in validations] == [0, 2, 4, 6]
+    assert (job.best_step, job.best_eval_loss) == pytest.approx(checkpoint_to_keep(validations))
     kept = load_file(str(Path(job.adapter_dir) / "adapter_model.safetensors"))
     best = load_file(str(services.job_dir(job) / "checkpoints" / f"checkpoint-{job.best_step}" / "adapter_model.safetensors"))
     assert kept.keys() == best.keys() and all((kept[k] == best[k]).all() for k in kept)
     page = alice_client.get(f"/training/{job.pk}").content.decode()
-    assert f"is step {job.best_step}, the one with the lowest validation loss" in page
+    assert "are kept (served, evaluated, downloaded)" in page or f"the checkpoint of step {job.best_step} is kept" in page
 
     child = services.training_job_continue(job=job, epochs=1)
     assert child.parent_id == job.pk and child.step_offset == job.best_step

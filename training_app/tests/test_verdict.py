@@ -43,7 +43,8 @@ def test_it_says_when_a_run_learned_and_then_over_fitted(alice, alice_client, va
     verdict = learning_verdict(job)
     assert (verdict.kind, verdict.still_improving) == ("learned", False)
     page = alice_client.get(f"/training/{job.pk}").content.decode()
-    assert "It learned." in page and "lowest at step 20 and rose afterwards" in page
+    assert "It learned." in page and "lowest at step 20 and rose clearly afterwards" in page
+    assert "the checkpoint of step 20 is kept" in page
     assert 'id="continue-button"' not in page
 
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from evaluation_app.models import Evaluation
 from training_app.models import TrainingJob
-from training_app.services import WORKER_STOPPED, training_jobs_reap_orphans
+from tuna_site.jobs import jobs_reap_orphans
 from tuna_site.testing import job_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,18 +132,14 @@ def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_data
     running = job_row(alice, valid_dataset, status="training", started_at=timezone.now())
     queued = job_row(alice, valid_dataset)
     evaluation = Evaluation.objects.create(owner=alice, training_job=running, status="running")
-    assert training_jobs_reap_orphans() == 1
+    assert jobs_reap_orphans() == {"training jobs": 1, "evaluations": 1}
     running.refresh_from_db()
     queued.refresh_from_db()
     evaluation.refresh_from_db()
-    assert running.status == "failed" and running.error_message == WORKER_STOPPED
-    assert "worker stopped" in running.error_message
+    assert running.status == "failed" and running.error_message == TrainingJob.WORKER_STOPPED
+    assert "worker stopped" in running.error_message and running.eta_seconds is None
     assert queued.status == "queued"
-    from evaluation_app.services import evaluations_reap_orphans
-
-    assert evaluations_reap_orphans() == 1
-    evaluation.refresh_from_db()
-    assert evaluation.status == "failed"
+    assert evaluation.status == "failed" and evaluation.error_message == Evaluation.WORKER_STOPPED
 
 
 @pytest.mark.django_db
@@ -164,7 +160,7 @@ def test_it_leaves_jobs_that_another_live_worker_machine_runs(alice, valid_datas
     mine = running("gpu-a", 5)  # this machine's worker is starting, so its last job lost its worker
     live_elsewhere = running("gpu-b", 30)
     dead_elsewhere = running("gpu-c", 3600)
-    assert training_jobs_reap_orphans() == 2
+    assert jobs_reap_orphans()["training jobs"] == 2
     statuses = {j.worker_host: j.status for j in TrainingJob.objects.filter(pk__in=[mine.pk, live_elsewhere.pk, dead_elsewhere.pk])}
     assert statuses == {"gpu-a": "failed", "gpu-b": "training", "gpu-c": "failed"}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference_app.catalog import EMBEDDED_GGUF, BaseModelSpec, find_embedded_gguf
+from tuna_llm.catalog import EMBEDDED_GGUF, BaseModelSpec, find_embedded_gguf
 
 logger = logging.getLogger("tuna.models")
 

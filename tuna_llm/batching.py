@@ -21,10 +21,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from django.conf import settings
-
-from inference_app.engine import Generation, stop_token_ids
-from inference_app.registry import LoadedBaseModel
+from tuna_llm.engine import Generation, stop_token_ids
+from tuna_llm.registry import LoadedBaseModel
+from tuna_llm.settings import current
 
 logger = logging.getLogger("tuna.inference")
 
@@ -125,7 +124,7 @@ class BatchingEngine:
         """The oldest request and those that can join it: same decoding settings, and no more distinct
         adapters than the adapter cache holds (all of them must be attached at once)."""
         key = self._pending[0].key
-        room = max(1, settings.TUNA_ADAPTER_CACHE_SIZE)
+        room = max(1, current().adapter_cache_size)
         batch: list[GenerationRequest] = []
         adapters: set[str] = set()
         for request in self._pending:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from evaluation_app import metrics
+from tuna_llm import metrics
 
 ANSWERS = {
     "cyrillic": "Заказ содержит две синие рубашки и красную шляпу.",

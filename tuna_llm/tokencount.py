@@ -13,7 +13,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from inference_app.catalog import BaseModelSpec
+from tuna_llm.catalog import BaseModelSpec
+from tuna_llm.settings import current
 
 _PLACEHOLDER = "x"
 
@@ -66,15 +67,14 @@ def _read_chat_template(model_dir: Path) -> str | None:
 @lru_cache(maxsize=4)
 def token_counter_for(spec: BaseModelSpec) -> TokenCounter:
     if spec.kind == "embedded":
-        from inference_app.loading import prepare_embedded_model
+        from tuna_llm.loading import prepare_embedded_model
 
         return TokenCounter(prepare_embedded_model(spec))
     if spec.kind == "local":
         return TokenCounter(Path(spec.load_path))
-    from django.conf import settings
     from huggingface_hub import snapshot_download
 
     directory = snapshot_download(
-        spec.source, allow_patterns=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"], token=settings.HF_TOKEN
+        spec.source, allow_patterns=["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"], token=current().hf_token
     )
     return TokenCounter(Path(directory))

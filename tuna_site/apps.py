@@ -1,0 +1,23 @@
+from django.apps import AppConfig
+from django.conf import settings
+
+from tuna_llm import settings as llm_settings
+
+
+class TunaSiteConfig(AppConfig):
+    name = "tuna_site"
+    verbose_name = "LLM Tuna"
+
+    def ready(self) -> None:
+        # The model layer reads the live Django settings through this provider (it never imports Django).
+        llm_settings.configure(model_layer_settings)
+
+
+def model_layer_settings() -> llm_settings.LlmSettings:
+    return llm_settings.LlmSettings(
+        base_models=dict(settings.TUNA_BASE_MODELS),
+        default_base_model=settings.TUNA_DEFAULT_BASE_MODEL,
+        model_cache_dir=settings.TUNA_MODEL_CACHE_DIR,
+        adapter_cache_size=settings.TUNA_ADAPTER_CACHE_SIZE,
+        hf_token=settings.HF_TOKEN,
+    )
