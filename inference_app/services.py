@@ -18,6 +18,7 @@ from tuna_site.costs import cost_usd
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
 DEFAULT_MAX_TOKENS = 256
+MIN_SAMPLING_TEMPERATURE = 1e-3
 
 
 class InferenceRefused(Exception):
@@ -120,6 +121,9 @@ def prepare_call(
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT)
     check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    if temperature < MIN_SAMPLING_TEMPERATURE:
+        # Sampling this cold is greedy decoding; dividing the logits by it would overflow to inf/nan.
+        temperature = 0.0
     try:
         loaded = registry.get(model.base_model)
     except ModelUnavailable as exc:

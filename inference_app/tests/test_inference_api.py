@@ -255,3 +255,12 @@ def test_it_times_a_playground_answer_from_its_own_batch_start(alice_client, ali
         assert log.cost_usd == pytest.approx(log.compute_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
     html = response.content.decode()
     assert "queue" in html and f"${tuned.cost_usd:.6f}" in html
+
+
+def test_it_answers_a_near_zero_temperature_greedily_instead_of_failing(alice_api):
+    # Found by schemathesis: dividing the logits by 4.7e-62 overflowed to inf and the request answered 500.
+    body = {"model_id": "base:smollm2-135m-instruct", "prompt": ORDER, "max_tokens": 8}
+    cold = alice_api.post("/api/inference", {**body, "temperature": 4.735931520927907e-62}, format="json")
+    greedy = alice_api.post("/api/inference", body, format="json")
+    assert cold.status_code == 200, cold.content
+    assert cold.json()["output"] == greedy.json()["output"]
