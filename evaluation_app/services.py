@@ -15,6 +15,8 @@ from datasets_app.examples import held_out_examples
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
 from tuna_llm import metrics
+from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
+from tuna_llm.registry import registry
 from tuna_site.costs import cost_usd
 from tuna_site.jobs import job_claim, job_enqueue, job_fail, job_heartbeat
 
@@ -69,8 +71,6 @@ def evaluation_run(*, evaluation_id: int) -> None:
 
 
 def _run(evaluation: Evaluation) -> None:
-    from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
-    from tuna_llm.registry import registry
 
     job = evaluation.training_job
     examples = held_out_examples(job.dataset)[: evaluation.test_size]

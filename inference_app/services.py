@@ -10,9 +10,11 @@ from django.conf import settings
 
 from inference_app.models import UsageLog
 from training_app.models import TrainingJob
+from tuna_llm.batching import GenerationRequest, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
 from tuna_llm.loading import ModelUnavailable
 from tuna_llm.prompting import Message, prompt_messages, render_chat
+from tuna_llm.registry import registry
 from tuna_site.costs import cost_usd
 
 BASE_PREFIX = "base:"
@@ -115,8 +117,6 @@ def prepare_call(
     stop: list[str] | tuple[str, ...] = (),
 ) -> Call:
     """Render the prompt (chat template for messages, raw for text) and check it fits the context."""
-    from tuna_llm.batching import GenerationRequest
-    from tuna_llm.registry import registry
 
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT)
@@ -185,8 +185,6 @@ def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> 
 
 
 def _engine(call: Call):
-    from tuna_llm.batching import engine_for
-    from tuna_llm.registry import registry
 
     return engine_for(registry.get(call.model.base_model))
 

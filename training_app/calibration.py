@@ -10,13 +10,13 @@ from training_app.models import ThroughputMeasurement
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.loading import pick_device
+from tuna_llm.training import run_lora_training
 
 CALIBRATION_STEPS = 8
 
 
 def calibrate_default_model() -> ThroughputMeasurement:
     """A few LoRA steps with the default settings on the sample data; records tokens per second."""
-    from tuna_llm.training import run_lora_training
 
     spec = get_base_model_spec()
     plan = pick_device()

@@ -16,6 +16,7 @@ from django.conf import settings
 
 from training_app.models import ThroughputMeasurement
 from tuna_llm.autoconfig import VALIDATION_COST
+from tuna_llm.training import steps_per_epoch, total_steps
 from tuna_llm.training_config import TrainingConfig
 from tuna_site.costs import cost_usd
 
@@ -44,7 +45,6 @@ def _tokens_per_epoch(split: dict[str, Any], max_seq_length: int, trained_share:
 
 
 def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
-    from tuna_llm.training import steps_per_epoch, total_steps
 
     split = dataset.validation_report.get("split", {})
     trained = max(1, dataset.num_train - config.eval_examples)

@@ -129,10 +129,10 @@ def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
             f" It was lowest at step {job.step_offset + job.best_step} and rose clearly afterwards (over-fitting): the checkpoint of "
             f"step {job.step_offset + job.best_step} is kept (served, evaluated, downloaded) instead of the final weights."
         )
+    elif job.best_step is not None and last <= best:
+        detail += " The final weights, those with the lowest validation loss, are kept (served, evaluated, downloaded)."
     elif job.best_step is not None:
-        detail += (
-            " The final weights are kept (served, evaluated, downloaded): the validation loss did not rise clearly after its lowest point."
-        )
+        detail += " The final weights are kept (served, evaluated, downloaded): after its lowest point the validation loss rose by no more than noise."
     return LearningVerdict(kind, headline, detail, still, start, best)
 
 

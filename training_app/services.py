@@ -19,7 +19,8 @@ from datasets_app.models import Dataset
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from tuna_llm.autoconfig import DataFacts, choose_settings, eval_every, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
-from tuna_llm.training import steps_per_epoch
+from tuna_llm.loading import pick_device
+from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training, steps_per_epoch
 from tuna_llm.training_config import ConfigResult, TrainingConfig, build_config
 from tuna_site.jobs import job_claim, job_enqueue, job_fail, job_heartbeat
 
@@ -138,8 +139,6 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
 
 
 def resumable_checkpoint(job: TrainingJob) -> Path | None:
-    from tuna_llm.training import latest_checkpoint
-
     return latest_checkpoint(job_dir(job))
 
 
@@ -177,9 +176,6 @@ def training_job_run(*, job_id: int, extra_callbacks: tuple = ()) -> None:
 
 
 def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
-    from tuna_llm.loading import pick_device
-    from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training
-
     config = TrainingConfig.from_dict(job.config)
     spec = get_base_model_spec(config.base_model)
     plan = pick_device()

@@ -144,18 +144,23 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
     pick("num_epochs", *_epochs(trained, per_epoch))
     max_steps = pick("max_steps", 0, "run every epoch")
     updates = max_steps or per_epoch * values["num_epochs"]
+    if max_steps and max_steps < per_epoch * values["num_epochs"]:
+        reasons["num_epochs"] += f"; max updates ({max_steps}) ends the run sooner"
     pick("max_seq_length", *_seq_length(facts))
 
     if validation:
         every = eval_every(updates, validation, batch * accumulation)
+        times = math.ceil(updates / every)
         pick(
             "eval_steps",
             every,
-            f"validation loss about {math.ceil(updates / every)} times in {updates} updates: at most a tenth of training time",
+            f"validation loss {times} time{'s' if times != 1 else ''} in {updates} updates: at most a tenth of training time",
         )
         # The best checkpoint can only be kept if one is saved at each validation.
         values["save_steps"] = values["eval_steps"]
         reasons["save_steps"] = "a checkpoint at every validation, so the best one can be kept"
+        if "save_steps" in explicit and explicit["save_steps"] != values["save_steps"]:
+            reasons["save_steps"] += f" (your {explicit['save_steps']} applies only without validation examples)"
     else:
         pick("eval_steps", 0, "no validation examples")
         pick("save_steps", max(1, updates // 10), "about ten checkpoints per run, to resume from")

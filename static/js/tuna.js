@@ -26,7 +26,7 @@
         type: "line",
         data: { datasets: [
           { label: "Training loss", data: data.train, borderColor: "#2456d6", backgroundColor: "#2456d6", pointRadius: 2, tension: 0 },
-          { label: "Held-out loss", data: data.eval, borderColor: "#c0392b", backgroundColor: "#c0392b", pointRadius: 4, showLine: true }
+          { label: "Validation loss", data: data.eval, borderColor: "#c0392b", backgroundColor: "#c0392b", pointRadius: 4, showLine: true }
         ] },
         options: { responsive: true, maintainAspectRatio: false, animation: false, parsing: false,
           scales: { x: { type: "linear", title: { display: true, text: "step" }, min: 0, suggestedMax: data.total_steps || undefined },

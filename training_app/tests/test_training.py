@@ -181,6 +181,7 @@ def test_it_keeps_the_checkpoint_with_the_lowest_validation_loss_and_continues_f
     assert kept.keys() == best.keys() and all((kept[k] == best[k]).all() for k in kept)
     page = alice_client.get(f"/training/{job.pk}").content.decode()
     assert "are kept (served, evaluated, downloaded)" in page or f"the checkpoint of step {job.best_step} is kept" in page
+    assert "on examples 15–16 of the file, set aside from training" in page  # where validation came from
 
     child = services.training_job_continue(job=job, epochs=1)
     assert child.parent_id == job.pk and child.step_offset == job.best_step
