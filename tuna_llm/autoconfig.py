@@ -15,9 +15,12 @@ from typing import Any
 
 from tuna_llm.training_config import KNOWN_MODULES, TrainingConfig
 
-# Measured on three unfamiliar 60-example tasks and the sample (bench/small_data.py): about 60 updates
-# at the small-model learning rate learn a fixed output format; 36 did not.
-MIN_UPDATES = 60
+# Measured on three unfamiliar 60-example tasks and the sample (bench/small_data.py): a small dataset learns
+# its output format once its examples have been seen about 240 times in all (6 epochs of 44, in 2-example
+# updates: 132 updates); 3 epochs of 4-example updates (36 updates) learned nothing, 6 epochs of 4-example
+# updates (66) missed more of the harder task. At the same compute, 2-example updates did better.
+MIN_EXAMPLES_SEEN = 240
+SMALL_DATASET = 100
 # Big datasets: fewer passes rather than hours of training (each pass already shows many examples).
 MAX_UPDATES = 3000
 DEFAULT_EPOCHS = 3
@@ -133,13 +136,15 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
         pick("learning_rate", 5e-4, f"{_size_text(facts.parameters)} parameters: between the small-model and the 7-8B rate")
     else:
         pick("learning_rate", seed.learning_rate, f"{_size_text(facts.parameters)} parameters: the common LoRA rate for 7B+ models")
-    batch = pick("batch_size", seed.batch_size, "4 examples per update")
-    accumulation = pick("gradient_accumulation_steps", seed.gradient_accumulation_steps, "one batch per update")
-
     validation = pick("eval_examples", validation_count(facts.train_pool), _validation_reason(facts.train_pool))
     validation = min(validation, max(0, facts.train_pool - 1))
     values["eval_examples"] = validation
     trained = facts.train_pool - validation
+    if trained < SMALL_DATASET:
+        batch = pick("batch_size", 2, f"{trained} examples: 2 per update gives twice the updates from the same compute (measured)")
+    else:
+        batch = pick("batch_size", seed.batch_size, "4 examples per update")
+    accumulation = pick("gradient_accumulation_steps", seed.gradient_accumulation_steps, "one batch per update")
     per_epoch = max(1, math.ceil(math.ceil(trained / batch) / accumulation))
     pick("num_epochs", *_epochs(trained, per_epoch))
     max_steps = pick("max_steps", 0, "run every epoch")
@@ -178,11 +183,11 @@ def _validation_reason(train_pool: int) -> str:
 
 def _epochs(trained: int, per_epoch: int) -> tuple[int, str]:
     epochs = DEFAULT_EPOCHS
-    if per_epoch * epochs < MIN_UPDATES:
-        epochs = min(MAX_EPOCHS, math.ceil(MIN_UPDATES / per_epoch))
+    if trained * epochs < MIN_EXAMPLES_SEEN:
+        epochs = min(MAX_EPOCHS, math.ceil(MIN_EXAMPLES_SEEN / max(1, trained)))
         return epochs, (
-            f"{trained} examples: {epochs} epochs = {epochs * per_epoch} updates, because a small dataset needs about "
-            f"{MIN_UPDATES} updates to learn its format"
+            f"{trained} examples: {epochs} epochs = {epochs * per_epoch} updates, because a small dataset needs its examples "
+            f"seen about {MIN_EXAMPLES_SEEN} times in all to learn its format"
         )
     if per_epoch * epochs > MAX_UPDATES:
         epochs = max(1, MAX_UPDATES // per_epoch)

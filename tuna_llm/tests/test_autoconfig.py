@@ -1,6 +1,6 @@
 """Settings chosen from the data and the model: pure rules, no database, no model."""
 
-from tuna_llm.autoconfig import MIN_UPDATES, DataFacts, choose_settings, estimate_parameters, eval_every, validation_count
+from tuna_llm.autoconfig import MIN_EXAMPLES_SEEN, DataFacts, choose_settings, estimate_parameters, eval_every, validation_count
 
 LLAMA_8B = {
     "model_type": "llama",
@@ -26,19 +26,20 @@ def test_it_counts_parameters_from_a_config_alone():
 def test_it_gives_a_small_dataset_enough_updates_to_learn():
     config, reasons = choose_settings({}, small_model(48), base_model="m")
     trained = 48 - config.eval_examples
-    updates = -(-trained // config.batch_size) * config.num_epochs
     assert config.eval_examples == validation_count(48) == 4
-    assert MIN_UPDATES <= updates < MIN_UPDATES + -(-trained // config.batch_size)
-    assert (
-        reasons["num_epochs"]
-        == f"{trained} examples: {config.num_epochs} epochs = {updates} updates, because a small dataset needs about 60 updates to learn its format"
-    )
+    # Small data: 2 examples per update, and enough epochs to see the examples about 240 times in all.
+    assert config.batch_size == 2 and "twice the updates" in reasons["batch_size"]
+    assert MIN_EXAMPLES_SEEN <= trained * config.num_epochs < MIN_EXAMPLES_SEEN + trained
+    updates = -(-trained // 2) * config.num_epochs
+    assert (config.num_epochs, updates) == (6, 132)
+    assert reasons["num_epochs"].startswith(f"{trained} examples: 6 epochs = 132 updates, because a small dataset")
     assert config.learning_rate == 1e-3 and config.lora_r == 16 and len(config.target_modules) == 7
     assert config.max_seq_length == 128 and "90 tokens" in reasons["max_seq_length"]
 
 
 def test_it_keeps_three_epochs_for_a_mid_sized_dataset_and_fewer_for_a_large_one():
-    assert choose_settings({}, small_model(400), base_model="m")[0].num_epochs == 3
+    mid = choose_settings({}, small_model(400), base_model="m")[0]
+    assert (mid.num_epochs, mid.batch_size) == (3, 4)
     big, reasons = choose_settings({}, small_model(40_000), base_model="m")
     assert big.num_epochs == 1 and "large dataset" in reasons["num_epochs"]
 
@@ -59,10 +60,10 @@ def test_it_lets_the_user_override_any_choice():
 
 
 def test_it_bounds_validation_to_about_a_tenth_of_training_compute():
-    # One validation pass over V examples costs about 0.42 V example-updates; at most 10% of 66 updates x 4 examples.
-    every = eval_every(66, 5, 4)
-    evaluations = -(-66 // every) + 2  # plus the one before training and the one at the end
-    assert 3 <= evaluations and evaluations * 5 * 0.42 <= 0.1 * 66 * 4
+    # One validation pass over V examples costs about 0.42 V example-updates; at most 10% of 132 updates x 2 examples.
+    every = eval_every(132, 4, 2)
+    evaluations = -(-132 // every) + 2  # plus the one before training and the one at the end
+    assert 3 <= evaluations and evaluations * 4 * 0.42 <= 0.1 * 132 * 2
     config, _ = choose_settings({}, small_model(48), base_model="m")
     assert config.save_steps == config.eval_steps  # a checkpoint at each validation, so the best can be kept
 
