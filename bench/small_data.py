@@ -59,6 +59,7 @@ def run_task(owner, task: str, config: dict) -> dict:
 # The defaults before settings were chosen from the data: r 8 on q/v, lr 2e-4, 3 epochs, batch 4, no validation.
 PREVIOUS_DEFAULTS = {
     "num_epochs": 3,
+    "batch_size": 4,
     "learning_rate": 2e-4,
     "lora_r": 8,
     "lora_alpha": 16,

@@ -24,8 +24,10 @@ def main() -> None:
         losses = list(job.loss_points.exclude(loss=None).values_list("loss", flat=True))
         evals = list(job.loss_points.exclude(eval_loss=None).values_list("eval_loss", flat=True))
         print(f"status: {job.status} {job.error_message}")
-        print(f"{dataset.num_train} training examples x {job.config['num_epochs']} epochs = {job.total_steps} steps on {job.device}")
-        print(f"training loss: first {losses[0]:.3f}, last {losses[-1]:.3f}; held-out loss: first {evals[0]:.3f}, last {evals[-1]:.3f}")
+        trained = dataset.num_train - job.config["eval_examples"]
+        print(f"{trained} training examples x {job.config['num_epochs']} epochs = {job.total_steps} steps on {job.device}")
+        print(f"training loss: first {losses[0]:.3f}, last {losses[-1]:.3f}; validation loss: first {evals[0]:.3f}, last {evals[-1]:.3f}")
+        print(f"kept: {job.best_step_text()}; validation took {job.eval_seconds:.1f} s of {job.train_seconds:.0f} s")
         print(
             f"speed: {job.tokens_per_second:.0f} tokens/s; cost at ${job.cost_usd / max(job.train_seconds, 1e-9) * 3600:.2f}/h: ${job.cost_usd:.4f}"
         )
