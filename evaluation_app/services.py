@@ -71,7 +71,6 @@ def evaluation_run(*, evaluation_id: int) -> None:
 
 
 def _run(evaluation: Evaluation) -> None:
-
     job = evaluation.training_job
     examples = held_out_examples(job.dataset)[: evaluation.test_size]
     loaded = registry.get(job.base_model)

@@ -185,7 +185,6 @@ def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> 
 
 
 def _engine(call: Call):
-
     return engine_for(registry.get(call.model.base_model))
 
 

@@ -45,7 +45,6 @@ def _tokens_per_epoch(split: dict[str, Any], max_seq_length: int, trained_share:
 
 
 def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
-
     split = dataset.validation_report.get("split", {})
     trained = max(1, dataset.num_train - config.eval_examples)
     per_epoch_tokens = _tokens_per_epoch(split, config.max_seq_length, trained / max(1, dataset.num_train))

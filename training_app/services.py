@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,10 @@ from django.utils import timezone
 from datasets_app.examples import training_examples, validation_examples
 from datasets_app.models import Dataset
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
-from tuna_llm.autoconfig import DataFacts, choose_settings, eval_every, model_facts
+from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
-from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training, steps_per_epoch
+from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training
 from tuna_llm.training_config import ConfigResult, TrainingConfig, build_config
 from tuna_site.jobs import job_claim, job_enqueue, job_fail, job_heartbeat
 
@@ -121,9 +121,11 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
     epochs = parent.num_epochs if epochs is None else epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_CONTINUE_EPOCHS:
         raise ConfigInvalid({"epochs": f"Must be a whole number from 1 to {MAX_CONTINUE_EPOCHS}; got {epochs!r}."})
-    updates = steps_per_epoch(parent, job.dataset.num_train - parent.eval_examples) * epochs
-    every = eval_every(updates, parent.eval_examples, parent.batch_size * parent.gradient_accumulation_steps) if parent.eval_examples else 0
-    config = replace(parent, num_epochs=epochs, max_steps=0, eval_steps=every, save_steps=every or max(1, updates // 10))
+    # The parent's settings, with the validation and checkpoint intervals chosen again for the new length.
+    same = {k: v for k, v in parent.to_dict().items() if k not in ("base_model", "eval_steps", "save_steps")}
+    config, _ = choose_settings(
+        {**same, "num_epochs": epochs, "max_steps": 0}, DataFacts(train_pool=job.dataset.num_train), base_model=parent.base_model
+    )
     reasons = {**job.config_reasons, "num_epochs": f"{epochs} more epoch{'s' if epochs != 1 else ''} from job #{job.pk}'s adapter"}
     child = TrainingJob.objects.create(
         owner=job.owner,
