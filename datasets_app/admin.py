@@ -1,10 +1,10 @@
 import json
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.utils.html import format_html
 
 from datasets_app.models import Dataset
-from datasets_app.services import dataset_delete
+from datasets_app.services import DatasetInUse, dataset_delete
 
 
 @admin.register(Dataset)
@@ -16,13 +16,17 @@ class DatasetAdmin(admin.ModelAdmin):
     readonly_fields = ["report_summary", "pretty_report", "created_at"]
     exclude = ["validation_report"]
 
-    # Deleting goes through the service, as on the page and in the API: the stored files go too.
+    # Deleting goes through the service, as on the page and in the API: the stored files go too. A dataset
+    # that jobs use is refused on the confirmation page (its jobs are listed as protected): delete them first.
     def delete_model(self, request, obj: Dataset) -> None:
-        dataset_delete(dataset=obj)
+        try:
+            dataset_delete(dataset=obj)
+        except DatasetInUse as exc:
+            self.message_user(request, exc.message, messages.ERROR)
 
     def delete_queryset(self, request, queryset) -> None:
         for dataset in queryset:
-            dataset_delete(dataset=dataset)
+            self.delete_model(request, dataset)
 
     @admin.display(description="Report summary")
     def report_summary(self, obj: Dataset) -> str:

@@ -1,4 +1,4 @@
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.generics import ListAPIView
 from rest_framework.parsers import FormParser, MultiPartParser
@@ -79,13 +79,22 @@ class DatasetDetailApi(APIView):
     def get(self, request: Request, pk: int) -> Response:
         return Response(DatasetSerializer(get_dataset_for_user(request.user, pk)).data)
 
-    @extend_schema(responses={204: None})
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("with_jobs", bool, description="Also delete the training jobs that use it (with their evaluations and files).")
+        ],
+        responses={204: None},
+        description="Delete the dataset and its files. While training jobs use it: 409 listing them, unless with_jobs=true; "
+        "a job that is training (or being evaluated) answers 409 and nothing is deleted.",
+    )
     def delete(self, request: Request, pk: int) -> Response:
         dataset = get_dataset_for_user(request.user, pk)
+        with_jobs = request.query_params.get("with_jobs", "").lower() in ("1", "true", "yes")
         try:
-            services.dataset_delete(dataset=dataset)
+            services.dataset_delete(dataset=dataset, with_jobs=with_jobs)
         except services.DatasetInUse as exc:
-            raise ApiError(str(exc), 409) from None
+            hint = "" if with_jobs else f" Send DELETE /api/datasets/{dataset.pk}?with_jobs=true to delete them with it."
+            raise ApiError(exc.message + hint, 409) from None
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

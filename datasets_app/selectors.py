@@ -6,17 +6,30 @@ import json
 from dataclasses import dataclass
 from itertools import islice
 
-from django.db.models import QuerySet
+from django.db.models import QuerySet, Sum
 from django.shortcuts import get_object_or_404
 
 from datasets_app.formats import ExampleError, detect_format, to_messages
 from datasets_app.models import Dataset
+from datasets_app.validation import unsafe_text
 
 EXAMPLES_PER_PAGE = 20
 
 
 def datasets_for_user(user) -> QuerySet[Dataset]:
     return Dataset.objects.filter(owner=user)
+
+
+def dataset_storage_bytes(user) -> int:
+    """What the user's stored dataset files take: training files (size_bytes) and held-out files."""
+    datasets = Dataset.objects.filter(owner=user)
+    total = datasets.aggregate(total=Sum("size_bytes"))["total"] or 0
+    for dataset in datasets.exclude(eval_file="").only("eval_file"):
+        try:
+            total += dataset.eval_file.size
+        except OSError:  # a file removed behind the database's back takes no room
+            pass
+    return total
 
 
 def get_dataset_for_user(user, pk: int) -> Dataset:
@@ -47,9 +60,9 @@ def _row(number: int, line: int, raw: bytes, dataset: Dataset) -> ExampleRow:
     held_out = dataset.is_valid and not dataset.has_eval_file and number > dataset.num_train
     try:
         obj = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
-        fmt = detect_format(obj) if isinstance(obj, dict) else None
+        fmt = detect_format(obj) if isinstance(obj, dict) and not unsafe_text(obj) else None
         if fmt is None:
             raise ExampleError("unreadable")
         return ExampleRow(number, line, to_messages(obj, fmt), None, held_out)
-    except (UnicodeDecodeError, json.JSONDecodeError, ExampleError):
+    except (ValueError, RecursionError, ExampleError):  # undecodable, not JSON, nested too deep, a 4300-digit number
         return ExampleRow(number, line, None, raw.decode("utf-8", errors="replace")[:2000], held_out)

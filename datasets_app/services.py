@@ -6,12 +6,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 
 from datasets_app.models import Dataset
+from datasets_app.selectors import dataset_storage_bytes
 from datasets_app.uploads import max_upload_bytes, too_large_message
 from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
+from training_app.services import JobConflict, training_jobs_delete
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
 
@@ -33,7 +38,12 @@ class UploadRejected(Exception):
 
 
 class DatasetInUse(Exception):
-    pass
+    """A dataset that training jobs use, deleted without them (or with one that cannot go yet)."""
+
+    def __init__(self, message: str, *, job_ids: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.job_ids = job_ids or []
 
 
 @dataclass(frozen=True)
@@ -104,10 +114,63 @@ def _check_eval_fraction(eval_fraction: float) -> float:
     return eval_fraction
 
 
+def _mb(size: int) -> str:
+    return f"{size / 1024 / 1024:.1f} MB" if size >= 102_400 else f"{size / 1024:.0f} KB"
+
+
+def storage_limit_bytes() -> int:
+    return int(settings.TUNA_MAX_STORAGE_MB_PER_USER * 1024 * 1024)
+
+
+def invalid_keep_bytes() -> int:
+    return int(settings.TUNA_INVALID_UPLOAD_KEEP_KB * 1024)
+
+
+def _check_storage(owner, adding: int) -> None:
+    used, limit = dataset_storage_bytes(owner), storage_limit_bytes()
+    if used + adding > limit:
+        raise UploadRejected(
+            f"Your datasets use {_mb(used)} of your {_mb(limit)} (TUNA_MAX_STORAGE_MB_PER_USER) and this file needs {_mb(adding)}. "
+            "Delete datasets you no longer need (with their jobs), then upload it again.",
+            status_code=409,
+        )
+
+
+def _store(dataset: Dataset, field: str, name: str, content, *, adding: int) -> None:
+    """Store the file, then write the row if the user's storage allows it; on any failure the file goes again.
+
+    The row is written under the user's row lock, so two concurrent uploads cannot both squeeze under the limit.
+    """
+    getattr(dataset, field).save(name, content, save=False)
+    try:
+        with transaction.atomic():
+            get_user_model().objects.select_for_update().filter(pk=dataset.owner_id).first()
+            _check_storage(dataset.owner_id, adding)
+            dataset.save()
+    except BaseException:
+        getattr(dataset, field).delete(save=False)  # no orphaned file when the row is not written
+        raise
+
+
+def _invalid_head(upload: UploadedFile) -> tuple[ContentFile | UploadedFile, dict[str, int] | None]:
+    """An invalid upload keeps only its first TUNA_INVALID_UPLOAD_KEEP_KB (whole lines): enough to see the
+    first errors in place, while the report keeps every error of the whole file."""
+    limit = invalid_keep_bytes()
+    if upload.size <= limit:
+        return upload, None
+    upload.seek(0)
+    head = upload.read(limit)
+    cut = head.rfind(b"\n")
+    head = head[: cut + 1] if cut >= 0 else head
+    return ContentFile(head), {"bytes": len(head), "of_bytes": upload.size, "lines": head.count(b"\n")}
+
+
 def dataset_create(*, owner, upload: UploadedFile | None, name: str = "", eval_fraction: float = DEFAULT_EVAL_FRACTION) -> Dataset:
-    """Validate an upload and store it as a dataset, valid or not (an invalid one keeps its report)."""
+    """Validate an upload and store it as a dataset, valid or not (an invalid one keeps its report and the
+    first TUNA_INVALID_UPLOAD_KEEP_KB of the file); the user's stored datasets stay within their quota."""
     eval_fraction = _check_eval_fraction(eval_fraction)
     upload = _check_upload(upload)
+    _check_storage(owner, min(upload.size, invalid_keep_bytes()))  # refused before validating when it cannot fit
     validated = _validate(upload)
     report = validated.report
     valid = report["errors"]["count"] == 0
@@ -125,11 +188,14 @@ def dataset_create(*, owner, upload: UploadedFile | None, name: str = "", eval_f
         "overlap": len(overlap),
         "overlap_indexes": overlap,
     }
+    content, kept = (upload, None) if valid else _invalid_head(upload)
+    if kept is not None:
+        report["kept"] = kept
     dataset = Dataset(
         owner=owner,
         name=(name.strip() or upload.name.rsplit(".", 1)[0])[:200],
         original_filename=upload.name[:255],
-        size_bytes=upload.size,
+        size_bytes=content.size,
         format=report["format"],
         validation_status=Dataset.Status.VALID if valid else Dataset.Status.INVALID,
         validation_report=report,
@@ -138,14 +204,8 @@ def dataset_create(*, owner, upload: UploadedFile | None, name: str = "", eval_f
         num_eval=held_out,
         eval_fraction=eval_fraction,
     )
-    upload.seek(0)
-    dataset.file.save(upload.name, upload, save=False)
-    try:
-        with transaction.atomic():
-            dataset.save()
-    except Exception:
-        dataset.file.delete(save=False)  # no orphaned file when the row cannot be written
-        raise
+    content.seek(0)
+    _store(dataset, "file", upload.name, content, adding=content.size)
     logger.info("Dataset %s created by %s: %s, %s examples", dataset.pk, owner, dataset.validation_status, examples)
     return dataset
 
@@ -172,8 +232,7 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
             "was not trained on, or the comparison flatters the fine-tune: upload examples that are not in the training file."
         )
     old_file = dataset.eval_file.name if dataset.eval_file else None
-    upload.seek(0)
-    dataset.eval_file.save(upload.name, upload, save=False)
+    old_size = dataset.eval_file.size if old_file and dataset.eval_file.storage.exists(old_file) else 0
     dataset.eval_original_filename = upload.name[:255]
     dataset.num_eval = report["valid_examples"] - len(overlap)
     dataset.num_train = dataset.num_examples
@@ -189,12 +248,8 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
         overlap_indexes=overlap,
     )
     dataset.validation_report = {**dataset.validation_report, "split": split}
-    try:
-        with transaction.atomic():
-            dataset.save()
-    except Exception:
-        dataset.eval_file.delete(save=False)
-        raise
+    upload.seek(0)
+    _store(dataset, "eval_file", upload.name, upload, adding=upload.size - old_size)
     if old_file:
         dataset.eval_file.storage.delete(old_file)
     return report
@@ -213,10 +268,24 @@ def _first_errors(report: dict[str, Any], limit: int = 5) -> str:
 
 
 @transaction.atomic
-def dataset_delete(*, dataset: Dataset) -> None:
-    jobs = dataset.training_jobs.count()
+def dataset_delete(*, dataset: Dataset, with_jobs: bool = False) -> None:
+    """Delete a dataset and its files (once committed); its training jobs too when `with_jobs`, or refuse.
+
+    All or nothing: when one of the jobs cannot go yet (training, or being evaluated), nothing is deleted.
+    """
+    jobs = list(dataset.training_jobs.order_by("pk"))
+    if jobs and not with_jobs:
+        many = len(jobs) != 1
+        raise DatasetInUse(
+            f"This dataset is used by {len(jobs)} training job{'s' if many else ''} ({', '.join(f'#{job.pk}' for job in jobs)}). "
+            f"Delete {'them' if many else 'it'} with the dataset ({'their' if many else 'its'} evaluations and files go too).",
+            job_ids=[job.pk for job in jobs],
+        )
     if jobs:
-        raise DatasetInUse(f"This dataset is used by {jobs} training job{'s' if jobs != 1 else ''}; delete those jobs first.")
+        try:
+            training_jobs_delete(jobs=jobs)
+        except JobConflict as exc:
+            raise DatasetInUse(f"The dataset and its jobs were not deleted: {exc}", job_ids=[job.pk for job in jobs]) from None
     files = [f for f in (dataset.file, dataset.eval_file) if f]
     storage_names = [(f.storage, f.name) for f in files]
     dataset.delete()

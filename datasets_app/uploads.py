@@ -1,6 +1,7 @@
 """Upload size limit enforced while the request streams in, before anything is stored."""
 
 from django.conf import settings
+from django.core.files import uploadhandler
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 
 
@@ -51,3 +52,31 @@ def upload_too_large(request) -> bool:
     request.FILES  # noqa: B018 - parsing the body is what runs the upload handlers
     raw = getattr(request, "_request", request)  # DRF wraps the Django request
     return getattr(raw, "tuna_upload_too_large", False)
+
+
+class TemporaryFileUploadHandler(uploadhandler.TemporaryFileUploadHandler):
+    """Django's handler (uploads streamed to a temporary file), keeping hold of every file it opens so that
+    UploadCleanupMiddleware can remove whatever is left when the request ends.
+
+    Django removes the file itself when the upload is stored (moved) or the request closes normally, but not
+    when parsing stops half-way with an error (a client that disconnects mid-upload, a malformed body): then the
+    file stayed in the temporary directory until the process happened to collect it, or forever if it was killed.
+    """
+
+    def new_file(self, *args, **kwargs):
+        super().new_file(*args, **kwargs)
+        files = self.request.__dict__.setdefault("tuna_upload_files", [])
+        files.append(self.file)
+
+
+def upload_cleanup_middleware(get_response):
+    """Closes (and so deletes) the request's temporary upload files once its response is ready, however it ended."""
+
+    def middleware(request):
+        try:
+            return get_response(request)
+        finally:
+            for upload in request.__dict__.get("tuna_upload_files", ()):
+                upload.close()  # a stored upload was moved away already: closing it is a no-op
+
+    return middleware

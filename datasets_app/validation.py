@@ -27,6 +27,7 @@ UNBALANCED_RATIO = 25
 UNBALANCED_MIN_TOKENS = 100
 DEFAULT_MAX_SEQ_LENGTH = 512
 HISTOGRAM_BINS = 20
+MAX_DEPTH = 64  # levels of nesting in a line; an example has three at most
 _BATCH = 512
 _LETTER = re.compile(r"[^\W\d_]")
 
@@ -113,6 +114,16 @@ class JsonlValidator:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             self.errors.add(number, f"is not valid JSON: {exc.msg} (column {exc.colno})")
+            return
+        except RecursionError:
+            self.errors.add(number, f"is nested more than {MAX_DEPTH} levels deep; each line must be one example")
+            return
+        except ValueError:  # Python reads integers of at most 4300 digits
+            self.errors.add(number, "has a number with more than 4300 digits")
+            return
+        unsafe = unsafe_text(obj)
+        if unsafe:
+            self.errors.add(number, unsafe)
             return
         if not isinstance(obj, dict):
             self.errors.add(
@@ -272,6 +283,41 @@ class JsonlValidator:
         if examples and not tips:
             tips.append("The data looks clean. Start a fine-tune with the default settings.")
         return tips
+
+
+def unsafe_text(obj: Any) -> str | None:
+    """Why a parsed line cannot be used, when it holds text that no database or tokenizer takes (a NUL, a
+    lone UTF-16 surrogate such as "\\ud800") or is nested deeper than any example; None when it is fine."""
+    stack = [(obj, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth == MAX_DEPTH:
+                return f"is nested more than {MAX_DEPTH} levels deep; each line must be one example"
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    problem = _text_problem(key)
+                    if problem:
+                        return f"has {problem} in a field name{f' in {where}' if where else ''}"
+                    stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+                else:
+                    stack.append((item, f"{where}[{key}]", depth + 1))
+        elif isinstance(value, str):
+            problem = _text_problem(value)
+            if problem:
+                return f'has {problem} in "{where}"'
+    return None
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "a NUL character (\\u0000), which text cannot hold; remove it"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone UTF-16 surrogate ({ascii(exc.object[exc.start])[1:-1]}), half of a character; write the whole character"
+    return None
 
 
 def fingerprint(messages: list[dict[str, str]]) -> bytes:

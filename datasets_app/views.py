@@ -7,7 +7,7 @@ from django.core.files import File
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from datasets_app import selectors, services
 from datasets_app.examples import SAMPLE_PATH
@@ -60,8 +60,11 @@ def _upload_error(request: HttpRequest, message: str, status: int) -> HttpRespon
 @login_required
 @require_POST
 def dataset_sample(request: HttpRequest) -> HttpResponse:
-    with SAMPLE_PATH.open("rb") as handle:
-        dataset = services.dataset_create(owner=request.user, upload=File(handle, name=SAMPLE_PATH.name), name="Sample: orders to JSON")
+    try:
+        with SAMPLE_PATH.open("rb") as handle:
+            dataset = services.dataset_create(owner=request.user, upload=File(handle, name=SAMPLE_PATH.name), name="Sample: orders to JSON")
+    except services.UploadRejected as exc:  # the storage quota is full
+        return _upload_error(request, exc.message, exc.status_code)
     messages.success(request, "The sample dataset is ready. Start a fine-tune with the default settings.")
     return redirect(dataset)
 
@@ -97,7 +100,9 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @require_GET
 def dataset_examples_page(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_dataset_for_user(request.user, pk)
-    total = dataset.num_examples if dataset.is_valid else dataset.validation_report.get("lines", 0)
+    report = dataset.validation_report
+    # An invalid upload keeps only its first lines (report["kept"]); the report still covers the whole file.
+    total = dataset.num_examples if dataset.is_valid else report.get("kept", {}).get("lines", report.get("lines", 0))
     page = Paginator(range(total), EXAMPLES_PER_PAGE).get_page(request.GET.get("page"))
     rows = dataset_examples(dataset, offset=page.start_index() - 1 if total else 0, limit=EXAMPLES_PER_PAGE)
     return render(request, "datasets_app/dataset_examples.html", {"dataset": dataset, "page": page, "rows": rows})
@@ -120,13 +125,19 @@ def dataset_eval_file(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: the confirmation, listing the jobs (and their evaluations) that would go with it; POST: delete."""
     dataset = get_dataset_for_user(request.user, pk)
-    try:
-        services.dataset_delete(dataset=dataset)
-    except services.DatasetInUse as exc:
-        messages.error(request, str(exc))
-        return redirect(dataset)
-    messages.success(request, f"Deleted dataset “{dataset.name}”.")
-    return redirect("dataset-list")
+    error = None
+    if request.method == "POST":
+        try:
+            services.dataset_delete(dataset=dataset, with_jobs=request.POST.get("with_jobs") == "1")
+        except services.DatasetInUse as exc:
+            error = exc.message
+        else:
+            messages.success(request, f"Deleted dataset “{dataset.name}”.")
+            return redirect("dataset-list")
+    jobs = dataset.training_jobs.order_by("pk").prefetch_related("evaluations")
+    context = {"dataset": dataset, "jobs": jobs, "error": error}
+    return render(request, "datasets_app/dataset_delete.html", context, status=409 if error else 200)

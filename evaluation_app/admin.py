@@ -1,9 +1,10 @@
 import json
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.utils.html import format_html
 
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
+from evaluation_app.services import EvaluationConflict, evaluation_delete
 
 
 @admin.register(Evaluation)
@@ -14,6 +15,24 @@ class EvaluationAdmin(admin.ModelAdmin):
     list_select_related = ["owner", "training_job"]
     readonly_fields = ["metrics_display", "traceback_display"]
     exclude = ["metrics", "error_traceback"]
+
+    # Deleting goes through the service, as on the page and in the API: a running evaluation is refused.
+    def get_deleted_objects(self, objs, request):
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        protected += [
+            f"Evaluation #{e.pk} is running: delete it once it has finished." for e in objs if e.status == Evaluation.Status.RUNNING
+        ]
+        return deleted, counts, perms_needed, protected
+
+    def delete_model(self, request, obj: Evaluation) -> None:
+        try:
+            evaluation_delete(evaluation=obj)
+        except EvaluationConflict as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+
+    def delete_queryset(self, request, queryset) -> None:
+        for evaluation in queryset:
+            self.delete_model(request, evaluation)
 
     @admin.display(description="Metrics")
     def metrics_display(self, obj):

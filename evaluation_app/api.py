@@ -12,6 +12,7 @@ from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.selectors import get_job_for_user
 from tuna_site.api import ApiError
+from tuna_site.quotas import LimitExceeded
 
 
 class TestResultSerializer(serializers.ModelSerializer):
@@ -78,7 +79,9 @@ class EvaluationSerializer(EvaluationSummarySerializer):
 
 class RunSerializer(serializers.Serializer):
     training_job_id = serializers.IntegerField()
-    test_size = serializers.IntegerField(required=False, min_value=1, max_value=1000)
+    test_size = serializers.IntegerField(
+        required=False, help_text="Held-out examples to run on: 1 to TUNA_MAX_EVAL_EXAMPLES (default 50, capped at the held-out count)."
+    )
 
 
 class RateSerializer(serializers.Serializer):
@@ -108,7 +111,9 @@ class EvaluationRunApi(APIView):
         job = get_job_for_user(request.user, data.validated_data["training_job_id"])
         try:
             evaluation, created = services.evaluation_start(owner=request.user, job=job, test_size=data.validated_data.get("test_size"))
-        except services.EvaluationConflict as exc:
+        except services.EvaluationInvalid as exc:
+            return Response({"detail": exc.message, "errors": {exc.field: [exc.message]}}, status=400)
+        except (services.EvaluationConflict, LimitExceeded) as exc:
             raise ApiError(str(exc), 409) from None
         return Response(EvaluationSummarySerializer(evaluation).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
@@ -118,6 +123,14 @@ class EvaluationDetailApi(APIView):
     def get(self, request: Request, pk: int) -> Response:
         evaluation = get_evaluation_for_user(request.user, pk)
         return Response(EvaluationSerializer(evaluation, context={"request": request}).data)
+
+    @extend_schema(responses={204: None}, description="Delete the evaluation with its answers and votes. A running one answers 409.")
+    def delete(self, request: Request, pk: int) -> Response:
+        try:
+            services.evaluation_delete(evaluation=get_evaluation_for_user(request.user, pk))
+        except services.EvaluationConflict as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class EvaluationRateApi(APIView):

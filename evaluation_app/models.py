@@ -15,7 +15,7 @@ class Evaluation(WorkerJob):
         FAILED = "failed", "Failed"
 
     QUEUED, RUNNING, FAILED = Status.QUEUED, Status.RUNNING, Status.FAILED
-    TASK = "evaluation_app.tasks.evaluation_execute"
+    WORK_FUNCTION = "evaluation_app.services.evaluation_work"
     WORK = "The evaluation"
     WORKER_STOPPED = "The worker stopped while this evaluation was running. Start the evaluation again."
 

@@ -18,7 +18,8 @@ from tuna_llm import metrics
 from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
 from tuna_llm.registry import registry
 from tuna_site.costs import cost_usd
-from tuna_site.jobs import job_claim, job_enqueue, job_fail, job_heartbeat
+from tuna_site.jobs import JobLost, job_enqueue, job_fail, job_run, job_write
+from tuna_site.quotas import check_active_jobs
 
 logger = logging.getLogger("tuna.evaluation")
 
@@ -33,6 +34,33 @@ class VoteInvalid(ValueError):
     pass
 
 
+class EvaluationInvalid(ValueError):
+    """A bad value for one field of an evaluation request; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def evaluation_test_size(raw: Any) -> int | None:
+    """The number of held-out examples asked for: None (the default) or a whole number from 1 to TUNA_MAX_EVAL_EXAMPLES."""
+    if raw is None or raw == "":
+        return None
+    limit = settings.TUNA_MAX_EVAL_EXAMPLES
+    shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:40] + "..."
+    message = f"test_size must be a whole number from 1 to {limit} (TUNA_MAX_EVAL_EXAMPLES); got {shown}."
+    try:
+        value = int(raw) if not isinstance(raw, (bool, float)) else None
+    except (TypeError, ValueError):
+        value = None
+    if isinstance(raw, float) and raw.is_integer():
+        value = int(raw)
+    if value is None or not 1 <= value <= limit:
+        raise EvaluationInvalid("test_size", message)
+    return value
+
+
 def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -> tuple[Evaluation, bool]:
     """Queue an evaluation of a completed job. Returns (evaluation, created).
 
@@ -41,36 +69,53 @@ def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -
     """
     if job.status != TrainingJob.Status.COMPLETED:
         raise EvaluationConflict(f"Job #{job.pk} is {job.get_status_display().lower()}; only a completed fine-tune can be evaluated.")
+    test_size = evaluation_test_size(test_size)
     held_out = job.dataset.num_eval
     if held_out < 1:
         raise EvaluationConflict("This dataset has no held-out examples to evaluate on.")
-    size = min(held_out, test_size or DEFAULT_TEST_SIZE)
+    size = min(held_out, test_size or min(DEFAULT_TEST_SIZE, settings.TUNA_MAX_EVAL_EXAMPLES))
     with transaction.atomic():
         # Lock the job row so two concurrent requests cannot both create a run.
         TrainingJob.objects.select_for_update().get(pk=job.pk)
         active = Evaluation.objects.filter(training_job=job, status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING]).first()
         if active is not None:
             return active, False
+        check_active_jobs(owner)
         evaluation = Evaluation.objects.create(owner=owner, training_job=job, test_size=size)
         job_enqueue(evaluation)
     return evaluation, True
 
 
+@transaction.atomic
+def evaluation_delete(*, evaluation: Evaluation) -> None:
+    """Delete an evaluation that is not running, with its answers and votes (it keeps no files)."""
+    evaluation = Evaluation.objects.select_for_update().get(pk=evaluation.pk)
+    if evaluation.status == Evaluation.Status.RUNNING:
+        raise EvaluationConflict(
+            f"Evaluation #{evaluation.pk} is running ({evaluation.done} of {evaluation.test_size} examples done); "
+            "delete it once it has finished."
+        )
+    evaluation.delete()
+
+
 def evaluation_run(*, evaluation_id: int) -> None:
-    if not job_claim(Evaluation, evaluation_id):
-        return
-    evaluation = Evaluation.objects.select_related("training_job", "training_job__dataset").get(pk=evaluation_id)
+    """Run one given queued evaluation (the worker picks with tuna_site.jobs.run_next_job instead)."""
+    job_run(Evaluation, evaluation_id, evaluation_work)
+
+
+def evaluation_work(evaluation: Evaluation) -> None:
+    """The worker's work for a claimed evaluation; its run time is kept however it ends."""
     started = time.monotonic()
     try:
-        _run(evaluation)
+        _run(evaluation, started)
+    except JobLost:
+        raise
     except Exception as exc:
-        logger.exception("Evaluation %s failed", evaluation_id)
+        logger.exception("Evaluation %s failed", evaluation.pk)
         job_fail(evaluation, exc, run_seconds=time.monotonic() - started)
-    else:
-        Evaluation.objects.filter(pk=evaluation_id).update(run_seconds=time.monotonic() - started)
 
 
-def _run(evaluation: Evaluation) -> None:
+def _run(evaluation: Evaluation, started: float) -> None:
     job = evaluation.training_job
     examples = held_out_examples(job.dataset)[: evaluation.test_size]
     loaded = registry.get(job.base_model)
@@ -80,34 +125,40 @@ def _run(evaluation: Evaluation) -> None:
     sides = random.Random(f"evaluation-{evaluation.pk}")  # the blind A/B mapping, drawn once per example
 
     def on_start(budget: int, count: int) -> None:
-        Evaluation.objects.filter(pk=evaluation.pk).update(max_new_tokens=budget, test_size=count)
+        job_write(Evaluation, evaluation.pk, max_new_tokens=budget, test_size=count)
 
     def on_example(r: ExampleResult) -> None:
-        EvaluationExample.objects.create(
-            evaluation=evaluation,
-            index=r.index,
-            messages=r.prompt,
-            reference=r.reference,
-            base_output=r.base.text,
-            finetuned_output=r.finetuned.text,
-            base_latency_ms=r.base.latency_ms,
-            finetuned_latency_ms=r.finetuned.latency_ms,
-            base_prompt_tokens=r.base.prompt_tokens,
-            finetuned_prompt_tokens=r.finetuned.prompt_tokens,
-            base_tokens=r.base.completion_tokens,
-            finetuned_tokens=r.finetuned.completion_tokens,
-            base_cost_usd=cost_usd(r.base.compute_ms / 1000),
-            finetuned_cost_usd=cost_usd(r.finetuned.compute_ms / 1000),
-            base_scores=r.base_scores,
-            finetuned_scores=r.finetuned_scores,
-            finetuned_side=sides.choice("AB"),
-        )
-        job_heartbeat(Evaluation, evaluation.pk, done=r.index + 1)
+        with transaction.atomic():  # the row and the progress land together, and only while this process holds it
+            job_write(Evaluation, evaluation.pk, done=r.index + 1)
+            EvaluationExample.objects.create(
+                evaluation=evaluation,
+                index=r.index,
+                messages=r.prompt,
+                reference=r.reference,
+                base_output=r.base.text,
+                finetuned_output=r.finetuned.text,
+                base_latency_ms=r.base.latency_ms,
+                finetuned_latency_ms=r.finetuned.latency_ms,
+                base_prompt_tokens=r.base.prompt_tokens,
+                finetuned_prompt_tokens=r.finetuned.prompt_tokens,
+                base_tokens=r.base.completion_tokens,
+                finetuned_tokens=r.finetuned.completion_tokens,
+                base_cost_usd=cost_usd(r.base.compute_ms / 1000),
+                finetuned_cost_usd=cost_usd(r.finetuned.compute_ms / 1000),
+                base_scores=r.base_scores,
+                finetuned_scores=r.finetuned_scores,
+                finetuned_side=sides.choice("AB"),
+            )
 
     price = settings.TUNA_GPU_HOURLY_USD
     result = run_evaluation(loaded, examples, adapter, hourly_usd=price, hooks=EvaluationHooks(on_start=on_start, on_example=on_example))
-    Evaluation.objects.filter(pk=evaluation.pk).update(
-        status=Evaluation.Status.COMPLETED, metrics=result.as_dict(price), completed_at=timezone.now()
+    job_write(
+        Evaluation,
+        evaluation.pk,
+        status=Evaluation.Status.COMPLETED,
+        metrics=result.as_dict(price),
+        completed_at=timezone.now(),
+        run_seconds=time.monotonic() - started,
     )
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
 

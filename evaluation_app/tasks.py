@@ -1,7 +1,7 @@
-"""django-q2 entry points: thin, and they take ids."""
+"""Tasks queued by versions before fair scheduling took the evaluation id; they now run the fairest queued job."""
 
-from evaluation_app import services
+from tuna_site.jobs import run_next_job
 
 
-def evaluation_execute(evaluation_id: int) -> None:
-    services.evaluation_run(evaluation_id=evaluation_id)
+def evaluation_execute(evaluation_id: int | None = None) -> None:
+    run_next_job()

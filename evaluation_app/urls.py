@@ -9,6 +9,7 @@ urlpatterns = [
     path("evaluations/<int:pk>/examples/<int:index>", views.evaluation_example, name="evaluation-example"),
     path("evaluations/<int:pk>/examples/<int:index>/vote", views.evaluation_vote, name="evaluation-vote"),
     path("evaluations/<int:pk>/rerun", views.evaluation_rerun, name="evaluation-rerun"),
+    path("evaluations/<int:pk>/delete", views.evaluation_delete, name="evaluation-delete"),
     path("evaluations/<int:pk>/preferences.jsonl", views.evaluation_preferences, name="evaluation-preferences"),
     path("api/evaluation", api.EvaluationListApi.as_view(), name="api-evaluation-list"),
     path("api/evaluation/run", api.EvaluationRunApi.as_view(), name="api-evaluation-run"),

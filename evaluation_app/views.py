@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRefresh
 
 from evaluation_app import selectors, services
+from evaluation_app.models import Rating
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.selectors import get_job_for_user
+from training_app.views import training_page
 from tuna_site.jobs import queue_position
+from tuna_site.quotas import LimitExceeded
 
 
 @login_required
@@ -24,8 +28,10 @@ def evaluation_list(request: HttpRequest) -> HttpResponse:
 def evaluation_start(request: HttpRequest, job_pk: int) -> HttpResponse:
     job = get_job_for_user(request.user, job_pk)
     try:
-        evaluation, created = services.evaluation_start(owner=request.user, job=job, test_size=_int(request.POST.get("test_size")))
-    except services.EvaluationConflict as exc:
+        evaluation, created = services.evaluation_start(owner=request.user, job=job, test_size=request.POST.get("test_size"))
+    except services.EvaluationInvalid as exc:
+        return training_page(request, job, status=400, errors={exc.field: exc.message})
+    except (services.EvaluationConflict, LimitExceeded) as exc:
         messages.error(request, str(exc))
         return redirect(job)
     if not created:
@@ -38,9 +44,10 @@ def evaluation_start(request: HttpRequest, job_pk: int) -> HttpResponse:
 def evaluation_rerun(request: HttpRequest, pk: int) -> HttpResponse:
     """Start a new evaluation of the same fine-tune, on as many examples as this one."""
     evaluation = get_evaluation_for_user(request.user, pk)
+    size = min(evaluation.test_size, settings.TUNA_MAX_EVAL_EXAMPLES) or None  # the limit may have been lowered since
     try:
-        fresh, _ = services.evaluation_start(owner=request.user, job=evaluation.training_job, test_size=evaluation.test_size or None)
-    except services.EvaluationConflict as exc:
+        fresh, _ = services.evaluation_start(owner=request.user, job=evaluation.training_job, test_size=size)
+    except (services.EvaluationConflict, LimitExceeded) as exc:
         messages.error(request, str(exc))
         return redirect(evaluation)
     return redirect(fresh)
@@ -142,3 +149,22 @@ def evaluation_preferences(request: HttpRequest, pk: int) -> HttpResponse:
     response = HttpResponse(selectors.preferences_jsonl(evaluation, request.user), content_type="application/jsonl; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="evaluation-{evaluation.pk}-preferences.jsonl"'
     return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def evaluation_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: what deleting the evaluation removes (or why it cannot go yet); POST: delete it."""
+    evaluation = get_evaluation_for_user(request.user, pk)
+    error = None
+    if request.method == "POST":
+        try:
+            services.evaluation_delete(evaluation=evaluation)
+        except services.EvaluationConflict as exc:
+            error = str(exc)
+        else:
+            messages.success(request, f"Deleted evaluation #{pk} with its answers and votes.")
+            return redirect(evaluation.training_job)
+    votes = Rating.objects.filter(example__evaluation=evaluation).count()
+    context = {"evaluation": evaluation, "answers": evaluation.examples.count(), "votes": votes, "error": error}
+    return render(request, "evaluation_app/evaluation_delete.html", context, status=409 if error else 200)

@@ -11,6 +11,7 @@ class UsageLogAdmin(admin.ModelAdmin):
         "model_id",
         "endpoint",
         "status",
+        "finish_reason",
         "prompt_tokens",
         "completion_tokens",
         "latency_ms",
@@ -18,7 +19,7 @@ class UsageLogAdmin(admin.ModelAdmin):
         "compute_ms",
         "cost_usd",
     ]
-    list_filter = ["status", "endpoint", "model_id", "created_at"]
+    list_filter = ["status", "finish_reason", "endpoint", "model_id", "created_at"]
     search_fields = ["user__username", "model_id", "error"]
     list_select_related = ["user"]
     date_hierarchy = "created_at"

@@ -19,6 +19,7 @@ class UsageLog(models.Model):
     compute_ms = models.FloatField(default=0)  # its share of the batch's time; cost_usd is computed from it
     cost_usd = models.FloatField(default=0)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.OK)
+    finish_reason = models.CharField(max_length=16, blank=True, help_text='"stop", "length", or "cancelled" (the client went away).')
     error = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

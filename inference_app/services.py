@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from django.conf import settings
 
 from inference_app.models import UsageLog
 from training_app.models import TrainingJob
-from tuna_llm.batching import GenerationRequest, engine_for
+from tuna_llm.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
 from tuna_llm.loading import ModelUnavailable
 from tuna_llm.prompting import Message, prompt_messages, render_chat
@@ -20,6 +22,7 @@ from tuna_site.costs import cost_usd
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
 DEFAULT_MAX_TOKENS = 256
+MAX_JOB_ID_DIGITS = 18  # "tuna-job-<id>": ids beyond this cannot exist (64-bit keys)
 MIN_SAMPLING_TEMPERATURE = 1e-3
 
 
@@ -36,6 +39,16 @@ class ModelNotFound(InferenceRefused, LookupError):
 
 class ModelNotReady(InferenceRefused, RuntimeError):
     status = 409
+
+
+class InferenceBusy(InferenceRefused, RuntimeError):
+    """More calls are waiting for generation in this process than TUNA_MAX_INFERENCE_QUEUE allows."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InferenceInvalid(InferenceRefused, ValueError):
@@ -66,7 +79,9 @@ def resolve_model(user, model_id: str | int) -> ResolvedModel:
             raise ModelNotFound(f"The model {raw!r} does not exist.") from None
         return ResolvedModel(f"{BASE_PREFIX}{spec.name}", spec.name, None)
     number = raw.removeprefix(JOB_PREFIX)
-    job = TrainingJob.objects.filter(pk=int(number), owner=user).first() if number.isdigit() else None
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "١٢" (which it reads as 12).
+    is_id = number.isascii() and number.isdigit() and len(number) <= MAX_JOB_ID_DIGITS
+    job = TrainingJob.objects.filter(pk=int(number), owner=user).first() if is_id else None
     if job is None:
         raise ModelNotFound(f"The model {raw!r} does not exist. Use a training job id, tuna-job-<id> or base:<name>.")
     if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
@@ -83,7 +98,7 @@ def cost_for(compute_ms: float) -> float:
     return cost_usd(compute_ms / 1000)
 
 
-def check_params(*, max_tokens, temperature=0.0, top_p=1.0) -> None:
+def check_params(*, max_tokens, temperature=0.0, top_p=1.0, seed=None) -> None:
     limit = settings.TUNA_MAX_TOKENS_LIMIT
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limit:
         raise InferenceInvalid(f"max_tokens must be a whole number from 1 to {limit}; got {max_tokens!r}.", "max_tokens")
@@ -91,6 +106,8 @@ def check_params(*, max_tokens, temperature=0.0, top_p=1.0) -> None:
         raise InferenceInvalid(f"temperature must be between 0 and 2; got {temperature!r}.", "temperature")
     if not 0 < top_p <= 1:
         raise InferenceInvalid(f"top_p must be greater than 0 and at most 1; got {top_p!r}.", "top_p")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not MIN_SEED <= seed <= MAX_SEED):
+        raise InferenceInvalid(f"seed must be a whole number from {MIN_SEED} to {MAX_SEED} (64 bits); got {seed!r}.", "seed")
 
 
 @dataclass
@@ -120,7 +137,7 @@ def prepare_call(
 
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT)
-    check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if temperature < MIN_SAMPLING_TEMPERATURE:
         # Sampling this cold is greedy decoding; dividing the logits by it would overflow to inf/nan.
         temperature = 0.0
@@ -131,6 +148,8 @@ def prepare_call(
     prompt = render_chat(loaded.tokenizer, messages, add_generation_prompt=True) if messages is not None else text
     if not prompt or not prompt.strip():
         raise InferenceInvalid("The prompt is empty.", "prompt")
+    if not _is_unicode(prompt):
+        raise InferenceInvalid("The prompt contains a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text.", "prompt")
     context = getattr(loaded.base_model.config, "max_position_embeddings", None)
     prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if context and prompt_tokens >= context:
@@ -145,6 +164,10 @@ def prepare_call(
         adapter=model.adapter_name,
         adapter_path=model.job.adapter_dir if model.job else None,
     )
+    try:
+        request.check()  # what the engine would refuse is refused here, before it can reach a batch
+    except RequestInvalid as exc:
+        raise InferenceInvalid(str(exc)) from None
     return Call(user=user, model=model, request=request, endpoint=endpoint)
 
 
@@ -192,6 +215,43 @@ def run_call(call: Call):
     return run_calls([call])[0]
 
 
+class _Admissions:
+    """Calls of this process waiting for (or in) generation. Each holds a server thread, so beyond
+    TUNA_MAX_INFERENCE_QUEUE a call is refused at once (503 with Retry-After) instead of queueing: the
+    queue cannot grow without bound, and threads stay free for every other page."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    @contextmanager
+    def admitted(self, engine, rows: int) -> Iterator[None]:
+        limit = settings.TUNA_MAX_INFERENCE_QUEUE
+        with self._lock:
+            if self.count + rows > limit:
+                retry = max(1, math.ceil(engine.wait_estimate_s(rows)))
+                raise InferenceBusy(
+                    f"The model is busy: {self.count} calls are waiting for generation and the limit is {limit} "
+                    f"(TUNA_MAX_INFERENCE_QUEUE). Try again in about {retry} s.",
+                    retry_after=retry,
+                )
+            self.count += rows
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.count -= rows
+
+
+admissions = _Admissions()
+
+
+def admit(call: Call) -> None:
+    """Refuse a call now (InferenceBusy) if it could not be admitted; for streams, before their 200 goes out."""
+    with admissions.admitted(_engine(call), 1):
+        pass
+
+
 def run_calls(calls: list[Call]) -> list:
     """Queue every call before waiting for any, so calls on one base model share a batch (and its time)."""
     by_engine: dict = {}
@@ -202,6 +262,21 @@ def run_calls(calls: list[Call]) -> list:
             _log_error(call, exc)
             raise
         by_engine.setdefault(engine, []).append(call.request)
+    with _refusals_logged_for(calls), admissions.admitted(next(iter(by_engine)), len(calls)):
+        return _run_admitted(calls, by_engine)
+
+
+@contextmanager
+def _refusals_logged_for(calls: list[Call]) -> Iterator[None]:
+    try:
+        yield
+    except InferenceBusy as exc:
+        for call in calls:
+            _log_error(call, exc)
+        raise
+
+
+def _run_admitted(calls: list[Call], by_engine: dict) -> list:
     for engine, requests in by_engine.items():
         engine.submit_all(requests)
     failure = None
@@ -218,13 +293,30 @@ def run_calls(calls: list[Call]) -> list:
 
 
 def stream_call(call: Call) -> Iterator[str]:
-    """Text pieces as they are generated; the usage is logged when the stream ends."""
+    """Text pieces as they are generated; the usage is logged when the stream ends, or when it is closed
+    early (the client went away): its row is then stopped and logged with finish_reason "cancelled"."""
+    engine = _engine(call)
     try:
-        yield from _engine(call).stream(call.request)
+        with admissions.admitted(engine, 1):
+            yield from engine.stream(call.request)
+    except GeneratorExit:
+        if call.request.result is not None:
+            _log(call, call.request.result)
+        raise
     except Exception as exc:
         _log_error(call, exc)
         raise
     _log(call, call.request.result)
+
+
+def log_refused(call: Call, exc: Exception) -> None:
+    """A prepared call refused before generation (the model was busy)."""
+    _log_error(call, exc)
+
+
+def log_cancelled(call: Call) -> None:
+    """A stream closed before its request was queued: nothing was generated, and the call is still logged."""
+    UsageLog.objects.create(user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, finish_reason="cancelled")
 
 
 def _log(call: Call, result) -> None:
@@ -238,18 +330,35 @@ def _log(call: Call, result) -> None:
         queue_ms=result.queue_ms,
         compute_ms=result.compute_ms,
         cost_usd=cost_for(result.compute_ms),
+        finish_reason=result.finish_reason,
     )
 
 
 def _log_error(call: Call, exc: Exception) -> None:
     UsageLog.objects.create(
-        user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, status=UsageLog.Status.ERROR, error=str(exc)[:500]
+        user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, status=UsageLog.Status.ERROR, error=_storable(str(exc))[:500]
     )
 
 
 def log_rejected(*, user, model_id: str | int, endpoint: str, error: str) -> None:
     """Requests refused before generation are logged too (with their reason)."""
-    UsageLog.objects.create(user=user, model_id=str(model_id)[:200], endpoint=endpoint, status=UsageLog.Status.ERROR, error=error[:500])
+    UsageLog.objects.create(
+        user=user, model_id=_storable(str(model_id))[:200], endpoint=endpoint, status=UsageLog.Status.ERROR, error=_storable(error)[:500]
+    )
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable(text: str) -> str:
+    """Text any database column takes: NUL (PostgreSQL refuses it) and lone surrogates (no encoding has
+    them) written as escapes. A refused request is logged with whatever the client sent."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @contextmanager

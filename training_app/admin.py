@@ -1,8 +1,10 @@
 from django.contrib import admin, messages
+from django.db import transaction
 from django.utils.html import format_html
 
 from training_app import services
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from tuna_site.quotas import LimitExceeded
 
 
 class LossPointInline(admin.TabularInline):
@@ -40,13 +42,43 @@ class TrainingJobAdmin(admin.ModelAdmin):
     def resume_jobs(self, request, queryset):
         self._apply(request, queryset, services.training_job_resume, "queued to resume")
 
+    # Deleting goes through the service, as on the page and in the API: the job's files go too, and a
+    # training job (or one others continue) is refused on the confirmation page.
+    def get_deleted_objects(self, objs, request):
+        deleted, counts, perms_needed, _ = super().get_deleted_objects(objs, request)
+        # Django protects a run from deletion even when the runs continuing it are deleted with it (the service
+        # deletes those first): only continuations left out are in the way.
+        ids = [job.pk for job in objs]
+        outside = TrainingJob.objects.filter(parent_id__in=ids).exclude(pk__in=ids).order_by("pk")
+        protected = [f"Job #{child.pk} continues job #{child.parent_id}: select it too, or delete it first." for child in outside]
+        for job in objs:
+            if job.status == TrainingJob.Status.TRAINING:
+                protected.append(f"Job #{job.pk} is training: cancel it first (the Cancel action), then delete it.")
+            running = job.evaluations.filter(status=job.evaluations.model.RUNNING).first()
+            if running is not None:
+                protected.append(f"Evaluation #{running.pk} of job #{job.pk} is running: delete the job once it has finished.")
+        return deleted, counts, perms_needed, protected
+
+    def delete_model(self, request, obj: TrainingJob) -> None:
+        try:
+            services.training_job_delete(job=obj)
+        except services.JobConflict as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+
+    def delete_queryset(self, request, queryset) -> None:
+        try:
+            with transaction.atomic():
+                services.training_jobs_delete(jobs=list(queryset))
+        except services.JobConflict as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+
     def _apply(self, request, queryset, action, verb):
         done = 0
         for job in queryset:
             try:
                 action(job=job)
                 done += 1
-            except services.JobConflict as exc:
+            except (services.JobConflict, LimitExceeded) as exc:
                 self.message_user(request, str(exc), messages.WARNING)
         if done:
             self.message_user(request, f"{done} job(s) {verb}.", messages.SUCCESS)

@@ -1,5 +1,5 @@
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
@@ -9,17 +9,26 @@ from rest_framework.views import APIView
 from datasets_app.models import Dataset
 from datasets_app.selectors import get_dataset_for_user
 from training_app import services
-from training_app.models import LossPoint, TrainingJob
-from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user
+from training_app.models import TrainingJob
+from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, training_logs
 from tuna_site.api import ApiError
+from tuna_site.quotas import LimitExceeded
 
 
-class LossPointSerializer(serializers.ModelSerializer):
-    timestamp = serializers.DateTimeField(source="created_at")
+class TrainingLogSerializer(serializers.Serializer):
+    step = serializers.IntegerField()
+    loss = serializers.FloatField(help_text="Training loss at this step (always a number).")
+    eval_loss = serializers.FloatField(allow_null=True, help_text="Validation loss measured at this step, if one was.")
+    learning_rate = serializers.FloatField(allow_null=True)
+    epoch = serializers.FloatField()
+    timestamp = serializers.DateTimeField()
 
-    class Meta:
-        model = LossPoint
-        fields = ["step", "loss", "eval_loss", "learning_rate", "epoch", "timestamp"]
+
+class EvalLogSerializer(serializers.Serializer):
+    step = serializers.IntegerField(help_text="Updates done when it was measured (0: before training).")
+    eval_loss = serializers.FloatField()
+    epoch = serializers.FloatField()
+    timestamp = serializers.DateTimeField()
 
 
 class TrainingJobSerializer(serializers.ModelSerializer):
@@ -27,7 +36,8 @@ class TrainingJobSerializer(serializers.ModelSerializer):
     model_id = serializers.CharField()
     progress_percent = serializers.FloatField()
     cost_usd = serializers.FloatField()
-    training_logs = LossPointSerializer(source="loss_points", many=True)
+    training_logs = serializers.SerializerMethodField(help_text="One row per logged training step, each with a numeric loss.")
+    eval_logs = serializers.SerializerMethodField(help_text="Validation-loss measurements (held-out part of the training file).")
     parent_id = serializers.IntegerField(allow_null=True, help_text="The job this run continues, if any.")
 
     class Meta:
@@ -58,6 +68,7 @@ class TrainingJobSerializer(serializers.ModelSerializer):
             "cancel_requested",
             "resume_count",
             "training_logs",
+            "eval_logs",
             "error_message",
             "created_at",
             "started_at",
@@ -65,10 +76,18 @@ class TrainingJobSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    @extend_schema_field(TrainingLogSerializer(many=True))
+    def get_training_logs(self, job: TrainingJob) -> list[dict]:
+        return TrainingLogSerializer(training_logs(job)[0], many=True).data
+
+    @extend_schema_field(EvalLogSerializer(many=True))
+    def get_eval_logs(self, job: TrainingJob) -> list[dict]:
+        return EvalLogSerializer(training_logs(job)[1], many=True).data
+
 
 class TrainingJobSummarySerializer(TrainingJobSerializer):
     class Meta(TrainingJobSerializer.Meta):
-        fields = [f for f in TrainingJobSerializer.Meta.fields if f != "training_logs"]
+        fields = [f for f in TrainingJobSerializer.Meta.fields if f not in ("training_logs", "eval_logs")]
 
 
 class TrainingStartSerializer(serializers.Serializer):
@@ -99,6 +118,8 @@ class TrainingJobStartApi(APIView):
             return Response({"detail": f"Invalid training settings: {exc}", "errors": exc.errors}, status=400)
         except services.DatasetNotTrainable as exc:
             raise ApiError(str(exc), 400) from None
+        except LimitExceeded as exc:
+            raise ApiError(exc.message, exc.status_code) from None
         return Response(TrainingJobSerializer(job).data, status=status.HTTP_201_CREATED)
 
 
@@ -107,13 +128,27 @@ class TrainingJobDetailApi(APIView):
     def get(self, request: Request, pk: int) -> Response:
         return Response(TrainingJobSerializer(get_job_for_user(request.user, pk)).data)
 
-    @extend_schema(responses={204: None}, description="Cancel the job. A finished job answers 409.")
+    @extend_schema(
+        responses={204: None},
+        description="Delete the job with its evaluations, loss history and files (adapter, checkpoints, exports). "
+        "A training job answers 409 (cancel it first: POST /api/training/{id}/cancel), as does a job that other runs continue.",
+    )
     def delete(self, request: Request, pk: int) -> Response:
         try:
-            services.training_job_cancel(job=get_job_for_user(request.user, pk))
+            services.training_job_delete(job=get_job_for_user(request.user, pk))
         except services.JobConflict as exc:
             raise ApiError(str(exc), 409) from None
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TrainingJobCancelApi(APIView):
+    @extend_schema(request=None, responses={200: TrainingJobSerializer}, description="Cancel the job. A finished job answers 409.")
+    def post(self, request: Request, pk: int) -> Response:
+        try:
+            job = services.training_job_cancel(job=get_job_for_user(request.user, pk))
+        except services.JobConflict as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(TrainingJobSerializer(job).data)
 
 
 class TrainingJobResumeApi(APIView):
@@ -121,7 +156,7 @@ class TrainingJobResumeApi(APIView):
     def post(self, request: Request, pk: int) -> Response:
         try:
             job = services.training_job_resume(job=get_job_for_user(request.user, pk))
-        except services.JobConflict as exc:
+        except (services.JobConflict, LimitExceeded) as exc:
             raise ApiError(str(exc), 409) from None
         return Response(TrainingJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
@@ -146,8 +181,10 @@ class TrainingJobContinueApi(APIView):
         data.is_valid(raise_exception=True)
         try:
             child = services.training_job_continue(job=get_job_for_user(request.user, pk), epochs=data.validated_data.get("epochs"))
-        except services.JobConflict as exc:
+        except (services.JobConflict, LimitExceeded) as exc:
             raise ApiError(str(exc), 409) from None
+        except services.ConfigInvalid as exc:
+            return Response({"detail": f"Invalid settings: {exc}", "errors": exc.errors}, status=400)
         return Response(TrainingJobSerializer(child).data, status=status.HTTP_201_CREATED)
 
 

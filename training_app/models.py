@@ -19,7 +19,7 @@ class TrainingJob(WorkerJob):
 
     FINISHED = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
     QUEUED, RUNNING, FAILED = Status.QUEUED, Status.TRAINING, Status.FAILED
-    TASK = "training_app.tasks.training_job_execute"
+    WORK_FUNCTION = "training_app.services.training_job_work"
     WORK = "Training"
     WORKER_STOPPED = (
         "The worker stopped while this job was running (it was restarted or crashed). Resume the job to continue from its last checkpoint."

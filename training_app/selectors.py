@@ -74,6 +74,32 @@ def loss_chart_data(job: TrainingJob) -> dict:
     return {"train": train, "eval": evals, "total_steps": job.step_offset + job.total_steps}
 
 
+def training_logs(job: TrainingJob) -> tuple[list[dict], list[dict]]:
+    """(training steps, validations) of one run. Every training row has a numeric loss; a validation
+    measured at the same step also appears on that row as `eval_loss`, and every validation (step 0,
+    before any update, included) is in the second list."""
+    train, evals = [], []
+    for point in LossPoint.objects.filter(job=job):
+        if point.eval_loss is not None:
+            evals.append({"step": point.step, "eval_loss": point.eval_loss, "epoch": point.epoch, "timestamp": point.created_at})
+        if point.loss is not None:
+            train.append(
+                {
+                    "step": point.step,
+                    "loss": point.loss,
+                    "eval_loss": None,
+                    "learning_rate": point.learning_rate,
+                    "epoch": point.epoch,
+                    "timestamp": point.created_at,
+                }
+            )
+    by_step = {row["step"]: row for row in train}
+    for row in evals:
+        if row["step"] in by_step:
+            by_step[row["step"]]["eval_loss"] = row["eval_loss"]
+    return train, evals
+
+
 def settings_rows(config: dict, reasons: dict) -> list[dict]:
     """Every setting with its readable name, value and why it has that value."""
     rows = [{"name": "target_modules", "label": "LoRA layers", "value": ", ".join(config.get("target_modules", []))}]

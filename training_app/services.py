@@ -22,7 +22,8 @@ from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
 from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training
 from tuna_llm.training_config import ConfigResult, TrainingConfig, build_config
-from tuna_site.jobs import job_claim, job_enqueue, job_fail, job_heartbeat
+from tuna_site.jobs import job_enqueue, job_held, job_is_stuck, job_run, job_write
+from tuna_site.quotas import check_active_jobs, check_epochs, limited_settings
 
 logger = logging.getLogger("tuna.training")
 
@@ -74,8 +75,8 @@ def training_plan(*, dataset: Dataset, config_data: dict[str, Any]) -> TrainingP
         p95_tokens=stats.get("p95"),
         **model_facts(get_base_model_spec(base_model).config_dir()),
     )
-    config, reasons = choose_settings(explicit, facts, base_model=base_model)
-    return TrainingPlan(config, reasons, {})
+    config, reasons, errors = limited_settings(explicit, facts, base_model=base_model)
+    return TrainingPlan(config, reasons, errors)
 
 
 def training_job_start(*, owner, dataset: Dataset, config_data: dict[str, Any]) -> TrainingJob:
@@ -86,6 +87,7 @@ def training_job_start(*, owner, dataset: Dataset, config_data: dict[str, Any]) 
         raise ConfigInvalid(plan.errors)
     config = plan.config
     with transaction.atomic():
+        check_active_jobs(owner)
         job = TrainingJob.objects.create(
             owner=owner, dataset=dataset, base_model=config.base_model, config=config.to_dict(), config_reasons=plan.reasons
         )
@@ -99,12 +101,14 @@ def training_job_cancel(*, job: TrainingJob) -> TrainingJob:
     job = TrainingJob.objects.select_for_update().get(pk=job.pk)
     if job.is_finished:
         raise JobConflict(f"Job #{job.pk} has already finished ({job.get_status_display().lower()}); there is nothing to cancel.")
-    if job.status == TrainingJob.Status.QUEUED:
-        # Not started: the task sees the status and returns without training.
+    if job.status == TrainingJob.Status.QUEUED or job_is_stuck(job):
+        # Not started, or its worker stopped answering: no process will look at the flag, so cancel now
+        # (a worker that comes back finds the row is not its own any more and writes nothing).
         job.status = TrainingJob.Status.CANCELLED
         job.completed_at = timezone.now()
+        job.eta_seconds = None
     job.cancel_requested = True
-    job.save(update_fields=["status", "completed_at", "cancel_requested"])
+    job.save(update_fields=["status", "completed_at", "cancel_requested", "eta_seconds"])
     return job
 
 
@@ -121,6 +125,10 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
     epochs = parent.num_epochs if epochs is None else epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_CONTINUE_EPOCHS:
         raise ConfigInvalid({"epochs": f"Must be a whole number from 1 to {MAX_CONTINUE_EPOCHS}; got {epochs!r}."})
+    errors = check_epochs(epochs, parent, max(1, job.dataset.num_train - parent.eval_examples))
+    if errors:
+        raise ConfigInvalid(errors)
+    check_active_jobs(job.owner)
     # The parent's settings, with the validation and checkpoint intervals chosen again for the new length.
     same = {k: v for k, v in parent.to_dict().items() if k not in ("base_model", "eval_steps", "save_steps")}
     config, _ = choose_settings(
@@ -147,10 +155,12 @@ def resumable_checkpoint(job: TrainingJob) -> Path | None:
 @transaction.atomic
 def training_job_resume(*, job: TrainingJob) -> TrainingJob:
     job = TrainingJob.objects.select_for_update().get(pk=job.pk)
-    if job.status not in (TrainingJob.Status.FAILED, TrainingJob.Status.CANCELLED):
+    if job.status not in (TrainingJob.Status.FAILED, TrainingJob.Status.CANCELLED) and not job_is_stuck(job):
         raise JobConflict(f"Only failed or cancelled jobs can be resumed; job #{job.pk} is {job.get_status_display().lower()}.")
     if resumable_checkpoint(job) is None:
         raise JobConflict(f"Job #{job.pk} saved no checkpoint to resume from; start a new job instead.")
+    if not job.is_active:  # a stuck "training" job is counted already
+        check_active_jobs(job.owner)
     job.status = TrainingJob.Status.QUEUED
     job.cancel_requested = False
     job.error_message = ""
@@ -163,18 +173,64 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
     return job
 
 
+@transaction.atomic
+def training_job_delete(*, job: TrainingJob) -> None:
+    """Delete a job that is not training, with its evaluations and loss history; its files go once committed.
+
+    A job that other runs continue is refused (they start from its adapter and draw its loss history):
+    delete those first, newest first, or delete the dataset with all its jobs.
+    """
+    training_jobs_delete(jobs=[job])
+
+
+def training_jobs_delete(*, jobs: list[TrainingJob]) -> None:
+    """Delete jobs (continuations before the runs they continue) inside the caller's transaction.
+
+    Refused as a whole, with nothing deleted, when one of them is training or being evaluated. A queued job
+    is simply deleted: the worker finds no row and skips it. Usage logs stay: they record calls that happened.
+    """
+    ids = [job.pk for job in jobs]
+    locked = list(TrainingJob.objects.select_for_update().filter(pk__in=ids).order_by("-pk"))
+    outside = TrainingJob.objects.filter(parent_id__in=ids).exclude(pk__in=ids).order_by("pk")
+    if outside:
+        parent = outside[0].parent_id
+        children = [child.pk for child in outside if child.parent_id == parent]
+        many = len(children) != 1
+        raise JobConflict(
+            f"Job #{parent} is continued by job{'s' if many else ''} {', '.join(f'#{pk}' for pk in children)}, which "
+            f"start{'' if many else 's'} from its adapter; delete {'those' if many else 'that one'} first."
+        )
+    busy = [job for job in locked if job.status == TrainingJob.Status.TRAINING]
+    if busy:
+        raise JobConflict(f"Job #{busy[0].pk} is training; cancel it first (it stops after the current step), then delete it.")
+    for job in locked:
+        evaluating = job.evaluations.filter(status=job.evaluations.model.RUNNING).first()
+        if evaluating is not None:
+            raise JobConflict(f"Evaluation #{evaluating.pk} of job #{job.pk} is running; delete the job once it has finished.")
+    directories = [job_dir(job) for job in locked]
+    for job in locked:  # newest first: a continuation goes before the run it continues (on_delete=PROTECT)
+        job.delete()
+    transaction.on_commit(lambda: [_remove_tree(directory) for directory in directories])
+    logger.info("Training jobs %s deleted", ", ".join(f"#{pk}" for pk in ids))
+
+
+def _remove_tree(directory: Path) -> None:
+    def report(function, path, exc_info) -> None:
+        logger.warning("Could not remove %s: %s", path, exc_info[1])
+
+    if directory.exists():
+        shutil.rmtree(directory, onerror=report)
+
+
 # -- the worker side --------------------------------------------------------------------------
 def training_job_run(*, job_id: int, extra_callbacks: tuple = ()) -> None:
-    """Run a queued job to its end. Claims the row first, so a redelivered task never trains twice."""
-    if not job_claim(TrainingJob, job_id):
-        logger.info("Training job %s is not queued any more; nothing to do", job_id)
-        return
-    job = TrainingJob.objects.select_related("dataset", "parent").get(pk=job_id)
-    try:
-        _train(job, extra_callbacks)
-    except Exception as exc:  # every failure ends as `failed` with a readable reason
-        logger.exception("Training job %s failed", job_id)
-        job_fail(job, exc)
+    """Run one given queued job to its end (the worker picks with tuna_site.jobs.run_next_job instead)."""
+    job_run(TrainingJob, job_id, lambda job: _train(job, extra_callbacks))
+
+
+def training_job_work(job: TrainingJob) -> None:
+    """The worker's work for a claimed training job."""
+    _train(job, ())
 
 
 def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
@@ -196,28 +252,30 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
     tokens_at_start = job.tokens_seen if resume_from else 0
 
     def on_start(total: int) -> None:
-        TrainingJob.objects.filter(pk=job.pk).update(total_steps=total, device=plan.device)
+        job_write(TrainingJob, job.pk, total_steps=total, device=plan.device)
 
     def on_progress(p: Progress) -> None:
         run_tokens = p.tokens_seen - tokens_at_start
-        job_heartbeat(
-            TrainingJob,
-            job.pk,
-            current_step=p.step,
-            total_steps=p.total_steps,
-            epoch=p.epoch,
-            tokens_seen=p.tokens_seen,
-            tokens_per_second=run_tokens / (p.train_seconds - p.eval_seconds)
-            if p.train_seconds > p.eval_seconds and run_tokens > 0
-            else F("tokens_per_second"),
-            train_seconds=previous_seconds + (time.monotonic() - run_started),
-            eta_seconds=p.eta_seconds,
-            eval_seconds=previous_eval_seconds + p.eval_seconds,
-        )
-        LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
+        with transaction.atomic():  # progress and its loss point land together, and only while this process holds the job
+            job_write(
+                TrainingJob,
+                job.pk,
+                current_step=p.step,
+                total_steps=p.total_steps,
+                epoch=p.epoch,
+                tokens_seen=p.tokens_seen,
+                tokens_per_second=run_tokens / (p.train_seconds - p.eval_seconds)
+                if p.train_seconds > p.eval_seconds and run_tokens > 0
+                else F("tokens_per_second"),
+                train_seconds=previous_seconds + (time.monotonic() - run_started),
+                eta_seconds=p.eta_seconds,
+                eval_seconds=previous_eval_seconds + p.eval_seconds,
+            )
+            LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
 
     def should_stop() -> bool:
-        return TrainingJob.objects.filter(pk=job.pk, cancel_requested=True).exists()
+        # Cancelled, or no longer this process's job (reaped, or resumed elsewhere): stop at once.
+        return not job_held(TrainingJob, job.pk).filter(cancel_requested=False).exists()
 
     result = run_lora_training(
         config,
@@ -253,9 +311,9 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
         fields["status"] = TrainingJob.Status.CANCELLED
     else:
         fields.update(status=TrainingJob.Status.COMPLETED, adapter_dir=str(result.adapter_dir))
-        if "tokens_per_second" in fields:
-            ThroughputMeasurement.objects.create(
-                base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
-            )
-    TrainingJob.objects.filter(pk=job.pk).update(**fields)
-    logger.info("Training job %s %s after %s steps", job.pk, fields.get("status"), result.global_step)
+    job_write(TrainingJob, job.pk, **fields)  # JobLost (nothing written) if the row is not this process's any more
+    logger.info("Training job %s %s after %s steps", job.pk, fields["status"], result.global_step)
+    if fields["status"] == TrainingJob.Status.COMPLETED and "tokens_per_second" in fields:
+        ThroughputMeasurement.objects.create(
+            base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
+        )

@@ -1,7 +1,7 @@
-"""django-q2 entry points: thin, and they take ids."""
+"""Tasks queued by versions before fair scheduling took the job id; they now run the fairest queued job."""
 
-from training_app import services
+from tuna_site.jobs import run_next_job
 
 
-def training_job_execute(job_id: int) -> None:
-    services.training_job_run(job_id=job_id)
+def training_job_execute(job_id: int | None = None) -> None:
+    run_next_job()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
@@ -14,6 +15,8 @@ from training_app.selectors import adapter_download, get_job_for_user, jobs_for_
 from tuna_llm.catalog import get_catalog
 from tuna_llm.training_config import RANGES
 from tuna_site.jobs import queue_position
+from tuna_site.quotas import LimitExceeded
+from tuna_site.storage import job_files_bytes
 
 
 @login_required
@@ -29,13 +32,17 @@ def training_new(request: HttpRequest, dataset_pk: int) -> HttpResponse:
     dataset = get_dataset_for_user(request.user, dataset_pk)
     values = {k: v for k, v in request.POST.items() if k not in ("csrfmiddlewaretoken", "preview") and v != ""}
     plan = services.training_plan(dataset=dataset, config_data=values)
+    limit_error = None
     if request.method == "POST" and not request.POST.get("preview") and not plan.errors:
         try:
             job = services.training_job_start(owner=request.user, dataset=dataset, config_data=values)
         except services.DatasetNotTrainable as exc:
             messages.error(request, str(exc))
             return redirect(dataset)
-        return redirect(job)
+        except LimitExceeded as exc:
+            limit_error = exc.message  # the form stays, with its values, until a job finishes
+        else:
+            return redirect(job)
     defaults = plan.config or services.training_plan(dataset=dataset, config_data={}).config
     context = {
         "dataset": dataset,
@@ -47,9 +54,10 @@ def training_new(request: HttpRequest, dataset_pk: int) -> HttpResponse:
         "defaults": defaults,
         "values": values,
         "errors": plan.errors,
+        "limit_error": limit_error,
         **_plan_context(dataset, plan),
     }
-    status = 400 if plan.errors and not request.POST.get("preview") else 200
+    status = 409 if limit_error else 400 if plan.errors and not request.POST.get("preview") else 200
     if request.htmx and request.POST.get("preview"):
         return render(request, "training_app/_plan.html", context)
     return render(request, "training_app/training_new.html", context, status=status)
@@ -84,6 +92,8 @@ def _progress_context(job) -> dict:
         "chart_id": f"loss-data-{job.pk}",
         "queue_position": queue_position(job) if job.status == job.Status.QUEUED else None,
         "can_resume": job.status in (job.Status.FAILED, job.Status.CANCELLED) and services.resumable_checkpoint(job) is not None,
+        "eval_max": min(job.dataset.num_eval, settings.TUNA_MAX_EVAL_EXAMPLES),
+        "max_epochs": settings.TUNA_MAX_EPOCHS,
     }
 
 
@@ -93,6 +103,11 @@ def training_detail(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_job_for_user(request.user, pk)
     if request.htmx:
         return render(request, "training_app/_progress.html", _progress_context(job))
+    return training_page(request, job)
+
+
+def training_page(request: HttpRequest, job, *, status: int = 200, errors: dict | None = None) -> HttpResponse:
+    """The job's page; the evaluation form's errors (from evaluation_app's start view) are shown on it."""
     context = _progress_context(job)
     config = job.config
     context.update(
@@ -100,8 +115,9 @@ def training_detail(request: HttpRequest, pk: int) -> HttpResponse:
         continuations=job.continuations.all(),
         rows=settings_rows(config, job.config_reasons),
         validation_lines=validation_lines(job.dataset, validation=config.get("eval_examples", 0)) if job.config_reasons else None,
+        form_errors=errors or {},
     )
-    return render(request, "training_app/training_detail.html", context)
+    return render(request, "training_app/training_detail.html", context, status=status)
 
 
 def _job_action(request: HttpRequest, pk: int, action, success: str) -> HttpResponse:
@@ -109,7 +125,7 @@ def _job_action(request: HttpRequest, pk: int, action, success: str) -> HttpResp
     try:
         action(job=job)
         messages.success(request, success.format(pk=job.pk))
-    except services.JobConflict as exc:
+    except (services.JobConflict, LimitExceeded) as exc:
         messages.error(request, str(exc))
     return redirect(job)
 
@@ -132,7 +148,7 @@ def training_continue(request: HttpRequest, pk: int) -> HttpResponse:
     job = get_job_for_user(request.user, pk)
     try:
         child = services.training_job_continue(job=job, epochs=_epochs(request.POST.get("epochs")))
-    except services.JobConflict as exc:
+    except (services.JobConflict, LimitExceeded) as exc:
         messages.error(request, str(exc))
         return redirect(job)
     except services.ConfigInvalid as exc:
@@ -155,3 +171,27 @@ def _epochs(raw: str | None) -> int | str | None:
 @require_GET
 def training_adapter(request: HttpRequest, pk: int) -> HttpResponse:
     return adapter_download(get_job_for_user(request.user, pk))
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def training_delete(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET: what deleting the job removes (or why it cannot go yet); POST: delete it."""
+    job = get_job_for_user(request.user, pk)
+    error = None
+    if request.method == "POST":
+        try:
+            services.training_job_delete(job=job)
+        except services.JobConflict as exc:
+            error = str(exc)
+        else:
+            messages.success(request, f"Deleted job #{pk}, its evaluations and its files.")
+            return redirect("training-list")
+    context = {
+        "job": job,
+        "evaluations": job.evaluations.all(),
+        "continuations": job.continuations.all(),
+        "files_bytes": job_files_bytes(job),
+        "error": error,
+    }
+    return render(request, "training_app/training_delete.html", context, status=409 if error else 200)

@@ -17,7 +17,7 @@ class Generation:
     latency_ms: float  # from the start of its generation (its batch's start) to its own end
     queue_ms: float  # waiting for a batch, before latency_ms starts
     compute_ms: float  # its share of the generation time: what it is billed
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "cancelled" (its client went away)
 
 
 def generate_chat(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -245,6 +247,9 @@ def make_progress_callback(hooks: TrainingHooks, *, has_eval: bool):
                 )
             )
 
+        def on_save(self, args, state, control, **kwargs):
+            mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
         def on_step_end(self, args, state, control, **kwargs):
             if hooks.should_stop():
                 control.should_training_stop = True
@@ -296,6 +301,8 @@ def run_lora_training(
     model.train()
 
     checkpoints = output_dir / "checkpoints"
+    if resume_from is not None:
+        discard_incomplete_checkpoints(output_dir)
     progress = make_progress_callback(hooks, has_eval=bool(eval_rows))
     trainer = Trainer(
         model=model,
@@ -371,9 +378,31 @@ def save_adapter(model: Any, tokenizer: Any, config: TrainingConfig, spec: BaseM
     (adapter_dir / CONFIG_FILENAME).write_text(json.dumps(resolved, indent=2), encoding="utf-8")
 
 
+# Written into a checkpoint once the Trainer has saved all of it: a checkpoint cut short (a kill, a full
+# disk) has no marker, is never resumed from, and is removed before a resume.
+COMPLETE_MARKER = "tuna-checkpoint-complete"
+
+
+def mark_checkpoint_complete(checkpoint: Path) -> None:
+    partial = checkpoint / f".{COMPLETE_MARKER}.partial"
+    partial.write_text("complete\n", encoding="utf-8")
+    os.replace(partial, checkpoint / COMPLETE_MARKER)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = (p for p in (output_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit())
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted(
-        (p for p in (output_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    return checkpoints[-1] if checkpoints else None
+    """The newest checkpoint that was saved whole."""
+    complete = [p for p in _checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
+    return complete[-1] if complete else None
+
+
+def discard_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Remove the checkpoints that were never saved whole (before a resume writes over their steps)."""
+    incomplete = [p for p in _checkpoints(output_dir) if not (p / COMPLETE_MARKER).is_file()]
+    for checkpoint in incomplete:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return incomplete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -154,16 +155,18 @@ def build_config(data: dict[str, Any], *, catalog: dict[str, Any], default_model
 def _coerce(raw: Any, spec: Field) -> tuple[Any, str | None]:
     if isinstance(raw, bool):
         return None, "Must be a number."
+    shown = repr(raw)
+    shown = shown if len(shown) <= 40 else f"{shown[:40]}..."
     try:
-        if spec.kind is int:
-            value = float(raw)
-            if value != int(value):
-                return None, "Must be a whole number."
-            value = int(value)
-        else:
-            value = float(raw)
-    except (TypeError, ValueError):
-        return None, f"Must be a number, got {raw!r}."
+        value = float(raw)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
+        return None, f"Must be a number, got {shown}."
+    if not math.isfinite(value):  # "inf", "nan", 1e309
+        return None, f"Must be a finite number between {spec.minimum:g} and {spec.maximum:g}, got {shown}."
+    if spec.kind is int:
+        if value != int(value):
+            return None, "Must be a whole number."
+        value = int(value)
     if not spec.minimum <= value <= spec.maximum:
         return None, f"Must be between {spec.minimum:g} and {spec.maximum:g}."
     return value, None

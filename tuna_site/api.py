@@ -1,4 +1,5 @@
-"""API conventions shared by every app: errors are ``{"detail": ...}``."""
+"""API conventions shared by every app: errors are ``{"detail": ...}``; JSON bodies are checked by
+``tuna_site.parsers.StrictJSONParser`` before any view."""
 
 from rest_framework.exceptions import APIException, NotFound
 from rest_framework.views import APIView
@@ -8,16 +9,19 @@ from rest_framework.views import exception_handler as drf_exception_handler
 class ApiError(APIException):
     """An error with a specific status and a plain-language ``detail``."""
 
-    def __init__(self, message: str, status_code: int, param: str | None = None) -> None:
+    def __init__(self, message: str, status_code: int, param: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(detail=message)
         self.status_code = status_code
         self.param = param  # the request field at fault, where there is one (OpenAI's error shape names it)
+        self.retry_after = retry_after  # seconds, sent as Retry-After (a 503 when busy)
 
 
 def exception_handler(exc, context):
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
+    if getattr(exc, "retry_after", None):
+        response["Retry-After"] = str(exc.retry_after)
     if isinstance(response.data, list):
         response.data = {"detail": " ".join(str(item) for item in response.data)}
     elif isinstance(response.data, dict) and "detail" not in response.data:

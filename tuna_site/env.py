@@ -1,6 +1,9 @@
 """Tiny helpers that read settings from the environment and fail loudly on a bad value."""
 
 import os
+import secrets
+import tempfile
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -37,6 +40,17 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     return value
 
 
+def env_rate(name: str, default: str) -> str | None:
+    """A rate like ``300/min`` (per second, minute, hour or day); ``off`` turns the limit off (None)."""
+    raw = os.environ.get(name, default).strip()
+    if raw.lower() in ("off", "none", "0", ""):
+        return None
+    count, sep, period = raw.partition("/")
+    if not sep or not count.isdigit() or int(count) < 1 or period[:1] not in ("s", "m", "h", "d"):
+        raise ImproperlyConfigured(f"{name} must look like 300/min (a count per second, minute, hour or day) or off, got {raw!r}")
+    return raw
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None:
@@ -57,3 +71,24 @@ def parse_base_models(raw: str) -> dict[str, str]:
             raise ImproperlyConfigured(f"TUNA_BASE_MODELS entries look like name=huggingface/id or name=/local/dir, got {item!r}")
         catalog[name] = source
     return catalog
+
+
+def installation_secret_key(path: Path) -> str:
+    """The key kept at `path`, made (random, owner-only) the first time."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(50)
+    # Written whole to a private file, then linked into place: a process starting beside this one
+    # either finds no key yet or the whole key, and the first link wins.
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".secret_key.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(key + "\n")
+        os.link(partial, path)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    finally:
+        os.unlink(partial)
+    return key

@@ -1,25 +1,51 @@
 """One lifecycle for every background job (training jobs and evaluations alike).
 
-A job row is enqueued after its transaction commits, claimed atomically by the worker (a redelivered task
-finds it no longer queued and does nothing), heartbeats while it runs, and ends failed with a readable
-reason when its work raises. A starting worker reaps what a dead worker left running. The queue position
-counts every kind of job, since one worker runs them one at a time.
+- A row is enqueued after its transaction commits. Each enqueued task runs *one* job, but not
+  necessarily the one that enqueued it: the worker takes the fairest queued row of any kind (owners with
+  fewer running jobs first, then the owner served longest ago, then the oldest row), so one user's queue
+  never blocks everyone else's.
+- A claim is atomic (queued -> running) and records the machine and the process that holds the row.
+  From then on every write of the job's own progress and its final status is guarded: it only lands
+  while the row is still running *in this process*. A process that lost its row (reaped as dead,
+  cancelled while its worker was unreachable, resumed elsewhere) gets `JobLost` and writes nothing more,
+  so a job is never trained by two processes at once and a finished row is never flipped back.
+- While the work runs, a heartbeat thread beats every TUNA_HEARTBEAT_SECONDS whatever the phase
+  (loading the model, training, evaluating, saving), so a long model load never looks like a dead worker.
+- The worker's supervisor (tuna_site.supervisor) reaps: rows of its machine whose process is gone, and
+  rows of any machine whose heartbeat stopped for TUNA_HEARTBEAT_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
 import traceback
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 from django.apps import apps
-from django.db import transaction
-from django.db.models import Q
+from django.conf import settings
+from django.db import DatabaseError, connection, transaction
+from django.db.models import Count, F, Max, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from django_q.tasks import async_task
 
 from tuna_llm.loading import ModelUnavailable
 from tuna_site.models import WorkerJob
-from tuna_site.workers import orphaned, worker_host
+from tuna_site.workers import SUPERVISOR_ENV, process_exists, worker_host
+
+logger = logging.getLogger("tuna.jobs")
+
+RUN_NEXT_TASK = "tuna_site.jobs.run_next_job"
+
+
+class JobLost(Exception):
+    """This process no longer holds the row: it was reaped, cancelled without it, or taken elsewhere."""
 
 
 def job_kinds() -> list[type[WorkerJob]]:
@@ -27,31 +53,108 @@ def job_kinds() -> list[type[WorkerJob]]:
 
 
 def job_enqueue(job: WorkerJob) -> None:
-    """Hand the job to the worker once the row it reads is committed."""
+    """Hand the worker one more job to run, once the row it reads is committed."""
 
     def enqueue() -> None:
-        async_task(job.TASK, job.pk, task_name=job.task_name())
+        async_task(RUN_NEXT_TASK, task_name=job.task_name())
 
     transaction.on_commit(enqueue)
 
 
+# -- picking and claiming ---------------------------------------------------------------------
+def job_pick_order() -> list[tuple[type[WorkerJob], int]]:
+    """Queued rows of every kind, in the order the worker takes them (fairest first)."""
+    queued = []
+    for model in job_kinds():
+        rows = model.objects.filter(status=model.QUEUED).values_list("pk", "owner_id", "created_at")
+        queued += [(model, pk, owner, created) for pk, owner, created in rows]
+    owners = {owner for _, _, owner, _ in queued}
+    running: Counter[int] = Counter()
+    served: dict[int, datetime] = {}
+    for model in job_kinds():
+        mine = model.objects.filter(owner__in=owners)
+        for owner, count in mine.filter(status=model.RUNNING).values("owner").annotate(n=Count("pk")).values_list("owner", "n"):
+            running[owner] += count
+        last_claims = mine.filter(claimed_at__isnull=False).values("owner").annotate(last=Max("claimed_at")).values_list("owner", "last")
+        for owner, last in last_claims:
+            served[owner] = max(last, served.get(owner, last))
+    never = datetime.min.replace(tzinfo=UTC)
+    queued.sort(key=lambda row: (running[row[2]], served.get(row[2], never), row[3], row[1]))
+    return [(model, pk) for model, pk, _, _ in queued]
+
+
 def job_claim(model: type[WorkerJob], pk: int) -> bool:
-    """Queued -> running, atomically; False when another delivery (or a cancel) got there first."""
+    """Queued -> running in this process, atomically; False when another worker (or a cancel) got there first."""
     now = timezone.now()
     return bool(
         model.objects.filter(pk=pk, status=model.QUEUED).update(
-            status=model.RUNNING, heartbeat_at=now, worker_host=worker_host(), started_at=Coalesce("started_at", now)
+            status=model.RUNNING,
+            heartbeat_at=now,
+            claimed_at=now,
+            claims=F("claims") + 1,
+            worker_host=worker_host(),
+            worker_pid=os.getpid(),
+            started_at=Coalesce("started_at", now),
         )
     )
 
 
-def job_heartbeat(model: type[WorkerJob], pk: int, **fields) -> None:
-    model.objects.filter(pk=pk).update(heartbeat_at=timezone.now(), **fields)
+def run_next_job() -> bool:
+    """The worker's task: claim the fairest queued row of any kind and run it. False when none is left."""
+    for model, pk in job_pick_order():
+        if job_claim(model, pk):
+            job_work(model, pk, import_string(model.WORK_FUNCTION))
+            return True
+    logger.info("No queued job left to run")
+    return False
+
+
+def job_run(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None]) -> bool:
+    """Claim one given row and run it (a direct run, as tests do); False when it was not queued."""
+    if not job_claim(model, pk):
+        logger.info("%s #%s is not queued any more; nothing to do", model.__name__, pk)
+        return False
+    job_work(model, pk, work)
+    return True
+
+
+def job_work(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None]) -> None:
+    """Run a claimed row's work with a heartbeat; any failure ends the row as failed with a readable reason."""
+    job = model.objects.get(pk=pk)
+    # Another connection cannot see (or write) the row until the caller's transaction commits: inside
+    # one (a test's transaction), the work's own writes are the heartbeat.
+    heartbeat = None if connection.in_atomic_block else Heartbeat(model, pk)
+    if heartbeat:
+        heartbeat.start()
+    try:
+        work(job)
+    except JobLost:
+        logger.warning(
+            "%s #%s was taken from this process (reaped, cancelled or resumed elsewhere); nothing more is written", model.__name__, pk
+        )
+    except Exception as exc:  # every failure ends as `failed` with a readable reason
+        logger.exception("%s #%s failed", model.__name__, pk)
+        job_fail(job, exc)
+    finally:
+        if heartbeat:
+            heartbeat.stop()
+
+
+# -- writes while running ---------------------------------------------------------------------
+def job_held(model: type[WorkerJob], pk: int) -> QuerySet:
+    """The row, only while it runs in this very process (every write of a running job goes through here)."""
+    return model.objects.filter(pk=pk, status=model.RUNNING, worker_host=worker_host(), worker_pid=os.getpid())
+
+
+def job_write(model: type[WorkerJob], pk: int, **fields) -> None:
+    """Write progress (or the final status) of a row this process holds; JobLost when it holds it no more."""
+    if not job_held(model, pk).update(heartbeat_at=timezone.now(), **fields):
+        raise JobLost(f"{model.__name__} #{pk}")
 
 
 def job_fail(job: WorkerJob, exc: BaseException, **fields) -> None:
     """End a running job as failed with a readable reason (the traceback goes to the admin)."""
-    type(job).objects.filter(pk=job.pk).update(
+    written = job_held(type(job), job.pk).update(
         status=job.FAILED,
         error_message=readable_error(exc, job.WORK),
         error_traceback=traceback.format_exc(),
@@ -59,25 +162,82 @@ def job_fail(job: WorkerJob, exc: BaseException, **fields) -> None:
         **job.stop_fields(),
         **fields,
     )
+    if not written:
+        logger.warning("%s #%s failed after this process lost it; the failure is not recorded", type(job).__name__, job.pk)
 
 
-def jobs_reap_orphans() -> dict[str, int]:
-    """Fail the jobs a dead worker left running (called when a worker starts); counts per kind."""
+class Heartbeat(threading.Thread):
+    """Beats for a running row from its own thread, so every phase (model loading included) is covered.
+
+    Under the supervisor it also ends the process group when the supervisor is gone: no job keeps
+    running without someone watching it.
+    """
+
+    def __init__(self, model: type[WorkerJob], pk: int) -> None:
+        super().__init__(name=f"heartbeat-{model.__name__}-{pk}", daemon=True)
+        self.model, self.pk = model, pk
+        self.host, self.pid = worker_host(), os.getpid()
+        self._stop_event = threading.Event()
+        supervisor = os.environ.get(SUPERVISOR_ENV, "")
+        self.supervisor = int(supervisor) if supervisor.isascii() and supervisor.isdigit() else None
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.wait(settings.TUNA_HEARTBEAT_SECONDS):
+                if self.supervisor and not process_exists(self.supervisor):
+                    logger.error("The worker's supervisor (pid %s) is gone: stopping this job's processes", self.supervisor)
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+                try:
+                    self.model.objects.filter(pk=self.pk, status=self.model.RUNNING, worker_host=self.host, worker_pid=self.pid).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except DatabaseError as exc:  # a busy or unreachable database: the next beat tries again
+                    logger.warning("Heartbeat of %s #%s not written: %s", self.model.__name__, self.pk, exc)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+# -- reaping (the supervisor) and the web's view of stuck rows ----------------------------------
+def heartbeat_stale_before() -> datetime:
+    return timezone.now() - timedelta(seconds=settings.TUNA_HEARTBEAT_TIMEOUT_S)
+
+
+def job_is_stuck(job: WorkerJob) -> bool:
+    """A running row whose heartbeat stopped: no worker will act on it (cancel and resume may)."""
+    return job.status == job.RUNNING and (job.heartbeat_at is None or job.heartbeat_at < heartbeat_stale_before())
+
+
+def jobs_reap(process_alive: Callable[[int], bool] = lambda pid: False) -> dict[str, int]:
+    """Fail the running rows nobody runs any more; counts per kind.
+
+    On this machine: rows whose process is not alive (at a worker's start-up, every row of the machine).
+    On any machine: rows whose heartbeat is older than TUNA_HEARTBEAT_TIMEOUT_S.
+    """
     reaped = {}
+    me = worker_host()
+    stale = Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=heartbeat_stale_before()) | Q(worker_host="")
     for model in job_kinds():
-        rows = model.objects.filter(orphaned(), status=model.RUNNING)
-        reaped[model._meta.verbose_name_plural] = rows.update(
+        running = model.objects.filter(status=model.RUNNING)
+        gone = Q(pk__in=[])
+        for pk, pid in running.filter(worker_host=me).values_list("pk", "worker_pid"):
+            if pid is None or not process_alive(pid):
+                gone |= Q(pk=pk, worker_pid=pid)
+        reaped[model._meta.verbose_name_plural] = running.filter(gone | stale).update(
             status=model.FAILED, error_message=model.WORKER_STOPPED, completed_at=timezone.now(), **model().stop_fields()
         )
     return reaped
 
 
 def queue_position(job: WorkerJob) -> int:
-    """How many jobs the worker runs before this queued one: every kind queued earlier, and what runs now."""
-    return sum(
-        model.objects.filter(Q(status=model.QUEUED, created_at__lt=job.created_at) | Q(status=model.RUNNING)).count()
-        for model in job_kinds()
-    )
+    """How many jobs the worker runs before this queued one: what runs now, and the rows picked before it."""
+    running = sum(model.objects.filter(status=model.RUNNING).count() for model in job_kinds())
+    order = job_pick_order()
+    ahead = order.index((type(job), job.pk)) if (type(job), job.pk) in order else len(order)
+    return running + ahead
 
 
 def readable_error(exc: BaseException, work: str = "The job") -> str:

@@ -6,13 +6,14 @@ from django.db import models
 
 
 class WorkerJob(models.Model):
-    """A row the worker runs. Subclasses name their statuses and their task; tuna_site.jobs does the rest
-    (claim, heartbeat, fail, reap, enqueue, queue position) once for every kind of job."""
+    """A row the worker runs. Subclasses name their statuses and their work function; tuna_site.jobs does
+    the rest (enqueue, fair pick, claim, heartbeat, guarded writes, fail, reap, queue position) once for
+    every kind of job. Every subclass has an `owner` (fair scheduling is per user)."""
 
     QUEUED: str = "queued"
     RUNNING: str = "running"
     FAILED: str = "failed"
-    TASK: str = ""  # dotted path of the django-q2 task that takes the row's id
+    WORK_FUNCTION: str = ""  # dotted path of the function that does the work of a claimed row
     WORK: str = "The job"  # how messages name the work ("Training", "The evaluation")
     WORKER_STOPPED: str = ""
 
@@ -21,6 +22,10 @@ class WorkerJob(models.Model):
     completed_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     worker_host = models.CharField(max_length=200, blank=True, help_text="Machine whose worker runs (or last ran) this row.")
+    # The process that holds the row while it runs: only it may write progress or the final status.
+    worker_pid = models.PositiveIntegerField(null=True, blank=True, help_text="Process on worker_host that runs (or last ran) this row.")
+    claimed_at = models.DateTimeField(null=True, blank=True, help_text="When a worker last took this row (fair scheduling).")
+    claims = models.PositiveIntegerField(default=0, help_text="How many times a worker has taken this row (1 per run or resume).")
     error_message = models.TextField(blank=True)
     error_traceback = models.TextField(blank=True)
 

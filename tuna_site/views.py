@@ -1,3 +1,4 @@
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
@@ -6,6 +7,8 @@ from rest_framework.authtoken.models import Token
 from datasets_app.selectors import datasets_for_user
 from evaluation_app.selectors import evaluations_for_user
 from training_app.selectors import jobs_for_user
+from tuna_site.storage import storage_use
+from tuna_site.throttles import RateLimitedAuthenticationForm
 
 
 @login_required
@@ -26,6 +29,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "recent_datasets": datasets.order_by("-created_at")[:5],
         "recent_jobs": jobs.order_by("-created_at")[:5],
         "recent_evaluations": evaluations.order_by("-created_at")[:5],
+        "storage": storage_use(user),
     }
     return render(request, "dashboard.html", context)
 
@@ -34,3 +38,17 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 def account(request: HttpRequest) -> HttpResponse:
     token, _ = Token.objects.get_or_create(user=request.user)
     return render(request, "account.html", {"token": token})
+
+
+class LoginView(auth_views.LoginView):
+    """Django's log-in page, refusing further tries (429, with Retry-After) after too many failures."""
+
+    authentication_form = RateLimitedAuthenticationForm
+    redirect_authenticated_user = True
+
+    def form_invalid(self, form: RateLimitedAuthenticationForm) -> HttpResponse:
+        response = super().form_invalid(form)
+        if form.retry_after:
+            response.status_code = 429
+            response["Retry-After"] = str(form.retry_after)
+        return response

@@ -1,26 +1,43 @@
-"""Which worker runs a job, and when a running job has lost its worker.
+"""Which machine and process run a job, and whether a process is still there.
 
-One worker runs per machine (one job per GPU at a time), so when a worker starts, every job still
-marked running by *this* machine was left behind by a worker that died. Jobs another machine runs are
-only taken for dead once their heartbeat is older than TUNA_WORKER_STALE_SECONDS: starting a second
-worker machine never fails a live job on the first.
+One worker (one supervisor) runs per machine name: TUNA_WORKER_NAME, or the host name. Two workers
+must never share a name (compose sets one), or each would take the other's jobs for dead.
 """
 
 from __future__ import annotations
 
+import os
 import socket
-from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
-from django.db.models import Q
-from django.utils import timezone
+
+# Set by the supervisor for its cluster: every process of the cluster can tell when it is gone.
+SUPERVISOR_ENV = "TUNA_SUPERVISOR_PID"
 
 
 def worker_host() -> str:
     return settings.TUNA_WORKER_NAME or socket.gethostname()
 
 
-def orphaned() -> Q:
-    """Rows (with `worker_host` and `heartbeat_at`) whose worker is gone, as seen from a starting worker."""
-    stale_before = timezone.now() - timedelta(seconds=settings.TUNA_WORKER_STALE_SECONDS)
-    return Q(worker_host=worker_host()) | Q(worker_host="") | Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=stale_before)
+def process_exists(pid: int) -> bool:
+    """A live process (a zombie, dead but not yet collected by its parent, does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return process_state(pid) not in ("Z", "X", None)
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of a Linux process ("R", "S", "Z"...), None when there is none; "?" off Linux."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        text = stat.read_text()
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else "?"
+    except OSError:
+        return "?"
+    return text.rsplit(")", 1)[-1].split()[0]  # the name in brackets may contain spaces

@@ -30,3 +30,20 @@ def prepared_call(request: Request, values: dict, *, endpoint: str, model_field:
         return services.checked_call(user=request.user, model_id=values[model_field], endpoint=endpoint, **prompt, **sampling)
     except services.InferenceRefused as exc:
         raise ApiError(str(exc), exc.status, param=exc.param) from None
+
+
+def run_answered(call: services.Call):
+    """Run a prepared call; a refusal met on the way (the model is busy) is answered with its status."""
+    try:
+        return services.run_call(call)
+    except services.InferenceRefused as exc:
+        raise ApiError(str(exc), exc.status, param=exc.param, retry_after=getattr(exc, "retry_after", None)) from None
+
+
+def admit_stream(call: services.Call) -> None:
+    """Refuse a stream before its 200 goes out if the model is too busy to take it."""
+    try:
+        services.admit(call)
+    except services.InferenceRefused as exc:
+        services.log_refused(call, exc)
+        raise ApiError(str(exc), exc.status, param=exc.param, retry_after=getattr(exc, "retry_after", None)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 import uuid
@@ -15,7 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference_app import services
-from inference_app.api.base import prepared_call, validated
+from inference_app.api.base import admit_stream, prepared_call, run_answered, validated
 from inference_app.api.serializers import (
     ChatCompletionResultSerializer,
     ChatCompletionSerializer,
@@ -24,7 +25,6 @@ from inference_app.api.serializers import (
     ModelListSerializer,
 )
 from tuna_llm.catalog import get_catalog
-from tuna_site.api import ApiError
 
 
 class OpenAIView(APIView):
@@ -39,13 +39,17 @@ class OpenAIView(APIView):
             403: "permission_error",
             404: "not_found_error",
             409: "conflict_error",
+            429: "rate_limit_error",
+            503: "overloaded_error",
         }.get(response.status_code, "api_error")
-        code = {401: "invalid_api_key", 404: "model_not_found", 409: "model_not_ready"}.get(response.status_code)
+        code = {401: "invalid_api_key", 404: "model_not_found", 409: "model_not_ready", 429: "rate_limit_exceeded", 503: "engine_overloaded"}.get(
+            response.status_code
+        )
         param = None
         if isinstance(response.data, dict) and response.data.get("errors"):
             param = next(iter(response.data["errors"]))
-        elif isinstance(exc, ApiError):
-            param = exc.param
+        else:
+            param = getattr(exc, "param", None)
         response.data = {"error": {"message": str(detail), "type": kind, "param": param, "code": code}}
         return response
 
@@ -90,12 +94,13 @@ class _GenerationApi(OpenAIView):
         call = prepared_call(request, values, endpoint=self.endpoint, model_field="model", **self.prompt_kwargs(values))
         ident, created = f"{self.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         if values["stream"]:
+            admit_stream(call)
             include_usage = bool(values["stream_options"].get("include_usage"))
             response = StreamingHttpResponse(self.events(call, ident, created, include_usage), content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             return response
-        result = services.run_call(call)
+        result = run_answered(call)
         return Response(
             {
                 "id": ident,
@@ -115,14 +120,21 @@ class _GenerationApi(OpenAIView):
             "model": call.model.model_id,
         }
         first = self.first_chunk()
-        if first is not None:
-            yield _sse({**base, "choices": [first]})
+        pieces = services.stream_call(call)
         try:
-            for piece in services.stream_call(call):
+            if first is not None:
+                yield _sse({**base, "choices": [first]})
+            for piece in pieces:
                 yield _sse({**base, "choices": [self.delta(piece)]})
+        except GeneratorExit:  # closed early: the client went away
+            if inspect.getgeneratorstate(pieces) == inspect.GEN_CREATED:  # before its request was even queued
+                services.log_cancelled(call)
+            raise
         except Exception as exc:  # the status line has gone out: report in-stream, never a traceback
             yield _sse({"error": {"message": f"Generation failed: {type(exc).__name__}", "type": "api_error", "param": None, "code": None}})
             return
+        finally:
+            pieces.close()  # closed early, this stops its row and logs what it produced
         result = call.request.result
         yield _sse({**base, "choices": [self.delta(None, result.finish_reason)]})
         if include_usage:

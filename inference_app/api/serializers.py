@@ -5,6 +5,10 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from tuna_llm.batching import MAX_SEED, MIN_SEED
+
+SEED_RANGE = f"seed must be a whole number from {MIN_SEED} to {MAX_SEED} (a signed 64-bit integer)."
+
 
 @extend_schema_field({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]})
 class StopField(serializers.Field):
@@ -31,7 +35,15 @@ class SamplingSerializer(serializers.Serializer):
         required=False, default=0.0, help_text="0 (the default) decodes greedily: the same prompt gives the same answer."
     )
     top_p = serializers.FloatField(required=False, default=1.0)
-    seed = serializers.IntegerField(required=False, allow_null=True, default=None)
+    seed = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=MIN_SEED,
+        max_value=MAX_SEED,
+        error_messages={"min_value": SEED_RANGE, "max_value": SEED_RANGE},
+        help_text=f"Used when sampling (temperature > 0): the same seed and prompt give the same answer. {SEED_RANGE}",
+    )
     stop = StopField(required=False, default=list)
 
 

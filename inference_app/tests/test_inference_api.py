@@ -264,3 +264,25 @@ def test_it_answers_a_near_zero_temperature_greedily_instead_of_failing(alice_ap
     greedy = alice_api.post("/api/inference", body, format="json")
     assert cold.status_code == 200, cold.content
     assert cold.json()["output"] == greedy.json()["output"]
+
+
+def test_it_answers_503_with_retry_after_beyond_the_inference_queue_limit(alice_api, alice, settings):
+    """Waiting calls hold server threads: beyond the limit a call is refused at once, streams before their 200."""
+    settings.TUNA_MAX_INFERENCE_QUEUE = 2
+    engine = batching.engine_for(registry.get())
+    body = {"model_id": "base:smollm2-135m-instruct", "prompt": "Say hi.", "max_tokens": 4}
+    with services.admissions.admitted(engine, 2):  # two calls are waiting for the model
+        busy = alice_api.post("/api/inference", body, format="json")
+        stream = alice_api.post(
+            "/v1/chat/completions",
+            {"model": "base:smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True},
+            format="json",
+        )
+    assert busy.status_code == 503 and int(busy["Retry-After"]) >= 1
+    assert "TUNA_MAX_INFERENCE_QUEUE" in busy.json()["detail"] and "limit is 2" in busy.json()["detail"]
+    assert stream.status_code == 503 and stream["Retry-After"]
+    assert stream.json()["error"]["type"] == "overloaded_error"
+    assert UsageLog.objects.filter(user=alice, status="error").count() == 2  # refusals are logged
+    assert services.admissions.count == 0
+    assert alice_api.post("/api/inference", body, format="json").status_code == 200  # room again
+    assert services.admissions.count == 0

@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from training_app import services
 from training_app.models import LossPoint, TrainingJob
+from training_app.selectors import loss_chart_data
 from tuna_llm.training import IGNORE_INDEX
 from tuna_site.jobs import queue_position, readable_error
 from tuna_site.testing import job_row
@@ -88,6 +89,20 @@ def test_it_refuses_an_invalid_dataset(alice_api, alice):
     assert response.status_code == 400 and "invalid" in response.json()["detail"]
 
 
+def test_it_keeps_every_training_log_row_a_training_step_with_validations_beside(alice_api, alice, valid_dataset):
+    """The seed's clients chart `loss` for every row of training_logs: no row may have a null loss."""
+    job = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
+    LossPoint.objects.create(job=job, step=0, epoch=0, eval_loss=3.0)  # before any update
+    LossPoint.objects.create(job=job, step=1, epoch=0.5, loss=2.5, learning_rate=1e-3)
+    LossPoint.objects.create(job=job, step=2, epoch=1.0, loss=2.0, learning_rate=1e-3)
+    LossPoint.objects.create(job=job, step=2, epoch=1.0, eval_loss=2.2)
+    body = alice_api.get(f"/api/training/{job.pk}").json()
+    assert [(r["step"], r["loss"], r["eval_loss"]) for r in body["training_logs"]] == [(1, 2.5, None), (2, 2.0, 2.2)]
+    assert [(r["step"], r["eval_loss"]) for r in body["eval_logs"]] == [(0, 3.0), (2, 2.2)]
+    chart = loss_chart_data(job)  # the page's chart still draws both curves
+    assert [p["y"] for p in chart["train"]] == [2.5, 2.0] and [p["y"] for p in chart["eval"]] == [3.0, 2.2]
+
+
 def test_it_answers_404_for_an_unknown_dataset(alice_api):
     assert alice_api.post("/api/training/start", {"dataset_id": 999}, format="json").status_code == 404
 
@@ -105,10 +120,11 @@ def test_it_shows_a_job_with_its_training_logs(alice_api, alice, valid_dataset):
 
 def test_it_cancels_a_queued_job_and_refuses_to_cancel_a_finished_one(alice_api, alice, valid_dataset):
     job = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={})
-    assert alice_api.delete(f"/api/training/{job.pk}").status_code == 204
+    response = alice_api.post(f"/api/training/{job.pk}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
     job.refresh_from_db()
     assert job.status == "cancelled" and job.cancel_requested
-    response = alice_api.delete(f"/api/training/{job.pk}")
+    response = alice_api.post(f"/api/training/{job.pk}/cancel")
     assert response.status_code == 409 and "already finished" in response.json()["detail"]
 
 

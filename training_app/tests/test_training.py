@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 from training_app import services, tasks
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
-from tuna_site.jobs import jobs_reap_orphans
+from tuna_site.jobs import jobs_reap
 from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
@@ -102,7 +102,7 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
     job.refresh_from_db()
     assert job.status == "training"  # as a dead worker leaves it
 
-    assert jobs_reap_orphans()["training jobs"] == 1
+    assert jobs_reap()["training jobs"] == 1
     job.refresh_from_db()
     assert job.status == "failed" and "worker stopped" in job.error_message
     assert services.resumable_checkpoint(job).name == "checkpoint-2"

@@ -1,15 +1,20 @@
-from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from tuna_site.jobs import jobs_reap_orphans
+from tuna_site.supervisor import Supervisor, run_cluster
 
 
 class Command(BaseCommand):
-    help = "Start the background worker (django-q2 cluster) after failing jobs a dead worker left running."
+    help = (
+        "Start the background worker: a supervisor that fails jobs a dead worker left running, runs the "
+        "django-q2 cluster in its own process group, watches every running job, and takes the whole cluster "
+        "down with it when it stops (Ctrl-C, SIGTERM, or even SIGKILL)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--cluster", action="store_true", help="internal: the supervised django-q2 cluster")
 
     def handle(self, *args, **options):
-        reaped = {kind: count for kind, count in jobs_reap_orphans().items() if count}
-        if reaped:
-            counts = " and ".join(f"{count} {kind}" for kind, count in reaped.items())
-            self.stdout.write(f"Marked {counts} left running by a stopped worker as failed.")
-        call_command("qcluster")
+        if options["cluster"]:
+            run_cluster()
+            return
+        Supervisor(write=lambda text: self.stdout.write(text)).run()

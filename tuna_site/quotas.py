@@ -1,0 +1,112 @@
+"""Fair sharing: how much one user may have queued, and how much one training job may ask for.
+
+The limits are settings (README "Limits"); the services call these checks, so pages, API and admin obey
+them alike. Storage per user is checked where uploads are stored (datasets_app.services).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+
+from tuna_llm.autoconfig import DataFacts, choose_settings
+from tuna_llm.training import total_steps
+from tuna_llm.training_config import TrainingConfig
+from tuna_site.jobs import job_kinds
+
+
+class LimitExceeded(Exception):
+    """A request over one of the limits; the message names the limit, its setting and the current count."""
+
+    status_code = 409
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def active_jobs(owner) -> int:
+    """The user's training jobs and evaluations that are queued or running."""
+    return sum(model.objects.filter(owner=owner, status__in=[model.QUEUED, model.RUNNING]).count() for model in job_kinds())
+
+
+def check_active_jobs(owner) -> None:
+    """Call inside the transaction that queues the job: the user's row lock makes two requests count in turn."""
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+    count, limit = active_jobs(owner), settings.TUNA_MAX_ACTIVE_JOBS_PER_USER
+    if count >= limit:
+        raise LimitExceeded(
+            f"You have {count} training job{'s' if count != 1 else ''} and evaluations queued or running; the limit is {limit} "
+            "per user (TUNA_MAX_ACTIVE_JOBS_PER_USER). Wait for one to finish or cancel one, then try again."
+        )
+
+
+def _caps(context: int | None) -> dict[str, tuple[int, str]]:
+    """The most each bounded setting may be, and why."""
+    seq, seq_why = settings.TUNA_MAX_SEQ_LENGTH, "TUNA_MAX_SEQ_LENGTH"
+    if context and context < seq:
+        seq, seq_why = context, "the base model's context"
+    return {
+        "num_epochs": (settings.TUNA_MAX_EPOCHS, "TUNA_MAX_EPOCHS"),
+        "batch_size": (settings.TUNA_MAX_BATCH_SIZE, "TUNA_MAX_BATCH_SIZE"),
+        "max_seq_length": (seq, seq_why),
+    }
+
+
+def limited_settings(
+    explicit: dict[str, Any], facts: DataFacts, *, base_model: str
+) -> tuple[TrainingConfig | None, dict[str, str], dict[str, str]]:
+    """choose_settings within the server's limits: (config, reasons, errors).
+
+    A value the user set over a limit is an error naming the limit; a chosen one is lowered to it, and its
+    reason says so. A run longer than TUNA_MAX_STEPS_PER_JOB updates is refused when the user set its length
+    (epochs or max_steps), and otherwise ends at the limit (max_steps).
+    """
+    caps = _caps(facts.context)
+    errors = {
+        name: f"At most {cap} on this server ({why}); got {explicit[name]}."
+        for name, (cap, why) in caps.items()
+        if name in explicit and explicit[name] > cap
+    }
+    if errors:
+        return None, {}, errors
+    config, reasons = choose_settings(explicit, facts, base_model=base_model)
+    capped = {name: cap for name, (cap, _) in caps.items() if getattr(config, name) > cap}
+    if capped:
+        config, reasons = _rechoose(explicit, capped, facts, base_model, caps)
+    updates = total_steps(config, max(1, facts.train_pool - config.eval_examples))
+    step_limit = settings.TUNA_MAX_STEPS_PER_JOB
+    if updates > step_limit:
+        if "max_steps" in explicit or "num_epochs" in explicit:
+            name = "max_steps" if "max_steps" in explicit else "num_epochs"
+            message = (
+                f"This run would take {updates} updates; the limit is {step_limit} per job (TUNA_MAX_STEPS_PER_JOB). "
+                "Lower num_epochs, raise batch_size, or set max_steps."
+            )
+            return None, {}, {name: message}
+        config, reasons = _rechoose(explicit, {**capped, "max_steps": step_limit}, facts, base_model, caps)
+    return config, reasons, {}
+
+
+def _rechoose(explicit, capped: dict[str, int], facts: DataFacts, base_model: str, caps) -> tuple[TrainingConfig, dict[str, str]]:
+    config, reasons = choose_settings({**explicit, **capped}, facts, base_model=base_model)
+    for name, cap in capped.items():
+        why = caps[name][1] if name in caps else "TUNA_MAX_STEPS_PER_JOB"
+        reasons[name] = f"{cap}: the most this server allows ({why})"
+    return config, reasons
+
+
+def check_epochs(epochs: int, config: TrainingConfig, train_rows: int) -> dict[str, str]:
+    """Errors for a continued run of `epochs` more epochs with `config`'s batch settings."""
+    if epochs > settings.TUNA_MAX_EPOCHS:
+        return {"epochs": f"At most {settings.TUNA_MAX_EPOCHS} on this server (TUNA_MAX_EPOCHS); got {epochs}."}
+    updates = total_steps(replace(config, num_epochs=epochs, max_steps=0), train_rows)
+    if updates > settings.TUNA_MAX_STEPS_PER_JOB:
+        return {
+            "epochs": f"{epochs} more epochs would take {updates} updates; the limit is {settings.TUNA_MAX_STEPS_PER_JOB} "
+            "per job (TUNA_MAX_STEPS_PER_JOB)."
+        }
+    return {}
