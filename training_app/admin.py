@@ -2,8 +2,8 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.utils.html import format_html
 
-from training_app import services
-from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from training_app import exports, services
+from training_app.models import Export, LossPoint, ThroughputMeasurement, TrainingJob
 from tuna_site.quotas import LimitExceeded
 
 
@@ -24,7 +24,7 @@ class TrainingJobAdmin(admin.ModelAdmin):
     readonly_fields = ["traceback_display", "created_at", "started_at", "completed_at", "heartbeat_at"]
     exclude = ["error_traceback"]
     inlines = [LossPointInline]
-    actions = ["cancel_jobs", "resume_jobs"]
+    actions = ["cancel_jobs", "resume_jobs", "export_jobs"]
 
     @admin.display(description="Progress")
     def progress(self, obj: TrainingJob) -> str:
@@ -37,6 +37,18 @@ class TrainingJobAdmin(admin.ModelAdmin):
     @admin.action(description="Cancel selected jobs")
     def cancel_jobs(self, request, queryset):
         self._apply(request, queryset, services.training_job_cancel, "cancelled")
+
+    @admin.action(description="Export selected jobs (merged weights, GGUF, Ollama) and check parity")
+    def export_jobs(self, request, queryset):
+        done = 0
+        for job in queryset:
+            try:
+                exports.export_start(owner=job.owner, job=job)
+                done += 1
+            except (exports.ExportRefused, LimitExceeded) as exc:
+                self.message_user(request, f"Job #{job.pk}: {exc}", messages.ERROR)
+        if done:
+            self.message_user(request, f"{done} export{'s' if done != 1 else ''} queued.", messages.SUCCESS)
 
     @admin.action(description="Resume selected jobs from their last checkpoint")
     def resume_jobs(self, request, queryset):
@@ -88,3 +100,21 @@ class TrainingJobAdmin(admin.ModelAdmin):
 class ThroughputMeasurementAdmin(admin.ModelAdmin):
     list_display = ["base_model", "device", "tokens_per_second", "source", "measured_at"]
     list_filter = ["base_model", "device"]
+
+
+@admin.register(Export)
+class ExportAdmin(admin.ModelAdmin):
+    list_display = ["id", "training_job", "owner", "status", "stage", "parity_passed", "llama_cpp_version", "created_at"]
+    list_filter = ["status", "created_at"]
+    search_fields = ["id", "training_job__id", "owner__username", "error_message"]
+    list_select_related = ["owner", "training_job"]
+    readonly_fields = ["traceback_display", "files", "parity", "created_at", "started_at", "completed_at", "heartbeat_at"]
+    exclude = ["error_traceback"]
+
+    @admin.display(boolean=True, description="Parity passed")
+    def parity_passed(self, obj: Export) -> bool:
+        return obj.parity_passed
+
+    @admin.display(description="Traceback")
+    def traceback_display(self, obj: Export) -> str:
+        return format_html("<pre style='max-height:30em;overflow:auto'>{}</pre>", obj.error_traceback or "-")

@@ -137,3 +137,59 @@ class ThroughputMeasurement(models.Model):
 
     def __str__(self) -> str:
         return f"{self.base_model} on {self.device}: {self.tokens_per_second:.0f} tokens/s ({self.source})"
+
+
+class Export(WorkerJob):
+    """A completed fine-tune exported for other runtimes (merged weights, GGUF, Ollama), then checked:
+    the held-out prompts through the exported GGUF in llama.cpp against the PyTorch answers."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+
+    class Format(models.TextChoices):
+        MERGED_SAFETENSORS = "merged_safetensors", "Merged weights (safetensors, for transformers and vLLM)"
+        GGUF_F16 = "gguf_f16", "GGUF f16: the base model and the adapter as a LoRA GGUF (llama.cpp, Ollama)"
+        GGUF_Q8_0 = "gguf_q8_0", "GGUF q8_0: the base model, and the fine-tune merged into one file"
+
+    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.RUNNING, Status.FAILED
+    WORK_FUNCTION = "training_app.exports.export_work"
+    WORK = "The export"
+    WORKER_STOPPED = "The worker stopped while this export was running. Start the export again."
+    # The share of held-out prompts whose f16 GGUF answer must equal the PyTorch answer for the export to
+    # pass its parity check (and be served by llama.cpp when TUNA_SERVING_ENGINE=auto).
+    PARITY_PASS = 0.95
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="exports")
+    training_job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="exports")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    formats = models.JSONField(default=list)
+    stage = models.CharField(max_length=200, blank=True, help_text="What the export is doing now.")
+    progress = models.FloatField(default=0, help_text="0 to 1.")
+    # [{"name": "adapter-f16.gguf", "kind": "gguf_lora", "size_bytes": 123, "path": "<relative to TUNA_DATA_DIR>"}]
+    files = models.JSONField(default=list, blank=True)
+    # {"f16": {"identical", "total", "exact_match_pytorch", "exact_match_gguf", "tokens_per_second_pytorch",
+    #          "tokens_per_second_gguf", "mismatches": [...]}, "q8_0": {...}}
+    parity = models.JSONField(default=dict, blank=True)
+    llama_cpp_version = models.CharField(max_length=32, blank=True)
+    run_seconds = models.FloatField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Export #{self.pk} of job #{self.training_job_id} ({self.get_status_display()})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
+
+    @property
+    def parity_passed(self) -> bool:
+        f16 = self.parity.get("f16") or {}
+        return self.status == self.Status.COMPLETED and bool(f16.get("total")) and f16["identical"] / f16["total"] >= self.PARITY_PASS
+
+    def file(self, kind: str) -> dict | None:
+        return next((f for f in self.files if f["kind"] == kind), None)

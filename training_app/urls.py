@@ -1,6 +1,6 @@
 from django.urls import path
 
-from training_app import api, views
+from training_app import api, export_api, views
 
 urlpatterns = [
     path("training", views.training_list, name="training-list"),
@@ -12,6 +12,8 @@ urlpatterns = [
     path("training/<int:pk>/delete", views.training_delete, name="training-delete"),
     path("training/estimate/<int:dataset_pk>", views.training_estimate_fragment, name="training-estimate"),
     path("training/<int:pk>/adapter.zip", views.training_adapter, name="training-adapter"),
+    path("training/<int:pk>/export", views.training_export, name="training-export"),
+    path("training/<int:pk>/export/status", views.training_export_fragment, name="training-export-status"),
     path("api/training", api.TrainingJobListApi.as_view(), name="api-training-list"),
     path("api/training/start", api.TrainingJobStartApi.as_view(), name="api-training-start"),
     path("api/training/<int:pk>", api.TrainingJobDetailApi.as_view(), name="api-training-detail"),
@@ -19,4 +21,7 @@ urlpatterns = [
     path("api/training/<int:pk>/resume", api.TrainingJobResumeApi.as_view(), name="api-training-resume"),
     path("api/training/<int:pk>/continue", api.TrainingJobContinueApi.as_view(), name="api-training-continue"),
     path("api/training/<int:pk>/adapter", api.TrainingJobAdapterApi.as_view(), name="api-training-adapter"),
+    path("api/training/<int:pk>/export", export_api.TrainingJobExportApi.as_view(), name="api-training-export"),
+    path("api/training/<int:pk>/export/bundle.tar", export_api.TrainingJobExportBundleApi.as_view(), name="api-training-export-bundle"),
+    path("api/training/<int:pk>/export/files/<path:name>", export_api.TrainingJobExportFileApi.as_view(), name="api-training-export-file"),
 ]

@@ -9,9 +9,12 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from datasets_app.examples import validation_lines
 from datasets_app.selectors import get_dataset_for_user
-from training_app import services
+from training_app import exports, services
 from training_app.estimates import training_estimate
+from training_app.export_api import export_files
+from training_app.models import Export
 from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
+from tuna_llm import gguf_export
 from tuna_llm.catalog import get_catalog
 from tuna_llm.training_config import RANGES
 from tuna_site.jobs import queue_position
@@ -116,6 +119,7 @@ def training_page(request: HttpRequest, job, *, status: int = 200, errors: dict 
         rows=settings_rows(config, job.config_reasons),
         validation_lines=validation_lines(job.dataset, validation=config.get("eval_examples", 0)) if job.config_reasons else None,
         form_errors=errors or {},
+        **_export_context(job),
     )
     return render(request, "training_app/training_detail.html", context, status=status)
 
@@ -195,3 +199,37 @@ def training_delete(request: HttpRequest, pk: int) -> HttpResponse:
         "error": error,
     }
     return render(request, "training_app/training_delete.html", context, status=409 if error else 200)
+
+
+def _export_context(job) -> dict:
+    export = exports.latest_export(job)
+    return {
+        "job": job,
+        "export": export,
+        "export_files": export_files(export) if export else [],
+        "export_formats": Export.Format.choices,
+        "export_unavailable": gguf_export.export_unavailable(),
+        "export_position": queue_position(export) if export and export.status == Export.Status.QUEUED else None,
+    }
+
+
+@login_required
+@require_POST
+def training_export(request: HttpRequest, pk: int) -> HttpResponse:
+    job = get_job_for_user(request.user, pk)
+    formats = request.POST.getlist("formats") or None
+    try:
+        export = exports.export_start(owner=request.user, job=job, formats=formats)
+    except exports.ExportRefused as exc:
+        messages.error(request, str(exc))
+    except LimitExceeded as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Export #{export.pk} of job #{job.pk} is queued: the files and the parity check appear below.")
+    return redirect(f"{job.get_absolute_url()}#export")
+
+
+@login_required
+def training_export_fragment(request: HttpRequest, pk: int) -> HttpResponse:
+    """The export section, polled by htmx while an export runs."""
+    return render(request, "training_app/_export.html", _export_context(get_job_for_user(request.user, pk)))

@@ -44,6 +44,15 @@ TUNA_ADAPTER_CACHE_SIZE = int(env_float("TUNA_ADAPTER_CACHE_SIZE", 8, minimum=1)
 # Inference calls one web process lets wait for (or be in) generation; beyond it a call gets 503 with
 # Retry-After at once. Below the server's threads (32), so pages stay served while the model is busy.
 TUNA_MAX_INFERENCE_QUEUE = int(env_float("TUNA_MAX_INFERENCE_QUEUE", 16, minimum=1))
+# Held-out prompts an export's parity check runs through PyTorch and through each exported GGUF.
+TUNA_PARITY_EXAMPLES = int(env_float("TUNA_PARITY_EXAMPLES", 32, minimum=1))
+# Base models converted to GGUF, once per base, shared by every export of that base.
+TUNA_GGUF_DIR = Path(env_str("TUNA_GGUF_DIR", str(TUNA_DATA_DIR / "gguf"))).resolve()
+# Which runtime answers inference calls: "auto" (llama.cpp for a model whose GGUF export passed its parity
+# check, transformers otherwise), "transformers" or "llamacpp" (a model without a GGUF export gets 409).
+TUNA_SERVING_ENGINE = env_str("TUNA_SERVING_ENGINE", "auto").strip().lower()
+if TUNA_SERVING_ENGINE not in ("auto", "transformers", "llamacpp"):
+    raise ImproperlyConfigured(f"TUNA_SERVING_ENGINE must be auto, transformers or llamacpp, got {TUNA_SERVING_ENGINE!r}")
 TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
 
 # Fair sharing (README "Limits"): what one user may hold or ask for, so no one blocks the others.

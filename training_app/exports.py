@@ -1,0 +1,345 @@
+"""Exports of completed fine-tunes: start (page, API, admin), the worker's work, the files and the bundle.
+
+Layout under TUNA_DATA_DIR:
+    gguf/<base model>/base-f16.gguf, base-q8_0.gguf      converted once per base, shared by every export
+                                                          (TUNA_GGUF_DIR, by default <TUNA_DATA_DIR>/gguf)
+    jobs/<id>/export/merged/                              merged weights (safetensors + tokenizer)
+    jobs/<id>/export/adapter-f16.gguf, merged-q8_0.gguf, Modelfile, Modelfile.merged, README.md
+The bundle (README, Modelfiles and the GGUF files) is a tar streamed from those files, never built.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from datasets_app.examples import held_out_examples
+from training_app.models import Export, TrainingJob
+from tuna_llm import gguf_export, ollama
+from tuna_llm.catalog import get_base_model_spec
+from tuna_llm.evaluation import decoding_budget
+from tuna_llm.loading import pick_device
+from tuna_llm.parity import gguf_answers, parity_report, pytorch_answers
+from tuna_llm.registry import registry
+from tuna_site.jobs import job_enqueue, job_write
+from tuna_site.quotas import check_active_jobs
+
+logger = logging.getLogger("tuna.export")
+
+ALL_FORMATS = [choice.value for choice in Export.Format]
+BUNDLE_NAME = "bundle.tar"
+
+
+class ExportRefused(Exception):
+    """An export that cannot start (the job is not completed, a format is unknown, llama.cpp is missing)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def export_dir(job: TrainingJob) -> Path:
+    return Path(settings.TUNA_DATA_DIR) / "jobs" / str(job.pk) / "export"
+
+
+def base_gguf_dir(base_model: str) -> Path:
+    return Path(settings.TUNA_GGUF_DIR) / base_model
+
+
+def _relative(path: Path) -> str:
+    """Stored paths: relative to the data directory when inside it (moves with it), else absolute."""
+    return str(path.relative_to(settings.TUNA_DATA_DIR)) if path.is_relative_to(settings.TUNA_DATA_DIR) else str(path)
+
+
+# -- starting -----------------------------------------------------------------------------------
+def export_start(*, owner, job: TrainingJob, formats: list[str] | None = None) -> Export:
+    """Queue an export of a completed job (an export already queued or running is returned as it is)."""
+    formats = list(dict.fromkeys(formats or ALL_FORMATS))
+    unknown = [f for f in formats if f not in ALL_FORMATS]
+    if unknown:
+        raise ExportRefused(f"Unknown export format {unknown[0]!r}; choose from {', '.join(ALL_FORMATS)}.", status=400)
+    missing = gguf_export.export_unavailable()
+    if missing and any(f.startswith("gguf") for f in formats):
+        raise ExportRefused(missing, status=503)
+    with transaction.atomic():
+        job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+        if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
+            raise ExportRefused(f"Only a completed fine-tune can be exported; job #{job.pk} is {job.get_status_display().lower()}.")
+        running = job.exports.filter(status__in=[Export.Status.QUEUED, Export.Status.RUNNING]).first()
+        if running is not None:
+            return running
+        check_active_jobs(owner)
+        export = Export.objects.create(owner=owner, training_job=job, formats=formats)
+        job_enqueue(export)
+    logger.info("Export %s of job %s queued by %s (%s)", export.pk, job.pk, owner, ", ".join(formats))
+    return export
+
+
+def latest_export(job: TrainingJob) -> Export | None:
+    return job.exports.order_by("-created_at", "-id").first()
+
+
+def serving_export(job: TrainingJob) -> Export | None:
+    """The newest completed export with the f16 GGUF files (what llama.cpp serving uses)."""
+    for export in job.exports.filter(status=Export.Status.COMPLETED).order_by("-created_at", "-id"):
+        if export.file("gguf_base_f16") and export.file("gguf_lora"):
+            return export
+    return None
+
+
+# -- the worker's work ----------------------------------------------------------------------------
+class _Stages:
+    """Progress for the page: a stage name and a share of the whole, written while this process holds the row."""
+
+    def __init__(self, export: Export, names: list[str]) -> None:
+        self.export, self.names, self.done = export, names, 0
+
+    def start(self, name: str) -> None:
+        job_write(Export, self.export.pk, stage=name, progress=self.done / len(self.names))
+        self.done += 1
+
+    def within(self, name: str, fraction: float) -> None:
+        job_write(Export, self.export.pk, stage=name, progress=(self.done - 1 + fraction) / len(self.names))
+
+
+def export_work(export: Export) -> None:
+    started = time.monotonic()
+    job = export.training_job
+    out = export_dir(job)
+    out.mkdir(parents=True, exist_ok=True)
+    gguf_export.remove_partials(out)
+    try:
+        files, parity = _export(export, job, out)
+    except Exception:
+        gguf_export.remove_partials(out)
+        job_write(Export, export.pk, run_seconds=time.monotonic() - started)
+        raise
+    job_write(
+        Export,
+        export.pk,
+        status=Export.Status.COMPLETED,
+        stage="Done",
+        progress=1.0,
+        files=files,
+        parity=parity,
+        llama_cpp_version=gguf_export.llama_cpp_version() or "",
+        completed_at=timezone.now(),
+        run_seconds=time.monotonic() - started,
+    )
+    logger.info("Export %s of job %s completed in %.0f s", export.pk, job.pk, time.monotonic() - started)
+
+
+def _export(export: Export, job: TrainingJob, out: Path) -> tuple[list[dict], dict]:
+    spec = get_base_model_spec(job.base_model)
+    plan = pick_device()
+    formats = export.formats
+    merged_gguf = Export.Format.GGUF_Q8_0 in formats
+    f16 = Export.Format.GGUF_F16 in formats
+    ggufs = f16 or merged_gguf
+    examples = held_out_examples(job.dataset)[: settings.TUNA_PARITY_EXAMPLES]
+    stages = [
+        *(["Merging the adapter into the base weights"] if Export.Format.MERGED_SAFETENSORS in formats or merged_gguf else []),
+        *(["Converting the base model to GGUF (f16)", "Converting the adapter to a LoRA GGUF"] if f16 else []),
+        *(["Converting the base model to GGUF (q8_0)", "Converting the merged model to GGUF (q8_0)"] if merged_gguf else []),
+        *(["Writing the Modelfiles and the README"] if ggufs else []),
+        *(["Parity: PyTorch answers", "Parity: llama.cpp answers"] if ggufs and examples else []),
+    ]
+    progress = _Stages(export, stages)
+    files: list[dict] = []
+
+    def add(path: Path, kind: str) -> None:
+        name = str(path.relative_to(out)) if path.is_relative_to(out) else path.name  # "merged/config.json", "base-f16.gguf"
+        files.append({"name": name, "kind": kind, "size_bytes": path.stat().st_size, "path": _relative(path)})
+
+    merged = out / "merged"
+    if Export.Format.MERGED_SAFETENSORS in formats or merged_gguf:
+        progress.start("Merging the adapter into the base weights")
+        gguf_export.merge_adapter(spec, plan, Path(job.adapter_dir), merged, hf_token=settings.HF_TOKEN)
+        if Export.Format.MERGED_SAFETENSORS in formats:
+            for path in sorted(p for p in merged.iterdir() if p.is_file()):
+                add(path, "merged_safetensors")
+    base_dir = base_gguf_dir(spec.name)
+    names: dict[str, str] = {}
+    if f16:
+        progress.start("Converting the base model to GGUF (f16)")
+        base_f16 = _base_gguf(spec, base_dir, "f16")
+        progress.start("Converting the adapter to a LoRA GGUF")
+        lora = gguf_export.convert_lora(Path(job.adapter_dir), Path(spec.load_path), out / "adapter-f16.gguf")
+        add(base_f16, "gguf_base_f16")
+        add(lora, "gguf_lora")
+        names.update(base="base-f16.gguf", lora="adapter-f16.gguf")
+    if merged_gguf:
+        progress.start("Converting the base model to GGUF (q8_0)")
+        add(_base_gguf(spec, base_dir, "q8_0"), "gguf_base_q8_0")
+        progress.start("Converting the merged model to GGUF (q8_0)")
+        add(gguf_export.convert_model(merged, out / "merged-q8_0.gguf", "q8_0"), "gguf_merged_q8_0")
+        names.update(merged="merged-q8_0.gguf")
+    if Export.Format.MERGED_SAFETENSORS not in formats:
+        shutil.rmtree(merged, ignore_errors=True)  # only needed for the merged GGUF
+
+    parity: dict[str, Any] = {}
+    if ggufs:
+        progress.start("Writing the Modelfiles and the README")
+        loaded = registry.get(spec.name)
+        keeps_merged = Export.Format.MERGED_SAFETENSORS in formats
+        for path in _write_ollama_files(loaded.tokenizer, out, names, job, keeps_merged):
+            add(path, "modelfile" if path.name.startswith("Modelfile") else "readme")
+        if examples:
+            parity = _parity(export, job, loaded, examples, progress, out, base_dir, f16, merged_gguf)
+            (out / "README.md").write_text(_readme(names, job, parity, keeps_merged), encoding="utf-8")
+            for entry in files:
+                if entry["name"] == "README.md":
+                    entry["size_bytes"] = (out / "README.md").stat().st_size
+    return files, parity
+
+
+def _base_gguf(spec, base_dir: Path, outtype: str) -> Path:
+    """The base model's GGUF, converted once per base (a finished file is never rewritten)."""
+    path = base_dir / f"base-{outtype}.gguf"
+    if not path.is_file():
+        gguf_export.convert_model(Path(spec.load_path), path, outtype)
+    return path
+
+
+def _write_ollama_files(tokenizer, out: Path, names: dict[str, str], job: TrainingJob, merged: bool) -> list[Path]:
+    """Modelfiles whose TEMPLATE, SYSTEM and stop PARAMETERs are derived from the model's own chat template,
+    each checked by the Modelfile parser before it is written, and the bundle's README."""
+    chat = ollama.ollama_chat(tokenizer)
+    written = []
+    variants = [
+        ("Modelfile", {"model_file": names.get("base"), "adapter_file": names.get("lora")}),
+        ("Modelfile.merged", {"model_file": names.get("merged")}),
+    ]
+    for filename, files in variants:
+        if files["model_file"]:
+            text = ollama.modelfile(chat, **files)
+            ollama.parse_modelfile(text)  # never ship a Modelfile Ollama's format refuses
+            (out / filename).write_text(text, encoding="utf-8")
+            written.append(out / filename)
+    (out / "README.md").write_text(_readme(names, job, {}, merged), encoding="utf-8")
+    written.append(out / "README.md")
+    return written
+
+
+def _readme(names: dict[str, str], job: TrainingJob, parity: dict, merged: bool) -> str:
+    return ollama.bundle_readme(
+        name=f"tuna-job-{job.pk}",
+        base_gguf=names.get("base"),
+        lora_gguf=names.get("lora"),
+        merged_gguf=names.get("merged"),
+        merged_dir="merged" if merged else None,
+        modelfile_name="Modelfile" if names.get("base") else "Modelfile.merged",
+        parity={name: {k: v for k, v in figures.items() if k != "mismatches"} for name, figures in parity.items()},
+    )
+
+
+def _parity(export, job, loaded, examples, progress, out, base_dir, f16, merged_gguf) -> dict[str, Any]:
+    from tuna_llm.llamacpp import LlamaCppModel
+
+    adapter = f"job-{job.pk}"
+    loaded.attach_adapter(adapter, job.adapter_dir)
+    budget = decoding_budget(loaded, [messages[-1]["content"] for messages in examples])
+    total = len(examples)
+    stage = "Parity: PyTorch answers"
+    progress.start(stage)
+    torch_answers = pytorch_answers(
+        loaded, examples, adapter, budget, progress=lambda done: progress.within(f"{stage} ({done}/{total})", done / total)
+    )
+    stage = "Parity: llama.cpp answers"
+    progress.start(stage)
+    report = {}
+    variants = []
+    if f16:
+        variants.append(("f16", base_dir / "base-f16.gguf", out / "adapter-f16.gguf", "base-f16.gguf + adapter-f16.gguf"))
+    if merged_gguf:
+        variants.append(("q8_0", out / "merged-q8_0.gguf", None, "merged-q8_0.gguf"))
+    for number, (name, model_path, lora, label) in enumerate(variants):
+        model = LlamaCppModel(model_path)
+
+        def step(done: int, number=number, name=name) -> None:
+            progress.within(f"{stage}: {name} ({done}/{total})", (number + done / total) / len(variants))
+
+        answers = gguf_answers(model, examples, budget, lora=lora, progress=step)
+        report[name] = parity_report(examples, torch_answers, answers, label=label)
+        del model
+    return report
+
+
+# -- files and the bundle -----------------------------------------------------------------------
+def export_file(export: Export, name: str) -> Path | None:
+    """The path of one listed file of a completed export (None for anything not listed)."""
+    entry = next((f for f in export.files if f["name"] == name), None)
+    if export.status != Export.Status.COMPLETED or entry is None:
+        return None
+    path = Path(settings.TUNA_DATA_DIR) / entry["path"]
+    return path if path.is_file() else None
+
+
+BUNDLE_KINDS = ("readme", "modelfile", "gguf_base_f16", "gguf_lora", "gguf_merged_q8_0")
+
+
+def bundle_members(export: Export) -> list[tuple[str, Path]]:
+    members = []
+    for entry in export.files:
+        if entry["kind"] in BUNDLE_KINDS:
+            path = Path(settings.TUNA_DATA_DIR) / entry["path"]
+            members.append((f"tuna-job-{export.training_job_id}/{path.name}", path))
+    return members
+
+
+def bundle_size(export: Export) -> int:
+    """The tar's exact size: 512-byte headers, files padded to 512, two end blocks, padded to a 10 KiB record."""
+    size = sum(512 + -(-path.stat().st_size // 512) * 512 for _, path in bundle_members(export)) + 1024
+    return -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def stream_bundle(export: Export, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The bundle as a tar, produced while it is sent: a writer thread fills a small queue."""
+    members = bundle_members(export)
+    pieces: queue.Queue = queue.Queue(maxsize=8)
+    stop = threading.Event()
+
+    class Sink:
+        def write(self, data: bytes) -> int:
+            if stop.is_set():
+                raise BrokenPipeError("the client went away")
+            pieces.put(bytes(data))
+            return len(data)
+
+    def write() -> None:
+        try:
+            with tarfile.open(fileobj=Sink(), mode="w|", format=tarfile.USTAR_FORMAT, bufsize=chunk) as archive:
+                for name, path in members:
+                    info = archive.gettarinfo(str(path), arcname=name)
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    with path.open("rb") as handle:
+                        archive.addfile(info, handle)
+        except BrokenPipeError:
+            pass
+        finally:
+            pieces.put(None)
+
+    thread = threading.Thread(target=write, name=f"bundle-{export.pk}", daemon=True)
+    thread.start()
+    try:
+        while (piece := pieces.get()) is not None:
+            yield piece
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a writer waiting on a full queue
+            try:
+                pieces.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)

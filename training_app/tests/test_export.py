@@ -1,0 +1,120 @@
+"""Exports on the real embedded model and the real pinned llama.cpp (converter and runtime)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from training_app import exports
+from training_app.models import Export
+from tuna_llm.engine import generate_chat
+from tuna_llm.registry import registry
+from tuna_site.jobs import job_run
+from tuna_site.testing import job_row
+
+pytestmark = [pytest.mark.django_db, pytest.mark.model]
+
+
+def run_export(export: Export) -> Export:
+    job_run(Export, export.pk, exports.export_work)
+    export.refresh_from_db()
+    return export
+
+
+def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, alice_api, alice_client, finetuned_job):
+    response = alice_api.post(f"/api/training/{finetuned_job.pk}/export", {}, format="json")
+    assert response.status_code == 202 and response.json()["status"] == "queued"
+    export = run_export(Export.objects.get(pk=response.json()["id"]))
+    assert export.status == "completed", export.error_message
+    kinds = {f["kind"] for f in export.files}
+    assert kinds == {"merged_safetensors", "gguf_base_f16", "gguf_base_q8_0", "gguf_lora", "gguf_merged_q8_0", "modelfile", "readme"}
+
+    body = alice_api.get(f"/api/training/{finetuned_job.pk}/export").json()
+    f16, q8 = body["parity"]["f16"], body["parity"]["q8_0"]
+    assert f16["total"] == q8["total"] > 0
+    assert f16["identical"] / f16["total"] >= 0.95 and body["parity_passed"]  # f16 + LoRA in llama.cpp = PyTorch
+    assert f16["tokens_per_second_gguf"] > 0 and f16["tokens_per_second_pytorch"] > 0
+    assert 0 <= q8["identical"] <= q8["total"]  # q8_0's figure is shown, whatever it is
+    assert len(f16["mismatches"]) == f16["total"] - f16["identical"]
+
+    # Every listed file downloads, streamed, with the token; the bundle is a tar of the right length.
+    files = {f["kind"]: f for f in body["files"]}
+    lora = alice_api.get(files["gguf_lora"]["url"])
+    assert lora.status_code == 200 and b"".join(lora.streaming_content)[:4] == b"GGUF"
+    bundle = alice_api.get(files["bundle"]["url"])
+    data = b"".join(bundle.streaming_content)
+    assert len(data) == int(bundle["Content-Length"]) == files["bundle"]["size_bytes"]
+    names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
+    prefix = f"tuna-job-{finetuned_job.pk}/"
+    assert {n.removeprefix(prefix) for n in names} == {
+        "README.md",
+        "Modelfile",
+        "Modelfile.merged",
+        "base-f16.gguf",
+        "adapter-f16.gguf",
+        "merged-q8_0.gguf",
+    }
+    readme = tarfile.open(fileobj=io.BytesIO(data)).extractfile(prefix + "README.md").read().decode()
+    assert "ollama create" in readme and "llama" in readme
+
+    # The merged weights load in plain transformers (no peft) and answer as base + adapter does.
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = exports.export_dir(finetuned_job) / "merged"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    loaded = registry.get()
+    loaded.attach_adapter("parity-check", finetuned_job.adapter_dir)
+    prompt = [{"role": "user", "content": "Extract the order as JSON: two red caps, size M, express."}]
+    expected = generate_chat(loaded, prompt, adapter="parity-check", max_new_tokens=24).text
+    text = loaded.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = merged.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+    assert loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == expected
+
+    page = alice_client.get(f"/training/{finetuned_job.pk}")
+    assert page.status_code == 200 and b'id="parity"' in page.content and b"bundle.tar" in page.content
+
+
+def test_it_refuses_to_export_a_job_that_is_not_completed(alice, alice_api, valid_dataset):
+    job = job_row(alice, valid_dataset, status="training")
+    response = alice_api.post(f"/api/training/{job.pk}/export", {}, format="json")
+    assert response.status_code == 409 and "Only a completed fine-tune can be exported" in response.json()["detail"]
+    assert not Export.objects.exists()
+    unknown = alice_api.post(f"/api/training/{job.pk}/export", {"formats": ["onnx"]}, format="json")
+    assert unknown.status_code == 400 and "formats" in unknown.json()["errors"]
+    missing = alice_api.get(f"/api/training/{job.pk}/export")
+    assert missing.status_code == 404 and "has not been exported yet" in missing.json()["detail"]
+
+
+def test_it_keeps_another_users_exports_out_of_reach(bob_api, finetuned_job):
+    assert bob_api.post(f"/api/training/{finetuned_job.pk}/export", {}, format="json").status_code == 404
+    assert bob_api.get(f"/api/training/{finetuned_job.pk}/export").status_code == 404
+    assert bob_api.get(f"/api/training/{finetuned_job.pk}/export/files/Modelfile").status_code == 404
+    assert not Export.objects.exists()
+
+
+def test_it_fails_a_broken_conversion_with_the_converters_message_and_can_retry(alice, finetuned_job, tmp_path):
+    broken = tmp_path / "adapter"
+    shutil.copytree(finetuned_job.adapter_dir, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    good = finetuned_job.adapter_dir
+    type(finetuned_job).objects.filter(pk=finetuned_job.pk).update(adapter_dir=str(broken))
+    finetuned_job.refresh_from_db()
+
+    failed = run_export(exports.export_start(owner=alice, job=finetuned_job, formats=["gguf_f16"]))
+    assert failed.status == "failed"
+    assert "convert_lora_to_gguf.py failed" in failed.error_message
+    out = exports.export_dir(finetuned_job)
+    assert not list(out.rglob("*.partial")) and not (out / "adapter-f16.gguf").exists()
+    assert failed.files == [] and exports.export_file(failed, "adapter-f16.gguf") is None
+
+    type(finetuned_job).objects.filter(pk=finetuned_job.pk).update(adapter_dir=good)
+    finetuned_job.refresh_from_db()
+    retried = run_export(exports.export_start(owner=alice, job=finetuned_job, formats=["gguf_f16"]))
+    assert retried.status == "completed", retried.error_message
+    assert {f["kind"] for f in retried.files} == {"gguf_base_f16", "gguf_lora", "modelfile", "readme"}
+    assert Path(exports.export_file(retried, "adapter-f16.gguf")).read_bytes()[:4] == b"GGUF"

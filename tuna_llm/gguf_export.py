@@ -1,0 +1,117 @@
+"""Exports of a fine-tune: merged weights, and GGUF files made by the pinned llama.cpp's own converter.
+
+The converter scripts come from the same source distribution as the llama-cpp-python runtime
+(tools/install_llama_cpp.py copies them to <prefix>/share/llama.cpp-converter-<version>), so a GGUF is
+always written by the converter of the llama.cpp that runs it. Conversions run offline
+(HF_HUB_OFFLINE=1): everything they read is on disk. Every file is written under a ".partial" name and
+renamed once whole, so a failed or killed conversion never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tuna_llm.catalog import BaseModelSpec
+from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
+
+CONVERTER_DIR_ENV = "TUNA_LLAMA_CPP_CONVERTER_DIR"
+PARTIAL = ".partial"
+
+
+class ConversionFailed(RuntimeError):
+    """The converter refused or crashed; the message ends with what it printed last."""
+
+
+def llama_cpp_version() -> str | None:
+    try:
+        return metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def converter_dir() -> Path:
+    """Where the pinned release's converter scripts are (TUNA_LLAMA_CPP_CONVERTER_DIR overrides)."""
+    override = os.environ.get(CONVERTER_DIR_ENV)
+    if override:
+        return Path(override)
+    return Path(sys.prefix) / "share" / f"llama.cpp-converter-{llama_cpp_version()}"
+
+
+def export_unavailable() -> str | None:
+    """Why exports cannot run here (None when they can)."""
+    if llama_cpp_version() is None:
+        return "llama.cpp is not installed: run `make install` (or python tools/install_llama_cpp.py)."
+    if not (converter_dir() / "convert_hf_to_gguf.py").is_file():
+        return f"The llama.cpp converter is missing from {converter_dir()}: run python tools/install_llama_cpp.py."
+    return None
+
+
+def _partial(path: Path) -> Path:
+    """Where `path` is written before it is whole (per process: two workers may convert one base at once)."""
+    return path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}")
+
+
+def _convert(script: str, args: list[str], out: Path) -> Path:
+    missing = export_unavailable()
+    if missing:
+        raise ConversionFailed(missing)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial(out)
+    partial.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # the converter's own gguf-py, not ours
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    command = [sys.executable, str(converter_dir() / script), *args, "--outfile", str(partial)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        said = [line for line in (result.stderr or result.stdout).strip().splitlines() if line.strip()]
+        raise ConversionFailed(f"{script} failed (exit {result.returncode}): {' | '.join(said[-3:])[:600] or 'no output'}")
+    os.replace(partial, out)
+    return out
+
+
+def convert_model(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """A Hugging Face model folder (safetensors, config, tokenizer, chat template) as one GGUF file."""
+    return _convert("convert_hf_to_gguf.py", [str(model_dir), "--outtype", outtype], out)
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """A PEFT LoRA adapter as a LoRA GGUF, applied at run time on the base GGUF."""
+    return _convert("convert_lora_to_gguf.py", ["--base", str(base_dir), "--outtype", outtype, str(adapter_dir)], out)
+
+
+def merge_adapter(spec: BaseModelSpec, plan: DevicePlan, adapter_dir: Path, out_dir: Path, hf_token: str | None = None) -> Path:
+    """Base + LoRA merged into plain weights (safetensors) with the tokenizer and its chat template:
+    loadable by transformers and vLLM without peft."""
+    from peft import PeftModel
+
+    tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    partial = _partial(out_dir)
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(str(partial), safe_serialization=True)
+    tokenizer.save_pretrained(str(partial))
+    _keep_generation_config(merged, partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    return out_dir
+
+
+def _keep_generation_config(model: Any, folder: Path) -> None:
+    if getattr(model, "generation_config", None) is not None and not (folder / "generation_config.json").exists():
+        model.generation_config.save_pretrained(str(folder))
+
+
+def remove_partials(folder: Path) -> None:
+    """Remove what a killed export left half-written (files and folders named *.partial)."""
+    for leftover in folder.rglob(f"*{PARTIAL}"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)

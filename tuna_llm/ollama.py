@@ -1,0 +1,474 @@
+"""The Ollama side of an export: a Modelfile whose TEMPLATE, SYSTEM and stop tokens come from the model's own chat
+template, a parser of Ollama's Modelfile format to check what is written, and the bundle's README.
+
+The TEMPLATE is not written per model. The tokenizer's Jinja chat template is rendered with marker contents, and
+the text around each marker gives each role's prefix and suffix, the generation prompt and any default system
+prompt. The result is then checked: re-assembled from those parts, several conversations must come out exactly
+as the tokenizer renders them, or the derivation is refused. Ollama's format is documented at
+https://github.com/ollama/ollama/blob/main/docs/modelfile.mdx and docs/template.md; its parser is
+parser/parser.go.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message", "requires")
+# The documented PARAMETER names (docs/modelfile.mdx) and the other options Ollama's API accepts (api/types.go),
+# with the type of value each takes.
+PARAMETERS = {
+    "num_ctx": int,
+    "repeat_last_n": int,
+    "repeat_penalty": float,
+    "temperature": float,
+    "seed": int,
+    "stop": str,
+    "num_predict": int,
+    "draft_num_predict": int,
+    "top_k": int,
+    "top_p": float,
+    "min_p": float,
+    # accepted by the API as well, though not in the table
+    "num_keep": int,
+    "typical_p": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "num_batch": int,
+    "num_gpu": int,
+    "main_gpu": int,
+    "num_thread": int,
+    "use_mmap": bool,
+}
+MESSAGE_ROLES = ROLES
+
+# Marker contents: text a template has no reason to rewrite; the invisible separators keep "user-1" from matching
+# inside another marker or the template's own text.
+_MARK = "\u2063tuna-{}-{}\u2063"
+
+
+@dataclass(frozen=True)
+class ChatTemplateParts:
+    """A chat template in prefix/suffix shape: ``start``, then per message ``prefix + content + suffix`` of its role,
+    then ``generation_prompt``. ``default_system`` is the system message the template inserts when the
+    conversation does not open with one."""
+
+    start: str
+    prefixes: Mapping[str, str]
+    suffixes: Mapping[str, str]
+    generation_prompt: str
+    default_system: str | None
+
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        # The default system message goes in under Ollama's rule (server/routes.go): when the first message of
+        # the request is not a system message. The check in derive_chat_template compares this with the tokenizer.
+        if self.default_system and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.default_system}, *messages]
+        body = "".join(self.prefixes[m["role"]] + m["content"] + self.suffixes[m["role"]] for m in messages)
+        return self.start + body + (self.generation_prompt if add_generation_prompt else "")
+
+
+@dataclass(frozen=True)
+class OllamaChat:
+    """What a Modelfile needs from the chat template: TEMPLATE, SYSTEM (None when the template has no default
+    system prompt) and the stop tokens."""
+
+    template: str
+    system: str | None
+    stops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelfileCommand:
+    name: str  # the instruction, lower case: "from", "parameter", "template", ...
+    args: str  # the value, unquoted
+    line: int
+    key: str | None = None  # the parameter's name, or the message's role
+
+
+@dataclass(frozen=True)
+class Modelfile:
+    commands: tuple[ModelfileCommand, ...]
+
+    def values(self, name: str) -> list[str]:
+        return [c.args for c in self.commands if c.name == name]
+
+    def value(self, name: str) -> str | None:
+        """The last value of an instruction given once (Ollama keeps the last TEMPLATE, SYSTEM, ...)."""
+        found = self.values(name)
+        return found[-1] if found else None
+
+    @property
+    def parameters(self) -> dict[str, list[str]]:
+        params: dict[str, list[str]] = {}
+        for command in self.commands:
+            if command.name == "parameter":
+                params.setdefault(command.key, []).append(command.args)
+        return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chat template, taken apart
+
+
+def derive_chat_template(tokenizer: Any) -> ChatTemplateParts:
+    """Take a Hugging Face tokenizer's chat template apart into prefixes and suffixes per role.
+
+    Raises ValueError, naming the part it could not find, for a template that is not in that shape (one that
+    folds the system prompt into the first user turn, repeats or rewrites contents, ...)."""
+    s, u1, a1, u2 = _MARK.format("system", 1), _MARK.format("user", 1), _MARK.format("assistant", 1), _MARK.format("user", 2)
+    conversation = [_msg("system", s), _msg("user", u1), _msg("assistant", a1), _msg("user", u2)]
+
+    text = _apply(tokenizer, conversation, add_generation_prompt=False)
+    head, (system_to_user, user_to_assistant, assistant_to_user), user_suffix = _split(text, [s, u1, a1, u2])
+    assistant_suffix = _split(_apply(tokenizer, conversation[:3], add_generation_prompt=False), [s, u1, a1])[2]
+
+    # Between two contents is the first one's suffix and then the second one's prefix; a suffix is what follows
+    # the last message of a conversation.
+    assistant_prefix = _after(user_to_assistant, user_suffix, "the assistant prefix (the user suffix is not followed by it)")
+    user_prefix = _after(assistant_to_user, assistant_suffix, "the user prefix (the assistant suffix is not followed by it)")
+    system_suffix = _before(system_to_user, user_prefix, "the system suffix (the user prefix does not follow it)")
+    generation_prompt = _after(
+        _apply(tokenizer, conversation, add_generation_prompt=True), text, "the generation prompt (it is not appended at the end)"
+    )
+
+    # Without a system message the opening is either the start text and the user prefix, or a default system
+    # message in full and then the user prefix.
+    opening = _split(_apply(tokenizer, [_msg("user", u1)], add_generation_prompt=False), [u1])[0]
+    start = opening[: len(opening) - len(user_prefix)]
+    if opening.endswith(user_prefix) and head.startswith(start):
+        default_system, system_prefix = None, head[len(start) :]
+    elif opening.startswith(head) and opening.endswith(system_suffix + user_prefix):
+        # The template always opens with a system message, so the start text cannot be told apart from the
+        # system prefix; it is kept in the prefix, which is exact for every conversation that starts at its head.
+        start, system_prefix = "", head
+        default_system = opening[len(head) : len(opening) - len(system_suffix + user_prefix)]
+    else:
+        raise ValueError(
+            f"Could not derive the opening of the chat template: without a system message it opens with {opening!r}, "
+            f"which is neither the system opening {head!r} nor a default system message."
+        )
+
+    parts = ChatTemplateParts(
+        start=start,
+        prefixes={"system": system_prefix, "user": user_prefix, "assistant": assistant_prefix},
+        suffixes={"system": system_suffix, "user": user_suffix, "assistant": assistant_suffix},
+        generation_prompt=generation_prompt,
+        default_system=default_system,
+    )
+    _check_parts(tokenizer, parts)
+    return parts
+
+
+def stop_tokens(tokenizer: Any, parts: ChatTemplateParts) -> tuple[str, ...]:
+    """The special tokens that end an assistant message in the template, then the tokenizer's eos token."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    specials |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values() if getattr(t, "special", False)}
+    specials.discard("")
+    found, suffix, i = [], parts.suffixes["assistant"], 0
+    while i < len(suffix):
+        token = max((t for t in specials if suffix.startswith(t, i)), key=len, default=None)
+        if token:
+            found.append(token)
+        i += len(token) if token else 1
+    eos = getattr(tokenizer, "eos_token", None)
+    return tuple(dict.fromkeys([*found, *([eos] if eos else [])]))
+
+
+def ollama_template(parts: ChatTemplateParts) -> str:
+    """The Go template for Ollama: one branch per role inside ``range .Messages``, then the generation prompt."""
+    branches = "".join(
+        f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
+        f"{_go_literal(parts.prefixes[role])}{{{{ .Content }}}}{_go_literal(parts.suffixes[role])}"
+        for i, role in enumerate(ROLES)
+    )
+    return f"{_go_literal(parts.start)}{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(parts.generation_prompt)}"
+
+
+def ollama_chat(tokenizer: Any) -> OllamaChat:
+    """TEMPLATE, SYSTEM and stop tokens for a Modelfile, from the tokenizer's chat template."""
+    parts = derive_chat_template(tokenizer)
+    bos = getattr(tokenizer, "bos_token", None)
+    if getattr(tokenizer, "add_bos_token", False) and bos and parts.start.startswith(bos):
+        # The GGUF converted from this tokenizer says to add BOS, so the runtime adds it; the template must not.
+        parts = replace(parts, start=parts.start[len(bos) :])
+    return OllamaChat(template=ollama_template(parts), system=parts.default_system, stops=stop_tokens(tokenizer, parts))
+
+
+def _msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def _apply(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+    roles = ", ".join(m["role"] for m in messages)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja2's TemplateError, or a template's own raise_exception
+        raise ValueError(f"The chat template could not render a conversation of {roles}: {exc}") from exc
+    if not isinstance(text, str):
+        raise ValueError(f"The chat template rendered {type(text).__name__}, not text, for {roles}.")
+    return text
+
+
+def _split(text: str, contents: list[str]) -> tuple[str, list[str], str]:
+    """The text before the first content, between each two, and after the last."""
+    pieces, rest = [], text
+    for content in contents:
+        if rest.count(content) != 1:
+            role = content.split("-")[1]
+            raise ValueError(
+                f"Could not find the {role} message's content exactly once in the rendered chat template: "
+                "the template repeats, drops or rewrites message contents."
+            )
+        before, rest = rest.split(content)
+        pieces.append(before)
+    return pieces[0], pieces[1:], rest
+
+
+def _after(text: str, head: str, what: str) -> str:
+    if not text.startswith(head):
+        raise ValueError(f"Could not derive {what}: {text!r} does not start with {head!r}.")
+    return text[len(head) :]
+
+
+def _before(text: str, tail: str, what: str) -> str:
+    if not text.endswith(tail):
+        raise ValueError(f"Could not derive {what}: {text!r} does not end with {tail!r}.")
+    return text[: len(text) - len(tail)]
+
+
+_CHECKS = (
+    [_msg("user", "What is 2+2?")],
+    [_msg("system", "Answer in French."), _msg("user", "Hi there")],
+    [_msg("user", "Hi"), _msg("assistant", "Hello! How can I help?"), _msg("user", "Name a colour.")],
+    [_msg("system", "Be brief."), _msg("user", "One"), _msg("assistant", "Two"), _msg("user", "Three")],
+)
+
+
+def _check_parts(tokenizer: Any, parts: ChatTemplateParts) -> None:
+    for messages in _CHECKS:
+        for add_generation_prompt in (True, False):
+            expected = _apply(tokenizer, list(messages), add_generation_prompt=add_generation_prompt)
+            derived = parts.render(list(messages), add_generation_prompt=add_generation_prompt)
+            if derived != expected:
+                roles = ", ".join(m["role"] for m in messages)
+                raise ValueError(
+                    f"The chat template is not in per-message prefix/suffix form: for a conversation of {roles} it "
+                    f"renders {expected!r}, but its derived parts give {derived!r}."
+                )
+
+
+def _go_literal(text: str) -> str:
+    # Go templates have no escape for "{{" in literal text; such a template would need an action per brace.
+    if "{{" in text:
+        raise ValueError(f"The chat template text {text!r} contains '{{{{', which a Go template cannot hold literally.")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Modelfile
+
+
+def modelfile(
+    chat: OllamaChat,
+    *,
+    model_file: str,
+    adapter_file: str | None = None,
+    greedy: bool = True,
+    num_ctx: int | None = None,
+) -> str:
+    """The Modelfile text: FROM the base GGUF and ADAPTER the LoRA GGUF (or FROM a merged GGUF alone), the chat
+    template, its default system prompt and stop tokens. Paths are relative to the Modelfile's folder."""
+    lines = [
+        "# Made by LLM Tuna from the model's own chat template.",
+        f"FROM {_path(model_file)}",
+    ]
+    if adapter_file:
+        lines.append(f"ADAPTER {_path(adapter_file)}")
+    lines.append(f"TEMPLATE {_quote(chat.template, triple=True)}")
+    if chat.system:
+        lines.append(f"SYSTEM {_quote(chat.system, triple=True)}")
+    lines += [f"PARAMETER stop {_quote(stop)}" for stop in chat.stops]
+    if greedy:
+        # Greedy decoding, as the platform evaluates; older Ollama releases default to a 1.1 repeat penalty,
+        # which would change greedy answers.
+        lines += ["PARAMETER temperature 0", "PARAMETER repeat_penalty 1"]
+    if num_ctx:
+        lines.append(f"PARAMETER num_ctx {int(num_ctx)}")
+    return "\n".join(lines) + "\n"
+
+
+def _path(path: str) -> str:
+    if "\n" in path or path != path.strip() or path.startswith('"'):
+        raise ValueError(f"A Modelfile cannot name the file {path!r}.")
+    # "./" makes a file of the bundle unmistakable: a bare name that is not found is taken as a model's name.
+    if path.startswith(("/", "./", "../", "~")):
+        return path
+    return f"./{path}"
+
+
+def _quote(value: str, *, triple: bool = False) -> str:
+    # Ollama's parser has no escapes: a value ends at the first line end after which its quotes are closed.
+    if '"""' in value:
+        raise ValueError(f'A Modelfile value cannot contain """: {value!r}.')
+    if triple or "\n" in value or '"' in value:
+        return f'"""{value}"""'
+    return f'"{value}"'
+
+
+def parse_modelfile(text: str) -> Modelfile:
+    """Parse a Modelfile as Ollama does (parser/parser.go), stricter where Ollama would fail later: unknown
+    PARAMETER names and values of the wrong type are refused here. Raises ValueError with the line number."""
+    lines = text.splitlines()
+    commands: list[ModelfileCommand] = []
+    i = 0
+    while i < len(lines):
+        number, line = i + 1, lines[i].lstrip()
+        i += 1
+        if not line.strip() or line.startswith("#"):
+            continue
+        word, rest = re.match(r"(\S+)(.*)$", line).groups()
+        name = word.lower()
+        if name not in INSTRUCTIONS:
+            expected = ", ".join(n.upper() for n in INSTRUCTIONS)
+            raise ValueError(f"Modelfile line {number}: unknown instruction {word!r}; expected one of {expected}.")
+        if rest and not rest[0].isspace():
+            raise ValueError(f"Modelfile line {number}: {word.upper()} must be followed by a space.")
+        key = None
+        if name in ("parameter", "message"):
+            key, rest = re.match(r"\s*(\S*)(.*)$", rest).groups()
+            if name == "parameter" and key not in PARAMETERS:
+                raise ValueError(f"Modelfile line {number}: unknown PARAMETER {key!r}; Ollama knows {', '.join(PARAMETERS)}.")
+            if name == "message" and key not in MESSAGE_ROLES:
+                raise ValueError(f"Modelfile line {number}: MESSAGE role must be one of {', '.join(MESSAGE_ROLES)}, not {key!r}.")
+        # A value ends at the first line end after which its quotes are closed; what it holds is kept as written.
+        buffer = rest
+        while (value := _unquote(buffer.strip())) is None:
+            if i >= len(lines):
+                kind = "triple-quoted" if buffer.strip().startswith('"""') else "quoted"
+                raise ValueError(f"Modelfile line {number}: unterminated {kind} value for {word.upper()}.")
+            buffer += "\n" + lines[i]
+            i += 1
+        if not value.strip() and name in ("from", "adapter", "parameter", "requires"):
+            raise ValueError(f"Modelfile line {number}: {word.upper()} needs a value.")
+        if name == "parameter":
+            _check_parameter(key, value, number)
+        commands.append(ModelfileCommand(name=name, args=value, line=number, key=key))
+    if not any(c.name == "from" for c in commands):
+        raise ValueError("Modelfile has no FROM line: it needs FROM <model, GGUF file or folder>.")
+    return Modelfile(commands=tuple(commands))
+
+
+def _unquote(value: str) -> str | None:
+    """The value inside its quotes, or None while a quote is open (as Ollama's unquote)."""
+    if value.startswith('"""'):
+        return value[3:-3] if len(value) >= 6 and value.endswith('"""') else None
+    if value.startswith('"'):
+        return value[1:-1] if len(value) >= 2 and value.endswith('"') else None
+    return value
+
+
+def _check_parameter(key: str, value: str, number: int) -> None:
+    kind = PARAMETERS[key]
+    try:
+        if kind is int:
+            int(value)
+        elif kind is float:
+            float(value)
+        elif kind is bool and value.lower() not in ("true", "false"):
+            raise ValueError(value)
+    except ValueError:
+        raise ValueError(f"Modelfile line {number}: PARAMETER {key} takes {kind.__name__}, not {value!r}.") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bundle's README
+
+
+def bundle_readme(
+    *,
+    name: str,
+    base_gguf: str | None = None,
+    lora_gguf: str | None = None,
+    merged_gguf: str | None = None,
+    merged_dir: str | None = None,
+    modelfile_name: str | None = "Modelfile",
+    parity: Mapping[str, Mapping[str, Any] | str] | None = None,
+) -> str:
+    """A short README of how to run the bundle's files; each section appears only when its files are there."""
+    out = [f"# {name}", "", "A LoRA fine-tune exported by LLM Tuna. Pick one way to run it:", ""]
+    if parity:
+        out += ["## Parity with PyTorch", "", "The held-out prompts, answered greedily by the export and by PyTorch:", ""]
+        out += [f"- {fmt}: {_parity_line(figures)}" for fmt, figures in parity.items()]
+        out.append("")
+    if base_gguf or merged_gguf:
+        out += ["## llama.cpp", "", "```sh"]
+        if base_gguf and lora_gguf:
+            out += [
+                "# the base model with the fine-tune applied",
+                f"llama-cli -m {base_gguf} --lora {lora_gguf} --temp 0",
+                f"llama-server -m {base_gguf} --lora {lora_gguf} --jinja --port 8080   # OpenAI API on http://localhost:8080/v1",
+            ]
+        if merged_gguf:
+            out += [
+                "# or the merged model alone",
+                f"llama-cli -m {merged_gguf} --temp 0",
+                f"llama-server -m {merged_gguf} --jinja --port 8080",
+            ]
+        out += ["```", ""]
+    if modelfile_name:
+        out += ["## Ollama", "", "```sh", f"ollama create {_slug(name)} -f {modelfile_name}", f"ollama run {_slug(name)}", "```", ""]
+        out.append(f"The {modelfile_name} carries the model's chat template, system prompt and stop tokens.")
+        if base_gguf and lora_gguf and merged_gguf:
+            out.append(f"To use the merged GGUF instead, replace its FROM and ADAPTER lines with `FROM ./{merged_gguf}`.")
+        out.append("")
+    if merged_dir:
+        out += [
+            "## transformers and vLLM",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{merged_dir}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{merged_dir}")',
+            'messages = [{"role": "user", "content": "Hello"}]',
+            'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=128, do_sample=False)[0]))",
+            "```",
+            "",
+            "```sh",
+            f"vllm serve ./{merged_dir}",
+            "```",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def _parity_line(figures: Mapping[str, Any] | str) -> str:
+    if isinstance(figures, str):
+        return figures
+    known = {"identical", "total", "exact_match_pytorch", "exact_match_gguf", "tokens_per_second_pytorch", "tokens_per_second_gguf"}
+    said = []
+    if "identical" in figures and "total" in figures:
+        said.append(f"{figures['identical']}/{figures['total']} answers identical")
+    if "exact_match_gguf" in figures or "exact_match_pytorch" in figures:
+        said.append(f"exact match {figures.get('exact_match_gguf', '?')} (GGUF) vs {figures.get('exact_match_pytorch', '?')} (PyTorch)")
+    if "tokens_per_second_gguf" in figures or "tokens_per_second_pytorch" in figures:
+        said.append(
+            f"{_number(figures.get('tokens_per_second_gguf'))} tokens/s (GGUF) vs "
+            f"{_number(figures.get('tokens_per_second_pytorch'))} (PyTorch)"
+        )
+    said += [f"{k} {v}" for k, v in figures.items() if k not in known]
+    return "; ".join(said)
+
+
+def _number(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value if value is not None else "?")
+
+
+def _slug(name: str) -> str:
+    # Ollama model names: lower-case letters, digits, "-", "_" and ".".
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"

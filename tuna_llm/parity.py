@@ -1,0 +1,82 @@
+"""Parity of an export: the same held-out prompts, greedy, through PyTorch (transformers + peft, what the
+platform trained and evaluated) and through the exported GGUF in llama.cpp (with the GGUF's own chat
+template). Identical answers are counted, never assumed; every mismatch is kept, side by side. Django-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tuna_llm import metrics
+from tuna_llm.engine import Generation, generate_chat
+from tuna_llm.llamacpp import LlamaCall, LlamaCppModel
+from tuna_llm.prompting import Message
+from tuna_llm.registry import LoadedBaseModel
+
+MISMATCHES_KEPT = 20
+
+
+def pytorch_answers(
+    loaded: LoadedBaseModel,
+    examples: Sequence[list[Message]],
+    adapter: str,
+    budget: int,
+    progress: Callable[[int], None] = lambda done: None,
+) -> list[Generation]:
+    answers = []
+    for index, messages in enumerate(examples):
+        answers.append(generate_chat(loaded, messages[:-1], adapter=adapter, max_new_tokens=budget))
+        progress(index + 1)
+    return answers
+
+
+def gguf_answers(
+    model: LlamaCppModel,
+    examples: Sequence[list[Message]],
+    budget: int,
+    lora: Path | None = None,
+    progress: Callable[[int], None] = lambda done: None,
+) -> list[Generation]:
+    answers = []
+    for index, messages in enumerate(examples):
+        answers.append(model.chat(LlamaCall(messages=messages[:-1], max_tokens=budget, lora=lora)))
+        progress(index + 1)
+    return answers
+
+
+def _tokens_per_second(answers: Sequence[Generation]) -> float | None:
+    seconds = sum(a.compute_ms for a in answers) / 1000
+    return round(sum(a.completion_tokens for a in answers) / seconds, 1) if seconds > 0 else None
+
+
+def parity_report(
+    examples: Sequence[list[Message]], pytorch: Sequence[Generation], gguf: Sequence[Generation], *, label: str
+) -> dict[str, Any]:
+    """Counts and speeds for one GGUF variant, with the differing answers side by side."""
+    identical, mismatches = 0, []
+    for index, (messages, torch_answer, gguf_answer) in enumerate(zip(examples, pytorch, gguf, strict=True)):
+        if metrics.normalise(torch_answer.text) == metrics.normalise(gguf_answer.text):
+            identical += 1
+        elif len(mismatches) < MISMATCHES_KEPT:
+            mismatches.append(
+                {
+                    "index": index,
+                    "prompt": messages[-2]["content"] if len(messages) > 1 else "",
+                    "reference": messages[-1]["content"],
+                    "pytorch": torch_answer.text,
+                    "gguf": gguf_answer.text,
+                }
+            )
+    references = [messages[-1]["content"] for messages in examples]
+    return {
+        "gguf": label,
+        "identical": identical,
+        "total": len(examples),
+        "exact_match_pytorch": sum(metrics.exact_match(a.text, r) for a, r in zip(pytorch, references, strict=True)),
+        "exact_match_gguf": sum(metrics.exact_match(a.text, r) for a, r in zip(gguf, references, strict=True)),
+        "tokens_per_second_pytorch": _tokens_per_second(pytorch),
+        "tokens_per_second_gguf": _tokens_per_second(gguf),
+        "mismatches": mismatches,
+    }
