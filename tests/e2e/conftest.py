@@ -53,6 +53,8 @@ def live_site(tmp_path_factory):
         "PYTHONUNBUFFERED": "1",
         # Enough for the sample's JSON answers; keeps fuzzed generation calls short on a CPU.
         "TUNA_MAX_TOKENS_LIMIT": "48",
+        # An export's parity check on 4 held-out prompts keeps the browser test short.
+        "TUNA_PARITY_EXAMPLES": "4",
     }
     port = _free_port()
     site = LiveSite(url=f"http://127.0.0.1:{port}", env=env, tokens={})

@@ -217,3 +217,33 @@ def test_it_offers_to_continue_a_run_that_stopped_while_improving(browser, live_
     # One history: the first run's updates, then the continued run's 5 (one epoch of 20 examples), numbered on.
     assert len(steps) > 5 and steps == list(range(1, len(steps) + 1)), steps
     shots(page, "13-continued")
+
+
+def test_it_exports_a_trained_job_and_shows_the_parity_check(browser, live_site, shots, tmp_path):
+    page = browser.new_page()
+    login(page, live_site, "alice")
+    page.goto(f"{live_site.url}/datasets")
+    page.click("text=Try the sample dataset")
+    page.click("a.btn-primary:has-text('Train')")
+    page.click("summary:has-text('Advanced')")
+    page.fill("input[name=max_steps]", "6")
+    page.fill("input[name=max_seq_length]", "160")
+    page.click("text=Start training")
+    expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
+    page.reload()
+    page.click("#export button:has-text('Export')")
+    expect(page.locator("#export")).to_contain_text(re.compile("Queued|Running"))
+    shots(page, "14-export-running")
+    expect(page.locator("#parity")).to_be_visible(timeout=TIMEOUT)
+    f16 = page.locator("#parity tr[data-variant=f16] td").first.inner_text()
+    identical, total = (int(n) for n in re.findall(r"\d+", f16))
+    assert total == 4 and identical >= 4 * 0.95  # the live site checks 4 held-out prompts (TUNA_PARITY_EXAMPLES)
+    expect(page.locator("#parity tr[data-variant=q8_0]")).to_be_visible()
+    expect(page.locator("#export-files tr[data-kind=bundle]")).to_be_visible()
+    shots(page, "15-export-done")
+    with page.expect_download() as download:
+        page.click("#export-files tr[data-kind=modelfile] a >> nth=0")
+    modelfile = tmp_path / "Modelfile"
+    download.value.save_as(modelfile)
+    text = modelfile.read_text()
+    assert "FROM ./base-f16.gguf" in text and "ADAPTER ./adapter-f16.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
