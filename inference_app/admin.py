@@ -10,6 +10,7 @@ class UsageLogAdmin(admin.ModelAdmin):
         "user",
         "model_id",
         "endpoint",
+        "engine",
         "status",
         "finish_reason",
         "prompt_tokens",
@@ -19,7 +20,7 @@ class UsageLogAdmin(admin.ModelAdmin):
         "compute_ms",
         "cost_usd",
     ]
-    list_filter = ["status", "finish_reason", "endpoint", "model_id", "created_at"]
+    list_filter = ["status", "engine", "finish_reason", "endpoint", "model_id", "created_at"]
     search_fields = ["user__username", "model_id", "error"]
     list_select_related = ["user"]
     date_hierarchy = "created_at"

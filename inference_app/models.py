@@ -12,6 +12,8 @@ class UsageLog(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage_logs")
     model_id = models.CharField(max_length=200)
     endpoint = models.CharField(max_length=64)
+    # Which runtime answered: "transformers" or "llama.cpp" (blank for a call refused before it was routed).
+    engine = models.CharField(max_length=16, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField(default=0)  # from its batch's start to its own end

@@ -27,7 +27,7 @@ def usage_summary(user) -> dict:
         queue_ms=Avg("queue_ms", filter=ok),
     )
     by_model = list(
-        logs.values("model_id")
+        logs.values("model_id", "engine")  # a model served by both engines shows both, side by side
         .annotate(
             calls=Count("id"),
             tokens=Sum("completion_tokens"),
@@ -37,7 +37,7 @@ def usage_summary(user) -> dict:
             latency_ms=Avg("latency_ms", filter=ok),
             queue_ms=Avg("queue_ms", filter=ok),
         )
-        .order_by("-calls")
+        .order_by("-calls", "model_id", "engine")
     )
     since = timezone.now().date() - timedelta(days=DAYS - 1)
     daily = (

@@ -1,4 +1,8 @@
-"""Inference: resolve a model id for a user, check the request, generate (batched), log the call."""
+"""Inference: resolve a model id for a user, choose its engine, check the request, generate, log the call.
+
+transformers calls are batched (tuna_llm.batching); llama.cpp calls run one at a time on their base GGUF's
+model (inference_app.engines). Both are checked, admitted, logged and billed the same way.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,14 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from inference_app import engines
+from inference_app.engines import LLAMACPP, TRANSFORMERS
 from inference_app.models import UsageLog
 from training_app.models import TrainingJob
 from tuna_llm.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
+from tuna_llm.engine import Generation
+from tuna_llm.llamacpp import LlamaCall
 from tuna_llm.loading import ModelUnavailable
 from tuna_llm.prompting import Message, prompt_messages, render_chat
 from tuna_llm.registry import registry
@@ -24,6 +32,7 @@ JOB_PREFIX = "tuna-job-"
 DEFAULT_MAX_TOKENS = 256
 MAX_JOB_ID_DIGITS = 18  # "tuna-job-<id>": ids beyond this cannot exist (64-bit keys)
 MIN_SAMPLING_TEMPERATURE = 1e-3
+SURROGATE = "The prompt contains a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text."
 
 
 class InferenceRefused(Exception):
@@ -112,12 +121,15 @@ def check_params(*, max_tokens, temperature=0.0, top_p=1.0, seed=None) -> None:
 
 @dataclass
 class Call:
-    """A checked request, ready to run: model, loaded weights and the batching request."""
+    """A checked request, ready to run on its engine; ``result`` is set once it ended (or was closed)."""
 
     user: object
     model: ResolvedModel
-    request: object  # batching.GenerationRequest
+    request: GenerationRequest | LlamaCall  # for transformers' batching engine, or for llama.cpp
     endpoint: str
+    engine: str = TRANSFORMERS
+    runner: engines.LlamaServer | None = None  # the llama.cpp model of the call's base GGUF
+    result: Generation | None = None
 
 
 def prepare_call(
@@ -133,7 +145,7 @@ def prepare_call(
     seed: int | None = None,
     stop: list[str] | tuple[str, ...] = (),
 ) -> Call:
-    """Render the prompt (chat template for messages, raw for text) and check it fits the context."""
+    """Choose the engine, render the prompt (chat template for messages, raw for text) and check it fits the context."""
 
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT)
@@ -142,6 +154,17 @@ def prepare_call(
         # Sampling this cold is greedy decoding; dividing the logits by it would overflow to inf/nan.
         temperature = 0.0
     try:
+        route = engines.route_for(base_model=model.base_model, job=model.job)
+    except engines.NotServable as exc:
+        raise ModelNotReady(str(exc)) from None
+    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": tuple(stop)}
+    if route.engine == LLAMACPP:
+        return _prepare_llama(user=user, model=model, endpoint=endpoint, route=route, messages=messages, text=text, sampling=sampling)
+    return _prepare_transformers(user=user, model=model, endpoint=endpoint, messages=messages, text=text, sampling=sampling)
+
+
+def _prepare_transformers(*, user, model: ResolvedModel, endpoint: str, messages, text, sampling: dict) -> Call:
+    try:
         loaded = registry.get(model.base_model)
     except ModelUnavailable as exc:
         raise ModelNotReady(str(exc)) from exc
@@ -149,18 +172,16 @@ def prepare_call(
     if not prompt or not prompt.strip():
         raise InferenceInvalid("The prompt is empty.", "prompt")
     if not _is_unicode(prompt):
-        raise InferenceInvalid("The prompt contains a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text.", "prompt")
+        raise InferenceInvalid(SURROGATE, "prompt")
     context = getattr(loaded.base_model.config, "max_position_embeddings", None)
     prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if context and prompt_tokens >= context:
         raise InferenceInvalid(f"The prompt is {prompt_tokens} tokens; this model's context holds {context}.", "prompt")
+    max_new_tokens = sampling.pop("max_tokens")
     request = GenerationRequest(
         text=prompt,
-        max_new_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=tuple(stop),
+        max_new_tokens=max_new_tokens,
+        **sampling,
         adapter=model.adapter_name,
         adapter_path=model.job.adapter_dir if model.job else None,
     )
@@ -169,6 +190,26 @@ def prepare_call(
     except RequestInvalid as exc:
         raise InferenceInvalid(str(exc)) from None
     return Call(user=user, model=model, request=request, endpoint=endpoint)
+
+
+def _prepare_llama(*, user, model: ResolvedModel, endpoint: str, route: engines.Route, messages, text, sampling: dict) -> Call:
+    """The checks of the transformers path, with the GGUF's own chat template, tokenizer and context."""
+    if messages is None and (not text or not text.strip()):
+        raise InferenceInvalid("The prompt is empty.", "prompt")
+    if not _is_unicode(text if messages is None else "".join(m["content"] for m in messages)):
+        raise InferenceInvalid(SURROGATE, "prompt")
+    try:
+        server = engines.llama_server(route.base_gguf)
+    except Exception as exc:  # llama-cpp-python missing, or a GGUF it cannot load
+        raise ModelNotReady(f"llama.cpp cannot serve {model.model_id}: {exc}") from exc
+    request = LlamaCall(messages=messages or [], text=text if messages is None else None, lora=route.lora_gguf, **sampling)
+    context = server.model.llm.n_ctx()
+    prompt_tokens = len(server.model.call_tokens(request))
+    if prompt_tokens >= context:
+        raise InferenceInvalid(f"The prompt is {prompt_tokens} tokens; this model's context holds {context}.", "prompt")
+    # The answer ends where the context does (finish_reason "length"): llama.cpp cannot decode past it.
+    request.max_tokens = min(request.max_tokens, context - prompt_tokens)
+    return Call(user=user, model=model, request=request, endpoint=endpoint, engine=LLAMACPP, runner=server)
 
 
 def checked_call(*, user, model_id: str | int, endpoint: str, **params) -> Call:
@@ -183,8 +224,9 @@ def checked_call(*, user, model_id: str | int, endpoint: str, **params) -> Call:
 class PlaygroundAnswer:
     label: str
     model_id: str
-    result: object  # batching.GenerationResult
+    result: Generation
     cost_usd: float
+    engine: str
 
 
 def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> list[PlaygroundAnswer]:
@@ -199,16 +241,18 @@ def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> 
     # Check every call before running any, so a prompt the model cannot take costs nothing.
     with _refusals_logged(user=user, model_id=model.model_id, endpoint="playground"):
         calls = [prepare_call(user=user, model=m, endpoint="playground", messages=messages, max_tokens=max_tokens) for _, m in models]
-    # Together, so base and fine-tune share one batch: neither waits for the other, each is billed its share.
+    # Together: on transformers base and fine-tune share one batch (neither waits for the other, each is
+    # billed its share); on llama.cpp they run one after the other, each billed its own decoding time.
     results = run_calls(calls)
     return [
-        PlaygroundAnswer(label, call.model.model_id, result, cost_for(result.compute_ms))
+        PlaygroundAnswer(label, call.model.model_id, result, cost_for(result.compute_ms), call.engine)
         for (label, _), call, result in zip(models, calls, results, strict=True)
     ]
 
 
-def _engine(call: Call):
-    return engine_for(registry.get(call.model.base_model))
+def _runner(call: Call):
+    """What runs the call: its base model's batching engine, or its base GGUF's llama.cpp model."""
+    return call.runner if call.engine == LLAMACPP else engine_for(registry.get(call.model.base_model))
 
 
 def run_call(call: Call):
@@ -248,22 +292,23 @@ admissions = _Admissions()
 
 def admit(call: Call) -> None:
     """Refuse a call now (InferenceBusy) if it could not be admitted; for streams, before their 200 goes out."""
-    with admissions.admitted(_engine(call), 1):
+    with admissions.admitted(_runner(call), 1):
         pass
 
 
-def run_calls(calls: list[Call]) -> list:
-    """Queue every call before waiting for any, so calls on one base model share a batch (and its time)."""
-    by_engine: dict = {}
+def run_calls(calls: list[Call]) -> list[Generation]:
+    """Queue every transformers call before waiting for any, so calls on one base model share a batch (and
+    its time); llama.cpp calls run one after another meanwhile."""
+    by_runner: dict = {}
     for call in calls:
         try:
-            engine = _engine(call)
+            runner = _runner(call)
         except Exception as exc:
             _log_error(call, exc)
             raise
-        by_engine.setdefault(engine, []).append(call.request)
-    with _refusals_logged_for(calls), admissions.admitted(next(iter(by_engine)), len(calls)):
-        return _run_admitted(calls, by_engine)
+        by_runner.setdefault(runner, []).append(call)
+    with _refusals_logged_for(calls), admissions.admitted(next(iter(by_runner)), len(calls)):
+        return _run_admitted(calls, by_runner)
 
 
 @contextmanager
@@ -276,37 +321,65 @@ def _refusals_logged_for(calls: list[Call]) -> Iterator[None]:
         raise
 
 
-def _run_admitted(calls: list[Call], by_engine: dict) -> list:
-    for engine, requests in by_engine.items():
-        engine.submit_all(requests)
+def _run_admitted(calls: list[Call], by_runner: dict) -> list[Generation]:
+    for runner, group in by_runner.items():
+        if group[0].engine == TRANSFORMERS:
+            runner.submit_all([call.request for call in group])
     failure = None
-    for call in calls:
-        call.request.done.wait()
-        if call.request.error is not None:
-            _log_error(call, call.request.error)
-            failure = failure or call.request.error
+    # llama.cpp calls first: they run in this thread while the transformers batch decodes in its own.
+    for call in sorted(calls, key=lambda c: c.engine != LLAMACPP):
+        try:
+            call.result = _result(call)
+        except Exception as exc:
+            _log_error(call, exc)
+            failure = failure or exc
         else:
-            _log(call, call.request.result)
+            _log(call, call.result)
     if failure is not None:
         raise failure
-    return [call.request.result for call in calls]
+    return [call.result for call in calls]
+
+
+def _result(call: Call) -> Generation:
+    if call.engine == LLAMACPP:
+        return call.runner.chat(call.request)
+    call.request.done.wait()
+    if call.request.error is not None:
+        raise call.request.error
+    return call.request.result
 
 
 def stream_call(call: Call) -> Iterator[str]:
     """Text pieces as they are generated; the usage is logged when the stream ends, or when it is closed
-    early (the client went away): its row is then stopped and logged with finish_reason "cancelled"."""
-    engine = _engine(call)
+    early (the client went away): its generation is then stopped and logged with finish_reason "cancelled"."""
+    runner = _runner(call)
     try:
-        with admissions.admitted(engine, 1):
-            yield from engine.stream(call.request)
+        with admissions.admitted(runner, 1):
+            yield from _pieces(call, runner)
     except GeneratorExit:
-        if call.request.result is not None:
-            _log(call, call.request.result)
+        if call.result is not None:
+            _log(call, call.result)
         raise
     except Exception as exc:
         _log_error(call, exc)
         raise
-    _log(call, call.request.result)
+    _log(call, call.result)
+
+
+def _pieces(call: Call, runner) -> Iterator[str]:
+    """The call's text pieces from its engine; ``call.result`` is set when they end or are closed."""
+    if call.engine == LLAMACPP:
+        stream = runner.stream(call.request)
+        try:
+            yield from stream
+        finally:
+            stream.close()  # closed early: decoding stops at the next token (finish_reason "cancelled")
+            call.result = stream.result
+        return
+    try:
+        yield from runner.stream(call.request)
+    finally:
+        call.result = call.request.result
 
 
 def log_refused(call: Call, exc: Exception) -> None:
@@ -316,7 +389,9 @@ def log_refused(call: Call, exc: Exception) -> None:
 
 def log_cancelled(call: Call) -> None:
     """A stream closed before its request was queued: nothing was generated, and the call is still logged."""
-    UsageLog.objects.create(user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, finish_reason="cancelled")
+    UsageLog.objects.create(
+        user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, engine=call.engine, finish_reason="cancelled"
+    )
 
 
 def _log(call: Call, result) -> None:
@@ -324,6 +399,7 @@ def _log(call: Call, result) -> None:
         user=call.user,
         model_id=call.model.model_id,
         endpoint=call.endpoint,
+        engine=call.engine,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         latency_ms=result.latency_ms,
@@ -336,7 +412,12 @@ def _log(call: Call, result) -> None:
 
 def _log_error(call: Call, exc: Exception) -> None:
     UsageLog.objects.create(
-        user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, status=UsageLog.Status.ERROR, error=_storable(str(exc))[:500]
+        user=call.user,
+        model_id=call.model.model_id,
+        endpoint=call.endpoint,
+        engine=call.engine,
+        status=UsageLog.Status.ERROR,
+        error=_storable(str(exc))[:500],
     )
 
 

@@ -42,9 +42,13 @@ class OpenAIView(APIView):
             429: "rate_limit_error",
             503: "overloaded_error",
         }.get(response.status_code, "api_error")
-        code = {401: "invalid_api_key", 404: "model_not_found", 409: "model_not_ready", 429: "rate_limit_exceeded", 503: "engine_overloaded"}.get(
-            response.status_code
-        )
+        code = {
+            401: "invalid_api_key",
+            404: "model_not_found",
+            409: "model_not_ready",
+            429: "rate_limit_exceeded",
+            503: "engine_overloaded",
+        }.get(response.status_code)
         param = None
         if isinstance(response.data, dict) and response.data.get("errors"):
             param = next(iter(response.data["errors"]))
@@ -109,6 +113,8 @@ class _GenerationApi(OpenAIView):
                 "model": call.model.model_id,
                 "choices": [self.choice(result)],
                 "usage": _usage(result),
+                "system_fingerprint": call.engine,
+                "engine": call.engine,
             }
         )
 
@@ -118,6 +124,8 @@ class _GenerationApi(OpenAIView):
             "object": f"{self.object_name}.chunk" if self.object_name == "chat.completion" else self.object_name,
             "created": created,
             "model": call.model.model_id,
+            "system_fingerprint": call.engine,
+            "engine": call.engine,
         }
         first = self.first_chunk()
         pieces = services.stream_call(call)
@@ -135,7 +143,7 @@ class _GenerationApi(OpenAIView):
             return
         finally:
             pieces.close()  # closed early, this stops its row and logs what it produced
-        result = call.request.result
+        result = call.result
         yield _sse({**base, "choices": [self.delta(None, result.finish_reason)]})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(result)})

@@ -34,5 +34,6 @@ class InferenceApi(APIView):
                 "cost_usd": services.cost_for(result.compute_ms),
                 "model_id": call.model.model_id,
                 "finish_reason": result.finish_reason,
+                "engine": call.engine,
             }
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from inference_app.engines import ENGINES
 from tuna_llm.batching import MAX_SEED, MIN_SEED
 
 SEED_RANGE = f"seed must be a whole number from {MIN_SEED} to {MAX_SEED} (a signed 64-bit integer)."
@@ -66,6 +67,7 @@ class InferenceResultSerializer(serializers.Serializer):
     cost_usd = serializers.FloatField(help_text="compute_ms at TUNA_GPU_HOURLY_USD; queue time is not billed.")
     model_id = serializers.CharField()
     finish_reason = serializers.CharField()
+    engine = serializers.ChoiceField(choices=ENGINES, help_text="The runtime that produced the answer (TUNA_SERVING_ENGINE).")
 
 
 # -- OpenAI-compatible /v1 --------------------------------------------------------------------
@@ -155,6 +157,8 @@ class ChatCompletionResultSerializer(serializers.Serializer):
     model = serializers.CharField()
     choices = ChatChoiceSerializer(many=True)
     usage = UsageSerializer()
+    system_fingerprint = serializers.CharField(help_text="The engine that produced the answer, as in engine.")
+    engine = serializers.ChoiceField(choices=ENGINES, help_text="The runtime that produced the answer (TUNA_SERVING_ENGINE).")
 
 
 class CompletionResultSerializer(ChatCompletionResultSerializer):
