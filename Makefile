@@ -43,7 +43,8 @@ run: migrate
 	$(PY) manage.py tuna_models --calibrate-if-missing
 	$(PY) manage.py tuna_bootstrap
 	@echo "LLM Tuna: http://127.0.0.1:$(PORT)  (Ctrl-C stops the web server and the worker)"
-	@trap 'kill 0' INT TERM EXIT; \
+	@# The trap resets itself first: one SIGTERM to the group, not a storm of them.
+	@trap 'trap - INT TERM EXIT; kill 0' INT TERM EXIT; \
 	  $(PY) manage.py tuna_worker & \
 	  $(VENV)/bin/gunicorn tuna_site.wsgi:application --bind 127.0.0.1:$(PORT) $(GUNICORN_ARGS) & \
 	  wait

@@ -41,7 +41,9 @@ RESTART_DELAYS = (1, 2, 5, 10, 30)
 class Supervisor:
     def __init__(self, write=print) -> None:
         self.write = write
-        self.stop_requested = threading.Event()
+        # Set by the signal handler: a plain attribute, since a handler that takes a lock (Event.set) can
+        # deadlock or recurse when signals arrive in a burst (`kill 0` from a shell trap sends several).
+        self.stop_requested = False
         self.cluster: subprocess.Popen | None = None
         self.restarts = 0
 
@@ -53,12 +55,14 @@ class Supervisor:
         self.write(f"Worker {worker_host()} (supervisor pid {os.getpid()}) starting; jobs run in a supervised cluster.")
         self._start_cluster()
         try:
-            while not self.stop_requested.wait(settings.TUNA_WATCHDOG_SECONDS):
+            while not self._sleep(settings.TUNA_WATCHDOG_SECONDS):
                 close_old_connections()
                 if self.cluster.poll() is not None:
                     self._restart_cluster()
                 self.watch()
         finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)  # more signals must not interrupt the clean-up
             self._stop_cluster()
             # Every process of the cluster is gone: whatever this machine was running stopped with it.
             self._report(jobs_reap(), "stopped with the worker")
@@ -66,7 +70,14 @@ class Supervisor:
         return 0
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop_requested.set()
+        self.stop_requested = True
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep in short steps; True as soon as a stop was asked for."""
+        deadline = time.monotonic() + seconds
+        while not self.stop_requested and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return self.stop_requested
 
     def _start_cluster(self) -> None:
         env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
@@ -81,7 +92,7 @@ class Supervisor:
         delay = RESTART_DELAYS[min(self.restarts, len(RESTART_DELAYS) - 1)]
         self.restarts += 1
         self.write(f"The job cluster exited (code {code}); starting it again in {delay} s.")
-        if not self.stop_requested.wait(delay):
+        if not self._sleep(delay):
             self._start_cluster()
 
     def _stop_cluster(self) -> None:

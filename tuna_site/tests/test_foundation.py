@@ -149,7 +149,7 @@ def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_data
     running = job_row(alice, valid_dataset, status="training", started_at=timezone.now())
     queued = job_row(alice, valid_dataset)
     evaluation = Evaluation.objects.create(owner=alice, training_job=running, status="running")
-    assert jobs_reap() == {"training jobs": 1, "evaluations": 1}
+    assert jobs_reap() == {"training jobs": 1, "evaluations": 1, "exports": 0}
     running.refresh_from_db()
     queued.refresh_from_db()
     evaluation.refresh_from_db()

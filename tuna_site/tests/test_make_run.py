@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,9 +81,16 @@ def test_it_serves_with_gunicorn_threads_and_leaves_no_process_after_ctrl_c(data
             statuses = list(pool.map(_get, [url] * 24))
         assert statuses == [200] * 24
 
+        stopped_at = time.monotonic()
         os.killpg(make.pid, signal.SIGINT)  # Ctrl-C in the terminal: the foreground group gets SIGINT
         make.wait(timeout=30)
-        wait_for(lambda: not any(process_exists(pid) for pid in everything), 15, "every process of make run to stop")
+        print({pid: _command(pid)[:60] for pid in everything if process_exists(pid)}, f"{time.monotonic() - stopped_at:.1f} s")
+        try:
+            wait_for(lambda: not any(process_exists(pid) for pid in everything), 20, "every process of make run to stop")
+        except AssertionError:
+            left = {pid: _command(pid) for pid in everything if process_exists(pid)}
+            raise AssertionError(f"still running {time.monotonic() - stopped_at:.0f} s after Ctrl-C: {left}") from None
+        print(f"everything stopped {time.monotonic() - stopped_at:.1f} s after Ctrl-C")
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
