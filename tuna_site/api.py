@@ -57,7 +57,10 @@ _ERROR_CODES = {
     "405": "Method not allowed.",
     "409": "The object is not in a state that allows this.",
     "413": "The upload is larger than TUNA_MAX_UPLOAD_MB.",
+    "429": "Too many calls (TUNA_API_RATE); Retry-After says when to try again.",
 }
+# Generation endpoints also answer 503 (with Retry-After) when TUNA_MAX_INFERENCE_QUEUE calls are waiting.
+_BUSY = ("/api/inference", "/v1/chat/completions", "/v1/completions")
 
 
 def add_error_responses(result, generator, request, public):
@@ -68,7 +71,11 @@ def add_error_responses(result, generator, request, public):
         ref = "#/components/schemas/OpenAIError" if path.startswith("/v1/") else "#/components/schemas/Error"
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            for code, description in _ERROR_CODES.items():
+            codes = {
+                **_ERROR_CODES,
+                **({"503": "The model is busy (TUNA_MAX_INFERENCE_QUEUE); Retry-After says when to try again."} if path in _BUSY else {}),
+            }
+            for code, description in codes.items():
                 responses.setdefault(code, {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}})
     return result
 

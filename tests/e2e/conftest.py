@@ -55,6 +55,8 @@ def live_site(tmp_path_factory):
         "TUNA_MAX_TOKENS_LIMIT": "48",
         # An export's parity check on 4 held-out prompts keeps the browser test short.
         "TUNA_PARITY_EXAMPLES": "4",
+        # The fuzzer sends thousands of calls a minute: the API rate limit (tested on its own) stays out of its way.
+        "TUNA_API_RATE": "off",
     }
     port = _free_port()
     site = LiveSite(url=f"http://127.0.0.1:{port}", env=env, tokens={})
