@@ -76,13 +76,20 @@ class TrainingJobSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    def _logs(self, job: TrainingJob) -> tuple[list[dict], list[dict]]:
+        """Both lists come from one read of the job's loss points."""
+        cached = getattr(self, "_logs_cache", None)
+        if cached is None or cached[0] != job.pk:
+            cached = self._logs_cache = (job.pk, training_logs(job))
+        return cached[1]
+
     @extend_schema_field(TrainingLogSerializer(many=True))
     def get_training_logs(self, job: TrainingJob) -> list[dict]:
-        return TrainingLogSerializer(training_logs(job)[0], many=True).data
+        return TrainingLogSerializer(self._logs(job)[0], many=True).data
 
     @extend_schema_field(EvalLogSerializer(many=True))
     def get_eval_logs(self, job: TrainingJob) -> list[dict]:
-        return EvalLogSerializer(training_logs(job)[1], many=True).data
+        return EvalLogSerializer(self._logs(job)[1], many=True).data
 
 
 class TrainingJobSummarySerializer(TrainingJobSerializer):

@@ -196,7 +196,7 @@ def _export(export: Export, job: TrainingJob, out: Path) -> tuple[list[dict], di
         for path in _write_ollama_files(loaded.tokenizer, out, names, job, keeps_merged):
             add(path, "modelfile" if path.name.startswith("Modelfile") else "readme")
         if examples:
-            parity = _parity(export, job, loaded, examples, progress, out, base_dir, f16, merged_gguf)
+            parity = _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf)
             (out / "README.md").write_text(_readme(names, job, parity, keeps_merged), encoding="utf-8")
             for entry in files:
                 if entry["name"] == "README.md":
@@ -244,7 +244,7 @@ def _readme(names: dict[str, str], job: TrainingJob, parity: dict, merged: bool)
     )
 
 
-def _parity(export, job, loaded, examples, progress, out, base_dir, f16, merged_gguf) -> dict[str, Any]:
+def _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf) -> dict[str, Any]:
     from tuna_llm.llamacpp import LlamaCppModel
 
     adapter = f"job-{job.pk}"

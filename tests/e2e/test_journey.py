@@ -154,16 +154,22 @@ def test_it_shows_line_numbered_errors_for_an_invalid_file(browser, live_site, s
     shots(page, "10-invalid-file")
 
 
-def test_it_shows_a_cancelled_job_whose_chart_stops(browser, live_site, shots):
+def train_sample(browser, site, *, max_steps: int):
+    """Alice starts a job on the sample dataset with `max_steps` updates; the page is the job's."""
     page = browser.new_page()
-    login(page, live_site, "alice")
-    page.goto(f"{live_site.url}/datasets")
+    login(page, site, "alice")
+    page.goto(f"{site.url}/datasets")
     page.click("text=Try the sample dataset")
     page.click("a.btn-primary:has-text('Train')")
     page.click("summary:has-text('Advanced')")
-    page.fill("input[name=max_steps]", "400")
+    page.fill("input[name=max_steps]", str(max_steps))
     page.fill("input[name=max_seq_length]", "160")
     page.click("text=Start training")
+    return page
+
+
+def test_it_shows_a_cancelled_job_whose_chart_stops(browser, live_site, shots):
+    page = train_sample(browser, live_site, max_steps=400)
     page.wait_for_function(
         "() => { const c = window.Chart && Chart.getChart(document.getElementById('loss-chart')); return c && c.data.datasets[0].data.length > 1; }",
         timeout=TIMEOUT,
@@ -220,15 +226,7 @@ def test_it_offers_to_continue_a_run_that_stopped_while_improving(browser, live_
 
 
 def test_it_exports_a_trained_job_and_shows_the_parity_check(browser, live_site, shots, tmp_path):
-    page = browser.new_page()
-    login(page, live_site, "alice")
-    page.goto(f"{live_site.url}/datasets")
-    page.click("text=Try the sample dataset")
-    page.click("a.btn-primary:has-text('Train')")
-    page.click("summary:has-text('Advanced')")
-    page.fill("input[name=max_steps]", "6")
-    page.fill("input[name=max_seq_length]", "160")
-    page.click("text=Start training")
+    page = train_sample(browser, live_site, max_steps=6)
     expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
     page.reload()
     page.click("#export button:has-text('Export')")
