@@ -86,6 +86,19 @@ def valid_dataset(alice):
     return dataset_create(owner=alice, upload=jsonl_file(pc_rows(20)), name="Orders")
 
 
+@pytest.fixture
+def fp32(settings):
+    """The whole model layer in fp32 for one test: batched and alone answers are bit-identical there, so a test
+    can assert that batching changes nothing. (In bf16, batching changes the rounding of the matrix products
+    and can flip a near-tie: bench/evaluation.py reports how often.)"""
+    from tuna_llm.registry import registry
+
+    settings.TUNA_PRECISION = "fp32"
+    registry.clear()
+    yield
+    registry.clear()
+
+
 @pytest.fixture(scope="session")
 def trained_adapter(tmp_path_factory):
     """A LoRA adapter trained once per session on the sample data (tiny settings, real model)."""

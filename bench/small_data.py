@@ -10,6 +10,11 @@ ROUGE-L and loss for the base and the fine-tuned model.
     .venv/bin/python bench/small_data.py --compare            # the previous release's defaults beside today's, per task
     .venv/bin/python bench/small_data.py --tasks tickets --config '{"num_epochs": 3}'   # an experiment
     .venv/bin/python bench/small_data.py --tasks sample       # the sample dataset, for comparison
+    .venv/bin/python bench/small_data.py --precisions fp32,bf16   # each task in each precision, side by side
+
+With --precisions, each task is trained and evaluated once per precision (TUNA_PRECISION for the whole run:
+training, evaluation, generation), and the greedy answers of the runs are compared example by example: the
+base model's (same weights, only the precision differs) and the fine-tuned model's (trained in that precision).
 """
 
 import argparse
@@ -18,6 +23,16 @@ import time
 
 from _common import SAMPLE, temporary_site
 from small_tasks import TASKS, generate, to_jsonl
+
+
+def use_precision(precision: str) -> None:
+    """Switch the whole platform (training, evaluation, generation) to ``precision`` for the next runs."""
+    from django.conf import settings
+
+    from tuna_llm.registry import registry
+
+    settings.TUNA_PRECISION = precision
+    registry.clear()
 
 
 def run_task(owner, task: str, config: dict) -> dict:
@@ -75,7 +90,7 @@ def print_row(row: dict) -> None:
     base, tuned = m["base_model"], m["finetuned_model"]
     modules = "all" if len(cfg["target_modules"]) > 2 else "/".join(m.removesuffix("_proj") for m in cfg["target_modules"])
     print(
-        f"{row['task']:<9} {row['label']:<9} {row['dataset'].num_train:>3}/{n:<3} {cfg['num_epochs']:>3} {job.total_steps:>4} {cfg['learning_rate']:>7g} "
+        f"{row['task']:<9} {row['label']:<9} {row['precision']:<5} {row['dataset'].num_train:>3}/{n:<3} {cfg['num_epochs']:>3} {job.total_steps:>4} {cfg['learning_rate']:>7g} "
         f"{cfg['lora_r']:>2} {modules:<6} {row['train_wall']:>6.0f} s {job.share_eval_seconds():>5.0%} "
         f"{round(base['exact_match'] * n):>3}/{n} -> {round(tuned['exact_match'] * n):>2}/{n} ({tuned['exact_match']:.2f})  "
         f"{base['rouge_l']:.2f} -> {tuned['rouge_l']:.2f}  {base['heldout_loss']:.3f} -> {tuned['heldout_loss']:.3f}  "
@@ -90,9 +105,11 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="settings to override, as JSON (default: none, as a new user would)")
     parser.add_argument("--compare", action="store_true", help="also run the previous release's defaults, beside today's")
     parser.add_argument("--show-misses", type=int, default=2)
+    parser.add_argument("--precisions", default="", help="comma-separated, e.g. fp32,bf16 (default: the deployment's, TUNA_PRECISION)")
     args = parser.parse_args()
     runs = [("previous", PREVIOUS_DEFAULTS)] if args.compare else []
     runs.append(("chosen" if args.config == "{}" else "custom", json.loads(args.config)))
+    precisions = [p for p in args.precisions.split(",") if p] or [None]
     with temporary_site():
         from django.contrib.auth.models import User
 
@@ -100,23 +117,56 @@ def main() -> None:
         for label, config in runs:
             print(f"{label}: settings overridden: {config or 'none (chosen from the data)'}")
         print(
-            f"{'task':<9} {'settings':<9} {'trn/eval':<7} {'ep':>3} {'upd':>4} {'lr':>7} {'r':>2} {'target':<6} {'train':>8} {'eval%':>5} "
+            f"{'task':<9} {'settings':<9} {'prec':<5} {'trn/eval':<7} {'ep':>3} {'upd':>4} {'lr':>7} {'r':>2} {'target':<6} {'train':>8} {'eval%':>5} "
             f"{'exact match':>17}        {'ROUGE-L':<12}  {'held-out loss':<16}  best checkpoint"
         )
         rows = []
         for task in args.tasks.split(","):
             for label, config in runs:
-                row = run_task(owner, task, config) | {"label": label}
-                rows.append(row)
-                print_row(row)
+                for precision in precisions:
+                    if precision is not None:
+                        use_precision(precision)
+                    from tuna_llm.loading import pick_device
+
+                    row = run_task(owner, task, config) | {"label": label, "precision": pick_device().precision}
+                    rows.append(row)
+                    print_row(row)
         for row in rows:
             misses = [e for e in row["evaluation"].examples.all() if e.finetuned_scores.get("exact_match") != 1.0]
             for example in misses[: args.show_misses]:
                 print(f"  {row['task']} #{example.index}: got {example.finetuned_output!r}, want {example.reference!r}")
+        if len(precisions) > 1:
+            compare_precisions(rows)
         rows = [r for r in rows if r["label"] != "previous"]
         worst = min(r["m"]["finetuned_model"]["exact_match"] for r in rows)
         slowest = max(r["train_wall"] for r in rows)
         print(f"worst fine-tuned exact match {worst:.2f} (goal >= 0.80); slowest training {slowest:.0f} s (goal < 300 s)")
+
+
+def compare_precisions(rows: list[dict]) -> None:
+    """Per task, the first precision's run against each other one: answers equal, exact match, held-out loss."""
+    print("precision comparison (greedy answers on the held-out examples, example by example):")
+    for task in dict.fromkeys(r["task"] for r in rows):
+        runs = [r for r in rows if r["task"] == task and r["label"] != "previous"]
+        first = runs[0]
+        answers = {r["precision"]: list(r["evaluation"].examples.order_by("index")) for r in runs}
+        for other in runs[1:]:
+            a, b = answers[first["precision"]], answers[other["precision"]]
+            same_base = sum(x.base_output == y.base_output for x, y in zip(a, b, strict=True))
+            same_tuned = sum(x.finetuned_output == y.finetuned_output for x, y in zip(a, b, strict=True))
+            n = len(a)
+            em = [round(r["m"]["finetuned_model"]["exact_match"] * n) for r in (first, other)]
+            loss = [r["m"]["finetuned_model"]["heldout_loss"] for r in (first, other)]
+            print(
+                f"  {task:<9} {first['precision']} vs {other['precision']}: base answers equal {same_base}/{n}, "
+                f"fine-tuned answers equal {same_tuned}/{n}; fine-tuned exact match {em[0]}/{n} vs {em[1]}/{n} "
+                f"({em[1] - em[0]:+d}); held-out loss {loss[0]:.3f} vs {loss[1]:.3f} ({(loss[1] - loss[0]) / loss[0]:+.1%})"
+            )
+            for x, y in zip(a, b, strict=True):
+                if x.finetuned_output != y.finetuned_output:
+                    print(
+                        f"    #{x.index}: {first['precision']} {x.finetuned_output[:70]!r} | {other['precision']} {y.finetuned_output[:70]!r}"
+                    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ class Evaluation(WorkerJob):
     test_size = models.PositiveIntegerField(default=0)
     done = models.PositiveIntegerField(default=0)
     max_new_tokens = models.PositiveIntegerField(default=0)
+    # The precision both models' answers and losses were computed in (the deployment's, TUNA_PRECISION), in words.
+    precision = models.CharField(max_length=200, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
     run_seconds = models.FloatField(default=0)
 

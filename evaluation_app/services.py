@@ -125,7 +125,7 @@ def _run(evaluation: Evaluation, started: float) -> None:
     sides = random.Random(f"evaluation-{evaluation.pk}")  # the blind A/B mapping, drawn once per example
 
     def on_start(budget: int, count: int) -> None:
-        job_write(Evaluation, evaluation.pk, max_new_tokens=budget, test_size=count)
+        job_write(Evaluation, evaluation.pk, max_new_tokens=budget, test_size=count, precision=loaded.plan.describe())
 
     def on_example(r: ExampleResult) -> None:
         with transaction.atomic():  # the row and the progress land together, and only while this process holds it
@@ -137,8 +137,9 @@ def _run(evaluation: Evaluation, started: float) -> None:
                 reference=r.reference,
                 base_output=r.base.text,
                 finetuned_output=r.finetuned.text,
-                base_latency_ms=r.base.latency_ms,
-                finetuned_latency_ms=r.finetuned.latency_ms,
+                # Each answer's own share of the batched decoding time (as an API call is billed).
+                base_latency_ms=r.base.compute_ms,
+                finetuned_latency_ms=r.finetuned.compute_ms,
                 base_prompt_tokens=r.base.prompt_tokens,
                 finetuned_prompt_tokens=r.finetuned.prompt_tokens,
                 base_tokens=r.base.completion_tokens,

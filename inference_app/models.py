@@ -14,6 +14,8 @@ class UsageLog(models.Model):
     endpoint = models.CharField(max_length=64)
     # Which runtime answered: "transformers" or "llama.cpp" (blank for a call refused before it was routed).
     engine = models.CharField(max_length=16, blank=True)
+    # The numbers it computed in: "bf16" or "fp32" (transformers, TUNA_PRECISION), "gguf" (llama.cpp, the export's types).
+    precision = models.CharField(max_length=8, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField(default=0)  # from its batch's start to its own end

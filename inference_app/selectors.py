@@ -9,6 +9,7 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from inference_app.models import UsageLog
+from tuna_llm.loading import deployment_precision
 
 DAYS = 14
 
@@ -27,7 +28,7 @@ def usage_summary(user) -> dict:
         queue_ms=Avg("queue_ms", filter=ok),
     )
     by_model = list(
-        logs.values("model_id", "engine")  # a model served by both engines shows both, side by side
+        logs.values("model_id", "engine", "precision")  # a model served by both engines (or precisions) shows both
         .annotate(
             calls=Count("id"),
             tokens=Sum("completion_tokens"),
@@ -37,7 +38,7 @@ def usage_summary(user) -> dict:
             latency_ms=Avg("latency_ms", filter=ok),
             queue_ms=Avg("queue_ms", filter=ok),
         )
-        .order_by("-calls", "model_id", "engine")
+        .order_by("-calls", "model_id", "engine", "precision")
     )
     since = timezone.now().date() - timedelta(days=DAYS - 1)
     daily = (
@@ -58,4 +59,11 @@ def usage_summary(user) -> dict:
             for i, m in enumerate(models)
         ],
     }
-    return {"totals": totals, "by_model": by_model, "chart": chart, "recent": logs[:20], "days": DAYS}
+    return {
+        "totals": totals,
+        "by_model": by_model,
+        "chart": chart,
+        "recent": logs[:20],
+        "days": DAYS,
+        "precision": deployment_precision(),
+    }

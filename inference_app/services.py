@@ -20,6 +20,7 @@ from inference_app.models import UsageLog
 from training_app.models import TrainingJob
 from tuna_llm.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
+from tuna_llm.compute import compute_thread
 from tuna_llm.engine import Generation
 from tuna_llm.llamacpp import LlamaCall
 from tuna_llm.loading import ModelUnavailable
@@ -129,6 +130,7 @@ class Call:
     endpoint: str
     engine: str = TRANSFORMERS
     runner: engines.LlamaServer | None = None  # the llama.cpp model of the call's base GGUF
+    precision: str = ""  # "bf16" / "fp32" on transformers (the deployment's), "gguf" on llama.cpp
     result: Generation | None = None
 
 
@@ -165,7 +167,7 @@ def prepare_call(
 
 def _prepare_transformers(*, user, model: ResolvedModel, endpoint: str, messages, text, sampling: dict) -> Call:
     try:
-        loaded = registry.get(model.base_model)
+        loaded = registry.get_on(compute_thread, model.base_model)
     except ModelUnavailable as exc:
         raise ModelNotReady(str(exc)) from exc
     prompt = render_chat(loaded.tokenizer, messages, add_generation_prompt=True) if messages is not None else text
@@ -189,7 +191,7 @@ def _prepare_transformers(*, user, model: ResolvedModel, endpoint: str, messages
         request.check()  # what the engine would refuse is refused here, before it can reach a batch
     except RequestInvalid as exc:
         raise InferenceInvalid(str(exc)) from None
-    return Call(user=user, model=model, request=request, endpoint=endpoint)
+    return Call(user=user, model=model, request=request, endpoint=endpoint, precision=loaded.plan.precision)
 
 
 def _prepare_llama(*, user, model: ResolvedModel, endpoint: str, route: engines.Route, messages, text, sampling: dict) -> Call:
@@ -209,7 +211,7 @@ def _prepare_llama(*, user, model: ResolvedModel, endpoint: str, route: engines.
         raise InferenceInvalid(f"The prompt is {prompt_tokens} tokens; this model's context holds {context}.", "prompt")
     # The answer ends where the context does (finish_reason "length"): llama.cpp cannot decode past it.
     request.max_tokens = min(request.max_tokens, context - prompt_tokens)
-    return Call(user=user, model=model, request=request, endpoint=endpoint, engine=LLAMACPP, runner=server)
+    return Call(user=user, model=model, request=request, endpoint=endpoint, engine=LLAMACPP, runner=server, precision="gguf")
 
 
 def checked_call(*, user, model_id: str | int, endpoint: str, **params) -> Call:
@@ -252,7 +254,7 @@ def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> 
 
 def _runner(call: Call):
     """What runs the call: its base model's batching engine, or its base GGUF's llama.cpp model."""
-    return call.runner if call.engine == LLAMACPP else engine_for(registry.get(call.model.base_model))
+    return call.runner if call.engine == LLAMACPP else engine_for(registry.get_on(compute_thread, call.model.base_model))
 
 
 def run_call(call: Call):
@@ -400,6 +402,7 @@ def _log(call: Call, result) -> None:
         model_id=call.model.model_id,
         endpoint=call.endpoint,
         engine=call.engine,
+        precision=call.precision,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
         latency_ms=result.latency_ms,

@@ -29,9 +29,9 @@ from training_app.models import Export, TrainingJob
 from tuna_llm import gguf_export, ollama
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.evaluation import decoding_budget
-from tuna_llm.loading import pick_device
+from tuna_llm.loading import load_tokenizer_and_model, pick_device
 from tuna_llm.parity import gguf_answers, parity_report, pytorch_answers
-from tuna_llm.registry import registry
+from tuna_llm.registry import LoadedBaseModel
 from tuna_site.jobs import job_enqueue, job_write
 from tuna_site.quotas import check_active_jobs
 
@@ -142,7 +142,9 @@ def export_work(export: Export) -> None:
 
 def _export(export: Export, job: TrainingJob, out: Path) -> tuple[list[dict], dict]:
     spec = get_base_model_spec(job.base_model)
-    plan = pick_device()
+    # fp32 whatever the deployment's precision: the files are made from the weights as trained, and the
+    # parity check compares llama.cpp with them (bf16 rounds differently from f16 and q8_0 alike).
+    plan = pick_device("fp32")
     formats = export.formats
     merged_gguf = Export.Format.GGUF_Q8_0 in formats
     f16 = Export.Format.GGUF_F16 in formats
@@ -191,7 +193,7 @@ def _export(export: Export, job: TrainingJob, out: Path) -> tuple[list[dict], di
     parity: dict[str, Any] = {}
     if ggufs:
         progress.start("Writing the Modelfiles and the README")
-        loaded = registry.get(spec.name)
+        loaded = LoadedBaseModel(spec, plan, *load_tokenizer_and_model(spec, plan, hf_token=settings.HF_TOKEN))
         keeps_merged = Export.Format.MERGED_SAFETENSORS in formats
         for path in _write_ollama_files(loaded.tokenizer, out, names, job, keeps_merged):
             add(path, "modelfile" if path.name.startswith("Modelfile") else "readme")

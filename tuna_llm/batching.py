@@ -1,21 +1,24 @@
-"""Request batching: concurrent requests for one base model share one generation loop.
+"""Request batching: concurrent requests for one base model share one decoding loop, continuously.
 
-Each loaded base model gets one engine thread. Requests that arrive within a short window and share
-decoding settings are left-padded into one batch and decoded together by ``model.generate``, whatever
-adapter each asks for: rows for different adapters (or none) go through peft's mixed-adapter forward,
-each row through its own LoRA weights on the one copy of the base; a streamer hands each row's new tokens to its own request as they are produced,
-and a stopping criterion ends each row at its own token limit or stop string. Greedy answers are the
-same as when a request runs alone (tested).
+Each loaded base model gets one engine, a ``Scheduler`` over a ``DecodeBatch``, stepped on the process's
+one compute thread (tuna_llm.compute). A request
+that arrives while others decode joins at the next step: it is prefilled (with any others that arrived
+together) and from then on decodes with the rows already running; a row that ends leaves at once and its
+place is free for the next request. Rows may each use a different adapter (or none): they go through
+peft's mixed-adapter forward, each row through its own LoRA weights on the one copy of the base. Each
+row's new text is handed to its own request as it is produced, and each row ends at its own token limit,
+stop token or stop string. Greedy answers are the same as when a request runs alone (tested).
 
 Isolation: values that cannot be decoded are refused when a request is submitted, so they never reach a
-batch; if a batch still fails, its rows are run again one at a time, so only the row at fault fails. The
-engine pads with its own copy of the tokenizer: request threads keep using the shared one, whose padding
-state a batch would otherwise switch under them. A row whose client went away (``cancel``) stops at its
-next token with finish_reason "cancelled".
+batch; a request whose adapter cannot be attached fails alone; if a step still fails, its rows are run
+again one at a time, so only the row at fault fails. The engine tokenizes with its own copy of the
+tokenizer: request threads keep using the shared one. A row whose client went away (``cancel``) stops at
+its next token with finish_reason "cancelled".
 
-Timing: a request's clock starts when its batch starts (``started``); the wait before is its queue time.
-Rows decoded together share the batch's time: each step's wall time is split equally between the rows
-still decoding in it, and a row's ``compute_ms`` (what it is billed) is the sum of its shares.
+Timing: a request's clock starts when its prefill starts (``started``); the wait before is its queue time.
+Its prefill's time is its own (split between the rows prefilled together); each decoding step's wall time
+is split equally between the rows in that step. A row's ``compute_ms`` (what it is billed) is the sum of
+its shares.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from tuna_llm.compute import compute_thread
+from tuna_llm.decoding import DecodeBatch, Row
 from tuna_llm.engine import Generation, stop_token_ids
 from tuna_llm.registry import LoadedBaseModel
 from tuna_llm.settings import current
@@ -133,31 +138,246 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class BatchingEngine:
-    def __init__(self, loaded: LoadedBaseModel, *, max_batch: int = MAX_BATCH, window_s: float = WINDOW_S) -> None:
+class Scheduler:
+    """Continuous batching of ``GenerationRequest`` rows on one loaded model (see ``DecodeBatch``).
+
+    Between two decoding steps, ``admit`` prefills the requests that can join and they decode from the next
+    step on with the rows already running. Used by the engine thread (requests arriving at any time) and by
+    ``decode_all`` (a known list of requests, as an evaluation has).
+    """
+
+    def __init__(self, loaded: LoadedBaseModel, tokenizer, *, max_batch: int = MAX_BATCH, continuous: bool = True) -> None:
         self.loaded = loaded
-        # Padding switches a fast tokenizer's state; request threads tokenize with the shared one meanwhile.
-        self.tokenizer = copy.deepcopy(loaded.tokenizer)
-        self.tokenizer.padding_side = "left"
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.continuous = continuous  # False: a batch decodes to its end before new rows start (bench/generation.py)
+        self.stop_ids = stop_token_ids(loaded)
+        self.batch = DecodeBatch(loaded, tokenizer.pad_token_id)
+        self.running: dict[Row, GenerationRequest] = {}
+        self.next_tokens: dict[Row, int] = {}
+        self.prompt_tokens: dict[GenerationRequest, int] = {}
+        self.admissions = 0
+        self.largest_batch = 0
+        self._ended_rows: list[Row] = []
+        self.last_latency_s = 0.0  # of the last request that ended, for wait estimates
+
+    @property
+    def active(self) -> list[GenerationRequest]:
+        return list(self.running.values())
+
+    def joinable(self, pending: list[GenerationRequest]) -> list[GenerationRequest]:
+        """The pending requests that can join now, oldest first: free rows, and no more distinct adapters
+        than the adapter cache holds (all of them stay attached while they decode)."""
+        if self.running and not (self.continuous and self.batch.can_join):
+            return []
+        room = max(1, current().adapter_cache_size)
+        adapters = {r.adapter for r in self.running.values() if r.adapter is not None}
+        chosen: list[GenerationRequest] = []
+        for request in pending:
+            if len(self.running) + len(chosen) >= self.max_batch:
+                break
+            if request.adapter is not None and request.adapter not in adapters:
+                if len(adapters) == room:
+                    continue
+                adapters.add(request.adapter)
+            chosen.append(request)
+        return chosen
+
+    def admit(self, requests: list[GenerationRequest]) -> None:
+        """Prefill ``requests`` into the batch (their first token comes out of it). A request that fails
+        alone (its adapter cannot be attached, its prompt cannot be encoded) fails without the others."""
+        ready = []
+        for request in requests:
+            try:
+                if request.adapter_path is not None:  # may have been evicted since it was queued
+                    self.loaded.attach_adapter(request.adapter, request.adapter_path)
+                ids = self.tokenizer(request.text, add_special_tokens=False)["input_ids"]
+            except Exception as exc:
+                logger.exception("Generation failed")
+                request.fail(exc)
+                continue
+            ready.append((request, ids))
+        if not ready:
+            return
+        started = time.perf_counter()
+        for request, ids in ready:
+            request.started = started
+            self.prompt_tokens[request] = len(ids)
+        rows = [Row(ids, r.adapter, r.temperature, r.top_p, r.seed) for r, ids in ready]
+        try:
+            tokens = self.batch.admit(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                logger.exception("Generation failed")
+                self._end(ready[0][0], error=exc)
+                return
+            logger.warning("Prefilling %d rows failed (%s: %s); admitting them one at a time", len(rows), type(exc).__name__, exc)
+            for request, _ in ready:
+                request.restart()
+                self.admit([request])
+            return
+        self.admissions += 1
+        self._charge([r for r, _ in ready], started)
+        for row, (request, _), token in zip(rows, ready, tokens, strict=True):
+            self.running[row] = request
+            self._take(row, request, token)
+        self.largest_batch = max(self.largest_batch, len(self.running))
+        self._drop_ended()
+
+    def step(self) -> None:
+        """Decode one token for every running row. If the step fails, its rows start again one at a time
+        (greedy rows give the same tokens, so their streams go on where they were), so only a row at fault fails."""
+        rows = list(self.batch.rows)
+        started = time.perf_counter()
+        try:
+            tokens = self.batch.step([self.next_tokens[row] for row in rows])
+        except Exception as exc:
+            requests = [self.running[row] for row in rows]
+            self.batch.drop(rows)
+            self.running.clear()
+            if len(requests) == 1:
+                logger.exception("Generation failed")
+                self._end(requests[0], error=exc)
+                return
+            logger.warning("A batch of %d failed (%s: %s); running its rows one at a time", len(requests), type(exc).__name__, exc)
+            for request in requests:
+                request.restart()
+                decode_all(self.loaded, [request], max_batch=1, tokenizer=self.tokenizer)
+            return
+        self._charge([self.running[row] for row in rows], started)
+        for row, token in zip(rows, tokens, strict=True):
+            self._take(row, self.running[row], token)
+        self._drop_ended()
+
+    def cancel_all(self, error: BaseException) -> None:
+        for request in self.active:
+            self._end(request, error=error)
+        self.batch.drop(list(self.batch.rows))
+        self.running.clear()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _charge(self, requests: list[GenerationRequest], since: float) -> None:
+        """Split the time since ``since`` equally between ``requests`` (those that were in the step)."""
+        share = (time.perf_counter() - since) * 1000 / len(requests)
+        for request in requests:
+            request.compute_ms += share
+
+    def _take(self, row: Row, request: GenerationRequest, token: int) -> None:
+        """A row's new token: stream its text, or end it (stop token, stop string, token limit, client gone)."""
+        self.next_tokens[row] = token
+        if request.cancelled:
+            return self._finish(row, request, "cancelled")
+        if token in self.stop_ids:
+            return self._finish(row, request, "stop")
+        request.tokens.append(token)
+        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        cut = _first_stop(text, request.stop)
+        if cut is not None:
+            text = text[:cut]
+        if not text.endswith("\ufffd") and len(text) > len(request.emitted):  # wait for whole characters
+            request.deltas.put(text[len(request.emitted) :])
+            request.emitted = text
+        if cut is not None:
+            self._finish(row, request, "stop")
+        elif len(request.tokens) >= request.max_new_tokens:
+            self._finish(row, request, "length")
+
+    def _finish(self, row: Row, request: GenerationRequest, reason: str) -> None:
+        request.finish(reason, prompt_tokens=self.prompt_tokens.pop(request, 0))
+        self.last_latency_s = request.result.latency_ms / 1000
+        self._ended_rows.append(row)
+
+    def _end(self, request: GenerationRequest, *, error: BaseException) -> None:
+        self.prompt_tokens.pop(request, None)
+        request.fail(error)
+
+    def _drop_ended(self) -> None:
+        ended, self._ended_rows = self._ended_rows, []
+        for row in ended:
+            self.running.pop(row, None)
+            self.next_tokens.pop(row, None)
+        self.batch.drop(ended)
+
+
+def decode_all(
+    loaded: LoadedBaseModel,
+    requests: list[GenerationRequest],
+    *,
+    max_batch: int = MAX_BATCH,
+    tokenizer=None,
+    on_end: Callable[[GenerationRequest], None] = lambda request: None,
+) -> None:
+    """Decode ``requests`` to their ends in this thread, continuously batched: as rows end, the next ones
+    join. Each request's ``result`` (or ``error``) is set, then ``on_end`` is called with it; its timing is
+    its own share of the steps."""
+    scheduler = Scheduler(loaded, tokenizer or padding_tokenizer(loaded), max_batch=max_batch)
+    pending = []
+    for request in requests:
+        try:
+            request.check()
+        except RequestInvalid as exc:
+            request.fail(exc)
+        else:
+            pending.append(request)
+    unreported = list(requests)
+    while pending or scheduler.running:
+        joining = scheduler.joinable(pending)
+        if joining:
+            pending = [r for r in pending if r not in joining]
+            scheduler.admit(joining)
+        if scheduler.running:
+            scheduler.step()
+        for request in [r for r in unreported if r.done.is_set()]:
+            unreported.remove(request)
+            on_end(request)
+    for request in unreported:
+        on_end(request)
+
+
+def padding_tokenizer(loaded: LoadedBaseModel):
+    """A copy of the model's tokenizer for a decoding loop: request threads keep using the shared one."""
+    tokenizer = copy.deepcopy(loaded.tokenizer)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+class BatchingEngine:
+    """The requests of one loaded model, decoded continuously batched on the process's compute thread
+    (tuna_llm.compute: every engine of the process steps there in turn)."""
+
+    def __init__(self, loaded: LoadedBaseModel, *, max_batch: int = MAX_BATCH, window_s: float = WINDOW_S, continuous: bool = True) -> None:
+        self.loaded = loaded
         self.max_batch = max_batch
         self.window_s = window_s
-        self.current: list[GenerationRequest] = []  # the batch being decoded
+        self.scheduler = Scheduler(loaded, padding_tokenizer(loaded), max_batch=max_batch, continuous=continuous)
         self._pending: list[GenerationRequest] = []
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{loaded.name}", daemon=True)
-        self._thread.start()
-        self.batches_run = 0
-        self.largest_batch = 0
-        self.last_batch_s = 0.0  # wall time of the last batch, for wait estimates
+        compute_thread.add(self)
+
+    @property
+    def current(self) -> list[GenerationRequest]:
+        """The requests decoding now."""
+        return self.scheduler.active
+
+    @property
+    def batches_run(self) -> int:
+        """How many times rows were admitted (prefilled together)."""
+        return self.scheduler.admissions
+
+    @property
+    def largest_batch(self) -> int:
+        return self.scheduler.largest_batch
 
     def waiting(self) -> int:
         """Rows queued or being decoded."""
-        return len(self._pending) + len(self.current)
+        return len(self._pending) + len(self.scheduler.running)
 
     def wait_estimate_s(self, rows: int = 1) -> float:
-        """Roughly how long until `rows` more could start: the batches ahead, at the last batch's duration."""
-        batches_ahead = math.ceil((self.waiting() + rows) / self.max_batch)
-        return batches_ahead * (self.last_batch_s or 1.0)
+        """Roughly how long until `rows` more could start: a free row opens as running ones end."""
+        ahead = self.waiting() + rows - self.max_batch
+        if ahead <= 0:
+            return 0.0
+        return math.ceil(ahead / self.max_batch) * (self.scheduler.last_latency_s or 1.0)
 
     # -- callers ---------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> GenerationRequest:
@@ -165,8 +385,8 @@ class BatchingEngine:
         return request
 
     def submit_all(self, requests: list[GenerationRequest]) -> None:
-        """Queue requests in one step, so that they are waiting together when the next batch is formed.
-        A request with values that cannot be decoded fails at once, alone."""
+        """Queue requests in one step, so that they join together. A request with values that cannot be
+        decoded fails at once, alone."""
         accepted = []
         for request in requests:
             try:
@@ -177,10 +397,10 @@ class BatchingEngine:
                 accepted.append(request)
         with self._cond:
             self._pending.extend(accepted)
-            self._cond.notify()
+        compute_thread.wake()
 
     def cancel(self, request: GenerationRequest) -> None:
-        """Stop decoding ``request``: still queued, it ends now; in a batch, at its next token."""
+        """Stop decoding ``request``: still queued, it ends now; decoding, at its next token."""
         with self._cond:
             request.cancelled = True
             queued = request in self._pending
@@ -211,161 +431,30 @@ class BatchingEngine:
         if request.error is not None:
             raise request.error
 
-    # -- engine thread ---------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending:
-                    self._cond.wait()
-            time.sleep(self.window_s)  # let concurrent requests arrive
-            with self._cond:
-                batch = self._next_batch()
-                self._pending = [r for r in self._pending if r not in batch]
-            batch_started = time.perf_counter()
-            try:
-                self._run_isolated(batch)
-            except BaseException as exc:  # noqa: BLE001 - every waiting caller must be released
-                logger.exception("Batch generation failed")
-                for request in batch:
-                    request.fail(exc)
-            finally:
-                self.current = []
-                self.last_batch_s = time.perf_counter() - batch_started
+    # -- on the compute thread -------------------------------------------------------------
+    def due_in(self, now: float) -> float | None:
+        """Rows decoding: a step is due now. Requests waiting while idle: once the oldest has waited
+        ``window_s`` (requests sent together start together). Nothing: None."""
+        if self.scheduler.running:
+            return 0.0
+        with self._cond:
+            if not self._pending:
+                return None
+            return self._pending[0].submitted + self.window_s - now
 
-    def _run_isolated(self, batch: list[GenerationRequest]) -> None:
-        """Run a batch; if it fails, run its unfinished rows one at a time, so only the row at fault fails."""
+    def tick(self) -> None:
+        scheduler = self.scheduler
+        with self._cond:
+            joining = scheduler.joinable(self._pending)
+            self._pending = [r for r in self._pending if r not in joining]
         try:
-            self._run(batch)
-            return
-        except Exception as exc:
-            if len(batch) == 1:
-                logger.exception("Generation failed")
-                batch[0].fail(exc)
-                return
-            logger.warning("A batch of %d failed (%s: %s); running its rows one at a time", len(batch), type(exc).__name__, exc)
-        for request in batch:
-            if request.finished:
-                continue
-            request.restart()
-            try:
-                self._run([request])
-            except Exception as exc:
-                logger.exception("Generation failed")
-                request.fail(exc)
-
-    def _next_batch(self) -> list[GenerationRequest]:
-        """The oldest request and those that can join it: same decoding settings, and no more distinct
-        adapters than the adapter cache holds (all of them must be attached at once)."""
-        key = self._pending[0].key
-        room = max(1, current().adapter_cache_size)
-        batch: list[GenerationRequest] = []
-        adapters: set[str] = set()
-        for request in self._pending:
-            if len(batch) == self.max_batch:
-                break
-            if request.key != key:
-                continue
-            if request.adapter is not None and request.adapter not in adapters:
-                if len(adapters) == room:
-                    continue
-                adapters.add(request.adapter)
-            batch.append(request)
-        return batch
-
-    def encode(self, texts: list[str]):
-        """Left-padded input ids and attention mask for a batch of rendered prompts."""
-        return self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-    def _run(self, batch: list[GenerationRequest]) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        started = time.perf_counter()
-        for request in batch:
-            request.started = started
-        loaded, tokenizer = self.loaded, self.tokenizer
-        self.current = batch
-        self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        encoded = self.encode([r.text for r in batch]).to(loaded.device)
-        prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
-        stop_ids = stop_token_ids(loaded)
-        first = batch[0]
-
-        def finish(request: GenerationRequest, reason: str) -> None:
-            request.finish(reason, prompt_tokens=prompt_lengths[batch.index(request)])
-
-        class RowStreamer(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
-                self.clock = started
-
-            def charge(self) -> None:
-                """Split the time since the last step between the rows that were still decoding in it.
-                The first new token's share covers the prefill (and setup) since the batch started."""
-                now = time.perf_counter()
-                active = [r for r in batch if not r.finished]
-                for request in active:
-                    request.compute_ms += (now - self.clock) * 1000 / len(active)
-                self.clock = now
-
-            def put(self, value) -> None:
-                if not self.prompt_seen:  # the first call carries the prompts
-                    self.prompt_seen = True
-                    return
-                self.charge()
-                for request, token in zip(batch, value.reshape(-1).tolist(), strict=True):
-                    if request.finished:
-                        continue
-                    if request.cancelled:
-                        finish(request, "cancelled")
-                        continue
-                    if token in stop_ids:
-                        finish(request, "stop")
-                        continue
-                    request.tokens.append(token)
-                    text = tokenizer.decode(request.tokens, skip_special_tokens=True)
-                    cut = _first_stop(text, request.stop)
-                    if cut is not None:
-                        text = text[:cut]
-                    if not text.endswith("\ufffd") and len(text) > len(request.emitted):  # wait for whole characters
-                        request.deltas.put(text[len(request.emitted) :])
-                        request.emitted = text
-                    if cut is not None:
-                        finish(request, "stop")
-                    elif len(request.tokens) >= request.max_new_tokens:
-                        finish(request, "length")
-
-            def end(self) -> None:
-                self.charge()
-                for request in batch:
-                    finish(request, "length")
-
-        class RowsDone(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([r.finished for r in batch], device=input_ids.device)
-
-        kwargs = {"do_sample": first.temperature > 0}
-        if first.temperature > 0:
-            kwargs.update(temperature=first.temperature, top_p=first.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        for request in batch:
-            if request.adapter is not None:  # may have been evicted since it was queued
-                loaded.attach_adapter(request.adapter, request.adapter_path)
-        with loaded.using_per_row([r.adapter for r in batch]) as (model, routing), torch.inference_mode():
-            if first.seed is not None and first.temperature > 0:  # greedy rows share a batch whatever their seed
-                torch.manual_seed(first.seed)
-            model.generate(
-                **encoded,
-                **routing,
-                max_new_tokens=max(r.max_new_tokens for r in batch),
-                pad_token_id=tokenizer.pad_token_id,
-                streamer=RowStreamer(),
-                stopping_criteria=StoppingCriteriaList([RowsDone()]),
-                **kwargs,
-            )
+            if joining:
+                scheduler.admit(joining)
+            if scheduler.running:
+                scheduler.step()
+        except BaseException as exc:  # noqa: BLE001 - every waiting caller must be released
+            logger.exception("Decoding failed")
+            scheduler.cancel_all(exc)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuna_llm import metrics
-from tuna_llm.engine import Generation, generate_chat
-from tuna_llm.prompting import Message
+from tuna_llm.batching import GenerationRequest, decode_all
+from tuna_llm.engine import Generation
+from tuna_llm.prompting import Message, render_chat
 from tuna_llm.registry import LoadedBaseModel
-from tuna_llm.training import IGNORE_INDEX, tokenize_example
+from tuna_llm.training import IGNORE_INDEX, PadCollator, tokenize_example
+
+EVAL_BATCH = 8  # rows decoded together, and examples per held-out loss batch
 
 
 @dataclass(frozen=True)
@@ -59,28 +62,58 @@ def run_evaluation(
     *,
     hourly_usd: float,
     hooks: EvaluationHooks = EvaluationHooks(),
+    max_batch: int = EVAL_BATCH,
 ) -> EvaluationResult:
-    """Answer every example with the base model and with `adapter` (attached to `loaded`), score both."""
+    """Answer every example with the base model and with `adapter` (attached to `loaded`), score both.
+
+    Both models' rows go through one continuously batched decoding loop (base and fine-tuned rows side by
+    side, each through its own adapter), as the serving engine decodes them. Each answer's latency is its
+    own share of the decoding time (``compute_ms``), which is also what it costs.
+    """
     budget = decoding_budget(loaded, [messages[-1]["content"] for messages in examples])
     hooks.on_start(budget, len(examples))
-    answers: dict[str, list[tuple[Generation, dict[str, float]]]] = {"base": [], "finetuned": []}
-    for index, messages in enumerate(examples):
-        prompt, reference = messages[:-1], messages[-1]["content"]
-        # Same rendering, same greedy decoding, same weights: only the adapter switch differs.
-        base = generate_chat(loaded, prompt, adapter=None, max_new_tokens=budget)
-        tuned = generate_chat(loaded, prompt, adapter=adapter, max_new_tokens=budget)
-        result = ExampleResult(
-            index, prompt, reference, base, tuned, metrics.quality(base.text, reference), metrics.quality(tuned.text, reference)
+    requests = {
+        (index, name): GenerationRequest(
+            text=render_chat(loaded.tokenizer, messages[:-1], add_generation_prompt=True),
+            max_new_tokens=budget,
+            adapter=adapter_name,
         )
-        answers["base"].append((base, result.base_scores))
-        answers["finetuned"].append((tuned, result.finetuned_scores))
-        hooks.on_example(result)
+        for index, messages in enumerate(examples)
+        for name, adapter_name in (("base", None), ("finetuned", adapter))
+    }
+    results: list[ExampleResult | None] = [None] * len(examples)
+
+    def on_end(request: GenerationRequest) -> None:
+        """Report each example once both of its answers are in, in order (progress is "done so far")."""
+        if request.error is not None:
+            raise request.error
+        for index in range(len(examples)):
+            if results[index] is not None:
+                continue
+            base, tuned = requests[(index, "base")], requests[(index, "finetuned")]
+            if not (base.done.is_set() and tuned.done.is_set()):
+                return
+            messages = examples[index]
+            reference = messages[-1]["content"]
+            results[index] = ExampleResult(
+                index,
+                messages[:-1],
+                reference,
+                base.result,
+                tuned.result,
+                metrics.quality(base.result.text, reference),
+                metrics.quality(tuned.result.text, reference),
+            )
+            hooks.on_example(results[index])
+
+    decode_all(loaded, list(requests.values()), max_batch=max_batch, on_end=on_end)
     summaries = {}
     for name, adapter_name in (("base", None), ("finetuned", adapter)):
+        answers = [(getattr(r, name), getattr(r, f"{name}_scores")) for r in results]
         run = metrics.ModelRun(
-            [scores for _, scores in answers[name]],
-            [generation.latency_ms for generation, _ in answers[name]],
-            [generation.completion_tokens for generation, _ in answers[name]],
+            [scores for _, scores in answers],
+            [generation.compute_ms for generation, _ in answers],
+            [generation.completion_tokens for generation, _ in answers],
             answer_loss(loaded, examples, adapter=adapter_name),
         )
         summaries[name] = metrics.summarise(run, hourly_usd=hourly_usd)
@@ -88,21 +121,28 @@ def run_evaluation(
 
 
 def answer_loss(
-    loaded: LoadedBaseModel, examples: Sequence[list[Message]], *, adapter: str | None, max_seq_length: int = 1024
+    loaded: LoadedBaseModel,
+    examples: Sequence[list[Message]],
+    *,
+    adapter: str | None,
+    max_seq_length: int = 1024,
+    batch_size: int = EVAL_BATCH,
 ) -> float | None:
-    """Mean cross-entropy over the reference answers' tokens (token-weighted), prompt tokens masked."""
+    """Mean cross-entropy over the reference answers' tokens (token-weighted), prompt tokens masked.
+
+    Examples go through the model in batches of similar length (right-padded; padding is masked out of
+    attention and of the loss)."""
     import torch
 
+    rows = [row for row in (tokenize_example(loaded.tokenizer, m, max_seq_length, final_turn_only=True) for m in examples) if row]
+    rows.sort(key=lambda row: len(row["input_ids"]))
+    collate = PadCollator(loaded.tokenizer.pad_token_id)
     total, count = 0.0, 0
     with loaded.using(adapter) as model, torch.inference_mode():
-        for messages in examples:
-            row = tokenize_example(loaded.tokenizer, messages, max_seq_length, final_turn_only=True)
-            if row is None:
-                continue
-            input_ids = torch.tensor([row["input_ids"]], device=loaded.device)
-            labels = torch.tensor([row["labels"]], device=loaded.device)
-            logits = model(input_ids=input_ids).logits[:, :-1, :].float()
-            targets = labels[:, 1:]
+        for start in range(0, len(rows), batch_size):
+            batch = {key: value.to(loaded.device) for key, value in collate(rows[start : start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :].float()
+            targets = batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
             )

@@ -54,7 +54,11 @@ METRICS: dict[str, tuple[str, bool, str]] = {
         "Cross-entropy of the model on the reference answers' tokens: lower means it finds the right answer more likely.",
     ),
     "perplexity": ("Perplexity", False, "exp(held-out loss): roughly how many tokens the model hesitates between at each step."),
-    "latency_mean_ms": ("Latency, mean", False, "Measured time to generate one answer, in milliseconds."),
+    "latency_mean_ms": (
+        "Latency, mean",
+        False,
+        "Measured time to generate one answer, in milliseconds: its own share of the batched decoding time.",
+    ),
     "latency_p50_ms": ("Latency, p50", False, "Half of the answers took at most this long."),
     "latency_p95_ms": ("Latency, p95", False, "95% of the answers took at most this long."),
     "avg_length": ("Answer length", None, "Mean number of generated tokens per answer."),

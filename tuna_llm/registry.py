@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tuna_llm import rowwise
 from tuna_llm.catalog import BaseModelSpec, get_base_model_spec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model, pick_device
 from tuna_llm.settings import current
@@ -63,6 +64,7 @@ class LoadedBaseModel:
             else:
                 self.model.load_adapter(str(path), adapter_name=adapter_name)
             self.model.eval()
+            rowwise.pad_single_rows(self.model)  # the adapter's new LoRA layers too
             self.adapters[adapter_name] = path
             logger.info("Attached adapter %s to %s", adapter_name, self.name)
 
@@ -119,6 +121,14 @@ class LoadedBaseModel:
             yield self.model, {"adapter_names": [name or "__base__" for name in row_adapters]}
 
 
+def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None) -> LoadedBaseModel:
+    """A base model loaded for evaluation and serving: each answer computed as if alone, whatever it is
+    batched with (row-wise attention, no single-row kernels: tuna_llm.rowwise)."""
+    tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token, attention=rowwise.register())
+    rowwise.pad_single_rows(model)
+    return LoadedBaseModel(spec, plan, tokenizer, model)
+
+
 class ModelRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -130,10 +140,22 @@ class ModelRegistry:
             loaded = self._loaded.get(spec.name)
             if loaded is None:
                 plan = pick_device()
-                tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=current().hf_token)
-                loaded = LoadedBaseModel(spec, plan, tokenizer, model)
+                loaded = load_for_serving(spec, plan, hf_token=current().hf_token)
                 self._loaded[spec.name] = loaded
             return loaded
+
+    def get_on(self, thread, name: str | None = None) -> LoadedBaseModel:
+        """``get``, with a first load run on ``thread`` (a ComputeThread): a serving process keeps its torch
+        work on one thread (tuna_llm.compute). An already loaded model is returned at once."""
+        spec = get_base_model_spec(name)
+        with self._lock:
+            loaded = self._loaded.get(spec.name)
+        return loaded if loaded is not None else thread.call(lambda: self.get(spec.name))
+
+    def clear(self) -> None:
+        """Forget the loaded models (the next ``get`` loads again, e.g. after the precision setting changed)."""
+        with self._lock:
+            self._loaded.clear()
 
 
 registry = ModelRegistry()

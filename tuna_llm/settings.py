@@ -18,6 +18,7 @@ class LlmSettings:
     model_cache_dir: Path
     adapter_cache_size: int = 8
     hf_token: str | None = None
+    precision: str = "auto"  # "auto" (bf16 where the hardware has it natively), "bf16" or "fp32"
     extra: dict = field(default_factory=dict)
 
 

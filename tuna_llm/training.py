@@ -262,6 +262,51 @@ def make_progress_callback(hooks: TrainingHooks, *, has_eval: bool):
     return ProgressCallback()
 
 
+# Architectures whose logits are the output layer applied to the last hidden state, nothing more (no
+# soft-capping, no logit scale): their loss can be computed at the answer tokens alone.
+PLAIN_OUTPUT_LAYER = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+
+
+def make_trainer(**kwargs):
+    """transformers' Trainer, computing the output layer only where the loss is taken (see AnswerTokensTrainer)."""
+    from transformers import Trainer
+
+    class AnswerTokensTrainer(Trainer):
+        """The same loss as the model's own, computed on the answer tokens alone.
+
+        The model's forward projects every position onto the vocabulary (49,152 columns for SmolLM2, 128,256 for
+        Llama 3.1) and then throws away the prompt positions, whose labels are masked. Here the decoder runs as
+        usual and the output layer and cross-entropy run only at the positions that have a label: the same
+        value (tested), without the prompt's share of the largest matrix product and of the softmax.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            if return_outputs or "labels" not in inputs or base.config.model_type not in PLAIN_OUTPUT_LAYER:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return answer_tokens_loss(base, inputs, num_items_in_batch)
+
+    return AnswerTokensTrainer(**kwargs)
+
+
+def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+    """Cross-entropy of the next-token predictions at the labelled positions, as the model's own loss computes it
+    (a sum over ``num_items_in_batch`` when given, else the mean), with the output layer applied there alone."""
+    import torch
+
+    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+    targets = inputs["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits, targets[keep])
+    total = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 # -- the run ----------------------------------------------------------------------------------
 def run_lora_training(
     config: TrainingConfig,
@@ -282,7 +327,7 @@ def run_lora_training(
     `init_adapter` continues training an existing adapter (a "continue training" run) instead of a fresh one.
     """
     from peft import PeftModel, get_peft_model
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     set_seed(config.seed)
     # A fresh copy of the base weights: peft injects LoRA layers into the model it is given.
@@ -304,7 +349,7 @@ def run_lora_training(
     if resume_from is not None:
         discard_incomplete_checkpoints(output_dir)
     progress = make_progress_callback(hooks, has_eval=bool(eval_rows))
-    trainer = Trainer(
+    trainer = make_trainer(
         model=model,
         args=training_arguments(config, output_dir=checkpoints, plan=plan, train_rows=len(train_rows), has_eval=bool(eval_rows)),
         train_dataset=train_rows,

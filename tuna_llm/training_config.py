@@ -31,7 +31,7 @@ class TrainingConfig:
     max_seq_length: int = 512
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     warmup_steps: int = 0
     gradient_accumulation_steps: int = 1

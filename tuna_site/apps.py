@@ -20,4 +20,5 @@ def model_layer_settings() -> llm_settings.LlmSettings:
         model_cache_dir=settings.TUNA_MODEL_CACHE_DIR,
         adapter_cache_size=settings.TUNA_ADAPTER_CACHE_SIZE,
         hf_token=settings.HF_TOKEN,
+        precision=settings.TUNA_PRECISION,
     )

@@ -53,6 +53,11 @@ TUNA_GGUF_DIR = Path(env_str("TUNA_GGUF_DIR", str(TUNA_DATA_DIR / "gguf"))).reso
 TUNA_SERVING_ENGINE = env_str("TUNA_SERVING_ENGINE", "auto").strip().lower()
 if TUNA_SERVING_ENGINE not in ("auto", "transformers", "llamacpp"):
     raise ImproperlyConfigured(f"TUNA_SERVING_ENGINE must be auto, transformers or llamacpp, got {TUNA_SERVING_ENGINE!r}")
+# One precision per deployment, for training, evaluation and serving: "auto" is bf16 where the hardware
+# computes it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16) and fp32 elsewhere.
+TUNA_PRECISION = env_str("TUNA_PRECISION", "auto").strip().lower()
+if TUNA_PRECISION not in ("auto", "bf16", "fp32"):
+    raise ImproperlyConfigured(f"TUNA_PRECISION must be auto, bf16 or fp32, got {TUNA_PRECISION!r}")
 TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
 
 # Fair sharing (README "Limits"): what one user may hold or ask for, so no one blocks the others.

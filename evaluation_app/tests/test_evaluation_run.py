@@ -24,12 +24,11 @@ class _LogLines(logging.Handler):
 
 
 def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_dataset, settings):
-    from peft import PeftModel
 
     from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.engine import generate_chat
-    from tuna_llm.loading import load_tokenizer_and_model, pick_device
-    from tuna_llm.registry import LoadedBaseModel, registry
+    from tuna_llm.loading import pick_device
+    from tuna_llm.registry import load_for_serving, registry
 
     job = training_services.training_job_start(
         owner=alice,
@@ -53,6 +52,7 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
     evaluation.refresh_from_db()
     assert evaluation.status == "completed", evaluation.error_message
     assert (evaluation.done, evaluation.test_size) == (3, 3) and evaluation.max_new_tokens >= 32
+    assert evaluation.precision == pick_device().describe()  # what both models computed in, shown on the page
     assert evaluation.run_seconds > 0 and evaluation.started_at <= evaluation.completed_at
     assert evaluation.worker_host and evaluation.heartbeat_at is not None
     assert evaluation.error_message == "" and evaluation.error_traceback == ""
@@ -113,13 +113,12 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
     assert f"job-{job.pk}" in loaded.adapters
     # ... and the outputs are what separately loaded models give with the adapter off and on.
     spec, plan = get_base_model_spec(), pick_device()
-    tokenizer, plain = load_tokenizer_and_model(spec, plan)
-    pristine = LoadedBaseModel(spec, plan, tokenizer, plain)
+    pristine = load_for_serving(spec, plan)
     budget = evaluation.max_new_tokens
     assert generate_chat(pristine, examples[0].messages, max_new_tokens=budget).text == examples[0].base_output
-    _, other = load_tokenizer_and_model(spec, plan)
-    tuned = LoadedBaseModel(spec, plan, tokenizer, PeftModel.from_pretrained(other, job.adapter_dir).eval())
-    assert generate_chat(tuned, examples[0].messages, max_new_tokens=budget).text == examples[0].finetuned_output
+    tuned = load_for_serving(spec, plan)
+    tuned.attach_adapter("tuned", job.adapter_dir)
+    assert generate_chat(tuned, examples[0].messages, adapter="tuned", max_new_tokens=budget).text == examples[0].finetuned_output
 
     # The held-out set is never re-run twice for one request.
     again, created = services.evaluation_start(owner=alice, job=job, test_size=3)

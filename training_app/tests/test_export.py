@@ -25,7 +25,7 @@ def run_export(export: Export) -> Export:
     return export
 
 
-def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, alice_api, alice_client, finetuned_job):
+def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, alice_api, alice_client, finetuned_job, fp32):
     response = alice_api.post(f"/api/training/{finetuned_job.pk}/export", {}, format="json")
     assert response.status_code == 202 and response.json()["status"] == "queued"
     export = run_export(Export.objects.get(pk=response.json()["id"]))

@@ -1,0 +1,193 @@
+"""Generation speed, side by side in one run: each precision and scheduling of the transformers engine,
+plain transformers ``generate`` as the reference, and llama.cpp when the base model's GGUF is there.
+
+The embedded base model, greedy, --tokens new tokens per answer, prompts that ask for long answers. For the
+transformers engine (tuna_llm.batching, in this process, as the web process runs it):
+
+- 1 stream: --rounds requests one after another; tokens/s = completion tokens / wall time;
+- 8 at once: 8 requests submitted together; aggregate tokens/s;
+- 8 clients 0.5 s apart: client i sends at i x 0.5 s; time to first token (TTFT: from sending to the first
+  text) and latency (sending to the last token), p50 and p95 over the 8 clients.
+
+"static" decodes a batch to its end before the next requests start (how the engine worked before continuous
+batching); "continuous" lets a request join the running batch at the next step. "fp32 static" is the engine
+as it was before issue 16 (fp32, static batches). Plain ``generate`` runs single-stream only.
+
+    .venv/bin/python bench/generation.py [--tokens 128] [--rounds 3] [--precisions fp32,bf16]
+
+llama.cpp: the f16 GGUF of the base model in TUNA_GGUF_DIR (default media/gguf; bench/serving.py or any
+export makes it), single stream from one thread; skipped when it is not there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from functools import partial
+
+from _common import ROOT, setup_django
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Describe a walk through a busy market in a city you love.",
+    "Write a letter to a friend about your first week at a new job.",
+    "Explain the water cycle to a ten-year-old, with examples.",
+    "Describe how to bake bread at home, step by step.",
+    "Write a travel guide for a weekend in a mountain village.",
+    "Tell the history of the printing press and why it mattered.",
+]
+CLIENTS, ARRIVAL_GAP_S = 8, 0.5
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))]
+
+
+def engine_rows(loaded, *, continuous: bool, tokens: int, rounds: int) -> dict:
+    from tuna_llm.batching import BatchingEngine, GenerationRequest
+    from tuna_llm.prompting import render_chat
+
+    texts = [render_chat(loaded.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    engine = BatchingEngine(loaded, continuous=continuous)
+
+    def request(i: int) -> GenerationRequest:
+        return GenerationRequest(text=texts[i % len(texts)], max_new_tokens=tokens)
+
+    engine.generate(request(0))  # warm-up
+    started, done = time.perf_counter(), 0
+    for i in range(rounds):
+        done += engine.generate(request(i)).completion_tokens
+    single = done / (time.perf_counter() - started)
+
+    batch = [request(i) for i in range(CLIENTS)]
+    started = time.perf_counter()
+    engine.submit_all(batch)
+    for r in batch:
+        r.done.wait()
+    aggregate = sum(r.result.completion_tokens for r in batch) / (time.perf_counter() - started)
+
+    ttft, latency = [0.0] * CLIENTS, [0.0] * CLIENTS
+
+    def client(i: int, start: float) -> None:
+        time.sleep(max(0.0, start + i * ARRIVAL_GAP_S - time.perf_counter()))
+        sent = time.perf_counter()
+        first = None
+        for _ in engine.stream(request(i)):
+            if first is None:
+                first = time.perf_counter()
+        ttft[i], latency[i] = (first or time.perf_counter()) - sent, time.perf_counter() - sent
+
+    start = time.perf_counter() + 0.1
+    threads = [threading.Thread(target=client, args=(i, start)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {
+        "single": single,
+        "aggregate": aggregate,
+        "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p95": percentile(ttft, 0.95),
+        "lat_p50": percentile(latency, 0.5),
+        "lat_p95": percentile(latency, 0.95),
+    }
+
+
+def plain_generate(loaded, *, tokens: int, rounds: int) -> float:
+    import torch
+
+    from tuna_llm.prompting import render_chat
+
+    tok = loaded.tokenizer
+    done, started = 0, None
+    for i in range(rounds + 1):
+        ids = tok(
+            render_chat(tok, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True), return_tensors="pt"
+        )
+        with torch.inference_mode():
+            out = loaded.model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        if i == 0:  # warm-up
+            started = time.perf_counter()
+            continue
+        done += out.shape[1] - ids["input_ids"].shape[1]
+    return done / (time.perf_counter() - started)
+
+
+def llama_cpp(tokens: int, rounds: int) -> float | None:
+    from pathlib import Path
+
+    from django.conf import settings
+
+    from tuna_llm.llamacpp import LlamaCall, LlamaCppModel
+
+    path = Path(settings.TUNA_GGUF_DIR) / settings.TUNA_DEFAULT_BASE_MODEL / "base-f16.gguf"
+    try:
+        model = LlamaCppModel(path)
+    except Exception as exc:  # not converted yet, or llama-cpp-python missing
+        print(f"llama.cpp: skipped ({path}: {exc})")
+        return None
+    model.chat(LlamaCall(messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=tokens))
+    done, started = 0, time.perf_counter()
+    for i in range(rounds):
+        done += model.chat(
+            LlamaCall(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=tokens)
+        ).completion_tokens
+    return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="requests of the single-stream measurement")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    args = parser.parse_args()
+    os.environ.setdefault("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))
+    os.environ.setdefault("TUNA_GGUF_DIR", str(ROOT / "media" / "gguf"))
+    setup_django()
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.loading import deployment_precision, load_tokenizer_and_model, pick_device
+    from tuna_llm.registry import LoadedBaseModel, load_for_serving
+
+    print(f"deployment precision (TUNA_PRECISION): {deployment_precision()}")
+    print(f"{args.tokens} new tokens, greedy; {CLIENTS} clients {ARRIVAL_GAP_S} s apart for TTFT and latency")
+    print(f"{'engine':<34} {'1 stream':>9} {'8 at once':>10} {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'lat p95':>8}")
+    from tuna_llm.compute import compute_thread
+
+    spec = get_base_model_spec()
+    results = {}
+    # Every torch call on the one compute thread, as in the web process (see tuna_llm.compute).
+    on = compute_thread.call
+    for precision in args.precisions.split(","):
+        plan = pick_device(precision)
+        plain = LoadedBaseModel(spec, plan, *on(partial(load_tokenizer_and_model, spec, plan)))
+        speed = on(partial(plain_generate, plain, tokens=args.tokens, rounds=args.rounds))
+        print(f"{'plain generate, ' + precision:<34} {speed:>7.1f}/s", flush=True)
+        del plain
+        loaded = on(partial(load_for_serving, spec, plan))  # as the registry loads it
+        for continuous in (False, True):
+            name = f"engine, {precision}, {'continuous' if continuous else 'static'}"
+            r = results[name] = engine_rows(loaded, continuous=continuous, tokens=args.tokens, rounds=args.rounds)
+            print(
+                f"{name:<34} {r['single']:>7.1f}/s {r['aggregate']:>8.1f}/s {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s "
+                f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s",
+                flush=True,
+            )
+    llama = on(lambda: llama_cpp(args.tokens, args.rounds))
+    if llama is not None:
+        print(f"{'llama.cpp, f16 GGUF':<34} {llama:>7.1f}/s")
+    today = results.get("engine, fp32, static")
+    best = results.get(f"engine, {pick_device().precision}, continuous")
+    if today and best:
+        print(
+            f"deployment default vs before (fp32, static): single stream {best['single'] / today['single']:.2f}x (goal >= 1.4x), "
+            f"p95 latency of {CLIENTS} clients {best['lat_p95'] / today['lat_p95']:.2f}x (goal <= 0.7x), "
+            f"p95 TTFT {best['ttft_p95'] / today['ttft_p95']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

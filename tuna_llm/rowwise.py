@@ -1,0 +1,100 @@
+"""Row-wise computation: each row of a batch computed exactly as it would be alone.
+
+Greedy answers must not depend on what a request was batched with (the evaluation decodes batched; the API
+decodes whatever arrives together; a user compares both). Two things broke that in bf16 on CPU (measured on
+the embedded model: 12 of 32 sample prompts answered differently batched than alone):
+
+- Attention over a padded batch reduces over every key column, the padding included; the masked columns add
+  nothing in exact arithmetic but change how the sums are grouped. ``rows_attention`` computes each row's
+  attention on its own columns only, with the very call an unpadded sequence makes. Registered with
+  transformers as the attention implementation ``ROWS`` (masks made as for SDPA). A row's real tokens are
+  one run of columns: right-aligned (left padding, as ``DecodeBatch`` keeps them) or left-aligned (right
+  padding, as the held-out loss batches have them).
+- A matrix product of a single row goes through a different kernel (matrix-vector) than two rows or more,
+  which rounds differently now and then (measured: 18 of 200 random rows for SmolLM2's down projection, none
+  between 2 and 8 rows at any position). ``pad_single_rows`` has every Linear compute a lone row as the first
+  of two identical rows, so one stream decodes with the kernel a batch uses.
+
+With both, greedy answers batched and alone are the same (tests/test_decoding.py, bench/evaluation.py).
+"""
+
+from __future__ import annotations
+
+ROWS = "tuna_rows"
+_registered = False
+
+
+def register() -> str:
+    """Register the implementation with transformers (once per process); returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ROWS, rows_attention)
+        AttentionMaskInterface.register(ROWS, sdpa_mask)
+        _registered = True
+    return ROWS
+
+
+def pad_single_rows(model) -> None:
+    """Have every Linear of ``model`` (LoRA layers included; call again after attaching an adapter) compute a
+    single row as the first of two identical rows."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not getattr(module, "_tuna_single_rows", False):
+            module.register_forward_pre_hook(_two_rows_in)
+            module.register_forward_hook(_first_row_out)
+            module._tuna_single_rows = True
+            module._tuna_doubled = False
+
+
+def _two_rows_in(module, args):
+    x = args[0]
+    module._tuna_doubled = x.numel() == x.shape[-1]
+    if module._tuna_doubled:
+        import torch
+
+        return (torch.cat([x, x], dim=0), *args[1:])
+    return None
+
+
+def _first_row_out(module, args, output):
+    if module._tuna_doubled:
+        module._tuna_doubled = False
+        return output[:1]
+    return None
+
+
+def rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
+    """query [rows, heads, q, dim], key/value [rows, kv_heads, k, dim]; mask None or bool [rows, 1, q, k]."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def alone(q, k, v):
+        # Contiguous copies: the kernel's blocking follows the strides, so a view and a copy can round differently.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)[0]
+
+    if attention_mask is None or attention_mask.dtype != torch.bool:
+        if attention_mask is None:
+            return alone(query, key, value), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    rows, q_length, k_length = query.shape[0], query.shape[2], key.shape[2]
+    out = query.new_zeros((rows, q_length, query.shape[1], value.shape[-1]))
+    # The last query sees every real key of its row (causal, padding masked): one run of columns, on the right
+    # for left padding (a decoding batch), on the left for right padding (a held-out loss batch).
+    visible = attention_mask[:, 0, -1, :]
+    for row in range(rows):
+        columns = visible[row].nonzero()
+        if not len(columns):
+            continue
+        start, end = int(columns[0]), int(columns[-1]) + 1
+        if q_length == k_length:  # no cache: the queries are the same positions
+            q_start, q_end = start, end
+        else:  # decoding on a cache: the newest queries, at the right end
+            q_start, q_end = q_length - min(q_length, end - start), q_length
+        keys, values = key[row : row + 1, :, start:end], value[row : row + 1, :, start:end]
+        out[row, q_start:q_end] = alone(query[row : row + 1, :, q_start:q_end], keys, values)[0]
+    return out, None

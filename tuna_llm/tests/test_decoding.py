@@ -1,0 +1,136 @@
+"""Precision, continuous batching, row-wise attention and the answer-token loss, on the real embedded model."""
+
+import pytest
+import torch
+
+from tuna_llm.batching import BatchingEngine, GenerationRequest
+from tuna_llm.catalog import get_base_model_spec
+from tuna_llm.decoding import DecodeBatch, Row
+from tuna_llm.engine import generate_chat
+from tuna_llm.loading import load_tokenizer_and_model, native_bf16, pick_device
+from tuna_llm.prompting import render_chat
+from tuna_llm.registry import registry
+from tuna_llm.training import PadCollator, answer_tokens_loss, tokenize_examples
+
+pytestmark = pytest.mark.django_db
+
+
+def chat(loaded, prompt: str) -> str:
+    return render_chat(loaded.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+
+
+def test_it_picks_bf16_where_the_hardware_computes_it_natively_and_obeys_the_setting(settings):
+    has_native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert (native_bf16() is not None) == (has_native or torch.cuda.is_bf16_supported(including_emulation=False))
+    auto = pick_device("auto")
+    assert auto.dtype_name == ("bfloat16" if native_bf16() else "float32")
+    assert auto.reason  # said in words on the usage and evaluation pages
+    assert pick_device("fp32").dtype == torch.float32 and "TUNA_PRECISION=fp32" in pick_device("fp32").describe()
+    assert pick_device("bf16").dtype == torch.bfloat16
+    settings.TUNA_PRECISION = "fp32"
+    assert pick_device().precision == "fp32"  # the setting, read live
+    with pytest.raises(ValueError, match="TUNA_PRECISION must be one of auto, bf16, fp32"):
+        pick_device("fp16")
+
+
+def test_it_serves_in_the_deployment_precision():
+    loaded = registry.get()
+    assert loaded.model.dtype == pick_device().dtype
+    assert loaded.plan.precision == pick_device().precision
+
+
+def test_it_lets_a_request_join_a_running_batch_at_the_next_step():
+    loaded = registry.get()
+    long_text, short_text = chat(loaded, "Count from one to fifty, in words."), chat(loaded, "Say hello.")
+    alone = [
+        generate_chat(loaded, [{"role": "user", "content": p}], max_new_tokens=n).text
+        for p, n in (("Count from one to fifty, in words.", 40), ("Say hello.", 6))
+    ]
+    engine = BatchingEngine(loaded, window_s=0.0)
+    long = GenerationRequest(text=long_text, max_new_tokens=40)
+    short = GenerationRequest(text=short_text, max_new_tokens=6)
+    engine.submit(long)
+    first = long.deltas.get(timeout=60)  # the long request is decoding
+    engine.submit(short)
+    assert short.done.wait(60)
+    assert not long.done.is_set()  # the short one ended while the long one still decoded: it did not wait for it
+    assert long.done.wait(120)
+    assert engine.batches_run == 2 and engine.largest_batch == 2  # two admissions into one running batch
+    assert short.result.queue_ms < long.result.latency_ms
+    assert [long.result.text, short.result.text] == alone
+    assert long.result.text.startswith(first.strip())
+
+
+def test_it_keeps_padding_out_of_a_row_s_attention():  # in the deployment's precision
+    """A row padded on the left (batched with a longer prompt) gets bit-identical logits to the same row alone."""
+    loaded = registry.get()
+    short = loaded.tokenizer(chat(loaded, "Hi"), add_special_tokens=False)["input_ids"]
+    long = loaded.tokenizer(chat(loaded, "Please write a long and detailed answer about the sea."), add_special_tokens=False)["input_ids"]
+    captured = []
+
+    def choose(logits, rows):
+        captured.append(logits.clone())
+        return logits.argmax(dim=-1).tolist()
+
+    alone, together = DecodeBatch(loaded, loaded.tokenizer.pad_token_id), DecodeBatch(loaded, loaded.tokenizer.pad_token_id)
+    alone._choose = together._choose = choose
+    alone.admit([Row(short)])
+    together.admit([Row(long), Row(short)])
+    assert len(long) > len(short)
+    assert torch.equal(captured[0][0], captured[1][1])
+
+
+def test_it_computes_the_answer_token_loss_as_the_model_does():
+    from peft import get_peft_model
+
+    from tuna_llm.training import lora_config
+    from tuna_llm.training_config import TrainingConfig
+
+    spec = get_base_model_spec()
+    tokenizer, model = load_tokenizer_and_model(spec, pick_device("fp32"))
+    config = TrainingConfig(base_model=spec.name, target_modules=("q_proj", "v_proj"))
+    model = get_peft_model(model, lora_config(config))
+    examples = [
+        [{"role": "user", "content": f"Order {i}: {n} mugs"}, {"role": "assistant", "content": f'{{"item": "mug", "qty": {n}}}'}]
+        for i, n in enumerate((2, 7, 11))
+    ]
+    batch = PadCollator(tokenizer.pad_token_id)(tokenize_examples(tokenizer, examples, 256))
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert answer_tokens < int(batch["attention_mask"].sum())  # the prompt positions are left out
+    with torch.no_grad():
+        assert answer_tokens_loss(model.get_base_model(), batch).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+        items = torch.tensor(answer_tokens * 2)  # as with gradient accumulation over two batches
+        ours = answer_tokens_loss(model.get_base_model(), batch, items).item()
+        assert ours == pytest.approx(model(**batch, num_items_in_batch=items).loss.item(), rel=1e-5)
+
+
+def test_it_states_the_precision_on_the_usage_page_and_records_it_per_call(alice_api, alice_client):
+    from inference_app.models import UsageLog
+
+    answer = alice_api.post("/api/inference", {"model_id": "base:smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 4}, format="json")
+    assert answer.status_code == 200, answer.content
+    assert UsageLog.objects.get().precision == pick_device().precision
+    page = alice_client.get("/usage").content.decode()
+    assert f"This deployment computes in <strong>{pick_device().describe()}</strong>" in page
+
+
+def test_it_computes_held_out_loss_in_batches_as_one_example_at_a_time():
+    from datasets_app.examples import SAMPLE_PATH, file_examples
+    from tuna_llm.evaluation import answer_loss
+
+    loaded = registry.get()
+    examples = file_examples(SAMPLE_PATH)[:10]  # lengths differ: rows are padded on the right
+    batched = answer_loss(loaded, examples, adapter=None, batch_size=8)
+    assert batched == pytest.approx(answer_loss(loaded, examples, adapter=None, batch_size=1), rel=1e-4)
+
+
+def test_it_computes_a_lone_row_with_the_kernel_a_batch_uses():
+    """A single row through a Linear goes through a matrix-vector kernel that rounds differently in bf16;
+    the serving model computes it as the first of two rows instead."""
+    loaded = registry.get()
+    down = loaded.base_model.model.layers[8].mlp.down_proj
+    rows = torch.randn(8, 1, down.in_features, generator=torch.Generator().manual_seed(1)).to(loaded.plan.dtype)
+    with torch.inference_mode():
+        together = down(rows)
+        assert all(torch.equal(down(rows[i : i + 1])[0], together[i]) for i in range(8))
+        assert down(rows[:1]).shape == (1, 1, down.out_features)
