@@ -7,7 +7,8 @@ held-out loss of both) with tuna_llm.evaluation.run_evaluation:
 
 - "fp32, one at a time": each answer decoded alone, base then fine-tuned, held-out loss one example per pass;
 - "<precision>, batched": base and fine-tuned rows decoded together, continuously batched, 8 rows at most,
-  held-out loss in batches of 8.
+  held-out loss in batches of 8; "batched apart": the same with the base rows first and the fine-tuned ones
+  after (rows of one adapter together), to see whether mixing them pays.
 
 Prints the wall time of each, its ratio to the first (goal <= 0.6 for the deployment's precision), the held-out
 exact match and loss of the fine-tune, and how many greedy answers are equal between runs (precision against
@@ -24,7 +25,7 @@ import time
 from _common import temporary_site, upload_sample
 
 
-def evaluate(job, examples, *, precision: str, batch: int):
+def evaluate(job, examples, *, precision: str, batch: int, mixed: bool = True):
     from django.conf import settings
 
     from tuna_llm.evaluation import run_evaluation
@@ -36,7 +37,7 @@ def evaluate(job, examples, *, precision: str, batch: int):
     loaded.attach_adapter("bench", job.adapter_dir)
     answers = []
     started = time.perf_counter()
-    result = run_evaluation(loaded, examples, "bench", hourly_usd=1.0, max_batch=batch, hooks=_collect(answers))
+    result = run_evaluation(loaded, examples, "bench", hourly_usd=1.0, max_batch=batch, mixed=mixed, hooks=_collect(answers))
     return time.perf_counter() - started, result, answers
 
 
@@ -65,14 +66,16 @@ def main() -> None:
         job = TrainingJob.objects.get(pk=job.pk)
         assert job.status == "completed", job.error_message
         examples = held_out_examples(dataset)[: args.examples]
-        runs = [("fp32, one at a time", "fp32", 1)] + [(f"{p}, batched", p, 8) for p in args.precisions.split(",")]
-        if pick_device().precision != "fp32":
-            runs.append((f"{pick_device().precision}, one at a time", pick_device().precision, 1))
+        default = pick_device().precision
+        runs = [("fp32, one at a time", "fp32", 1, True)] + [(f"{p}, batched", p, 8, True) for p in args.precisions.split(",")]
+        runs.append((f"{default}, batched apart", default, 8, False))
+        if default != "fp32":
+            runs.append((f"{default}, one at a time", default, 1, True))
         results = {}
         print(f"{len(examples)} held-out examples of the sample, fine-tune of {args.steps} updates; deployment: {pick_device().describe()}")
         print(f"{'run':<22} {'time':>7} {'vs before':>9} {'exact match':>12} {'held-out loss':>14}")
-        for name, precision, batch in runs:
-            seconds, result, answers = evaluate(job, examples, precision=precision, batch=batch)
+        for name, precision, batch, mixed in runs:
+            seconds, result, answers = evaluate(job, examples, precision=precision, batch=batch, mixed=mixed)
             results[name] = answers
             tuned = result.finetuned
             ratio = seconds / results.setdefault("_before_s", seconds)
@@ -83,12 +86,11 @@ def main() -> None:
             )
         before = results["fp32, one at a time"]
         print("greedy answers equal (base, fine-tuned), example by example:")
-        for name in [n for n, _, _ in runs[1:]]:
+        for name in [run[0] for run in runs[1:]]:
             other = results[name]
             base_equal = sum(a[0] == b[0] for a, b in zip(before, other, strict=True))
             tuned_equal = sum(a[1] == b[1] for a, b in zip(before, other, strict=True))
             print(f"  fp32 one at a time vs {name:<22} {base_equal}/{len(before)}, {tuned_equal}/{len(before)}")
-        default = pick_device().precision
         if default != "fp32":
             alone, batched = results[f"{default}, one at a time"], results[f"{default}, batched"]
             same = sum(a == b for a, b in zip(alone, batched, strict=True))

@@ -158,13 +158,14 @@ def main() -> None:
     from tuna_llm.compute import compute_thread
 
     spec = get_base_model_spec()
-    results = {}
+    results, plain_speeds = {}, {}
     # Every torch call on the one compute thread, as in the web process (see tuna_llm.compute).
     on = compute_thread.call
     for precision in args.precisions.split(","):
         plan = pick_device(precision)
         plain = LoadedBaseModel(spec, plan, *on(partial(load_tokenizer_and_model, spec, plan)))
         speed = on(partial(plain_generate, plain, tokens=args.tokens, rounds=args.rounds))
+        plain_speeds[precision] = speed
         print(f"{'plain generate, ' + precision:<34} {speed:>7.1f}/s", flush=True)
         del plain
         loaded = on(partial(load_for_serving, spec, plan))  # as the registry loads it
@@ -187,6 +188,8 @@ def main() -> None:
             f"p95 latency of {CLIENTS} clients {best['lat_p95'] / today['lat_p95']:.2f}x (goal <= 0.7x), "
             f"p95 TTFT {best['ttft_p95'] / today['ttft_p95']:.2f}x"
         )
+    if today and best and "fp32" in plain_speeds:
+        print(f"single stream against plain transformers generate in fp32: {best['single'] / plain_speeds['fp32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -42,14 +42,26 @@ class Row:
 
 
 class DecodeBatch:
+    """The running rows and their cache. The tensors hold one slot per row, except that in bf16 a batch of one
+    row holds it twice (a "ghost" copy): a single row would go through the matrix-vector kernels, which round
+    differently from the matrix kernels a batch uses (tuna_llm.rowwise), so a lone answer would not be the one
+    it gets in a batch. In bf16 two rows cost about what one does (measured: 25 against 28 tokens/s on the
+    2-core CPU); in fp32 they cost 40% more and fp32's finer rounding has not flipped an answer in our tests,
+    so fp32 decodes a lone row alone."""
+
     def __init__(self, loaded: LoadedBaseModel, pad_token_id: int) -> None:
         self.loaded = loaded
         self.pad_token_id = pad_token_id
-        self.rows: list[Row] = []
-        self.cache: Any = None  # transformers' DynamicCache: [rows, heads, columns, head_dim] per layer
-        self.mask: Any = None  # [rows, columns]: 1 where a column holds one of the row's tokens
-        self.lengths: Any = None  # [rows]: real tokens per row (the next token's position)
+        self.slots: list[Row] = []  # the tensors' rows: each row once, or a lone row twice
+        self.cache: Any = None  # transformers' DynamicCache: [slots, heads, columns, head_dim] per layer
+        self.mask: Any = None  # [slots, columns]: 1 where a column holds one of the row's tokens
+        self.lengths: Any = None  # [slots]: real tokens per slot (the next token's position)
         self.can_join = True
+        self.ghost = loaded.plan.dtype_name != "float32"
+
+    @property
+    def rows(self) -> list[Row]:
+        return list(dict.fromkeys(self.slots))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -60,15 +72,16 @@ class DecodeBatch:
         import torch
 
         device = self.loaded.device
-        width = max(len(row.prompt_ids) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
+        slots = rows * 2 if len(rows) == 1 and self.ghost else list(rows)
+        width = max(len(row.prompt_ids) for row in slots)
+        ids = torch.full((len(slots), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(slots), width), dtype=torch.long)
+        for i, row in enumerate(slots):
             ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, dtype=torch.long)
             mask[i, width - len(row.prompt_ids) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=positions, cache=None)
+        logits, cache = self._forward(slots, input_ids=ids, attention_mask=mask, position_ids=positions, cache=None)
         lengths = mask.sum(-1)
         for row in rows:
             if not row.greedy and row.generator is None:
@@ -77,46 +90,61 @@ class DecodeBatch:
                     row.generator.manual_seed(row.seed)
                 else:
                     row.generator.seed()
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.lengths = list(rows), cache, mask, lengths
+        if not self.slots:
+            self.slots, self.cache, self.mask, self.lengths = slots, cache, mask, lengths
             self.can_join = _spliceable(cache)
         else:
-            self._splice(rows, cache, mask, lengths)
-        return self._choose(logits, rows)
+            self._splice(slots, cache, mask, lengths)
+        self._one_slot_per_row()
+        return self._choose(logits[: len(rows)], rows)
 
     def step(self, tokens: list[int]) -> list[int]:
-        """Feed each row its last token (``tokens``, in row order) and return the next one of each."""
+        """Feed each row its last token (``tokens``, in ``rows`` order) and return the next one of each."""
         import torch
 
         device = self.loaded.device
-        ids = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)], dim=1)
+        rows = self.rows
+        last = dict(zip(rows, tokens, strict=True))
+        ids = torch.tensor([last[row] for row in self.slots], dtype=torch.long, device=device).unsqueeze(1)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.slots), 1), dtype=self.mask.dtype, device=device)], dim=1)
         positions = self.lengths.unsqueeze(1)
-        logits, self.cache = self._forward(self.rows, input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache)
+        logits, self.cache = self._forward(self.slots, input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache)
         self.lengths = self.lengths + 1
-        return self._choose(logits, self.rows)
+        return self._choose(logits[: len(rows)], rows)  # the rows come first; a ghost copy is last
 
     def drop(self, rows: list[Row]) -> None:
         """Remove ``rows``; the padding columns every remaining row has on its left go too."""
-        import torch
-
-        keep = [i for i, row in enumerate(self.rows) if row not in rows]
-        if len(keep) == len(self.rows):
+        keep = [i for i, row in enumerate(self.slots) if row not in rows]
+        if len(keep) == len(self.slots):
             return
         if not keep:
-            self.rows, self.cache, self.mask, self.lengths = [], None, None, None
+            self.slots, self.cache, self.mask, self.lengths = [], None, None, None
             self.can_join = True
             return
-        index = torch.tensor(keep, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask, self.lengths = self.mask[index], self.lengths[index]
-        self.cache.batch_select_indices(index)
+        self._select(keep)
+        self._one_slot_per_row()
         shared_padding = int(self.mask.shape[1] - self.lengths.max())
         if shared_padding > 0 and self.can_join:
             self.mask = self.mask[:, shared_padding:]
             for layer in self.cache.layers:
                 layer.keys = layer.keys[:, :, shared_padding:, :]
                 layer.values = layer.values[:, :, shared_padding:, :]
+
+    def _one_slot_per_row(self) -> None:
+        """Each row once in the tensors, rows first; a lone row twice (its ghost copy last)."""
+        rows = self.rows
+        first = [self.slots.index(row) for row in rows]
+        wanted = first * 2 if len(rows) == 1 and self.ghost else first
+        if wanted != list(range(len(self.slots))):
+            self._select(wanted)
+
+    def _select(self, index: list[int]) -> None:
+        import torch
+
+        positions = torch.tensor(index, device=self.mask.device)
+        self.slots = [self.slots[i] for i in index]
+        self.mask, self.lengths = self.mask[positions], self.lengths[positions]
+        self.cache.batch_select_indices(positions)
 
     # -- internals ----------------------------------------------------------------------------
     def _forward(self, rows: list[Row], **inputs):
@@ -126,7 +154,7 @@ class DecodeBatch:
             out = model(**inputs, **routing, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float(), out.cache
 
-    def _splice(self, rows: list[Row], cache: Any, mask: Any, lengths: Any) -> None:
+    def _splice(self, slots: list[Row], cache: Any, mask: Any, lengths: Any) -> None:
         """Join newly prefilled rows to the running ones: left-pad the shorter side to a common width."""
         import torch
         import torch.nn.functional as F
@@ -145,7 +173,7 @@ class DecodeBatch:
             old.values = torch.cat([pad(old.values, 2), pad(new.values, 2)], dim=0)
         self.mask = torch.cat([pad(self.mask, 1), pad(mask, 1)], dim=0)
         self.lengths = torch.cat([self.lengths, lengths])
-        self.rows = self.rows + list(rows)
+        self.slots = self.slots + list(slots)
 
     @staticmethod
     def _choose(logits: Any, rows: list[Row]) -> list[int]:

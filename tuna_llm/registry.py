@@ -64,7 +64,6 @@ class LoadedBaseModel:
             else:
                 self.model.load_adapter(str(path), adapter_name=adapter_name)
             self.model.eval()
-            rowwise.pad_single_rows(self.model)  # the adapter's new LoRA layers too
             self.adapters[adapter_name] = path
             logger.info("Attached adapter %s to %s", adapter_name, self.name)
 
@@ -123,9 +122,8 @@ class LoadedBaseModel:
 
 def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None) -> LoadedBaseModel:
     """A base model loaded for evaluation and serving: each answer computed as if alone, whatever it is
-    batched with (row-wise attention, no single-row kernels: tuna_llm.rowwise)."""
+    batched with (row-wise attention: tuna_llm.rowwise)."""
     tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token, attention=rowwise.register())
-    rowwise.pad_single_rows(model)
     return LoadedBaseModel(spec, plan, tokenizer, model)
 
 

@@ -12,8 +12,9 @@ the embedded model: 12 of 32 sample prompts answered differently batched than al
   padding, as the held-out loss batches have them).
 - A matrix product of a single row goes through a different kernel (matrix-vector) than two rows or more,
   which rounds differently now and then (measured: 18 of 200 random rows for SmolLM2's down projection, none
-  between 2 and 8 rows at any position). ``pad_single_rows`` has every Linear compute a lone row as the first
-  of two identical rows, so one stream decodes with the kernel a batch uses.
+  between 2 and 8 rows at any position). ``DecodeBatch`` never decodes a lone row: it holds it twice (a
+  copy that costs little, since decoding reads the weights once either way). A held-out loss batch of one
+  example has as many rows as tokens.
 
 With both, greedy answers batched and alone are the same (tests/test_decoding.py, bench/evaluation.py).
 """
@@ -35,36 +36,6 @@ def register() -> str:
         AttentionMaskInterface.register(ROWS, sdpa_mask)
         _registered = True
     return ROWS
-
-
-def pad_single_rows(model) -> None:
-    """Have every Linear of ``model`` (LoRA layers included; call again after attaching an adapter) compute a
-    single row as the first of two identical rows."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not getattr(module, "_tuna_single_rows", False):
-            module.register_forward_pre_hook(_two_rows_in)
-            module.register_forward_hook(_first_row_out)
-            module._tuna_single_rows = True
-            module._tuna_doubled = False
-
-
-def _two_rows_in(module, args):
-    x = args[0]
-    module._tuna_doubled = x.numel() == x.shape[-1]
-    if module._tuna_doubled:
-        import torch
-
-        return (torch.cat([x, x], dim=0), *args[1:])
-    return None
-
-
-def _first_row_out(module, args, output):
-    if module._tuna_doubled:
-        module._tuna_doubled = False
-        return output[:1]
-    return None
 
 
 def rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):

@@ -124,13 +124,23 @@ def test_it_computes_held_out_loss_in_batches_as_one_example_at_a_time():
     assert batched == pytest.approx(answer_loss(loaded, examples, adapter=None, batch_size=1), rel=1e-4)
 
 
-def test_it_computes_a_lone_row_with_the_kernel_a_batch_uses():
-    """A single row through a Linear goes through a matrix-vector kernel that rounds differently in bf16;
-    the serving model computes it as the first of two rows instead."""
+def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch():
+    """A lone row is held twice, so that it goes through the kernels a batch uses (tuna_llm.rowwise)."""
     loaded = registry.get()
-    down = loaded.base_model.model.layers[8].mlp.down_proj
-    rows = torch.randn(8, 1, down.in_features, generator=torch.Generator().manual_seed(1)).to(loaded.plan.dtype)
-    with torch.inference_mode():
-        together = down(rows)
-        assert all(torch.equal(down(rows[i : i + 1])[0], together[i]) for i in range(8))
-        assert down(rows[:1]).shape == (1, 1, down.out_features)
+    ids = loaded.tokenizer(chat(loaded, "Name a colour."), add_special_tokens=False)["input_ids"]
+    other = loaded.tokenizer(chat(loaded, "Write two long sentences about rivers."), add_special_tokens=False)["input_ids"]
+    lone, pair = DecodeBatch(loaded, loaded.tokenizer.pad_token_id), DecodeBatch(loaded, loaded.tokenizer.pad_token_id)
+    a = lone.admit([Row(ids)])
+    ghost = loaded.plan.dtype_name == "bfloat16"
+    assert len(lone) == 1 and len(lone.slots) == lone.mask.shape[0] == (2 if ghost else 1)  # the ghost copy in bf16
+    b = pair.admit([Row(ids), Row(other)])
+    tokens_lone, tokens_pair = [a[0]], [b[0]]
+    for _ in range(12):
+        a = lone.step(a)
+        b = pair.step(b)
+        tokens_lone.append(a[0])
+        tokens_pair.append(b[0])
+    assert tokens_lone == tokens_pair
+    pair.drop([pair.rows[1]])  # the pair's second row ends: the first is held twice from now on
+    assert len(pair.slots) == (2 if ghost else 1) and pair.slots[0] is pair.slots[-1]
+    assert pair.step([b[0]]) == lone.step([a[0]])
