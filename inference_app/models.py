@@ -18,8 +18,8 @@ class UsageLog(models.Model):
     precision = models.CharField(max_length=8, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
-    latency_ms = models.FloatField(default=0)  # from its batch's start to its own end
-    queue_ms = models.FloatField(default=0)  # waiting for a batch, before that
+    latency_ms = models.FloatField(default=0)  # from its prefill's start to its own end
+    queue_ms = models.FloatField(default=0)  # waiting to be admitted, before that
     compute_ms = models.FloatField(default=0)  # its share of the batch's time; cost_usd is computed from it
     cost_usd = models.FloatField(default=0)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.OK)

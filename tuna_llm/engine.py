@@ -13,9 +13,9 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    latency_ms: float  # from the start of its generation (its batch's start) to its own end
-    queue_ms: float  # waiting for a batch, before latency_ms starts
-    compute_ms: float  # its share of the generation time: what it is billed
+    latency_ms: float  # from the start of its prefill to its own end
+    queue_ms: float  # waiting to be admitted, before latency_ms starts
+    compute_ms: float  # its share of the steps it was decoded in: what it is billed
     finish_reason: str  # "stop", "length", or "cancelled" (its client went away)
 
 
