@@ -311,14 +311,7 @@ def decode_all(
     join. Each request's ``result`` (or ``error``) is set, then ``on_end`` is called with it; its timing is
     its own share of the steps."""
     scheduler = Scheduler(loaded, tokenizer or padding_tokenizer(loaded), max_batch=max_batch)
-    pending = []
-    for request in requests:
-        try:
-            request.check()
-        except RequestInvalid as exc:
-            request.fail(exc)
-        else:
-            pending.append(request)
+    pending = checked(requests)
     unreported = list(requests)
     while pending or scheduler.running:
         joining = scheduler.joinable(pending)
@@ -332,6 +325,19 @@ def decode_all(
             on_end(request)
     for request in unreported:
         on_end(request)
+
+
+def checked(requests: list[GenerationRequest]) -> list[GenerationRequest]:
+    """The requests that can be decoded; each of the others fails at once, alone (RequestInvalid)."""
+    accepted = []
+    for request in requests:
+        try:
+            request.check()
+        except RequestInvalid as exc:
+            request.fail(exc)
+        else:
+            accepted.append(request)
+    return accepted
 
 
 def padding_tokenizer(loaded: LoadedBaseModel):
@@ -387,14 +393,7 @@ class BatchingEngine:
     def submit_all(self, requests: list[GenerationRequest]) -> None:
         """Queue requests in one step, so that they join together. A request with values that cannot be
         decoded fails at once, alone."""
-        accepted = []
-        for request in requests:
-            try:
-                request.check()
-            except RequestInvalid as exc:
-                request.fail(exc)
-            else:
-                accepted.append(request)
+        accepted = checked(requests)
         with self._cond:
             self._pending.extend(accepted)
         compute_thread.wake()
