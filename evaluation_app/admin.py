@@ -3,13 +3,13 @@ import json
 from django.contrib import admin, messages
 from django.utils.html import format_html
 
-from evaluation_app.models import Evaluation, EvaluationExample, Rating
+from evaluation_app.models import Evaluation, EvaluationExample, JudgeRun, JudgeVerdict, Rating
 from evaluation_app.services import EvaluationConflict, evaluation_delete
 
 
 @admin.register(Evaluation)
 class EvaluationAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "training_job", "status", "done", "test_size", "created_at"]
+    list_display = ["id", "owner", "training_job", "baseline_job", "status", "done", "test_size", "created_at"]
     list_filter = ["status", "created_at"]
     search_fields = ["id", "owner__username", "error_message"]
     list_select_related = ["owner", "training_job"]
@@ -55,3 +55,36 @@ class RatingAdmin(admin.ModelAdmin):
     list_display = ["example", "user", "preferred_model", "blind", "updated_at"]
     list_filter = ["preferred_model", "blind"]
     list_select_related = ["example", "user"]
+
+
+class JudgeVerdictInline(admin.TabularInline):
+    model = JudgeVerdict
+    extra = 0
+    can_delete = False
+    fields = ["example", "winner", "consistent", "base_first", "finetuned_first", "base_first_reason", "finetuned_first_reason"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(JudgeRun)
+class JudgeRunAdmin(admin.ModelAdmin):
+    list_display = ["id", "owner", "evaluation", "status", "judge_model", "endpoint", "done", "total", "requests", "created_at"]
+    list_filter = ["status", "judge_model"]
+    search_fields = ["id", "owner__username", "error_message", "judge_model"]
+    list_select_related = ["owner", "evaluation"]
+    readonly_fields = ["traceback_display"]
+    exclude = ["error_traceback"]
+    inlines = [JudgeVerdictInline]
+
+    @admin.display(description="Traceback")
+    def traceback_display(self, obj):
+        return format_html("<pre>{}</pre>", obj.error_traceback or "-")
+
+
+@admin.register(JudgeVerdict)
+class JudgeVerdictAdmin(admin.ModelAdmin):
+    list_display = ["run", "example", "winner", "consistent", "base_first", "finetuned_first"]
+    list_filter = ["winner", "consistent"]
+    list_select_related = ["run", "example"]

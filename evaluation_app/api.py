@@ -7,10 +7,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from evaluation_app import selectors, services
-from evaluation_app.models import Evaluation, EvaluationExample, Rating
+from evaluation_app import judging, selectors, services
+from evaluation_app.models import Evaluation, EvaluationExample, JudgeRun, JudgeVerdict, Rating
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
+from training_app.api import TrainingJobSerializer
 from training_app.selectors import get_job_for_user
+from training_app.services import ConfigInvalid, JobConflict, TooFewPairs, preference_job_start
 from tuna_site.api import ApiError
 from tuna_site.quotas import LimitExceeded
 
@@ -43,6 +45,10 @@ class TestResultSerializer(serializers.ModelSerializer):
 
 class EvaluationSummarySerializer(serializers.ModelSerializer):
     training_job_id = serializers.IntegerField()
+    baseline_job_id = serializers.IntegerField(
+        allow_null=True,
+        help_text="What the job is compared with: null for the base model, else that job (a preference-tuned job's parent).",
+    )
     progress = serializers.SerializerMethodField()
 
     class Meta:
@@ -50,6 +56,7 @@ class EvaluationSummarySerializer(serializers.ModelSerializer):
         fields = [
             "id",
             "training_job_id",
+            "baseline_job_id",
             "status",
             "test_size",
             "progress",
@@ -154,3 +161,120 @@ class EvaluationPreferencesApi(APIView):
     def get(self, request: Request, pk: int) -> HttpResponse:
         evaluation = get_evaluation_for_user(request.user, pk)
         return HttpResponse(selectors.preferences_jsonl(evaluation, request.user), content_type="application/jsonl; charset=utf-8")
+
+
+class JudgeVerdictSerializer(serializers.ModelSerializer):
+    example_index = serializers.IntegerField(source="example.index")
+
+    class Meta:
+        model = JudgeVerdict
+        fields = ["example_index", "winner", "consistent", "base_first", "finetuned_first", "base_first_reason", "finetuned_first_reason"]
+
+
+class JudgeRunSerializer(serializers.ModelSerializer):
+    evaluation_id = serializers.IntegerField()
+    progress = serializers.SerializerMethodField()
+
+    class Meta:
+        model = JudgeRun
+        fields = [
+            "id",
+            "evaluation_id",
+            "status",
+            "endpoint",
+            "judge_model",
+            "rubric",
+            "progress",
+            "requests",
+            "run_seconds",
+            "error_message",
+            "created_at",
+            "started_at",
+            "completed_at",
+        ]
+
+    def get_progress(self, obj: JudgeRun) -> dict:
+        return {"done": obj.done, "total": obj.total, "percent": round(obj.progress_percent, 1)}
+
+
+class JudgeRunDetailSerializer(JudgeRunSerializer):
+    summary = serializers.SerializerMethodField(
+        help_text="Win rate of the fine-tuned side with its 95% interval, ties, inconsistent pairs."
+    )
+    agreement = serializers.SerializerMethodField(help_text="Agreement with your blind votes: count, rate and Cohen's kappa.")
+    verdicts = JudgeVerdictSerializer(many=True)
+
+    class Meta(JudgeRunSerializer.Meta):
+        fields = [*JudgeRunSerializer.Meta.fields, "summary", "agreement", "verdicts"]
+
+    def get_summary(self, obj: JudgeRun) -> dict | None:
+        return judging.run_summary(obj) if obj.status == JudgeRun.Status.COMPLETED else None
+
+    def get_agreement(self, obj: JudgeRun) -> dict | None:
+        if obj.status != JudgeRun.Status.COMPLETED:
+            return None
+        figures = judging.agreement(obj, self.context["request"].user)
+        return {**figures, "trust": judging.trust_text(figures)}
+
+
+class JudgeAskSerializer(serializers.Serializer):
+    rubric = serializers.CharField(
+        required=False, allow_blank=True, trim_whitespace=True, help_text="What the judge is told to prefer (default: the last one used)."
+    )
+
+
+class PreferenceTrainingSerializer(serializers.Serializer):
+    include_judge = serializers.BooleanField(
+        default=False, help_text="Also train on the latest judge run's consistent verdicts, on examples you did not vote on."
+    )
+    epochs = serializers.IntegerField(required=False, help_text="Epochs over the pairs (default: chosen for about 30 updates).")
+
+
+class EvaluationJudgeApi(APIView):
+    @extend_schema(responses=JudgeRunDetailSerializer(many=True), description="Judge runs on this evaluation, newest first.")
+    def get(self, request: Request, pk: int) -> Response:
+        evaluation = get_evaluation_for_user(request.user, pk)
+        runs = evaluation.judge_runs.order_by("-created_at", "-id").prefetch_related("verdicts__example")
+        return Response(JudgeRunDetailSerializer(runs, many=True, context={"request": request}).data)
+
+    @extend_schema(
+        request=JudgeAskSerializer,
+        responses={201: JudgeRunSerializer, 200: JudgeRunSerializer},
+        description="Ask the configured judge about every example, in both orders (in the worker). 409 when no judge is configured.",
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        evaluation = get_evaluation_for_user(request.user, pk)
+        data = JudgeAskSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            run, created = judging.judge_start(owner=request.user, evaluation=evaluation, rubric=data.validated_data.get("rubric"))
+        except judging.RubricInvalid as exc:
+            return Response({"detail": str(exc), "errors": {"rubric": [str(exc)]}}, status=400)
+        except (judging.JudgeUnavailable, LimitExceeded) as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(JudgeRunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class EvaluationTrainPreferencesApi(APIView):
+    @extend_schema(
+        request=PreferenceTrainingSerializer,
+        responses={201: TrainingJobSerializer},
+        description=(
+            "Start a preference-tuning job (DPO) on top of the evaluated fine-tune, from your decisive blind votes (and, with "
+            "include_judge, the judge's consistent verdicts). It is evaluated against its parent automatically when it completes. "
+            "Too few pairs answers 400 with the number needed."
+        ),
+    )
+    def post(self, request: Request, pk: int) -> Response:
+        evaluation = get_evaluation_for_user(request.user, pk)
+        data = PreferenceTrainingSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            job = preference_job_start(owner=request.user, evaluation=evaluation, **data.validated_data)
+        except TooFewPairs as exc:
+            return Response({"detail": str(exc), "errors": {"pairs": [str(exc)]}}, status=400)
+        except ConfigInvalid as exc:
+            return Response({"detail": str(exc), "errors": {k: [v] for k, v in exc.errors.items()}}, status=400)
+        except (JobConflict, LimitExceeded) as exc:
+            raise ApiError(str(exc), 409) from None
+        return Response(TrainingJobSerializer(job).data, status=status.HTTP_201_CREATED)

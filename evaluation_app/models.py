@@ -21,6 +21,11 @@ class Evaluation(WorkerJob):
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="evaluations")
     training_job = models.ForeignKey("training_app.TrainingJob", on_delete=models.CASCADE, related_name="evaluations")
+    # What the fine-tune is compared with: the base model (null), or another fine-tune's adapter (a preference-tuned
+    # job is compared with the job it was tuned from). The "base_*" fields of the examples hold that side's answers.
+    baseline_job = models.ForeignKey(
+        "training_app.TrainingJob", on_delete=models.CASCADE, null=True, blank=True, related_name="baseline_evaluations"
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     test_size = models.PositiveIntegerField(default=0)
     done = models.PositiveIntegerField(default=0)
@@ -46,6 +51,15 @@ class Evaluation(WorkerJob):
     @property
     def progress_percent(self) -> float:
         return 100.0 * self.done / self.test_size if self.test_size else 0.0
+
+    @property
+    def baseline_label(self) -> str:
+        """How pages name the side the fine-tune is compared with."""
+        return f"Job #{self.baseline_job_id}" if self.baseline_job_id else "Base"
+
+    @property
+    def candidate_label(self) -> str:
+        return f"Job #{self.training_job_id}" if self.baseline_job_id else "Fine-tuned"
 
 
 class EvaluationExample(models.Model):
@@ -108,3 +122,71 @@ class Rating(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} prefers {self.preferred_model} on {self.example}"
+
+
+class JudgeRun(WorkerJob):
+    """A pairwise judge (an OpenAI-compatible chat endpoint) asked about every example of an evaluation, in both orders."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+
+    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.RUNNING, Status.FAILED
+    WORK_FUNCTION = "evaluation_app.judging.judge_work"
+    WORK = "The judge"
+    WORKER_STOPPED = "The worker stopped while the judge was running. Ask the judge again."
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="judge_runs")
+    evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="judge_runs")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    # The endpoint as configured when the run started (the key is never stored).
+    endpoint = models.CharField(max_length=500)
+    judge_model = models.CharField(max_length=200)
+    rubric = models.TextField()
+    total = models.PositiveIntegerField(default=0)
+    done = models.PositiveIntegerField(default=0)
+    requests = models.PositiveIntegerField(default=0, help_text="Requests sent to the judge, retries included.")
+    run_seconds = models.FloatField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Judge run #{self.pk} on evaluation #{self.evaluation_id}"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
+
+    @property
+    def progress_percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 0.0
+
+
+class JudgeVerdict(models.Model):
+    """The judge's verdict on one example: both orders, and what they add up to."""
+
+    class Winner(models.TextChoices):
+        BASE = "base", "Base (or parent) model"
+        FINETUNED = "finetuned", "Fine-tuned model"
+        TIE = "tie", "Tie"
+
+    run = models.ForeignKey(JudgeRun, on_delete=models.CASCADE, related_name="verdicts")
+    example = models.ForeignKey(EvaluationExample, on_delete=models.CASCADE, related_name="verdicts")
+    # Inconsistent orders (the judge picked a different model when the answers swapped places) count as a tie.
+    winner = models.CharField(max_length=16, choices=Winner.choices)
+    consistent = models.BooleanField()
+    # Order 1 shows the base answer as A and the fine-tuned one as B; order 2 swaps them. Each is in model terms.
+    base_first = models.CharField(max_length=16, choices=Winner.choices)
+    finetuned_first = models.CharField(max_length=16, choices=Winner.choices)
+    base_first_reason = models.TextField(blank=True)
+    finetuned_first_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["example__index"]
+        constraints = [models.UniqueConstraint(fields=["run", "example"], name="one_verdict_per_run_per_example")]
+
+    def __str__(self) -> str:
+        return f"judge run {self.run_id}: {self.winner} on {self.example}"

@@ -77,8 +77,16 @@ def chart_data(evaluation: Evaluation) -> dict:
     return {
         "labels": [METRICS[n][0] for n in names],
         "datasets": [
-            {"label": "Base", "data": [m.get("base_model", {}).get(n) for n in names], "backgroundColor": "rgba(95,107,122,.7)"},
-            {"label": "Fine-tuned", "data": [m.get("finetuned_model", {}).get(n) for n in names], "backgroundColor": "rgba(36,86,214,.8)"},
+            {
+                "label": evaluation.baseline_label,
+                "data": [m.get("base_model", {}).get(n) for n in names],
+                "backgroundColor": "rgba(95,107,122,.7)",
+            },
+            {
+                "label": evaluation.candidate_label,
+                "data": [m.get("finetuned_model", {}).get(n) for n in names],
+                "backgroundColor": "rgba(36,86,214,.8)",
+            },
         ],
     }
 
@@ -108,6 +116,9 @@ def vote_reveal(rating: Rating) -> str:
         chose = f"you preferred {base}"
     else:
         chose = f"you voted {rating.get_preferred_model_display().lower()}"
+    evaluation = example.evaluation
+    if evaluation.baseline_job_id:
+        return f"Example {example.index + 1}: {chose}. {tuned} was job #{evaluation.training_job_id}, {base} job #{evaluation.baseline_job_id}."
     return f"Example {example.index + 1}: {chose}. {tuned} was the fine-tuned model, {base} the base model."
 
 
@@ -182,14 +193,19 @@ def _answer(label: str, output: str, reference: str, scores: dict) -> dict:
 
 def comparison_page(evaluation: Evaluation, page_number) -> Page:
     """One page of examples, each with the base and fine-tuned answers scored and diffed against the reference."""
+    from evaluation_app.judging import latest_completed_run
+
     page = Paginator(EvaluationExample.objects.filter(evaluation=evaluation), EXAMPLES_PER_PAGE).get_page(page_number)
+    run = latest_completed_run(evaluation)
+    verdicts = {v.example_id: v for v in run.verdicts.filter(example__in=page.object_list)} if run else {}
     page.object_list = [
         {
             "example": example,
             "answers": [
-                _answer("Base", example.base_output, example.reference, example.base_scores),
-                _answer("Fine-tuned", example.finetuned_output, example.reference, example.finetuned_scores),
+                _answer(evaluation.baseline_label, example.base_output, example.reference, example.base_scores),
+                _answer(evaluation.candidate_label, example.finetuned_output, example.reference, example.finetuned_scores),
             ],
+            "verdict": verdicts.get(example.pk),
         }
         for example in page.object_list
     ]
@@ -216,3 +232,37 @@ def preference_rows(evaluation: Evaluation, user) -> list[dict]:
 def preferences_jsonl(evaluation: Evaluation, user) -> str:
     """The user's votes as a preference dataset file: one JSON object per line."""
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in preference_rows(evaluation, user))
+
+
+def training_pairs(evaluation: Evaluation, user, *, include_judge: bool = False) -> list[dict]:
+    """Chosen / rejected pairs to train on: the user's decisive blind votes, and (``include_judge``) the latest
+    judge run's consistent decisive verdicts on the examples the user did not vote on.
+
+    A vote cast with the names shown is not used (it may follow the label, not the answer); nor is a tie, a
+    "both bad", or a judge verdict that changed when the answers swapped places.
+    """
+    from evaluation_app.judging import latest_completed_run
+
+    votes = dict(Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("example_id", "preferred_model"))
+    blind = dict(Rating.objects.filter(example__evaluation=evaluation, user=user, blind=True).values_list("example_id", "preferred_model"))
+    judged: dict[int, str] = {}
+    run = latest_completed_run(evaluation) if include_judge else None
+    if run is not None:
+        judged = dict(run.verdicts.filter(consistent=True).exclude(winner="tie").values_list("example_id", "winner"))
+    pairs = []
+    for example in EvaluationExample.objects.filter(evaluation=evaluation):
+        if example.pk in blind:
+            preferred, source = blind[example.pk], "vote"
+        elif example.pk not in votes and example.pk in judged:
+            preferred, source = judged[example.pk], "judge"
+        else:
+            continue
+        if preferred not in ("base", "finetuned") or example.base_output == example.finetuned_output:
+            continue  # no preference, or nothing to choose between
+        chosen, rejected = (
+            (example.finetuned_output, example.base_output) if preferred == "finetuned" else (example.base_output, example.finetuned_output)
+        )
+        pairs.append(
+            {"messages": example.messages, "chosen": chosen, "rejected": rejected, "source": source, "example_index": example.index}
+        )
+    return pairs

@@ -19,7 +19,7 @@ from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
 from tuna_llm.registry import registry
 from tuna_site.costs import cost_usd
 from tuna_site.jobs import JobLost, job_enqueue, job_fail, job_run, job_write
-from tuna_site.quotas import check_active_jobs
+from tuna_site.quotas import LimitExceeded, check_active_jobs
 
 logger = logging.getLogger("tuna.evaluation")
 
@@ -81,7 +81,9 @@ def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -
         if active is not None:
             return active, False
         check_active_jobs(owner)
-        evaluation = Evaluation.objects.create(owner=owner, training_job=job, test_size=size)
+        # A preference-tuned job is compared with the job it was tuned from; any other with the base model.
+        baseline = job.parent if job.is_preference else None
+        evaluation = Evaluation.objects.create(owner=owner, training_job=job, baseline_job=baseline, test_size=size)
         job_enqueue(evaluation)
     return evaluation, True
 
@@ -94,6 +96,12 @@ def evaluation_delete(*, evaluation: Evaluation) -> None:
         raise EvaluationConflict(
             f"Evaluation #{evaluation.pk} is running ({evaluation.done} of {evaluation.test_size} examples done); "
             "delete it once it has finished."
+        )
+    judging = evaluation.judge_runs.filter(status="running").first()
+    if judging is not None:
+        raise EvaluationConflict(
+            f"A judge is working on evaluation #{evaluation.pk} ({judging.done} of {judging.total} examples judged); "
+            "delete it once the judge has finished."
         )
     evaluation.delete()
 
@@ -121,6 +129,11 @@ def _run(evaluation: Evaluation, started: float) -> None:
     loaded = registry.get(job.base_model)
     adapter = f"job-{job.pk}"
     loaded.attach_adapter(adapter, job.adapter_dir)
+    baseline = evaluation.baseline_job
+    baseline_adapter = None
+    if baseline is not None:  # the other side is a fine-tune too (a preference-tuned job's parent)
+        baseline_adapter = f"job-{baseline.pk}"
+        loaded.attach_adapter(baseline_adapter, baseline.adapter_dir)
     EvaluationExample.objects.filter(evaluation=evaluation).delete()
     sides = random.Random(f"evaluation-{evaluation.pk}")  # the blind A/B mapping, drawn once per example
 
@@ -152,7 +165,8 @@ def _run(evaluation: Evaluation, started: float) -> None:
             )
 
     price = settings.TUNA_GPU_HOURLY_USD
-    result = run_evaluation(loaded, examples, adapter, hourly_usd=price, hooks=EvaluationHooks(on_start=on_start, on_example=on_example))
+    hooks = EvaluationHooks(on_start=on_start, on_example=on_example)
+    result = run_evaluation(loaded, examples, adapter, hourly_usd=price, hooks=hooks, baseline_adapter=baseline_adapter)
     job_write(
         Evaluation,
         evaluation.pk,
@@ -162,6 +176,20 @@ def _run(evaluation: Evaluation, started: float) -> None:
         run_seconds=time.monotonic() - started,
     )
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
+    if baseline is not None:
+        _judge_against_parent(evaluation)
+
+
+def _judge_against_parent(evaluation: Evaluation) -> None:
+    """A preference-tuned job's evaluation against its parent is judged at once when a judge is configured."""
+    from evaluation_app.judging import JudgeUnavailable, judge_endpoint, judge_start
+
+    if judge_endpoint() is None:
+        return
+    try:
+        judge_start(owner=evaluation.owner, evaluation=Evaluation.objects.get(pk=evaluation.pk))
+    except (JudgeUnavailable, LimitExceeded) as exc:
+        logger.warning("Evaluation %s: no automatic judge run: %s", evaluation.pk, exc)
 
 
 def rating_set(*, user, evaluation: Evaluation, example_index: int, preferred_model: str, blind: bool) -> tuple[Rating, bool]:

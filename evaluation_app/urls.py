@@ -10,10 +10,16 @@ urlpatterns = [
     path("evaluations/<int:pk>/examples/<int:index>/vote", views.evaluation_vote, name="evaluation-vote"),
     path("evaluations/<int:pk>/rerun", views.evaluation_rerun, name="evaluation-rerun"),
     path("evaluations/<int:pk>/delete", views.evaluation_delete, name="evaluation-delete"),
+    path("evaluations/<int:pk>/judge", views.evaluation_judge, name="evaluation-judge"),
+    path("evaluations/<int:pk>/train-on-preferences", views.evaluation_train_preferences, name="evaluation-train-preferences"),
     path("evaluations/<int:pk>/preferences.jsonl", views.evaluation_preferences, name="evaluation-preferences"),
     path("api/evaluation", api.EvaluationListApi.as_view(), name="api-evaluation-list"),
     path("api/evaluation/run", api.EvaluationRunApi.as_view(), name="api-evaluation-run"),
     path("api/evaluation/<int:pk>", api.EvaluationDetailApi.as_view(), name="api-evaluation-detail"),
     path("api/evaluation/<int:pk>/rate", api.EvaluationRateApi.as_view(), name="api-evaluation-rate"),
+    path("api/evaluation/<int:pk>/judge", api.EvaluationJudgeApi.as_view(), name="api-evaluation-judge"),
+    path(
+        "api/evaluation/<int:pk>/train-on-preferences", api.EvaluationTrainPreferencesApi.as_view(), name="api-evaluation-train-preferences"
+    ),
     path("api/evaluation/<int:pk>/preferences.jsonl", api.EvaluationPreferencesApi.as_view(), name="api-evaluation-preferences"),
 ]

@@ -8,10 +8,11 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRefresh
 
-from evaluation_app import selectors, services
+from evaluation_app import judging, selectors, services
 from evaluation_app.models import Rating
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.selectors import get_job_for_user
+from training_app.services import ConfigInvalid, JobConflict, TooFewPairs, preference_job_start
 from training_app.views import training_page
 from tuna_site.jobs import queue_position
 from tuna_site.quotas import LimitExceeded
@@ -95,6 +96,11 @@ def evaluation_detail(request: HttpRequest, pk: int) -> HttpResponse:
         if evaluation.is_finished:
             return HttpResponseClientRefresh()  # results replace the progress bar: load the full page once
         return render(request, "evaluation_app/_eval_progress.html", _progress_context(evaluation))
+    if request.htmx and request.GET.get("fragment") == "judge":
+        context = _judge_context(request, evaluation)
+        if context["judge"]["run"] is None or context["judge"]["run"].is_finished:
+            return HttpResponseClientRefresh()  # verdicts show in the results too: load the full page once
+        return render(request, "evaluation_app/_judge.html", context)
     index = _int(request.GET.get("example"))
     if index is None:
         index = selectors.next_unvoted_index(evaluation, request.user)
@@ -108,7 +114,89 @@ def evaluation_detail(request: HttpRequest, pk: int) -> HttpResponse:
         rows=selectors.metric_rows(evaluation),
         chart=selectors.chart_data(evaluation),
     )
+    if evaluation.status == evaluation.Status.COMPLETED:
+        context.update(_judge_context(request, evaluation))
+        context.update(_preference_context(request, evaluation))
     return render(request, "evaluation_app/evaluation_detail.html", context)
+
+
+def _judge_context(request: HttpRequest, evaluation, *, error: str = "", rubric: str | None = None) -> dict:
+    endpoint = judging.judge_endpoint()
+    completed = judging.latest_completed_run(evaluation)
+    figures = judging.agreement(completed, request.user) if completed else None
+    return {
+        "evaluation": evaluation,
+        "judge": {
+            "configured": endpoint is not None,
+            "not_configured": judging.NOT_CONFIGURED,
+            "url": endpoint.url if endpoint else "",
+            "model": endpoint.model if endpoint else "",
+            "run": judging.latest_run(evaluation),
+            "completed": completed,
+            "summary": judging.run_summary(completed) if completed else None,
+            "agreement": figures,
+            "trust": judging.trust_text(figures) if figures else None,
+            "rubric": rubric if rubric is not None else judging.latest_rubric(evaluation),
+            "error": error,
+        },
+    }
+
+
+def _preference_context(request: HttpRequest, evaluation) -> dict:
+    prefs = {
+        "votes": len(selectors.training_pairs(evaluation, request.user)),
+        "with_judge": len(selectors.training_pairs(evaluation, request.user, include_judge=True)),
+        "needed": settings.TUNA_MIN_PREFERENCE_PAIRS,
+        "jobs": evaluation.preference_jobs.order_by("-pk").prefetch_related("evaluations"),
+    }
+    context = {"prefs": prefs}
+    if evaluation.baseline_job_id:
+        job = evaluation.training_job
+        completed = judging.latest_completed_run(evaluation)
+        summary = services.vote_summary(evaluation, request.user)
+        trained = {pair.get("example_index") for pair in job.preference_pairs}
+        same_examples = job.source_evaluation is not None and job.source_evaluation.training_job_id == evaluation.baseline_job_id
+        context["pref"] = {
+            "pairs": len(job.preference_pairs),
+            "source": job.source_evaluation,
+            "trained_here": len([i for i in trained if i is not None and i < evaluation.test_size]) if same_examples else 0,
+            "judge": judging.run_summary(completed)["win_rate"] if completed else None,
+            "votes": judging.win_rate(summary["counts"]["finetuned"], summary["counts"]["base"]),
+        }
+    return context
+
+
+@login_required
+@require_POST
+def evaluation_judge(request: HttpRequest, pk: int) -> HttpResponse:
+    """Ask the configured judge about every example of this evaluation (in the worker)."""
+    evaluation = get_evaluation_for_user(request.user, pk)
+    rubric = request.POST.get("rubric", "")
+    try:
+        _, created = judging.judge_start(owner=request.user, evaluation=evaluation, rubric=rubric)
+    except judging.RubricInvalid as exc:
+        messages.error(request, str(exc))
+        return redirect(f"{evaluation.get_absolute_url()}#judge")
+    except (judging.JudgeUnavailable, LimitExceeded) as exc:
+        messages.error(request, str(exc))
+        return redirect(f"{evaluation.get_absolute_url()}#judge")
+    if not created:
+        messages.info(request, "The judge is already working on this evaluation.")
+    return redirect(f"{evaluation.get_absolute_url()}#judge")
+
+
+@login_required
+@require_POST
+def evaluation_train_preferences(request: HttpRequest, pk: int) -> HttpResponse:
+    """Start a preference-tuning job on this evaluation's votes (and, opted in, the judge's verdicts)."""
+    evaluation = get_evaluation_for_user(request.user, pk)
+    try:
+        job = preference_job_start(owner=request.user, evaluation=evaluation, include_judge=request.POST.get("include_judge") == "1")
+    except (TooFewPairs, JobConflict, ConfigInvalid, LimitExceeded) as exc:
+        messages.error(request, str(exc))
+        return redirect(f"{evaluation.get_absolute_url()}#train-preferences")
+    messages.success(request, f"Job #{job.pk} is preference-tuning job #{evaluation.training_job_id} on {len(job.preference_pairs)} pairs.")
+    return redirect(job)
 
 
 @login_required

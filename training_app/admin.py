@@ -17,8 +17,8 @@ class LossPointInline(admin.TabularInline):
 
 @admin.register(TrainingJob)
 class TrainingJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "dataset", "base_model", "status", "progress", "tokens_per_second", "created_at"]
-    list_filter = ["status", "base_model", "device", "created_at"]
+    list_display = ["id", "owner", "dataset", "base_model", "method", "status", "progress", "tokens_per_second", "created_at"]
+    list_filter = ["status", "method", "base_model", "device", "created_at"]
     search_fields = ["id", "owner__username", "dataset__name", "error_message"]
     list_select_related = ["owner", "dataset"]
     readonly_fields = ["traceback_display", "created_at", "started_at", "completed_at", "heartbeat_at"]

@@ -38,7 +38,13 @@ class TrainingJobSerializer(serializers.ModelSerializer):
     cost_usd = serializers.FloatField()
     training_logs = serializers.SerializerMethodField(help_text="One row per logged training step, each with a numeric loss.")
     eval_logs = serializers.SerializerMethodField(help_text="Validation-loss measurements (held-out part of the training file).")
-    parent_id = serializers.IntegerField(allow_null=True, help_text="The job this run continues, if any.")
+    parent_id = serializers.IntegerField(
+        allow_null=True, help_text="The job whose adapter this run starts from (a continued or a preference-tuned run), if any."
+    )
+    source_evaluation_id = serializers.IntegerField(
+        allow_null=True, help_text="For a preference-tuned run (method dpo): the evaluation whose votes it learned from."
+    )
+    preference_pairs = serializers.SerializerMethodField(help_text="For method dpo: the number of chosen/rejected pairs trained on.")
 
     class Meta:
         model = TrainingJob
@@ -48,9 +54,12 @@ class TrainingJobSerializer(serializers.ModelSerializer):
             "dataset_id",
             "base_model",
             "status",
+            "method",
             "config",
             "config_reasons",
             "parent_id",
+            "source_evaluation_id",
+            "preference_pairs",
             "step_offset",
             "current_step",
             "total_steps",
@@ -75,6 +84,9 @@ class TrainingJobSerializer(serializers.ModelSerializer):
             "completed_at",
         ]
         read_only_fields = fields
+
+    def get_preference_pairs(self, job: TrainingJob) -> int:
+        return len(job.preference_pairs)
 
     def _logs(self, job: TrainingJob) -> tuple[list[dict], list[dict]]:
         """Both lists come from one read of the job's loss points."""

@@ -31,7 +31,21 @@ class TrainingJob(WorkerJob):
     config = models.JSONField(default=dict)
     # Why each setting has its value: "set by you" or the reason it was chosen from the data and model.
     config_reasons = models.JSONField(default=dict, blank=True)
-    # A "continue training" run starts from its parent's adapter; its steps follow the parent's.
+
+    class Method(models.TextChoices):
+        SFT = "sft", "Supervised fine-tuning (LoRA)"
+        DPO = "dpo", "Preference tuning (DPO) on votes"
+
+    method = models.CharField(max_length=8, choices=Method.choices, default=Method.SFT)
+    # A preference-tuning run: the evaluation whose votes (and judge verdicts) it learns from, and the pairs as
+    # they were when it started ([{"messages", "chosen", "rejected", "source", "example_index"}]), so a resume or
+    # a later look sees exactly what it trained on even after more votes or a deleted evaluation.
+    source_evaluation = models.ForeignKey(
+        "evaluation_app.Evaluation", on_delete=models.SET_NULL, null=True, blank=True, related_name="preference_jobs"
+    )
+    preference_pairs = models.JSONField(default=list, blank=True)
+    # A "continue training" run (and a preference-tuning run) starts from its parent's adapter; a continued run's
+    # steps follow the parent's.
     parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="continuations")
     step_offset = models.PositiveIntegerField(default=0, help_text="Updates before this run (its parent's, for a continued run).")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
@@ -77,6 +91,10 @@ class TrainingJob(WorkerJob):
     @property
     def is_finished(self) -> bool:
         return self.status in self.FINISHED
+
+    @property
+    def is_preference(self) -> bool:
+        return self.method == self.Method.DPO
 
     @property
     def is_active(self) -> bool:

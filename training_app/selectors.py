@@ -51,9 +51,9 @@ def adapter_download(job: TrainingJob) -> FileResponse:
 
 
 def _lineage(job: TrainingJob) -> list[TrainingJob]:
-    """The job and the runs it continues, oldest first."""
+    """The job and the runs it continues, oldest first (a preference-tuned run has a history of its own)."""
     chain = [job]
-    while chain[-1].parent_id is not None:
+    while chain[-1].parent_id is not None and not chain[-1].is_preference:
         chain.append(TrainingJob.objects.get(pk=chain[-1].parent_id))
     return chain[::-1]
 

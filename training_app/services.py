@@ -20,10 +20,11 @@ from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
+from tuna_llm.preference import PreferencePair, preference_settings, run_preference_training
 from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training
 from tuna_llm.training_config import ConfigResult, TrainingConfig, build_config
 from tuna_site.jobs import job_enqueue, job_held, job_is_stuck, job_run, job_write
-from tuna_site.quotas import check_active_jobs, check_epochs, limited_settings
+from tuna_site.quotas import LimitExceeded, check_active_jobs, check_epochs, limited_settings
 
 logger = logging.getLogger("tuna.training")
 
@@ -121,6 +122,11 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
     job = TrainingJob.objects.select_for_update().get(pk=job.pk)
     if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
         raise JobConflict(f"Only a completed fine-tune can be trained further; job #{job.pk} is {job.get_status_display().lower()}.")
+    if job.is_preference:
+        raise JobConflict(
+            f"Job #{job.pk} was preference-tuned on votes; it is not trained further on the dataset. Evaluate it, vote, and train on "
+            "preferences again from that evaluation."
+        )
     parent = TrainingConfig.from_dict(job.config)
     epochs = parent.num_epochs if epochs is None else epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_CONTINUE_EPOCHS:
@@ -145,6 +151,54 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
         step_offset=job.step_offset + (job.best_step if job.best_step is not None else job.current_step),
     )
     job_enqueue(child)
+    return child
+
+
+class TooFewPairs(Exception):
+    """Not enough chosen / rejected pairs to preference-tune on; the message says how many more are needed."""
+
+
+def preference_job_start(*, owner, evaluation, include_judge: bool = False, epochs: int | None = None) -> TrainingJob:
+    """Preference-tune the evaluated fine-tune on the user's blind votes (and, opted in, the judge's verdicts).
+
+    The new job starts from the evaluated job's adapter, learns with DPO, and is evaluated against that job on
+    the same held-out examples when it completes.
+    """
+    from evaluation_app.selectors import training_pairs
+
+    if evaluation.status != evaluation.Status.COMPLETED:
+        raise JobConflict(f"Evaluation #{evaluation.pk} is {evaluation.get_status_display().lower()}; votes train once it has completed.")
+    job = evaluation.training_job
+    if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
+        raise JobConflict(f"Job #{job.pk} is {job.get_status_display().lower()}; only a completed fine-tune can be preference-tuned.")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_CONTINUE_EPOCHS):
+        raise ConfigInvalid({"epochs": f"Must be a whole number from 1 to {MAX_CONTINUE_EPOCHS}; got {epochs!r}."})
+    pairs = training_pairs(evaluation, owner, include_judge=include_judge)
+    needed = settings.TUNA_MIN_PREFERENCE_PAIRS
+    if len(pairs) < needed:
+        sources = "decisive blind votes" + (" and consistent judge verdicts" if include_judge else "")
+        raise TooFewPairs(
+            f"Training on preferences needs at least {needed} pairs; this evaluation gives {len(pairs)} ({sources}, where the two "
+            f"answers differ). Vote on {needed - len(pairs)} more example{'s' if needed - len(pairs) != 1 else ''} (A or B, not tie)"
+            + ("." if include_judge else ", or include the judge's verdicts.")
+        )
+    config, reasons = preference_settings(TrainingConfig.from_dict(job.config), len(pairs), epochs=epochs)
+    with transaction.atomic():
+        TrainingJob.objects.select_for_update().get(pk=job.pk)
+        check_active_jobs(owner)
+        child = TrainingJob.objects.create(
+            owner=owner,
+            dataset=job.dataset,
+            base_model=job.base_model,
+            method=TrainingJob.Method.DPO,
+            config=config.to_dict(),
+            config_reasons=reasons,
+            parent=job,
+            source_evaluation=evaluation,
+            preference_pairs=pairs,
+        )
+        job_enqueue(child)
+    logger.info("Preference job %s queued on %s pairs from evaluation %s", child.pk, len(pairs), evaluation.pk)
     return child
 
 
@@ -277,19 +331,34 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
         # Cancelled, or no longer this process's job (reaped, or resumed elsewhere): stop at once.
         return not job_held(TrainingJob, job.pk).filter(cancel_requested=False).exists()
 
-    result = run_lora_training(
-        config,
-        spec=spec,
-        plan=plan,
-        train_examples=training_examples(job.dataset, validation=config.eval_examples),
-        eval_examples=validation_examples(job.dataset, validation=config.eval_examples),
-        output_dir=out,
-        hooks=TrainingHooks(on_progress=on_progress, should_stop=should_stop, on_start=on_start),
-        resume_from=resume_from,
-        init_adapter=Path(job.parent.adapter_dir) if job.parent_id else None,
-        extra_callbacks=extra_callbacks,
-        hf_token=settings.HF_TOKEN,
-    )
+    hooks = TrainingHooks(on_progress=on_progress, should_stop=should_stop, on_start=on_start)
+    if job.is_preference:
+        result = run_preference_training(
+            config,
+            spec=spec,
+            plan=plan,
+            pairs=[PreferencePair(pair["messages"], pair["chosen"], pair["rejected"]) for pair in job.preference_pairs],
+            init_adapter=Path(job.parent.adapter_dir),
+            output_dir=out,
+            hooks=hooks,
+            resume_from=resume_from,
+            extra_callbacks=extra_callbacks,
+            hf_token=settings.HF_TOKEN,
+        )
+    else:
+        result = run_lora_training(
+            config,
+            spec=spec,
+            plan=plan,
+            train_examples=training_examples(job.dataset, validation=config.eval_examples),
+            eval_examples=validation_examples(job.dataset, validation=config.eval_examples),
+            output_dir=out,
+            hooks=hooks,
+            resume_from=resume_from,
+            init_adapter=Path(job.parent.adapter_dir) if job.parent_id else None,
+            extra_callbacks=extra_callbacks,
+            hf_token=settings.HF_TOKEN,
+        )
     finished = timezone.now()
     fields: dict[str, Any] = {
         "current_step": result.global_step,
@@ -313,7 +382,20 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
         fields.update(status=TrainingJob.Status.COMPLETED, adapter_dir=str(result.adapter_dir))
     job_write(TrainingJob, job.pk, **fields)  # JobLost (nothing written) if the row is not this process's any more
     logger.info("Training job %s %s after %s steps", job.pk, fields["status"], result.global_step)
-    if fields["status"] == TrainingJob.Status.COMPLETED and "tokens_per_second" in fields:
+    if fields["status"] == TrainingJob.Status.COMPLETED and job.is_preference:
+        _evaluate_against_parent(job)
+    if fields["status"] == TrainingJob.Status.COMPLETED and "tokens_per_second" in fields and not job.is_preference:
         ThroughputMeasurement.objects.create(
             base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
         )
+
+
+def _evaluate_against_parent(job: TrainingJob) -> None:
+    """Queue the evaluation of a completed preference-tuned job against its parent, on the same held-out examples."""
+    from evaluation_app.services import EvaluationConflict, evaluation_start
+
+    source = job.source_evaluation
+    try:
+        evaluation_start(owner=job.owner, job=TrainingJob.objects.get(pk=job.pk), test_size=source.test_size if source else None)
+    except (EvaluationConflict, LimitExceeded) as exc:  # the job page offers the button instead
+        logger.warning("Preference job %s: no automatic evaluation against its parent: %s", job.pk, exc)

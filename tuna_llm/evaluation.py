@@ -64,8 +64,11 @@ def run_evaluation(
     hooks: EvaluationHooks = EvaluationHooks(),
     max_batch: int = EVAL_BATCH,
     mixed: bool = False,
+    baseline_adapter: str | None = None,
 ) -> EvaluationResult:
     """Answer every example with the base model and with `adapter` (attached to `loaded`), score both.
+
+    ``baseline_adapter``: compare with that adapter instead of the base model (its results are reported as "base").
 
     Both models' rows go through one continuously batched decoding loop, as the serving engine decodes them:
     the base rows first, then the fine-tuned ones (``mixed``: side by side, each through its own adapter). Each answer's latency is its
@@ -80,7 +83,7 @@ def run_evaluation(
             adapter=adapter_name,
         )
         for index, messages in enumerate(examples)
-        for name, adapter_name in (("base", None), ("finetuned", adapter))
+        for name, adapter_name in (("base", baseline_adapter), ("finetuned", adapter))
     }
     results: list[ExampleResult | None] = [None] * len(examples)
 
@@ -113,7 +116,7 @@ def run_evaluation(
     order = sorted(requests, key=lambda key: key if mixed else (key[1], key[0]))
     decode_all(loaded, [requests[key] for key in order], max_batch=max_batch, on_end=on_end)
     summaries = {}
-    for name, adapter_name in (("base", None), ("finetuned", adapter)):
+    for name, adapter_name in (("base", baseline_adapter), ("finetuned", adapter)):
         answers = [(getattr(r, name), getattr(r, f"{name}_scores")) for r in results]
         run = metrics.ModelRun(
             [scores for _, scores in answers],

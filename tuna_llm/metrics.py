@@ -193,3 +193,21 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -
     centre = (p + z * z / (2 * trials)) / denominator
     margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
     return max(0.0, centre - margin), min(1.0, centre + margin)
+
+
+def cohen_kappa(pairs: Sequence[tuple[str, str]]) -> float | None:
+    """Cohen's kappa of two raters over the same items: (observed agreement - chance agreement) / (1 - chance).
+
+    Chance agreement is what two raters with these label frequencies would reach at random. 1 is perfect
+    agreement, 0 is chance, below 0 worse than chance. None when it is undefined (no pairs, or both raters
+    gave one and the same label to everything, so chance agreement is 1).
+    """
+    n = len(pairs)
+    if not n:
+        return None
+    observed = sum(1 for a, b in pairs if a == b) / n
+    labels = {label for pair in pairs for label in pair}
+    chance = sum((sum(1 for a, _ in pairs if a == k) / n) * (sum(1 for _, b in pairs if b == k) / n) for k in labels)
+    if chance >= 1.0:
+        return None
+    return (observed - chance) / (1.0 - chance)

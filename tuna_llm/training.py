@@ -169,10 +169,15 @@ def total_steps(config: TrainingConfig, train_rows: int) -> int:
 def training_arguments(config: TrainingConfig, *, output_dir: Path, plan: DevicePlan, train_rows: int, has_eval: bool):
     from transformers import TrainingArguments
 
+    return TrainingArguments(**trainer_settings(config, output_dir=output_dir, plan=plan, train_rows=train_rows, has_eval=has_eval))
+
+
+def trainer_settings(config: TrainingConfig, *, output_dir: Path, plan: DevicePlan, train_rows: int, has_eval: bool) -> dict[str, Any]:
+    """The Trainer's arguments for a run (shared by supervised and preference tuning)."""
     steps = total_steps(config, train_rows)
     every = max(1, steps // 10)
     eval_steps = config.eval_steps or every
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,

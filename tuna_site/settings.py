@@ -73,6 +73,17 @@ TUNA_MAX_SEQ_LENGTH = int(env_float("TUNA_MAX_SEQ_LENGTH", 4096, minimum=32))
 TUNA_MAX_STEPS_PER_JOB = int(env_float("TUNA_MAX_STEPS_PER_JOB", 10000, minimum=1))
 # Held-out examples one evaluation may run on.
 TUNA_MAX_EVAL_EXAMPLES = int(env_float("TUNA_MAX_EVAL_EXAMPLES", 200, minimum=1))
+# The pairwise judge ("Ask a judge" on an evaluation): any OpenAI-compatible chat endpoint, base URL ending in /v1
+# (a local Ollama: http://localhost:11434/v1; vLLM; a hosted API; this server's own /v1 with an API token).
+# Empty: no judge (the page says how to configure one). The key is only sent to that URL, never stored or shown.
+TUNA_JUDGE_URL = env_str("TUNA_JUDGE_URL", "").strip()
+TUNA_JUDGE_MODEL = env_str("TUNA_JUDGE_MODEL", "").strip()
+TUNA_JUDGE_API_KEY = env_str("TUNA_JUDGE_API_KEY", "")
+TUNA_JUDGE_TIMEOUT_S = env_float("TUNA_JUDGE_TIMEOUT_S", 120, minimum=0.1)  # per request
+TUNA_JUDGE_RETRIES = int(env_float("TUNA_JUDGE_RETRIES", 2, minimum=0))  # more tries per request after the first
+TUNA_JUDGE_MAX_TOKENS = int(env_float("TUNA_JUDGE_MAX_TOKENS", 200, minimum=8))  # room for the verdict and a short reason
+# "Train on preferences" needs at least this many chosen/rejected pairs (decisive blind votes or judge verdicts).
+TUNA_MIN_PREFERENCE_PAIRS = int(env_float("TUNA_MIN_PREFERENCE_PAIRS", 8, minimum=1))
 # API calls per user (429 with Retry-After beyond it); failed log-ins per user name and per address.
 TUNA_API_RATE = env_rate("TUNA_API_RATE", "300/min")
 TUNA_LOGIN_FAILURES = int(env_float("TUNA_LOGIN_FAILURES", 10, minimum=1))
@@ -231,6 +242,7 @@ SPECTACULAR_SETTINGS = {
         "EvaluationStatusEnum": "evaluation_app.models.Evaluation.Status",
         "DatasetStatusEnum": "datasets_app.models.Dataset.Status",
         "PreferredModelEnum": "evaluation_app.models.Rating.Choice",
+        "JudgeWinnerEnum": "evaluation_app.models.JudgeVerdict.Winner",
     },
 }
 

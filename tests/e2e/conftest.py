@@ -57,6 +57,7 @@ def live_site(tmp_path_factory):
         "TUNA_PARITY_EXAMPLES": "4",
         # The fuzzer sends thousands of calls a minute: the API rate limit (tested on its own) stays out of its way.
         "TUNA_API_RATE": "off",
+        "TUNA_MIN_PREFERENCE_PAIRS": "2",
     }
     port = _free_port()
     site = LiveSite(url=f"http://127.0.0.1:{port}", env=env, tokens={})

@@ -245,3 +245,42 @@ def test_it_exports_a_trained_job_and_shows_the_parity_check(browser, live_site,
     download.value.save_as(modelfile)
     text = modelfile.read_text()
     assert "FROM ./base-f16.gguf" in text and "ADAPTER ./adapter-f16.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_it_trains_on_blind_votes_and_compares_the_result_with_its_parent(browser, live_site, shots):
+    page = train_sample(browser, live_site, max_steps=8)
+    expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
+    page.fill("input[name=test_size]", "4")
+    page.click("#evaluate-button")
+    expect(page.locator(".example-view")).to_be_visible(timeout=TIMEOUT)
+    for number in range(1, 5):  # a blind vote on every example
+        expect(page.locator(".example-view")).to_contain_text(f"Example {number} of 4")
+        settled(page)
+        page.keyboard.press("a")
+    expect(page.locator("#win-rate-card")).to_contain_text("4 cast")
+    page.reload()
+    expect(page.locator("#pair-counts")).to_contain_text("from your blind votes")
+    shots(page, "12-train-on-preferences")
+    page.click("#train-on-preferences")
+
+    expect(page.locator("h1")).to_contain_text("Preference-tuning job")
+    expect(page.locator("#preference-source")).to_contain_text("DPO on")
+    expect(page.locator("#job-status")).to_have_text("Completed", timeout=TIMEOUT)
+    assert chart_points(page, "loss-chart") >= 2
+    shots(page, "13-preference-job-done")
+    page.reload()
+    link = page.locator(".row-item a:has-text('Evaluation #')").first  # queued by itself when the job completed
+    expect(link).to_be_visible()
+    link.click()
+
+    expect(page.locator("h1")).to_contain_text("vs its parent")
+    expect(page.locator(".example-view")).to_be_visible(timeout=TIMEOUT)
+    expect(page.locator("#preference-result")).to_contain_text("better than its parent")
+    for number in range(1, 5):
+        expect(page.locator(".example-view")).to_contain_text(f"Example {number} of 4")
+        settled(page)
+        page.keyboard.press("b")
+    page.reload()
+    expect(page.locator("#preference-votes")).to_contain_text(re.compile(r"\d won, \d lost"))
+    expect(page.locator("#preference-votes strong")).to_contain_text(re.compile(r"Better|Worse|Within noise|Vote blind"))
+    shots(page, "14-preference-comparison")

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
-from evaluation_app.models import Evaluation
+from evaluation_app.models import Evaluation, JudgeRun
 from training_app.models import TrainingJob
 from tuna_site.jobs import jobs_reap
 from tuna_site.testing import job_row
@@ -149,7 +149,12 @@ def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_data
     running = job_row(alice, valid_dataset, status="training", started_at=timezone.now())
     queued = job_row(alice, valid_dataset)
     evaluation = Evaluation.objects.create(owner=alice, training_job=running, status="running")
-    assert jobs_reap() == {"training jobs": 1, "evaluations": 1, "exports": 0}
+    judge = JudgeRun.objects.create(
+        owner=alice, evaluation=evaluation, endpoint="http://j/v1", judge_model="m", rubric="r", status="running"
+    )
+    assert jobs_reap() == {"training jobs": 1, "evaluations": 1, "exports": 0, "judge runs": 1}
+    judge.refresh_from_db()
+    assert judge.status == "failed" and judge.error_message == JudgeRun.WORKER_STOPPED
     running.refresh_from_db()
     queued.refresh_from_db()
     evaluation.refresh_from_db()

@@ -1,0 +1,153 @@
+"""Preference tuning: DPO (TRL) of a fine-tuned LoRA adapter on chosen / rejected answer pairs. Django-free.
+
+The pairs come from blind votes (and, when the user opts in, a judge's verdicts) on an evaluation: the answer
+preferred is "chosen", the other "rejected". Training starts from the fine-tune's adapter and keeps a frozen
+copy of it as DPO's reference model (TRL adds it as a second adapter, "ref", on the same base weights), so
+the new adapter moves towards the chosen answers and away from the rejected ones relative to the model the
+votes were cast on, not relative to the base model. It runs with the same Trainer arguments, progress
+callback, checkpoints and resume as supervised training (tuna_llm.training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuna_llm.catalog import BaseModelSpec
+from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
+from tuna_llm.prompting import Message
+from tuna_llm.training import (
+    TrainingHooks,
+    TrainingResult,
+    discard_incomplete_checkpoints,
+    make_progress_callback,
+    save_adapter,
+    trainer_settings,
+)
+from tuna_llm.training_config import TrainingConfig
+
+# DPO's beta: how far the tuned model may move from the reference (higher = closer). TRL's default and the
+# DPO paper's usual value.
+DPO_BETA = 0.1
+# The learning rate of LoRA preference tuning on a few dozen pairs. Measured on 8 pairs from the sample (votes
+# for the base model's answers against an 8-update fine-tune): 20 updates took the DPO loss from 0.69 to 0.10
+# and changed 7 of the 8 voted answers towards the chosen ones.
+DPO_LEARNING_RATE = 2e-4
+# Enough updates to move the answers on a small vote set, few enough to keep a CPU run to minutes.
+DPO_TARGET_UPDATES = 30
+DPO_MAX_EPOCHS = 10
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    messages: list[Message]  # the conversation up to the answer, as the models saw it
+    chosen: str
+    rejected: str
+
+
+def preference_settings(parent: TrainingConfig, pairs: int, *, epochs: int | None = None) -> tuple[TrainingConfig, dict[str, str]]:
+    """The settings of a preference-tuning run on top of a fine-tune with these settings, and why each has its value."""
+    batch = max(1, min(parent.batch_size, 4, pairs))
+    per_epoch = math.ceil(pairs / batch)
+    chosen_epochs = epochs if epochs is not None else max(1, min(DPO_MAX_EPOCHS, math.ceil(DPO_TARGET_UPDATES / per_epoch)))
+    values = {
+        **parent.to_dict(),
+        "num_epochs": chosen_epochs,
+        "batch_size": batch,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": DPO_LEARNING_RATE,
+        "warmup_steps": 0,
+        "max_steps": 0,
+        "eval_examples": 0,
+        "eval_steps": 0,
+        "save_steps": 0,
+    }
+    config = TrainingConfig.from_dict(values)
+    reasons = {
+        "num_epochs": "set by you"
+        if epochs is not None
+        else f"{chosen_epochs} epoch{'s' if chosen_epochs != 1 else ''} of {pairs} pairs: about {DPO_TARGET_UPDATES} updates",
+        "batch_size": f"{batch} pair{'s' if batch != 1 else ''} per update (each pair is two sequences)",
+        "learning_rate": f"{DPO_LEARNING_RATE:g}, the preference-tuning rate for a LoRA adapter (DPO beta {DPO_BETA})",
+        "eval_examples": "no validation: every pair is a vote to learn from; the evaluation against the parent is the test",
+    }
+    return config, reasons
+
+
+def preference_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
+    """TRL's conversational preference format: the prompt as messages, each answer as one assistant message."""
+    return [
+        {
+            "prompt": list(pair.messages),
+            "chosen": [{"role": "assistant", "content": pair.chosen}],
+            "rejected": [{"role": "assistant", "content": pair.rejected}],
+        }
+        for pair in pairs
+    ]
+
+
+def run_preference_training(
+    config: TrainingConfig,
+    *,
+    spec: BaseModelSpec,
+    plan: DevicePlan,
+    pairs: Sequence[PreferencePair],
+    init_adapter: Path,
+    output_dir: Path,
+    hooks: TrainingHooks = TrainingHooks(),
+    resume_from: Path | None = None,
+    beta: float = DPO_BETA,
+    extra_callbacks: Sequence[Any] = (),
+    hf_token: str | None = None,
+) -> TrainingResult:
+    """DPO on `pairs`, starting from (and referenced to) the adapter in `init_adapter`; saves the new adapter."""
+    import time
+
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    if not pairs:
+        raise ValueError("There are no preference pairs to train on.")
+    set_seed(config.seed)
+    tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token)
+    model.config.use_cache = False
+    model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+
+    checkpoints = output_dir / "checkpoints"
+    if resume_from is not None:
+        discard_incomplete_checkpoints(output_dir)
+    progress = make_progress_callback(hooks, has_eval=False)
+    arguments = trainer_settings(config, output_dir=checkpoints, plan=plan, train_rows=len(pairs), has_eval=False)
+    args = DPOConfig(**arguments, beta=beta, max_length=config.max_seq_length)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(preference_rows(pairs)),
+        processing_class=tokenizer,
+        callbacks=[progress, *extra_callbacks],
+    )
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
+    state = trainer.state
+    stopped_early = hooks.should_stop()
+    adapter_dir = None
+    if not stopped_early:
+        if "ref" in model.peft_config:  # the frozen reference copy is not part of the result
+            model.delete_adapter("ref")
+        adapter_dir = output_dir / "adapter"
+        save_adapter(model, tokenizer, config, spec, adapter_dir)
+    return TrainingResult(
+        stopped_early=stopped_early,
+        global_step=state.global_step,
+        total_steps=state.max_steps,
+        tokens_seen=int(state.num_input_tokens_seen or 0),
+        train_seconds=train_seconds,
+        adapter_dir=adapter_dir,
+        final_loss=output.training_loss if output else None,
+    )
