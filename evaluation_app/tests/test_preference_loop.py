@@ -26,7 +26,7 @@ def test_it_trains_on_votes_changes_the_answers_and_evaluates_against_the_parent
     parent = training_services.training_job_start(
         owner=alice,
         dataset=valid_dataset,
-        config_data={"max_steps": 6, "batch_size": 2, "max_seq_length": 128, "learning_rate": 1e-3, "eval_examples": 0},
+        config_data={"max_steps": 6, "batch_size": 4, "max_seq_length": 128, "learning_rate": 1e-3, "eval_examples": 0},
     )
     training_tasks.training_job_execute(parent.pk)
     source, _ = services.evaluation_start(owner=alice, job=TrainingJob.objects.get(pk=parent.pk), test_size=4)
