@@ -48,6 +48,8 @@ def run_task(owner, task: str, sft_steps: int, vote_share: float) -> dict:
     assert parent.status == "completed", parent.error_message
     source, _ = evaluation_start(owner=owner, job=parent, test_size=dataset.num_eval)
     evaluation_execute(source.pk)
+    source.refresh_from_db()
+    assert source.status == "completed", source.error_message
     examples = list(EvaluationExample.objects.filter(evaluation=source))
     voted_count = max(1, round(len(examples) * vote_share))
     choice = {"first": "base", "second": "finetuned", "tie": "tie"}
@@ -64,6 +66,8 @@ def run_task(owner, task: str, sft_steps: int, vote_share: float) -> dict:
     assert child.status == "completed", child.error_message
     comparison = Evaluation.objects.get(training_job=child)
     evaluation_execute(comparison.pk)
+    comparison.refresh_from_db()
+    assert comparison.status == "completed", comparison.error_message
     rows = list(EvaluationExample.objects.filter(evaluation=comparison))
     losses = list(child.loss_points.exclude(loss=None).values_list("loss", flat=True))
 
