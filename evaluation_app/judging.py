@@ -195,7 +195,7 @@ def run_summary(run: JudgeRun) -> dict[str, Any]:
         "base": count["base"],
         "tie": count["tie"],
         "inconsistent": sum(1 for _, consistent in verdicts if not consistent),
-        **{"win_rate": win_rate(count["finetuned"], count["base"])},
+        "win_rate": win_rate(count["finetuned"], count["base"]),
     }
 
 

@@ -11,6 +11,7 @@ from django.core.paginator import Page, Paginator
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
 
+from evaluation_app.judging import latest_completed_run
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from tuna_llm import metrics
 from tuna_llm.metrics import METRICS
@@ -193,8 +194,6 @@ def _answer(label: str, output: str, reference: str, scores: dict) -> dict:
 
 def comparison_page(evaluation: Evaluation, page_number) -> Page:
     """One page of examples, each with the base and fine-tuned answers scored and diffed against the reference."""
-    from evaluation_app.judging import latest_completed_run
-
     page = Paginator(EvaluationExample.objects.filter(evaluation=evaluation), EXAMPLES_PER_PAGE).get_page(page_number)
     run = latest_completed_run(evaluation)
     verdicts = {v.example_id: v for v in run.verdicts.filter(example__in=page.object_list)} if run else {}
@@ -241,10 +240,9 @@ def training_pairs(evaluation: Evaluation, user, *, include_judge: bool = False)
     A vote cast with the names shown is not used (it may follow the label, not the answer); nor is a tie, a
     "both bad", or a judge verdict that changed when the answers swapped places.
     """
-    from evaluation_app.judging import latest_completed_run
-
-    votes = dict(Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("example_id", "preferred_model"))
-    blind = dict(Rating.objects.filter(example__evaluation=evaluation, user=user, blind=True).values_list("example_id", "preferred_model"))
+    ratings = Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("example_id", "preferred_model", "blind")
+    votes = {example: (choice, is_blind) for example, choice, is_blind in ratings}
+    blind = {example: choice for example, (choice, is_blind) in votes.items() if is_blind}
     judged: dict[int, str] = {}
     run = latest_completed_run(evaluation) if include_judge else None
     if run is not None:

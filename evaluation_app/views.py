@@ -174,10 +174,7 @@ def evaluation_judge(request: HttpRequest, pk: int) -> HttpResponse:
     rubric = request.POST.get("rubric", "")
     try:
         _, created = judging.judge_start(owner=request.user, evaluation=evaluation, rubric=rubric)
-    except judging.RubricInvalid as exc:
-        messages.error(request, str(exc))
-        return redirect(f"{evaluation.get_absolute_url()}#judge")
-    except (judging.JudgeUnavailable, LimitExceeded) as exc:
+    except (judging.RubricInvalid, judging.JudgeUnavailable, LimitExceeded) as exc:
         messages.error(request, str(exc))
         return redirect(f"{evaluation.get_absolute_url()}#judge")
     if not created:
