@@ -11,10 +11,14 @@ ROUGE-L and loss for the base and the fine-tuned model.
     .venv/bin/python bench/small_data.py --tasks tickets --config '{"num_epochs": 3}'   # an experiment
     .venv/bin/python bench/small_data.py --tasks sample       # the sample dataset, for comparison
     .venv/bin/python bench/small_data.py --precisions fp32,bf16   # each task in each precision, side by side
+    .venv/bin/python bench/small_data.py --precisions fp32,bf16 --seeds 42,1   # and the seed-to-seed spread beside it
 
 With --precisions, each task is trained and evaluated once per precision (TUNA_PRECISION for the whole run:
 training, evaluation, generation), and the greedy answers of the runs are compared example by example: the
 base model's (same weights, only the precision differs) and the fine-tuned model's (trained in that precision).
+With --seeds, each run is repeated with each training seed: the spread between two seeds in one precision is
+the noise a precision's difference has to be measured against (a fine-tune of 48 examples at a high learning
+rate ends in a different place for each seed).
 """
 
 import argparse
@@ -90,7 +94,7 @@ def print_row(row: dict) -> None:
     base, tuned = m["base_model"], m["finetuned_model"]
     modules = "all" if len(cfg["target_modules"]) > 2 else "/".join(m.removesuffix("_proj") for m in cfg["target_modules"])
     print(
-        f"{row['task']:<9} {row['label']:<9} {row['precision']:<5} {row['dataset'].num_train:>3}/{n:<3} {cfg['num_epochs']:>3} {job.total_steps:>4} {cfg['learning_rate']:>7g} "
+        f"{row['task']:<9} {row['label']:<9} {row['precision']:<5} {cfg['seed']:>4} {row['dataset'].num_train:>3}/{n:<3} {cfg['num_epochs']:>3} {job.total_steps:>4} {cfg['learning_rate']:>7g} "
         f"{cfg['lora_r']:>2} {modules:<6} {row['train_wall']:>6.0f} s {job.share_eval_seconds():>5.0%} "
         f"{round(base['exact_match'] * n):>3}/{n} -> {round(tuned['exact_match'] * n):>2}/{n} ({tuned['exact_match']:.2f})  "
         f"{base['rouge_l']:.2f} -> {tuned['rouge_l']:.2f}  {base['heldout_loss']:.3f} -> {tuned['heldout_loss']:.3f}  "
@@ -106,10 +110,12 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="also run the previous release's defaults, beside today's")
     parser.add_argument("--show-misses", type=int, default=2)
     parser.add_argument("--precisions", default="", help="comma-separated, e.g. fp32,bf16 (default: the deployment's, TUNA_PRECISION)")
+    parser.add_argument("--seeds", default="", help="comma-separated training seeds, e.g. 42,1 (default: the settings' seed)")
     args = parser.parse_args()
     runs = [("previous", PREVIOUS_DEFAULTS)] if args.compare else []
     runs.append(("chosen" if args.config == "{}" else "custom", json.loads(args.config)))
     precisions = [p for p in args.precisions.split(",") if p] or [None]
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
     with temporary_site():
         from django.contrib.auth.models import User
 
@@ -117,7 +123,7 @@ def main() -> None:
         for label, config in runs:
             print(f"{label}: settings overridden: {config or 'none (chosen from the data)'}")
         print(
-            f"{'task':<9} {'settings':<9} {'prec':<5} {'trn/eval':<7} {'ep':>3} {'upd':>4} {'lr':>7} {'r':>2} {'target':<6} {'train':>8} {'eval%':>5} "
+            f"{'task':<9} {'settings':<9} {'prec':<5} {'seed':>4} {'trn/eval':<7} {'ep':>3} {'upd':>4} {'lr':>7} {'r':>2} {'target':<6} {'train':>8} {'eval%':>5} "
             f"{'exact match':>17}        {'ROUGE-L':<12}  {'held-out loss':<16}  best checkpoint"
         )
         rows = []
@@ -128,14 +134,17 @@ def main() -> None:
                         use_precision(precision)
                     from tuna_llm.loading import pick_device
 
-                    row = run_task(owner, task, config) | {"label": label, "precision": pick_device().precision}
-                    rows.append(row)
-                    print_row(row)
+                    for seed in seeds:
+                        seeded = config if seed is None else config | {"seed": seed}
+                        row = run_task(owner, task, seeded) | {"label": label, "precision": pick_device().precision}
+                        row["run"] = row["precision"] + ("" if seed is None else f" seed {seed}")
+                        rows.append(row)
+                        print_row(row)
         for row in rows:
             misses = [e for e in row["evaluation"].examples.all() if e.finetuned_scores.get("exact_match") != 1.0]
             for example in misses[: args.show_misses]:
                 print(f"  {row['task']} #{example.index}: got {example.finetuned_output!r}, want {example.reference!r}")
-        if len(precisions) > 1:
+        if len(precisions) > 1 or len(seeds) > 1:
             compare_precisions(rows)
         rows = [r for r in rows if r["label"] != "previous"]
         worst = min(r["m"]["finetuned_model"]["exact_match"] for r in rows)
@@ -144,29 +153,27 @@ def main() -> None:
 
 
 def compare_precisions(rows: list[dict]) -> None:
-    """Per task, the first precision's run against each other one: answers equal, exact match, held-out loss."""
+    """Per task, the first run (precision, seed) against each other one: answers equal, exact match, held-out loss."""
     print("precision comparison (greedy answers on the held-out examples, example by example):")
     for task in dict.fromkeys(r["task"] for r in rows):
         runs = [r for r in rows if r["task"] == task and r["label"] != "previous"]
         first = runs[0]
-        answers = {r["precision"]: list(r["evaluation"].examples.order_by("index")) for r in runs}
+        answers = {r["run"]: list(r["evaluation"].examples.order_by("index")) for r in runs}
         for other in runs[1:]:
-            a, b = answers[first["precision"]], answers[other["precision"]]
+            a, b = answers[first["run"]], answers[other["run"]]
             same_base = sum(x.base_output == y.base_output for x, y in zip(a, b, strict=True))
             same_tuned = sum(x.finetuned_output == y.finetuned_output for x, y in zip(a, b, strict=True))
             n = len(a)
             em = [round(r["m"]["finetuned_model"]["exact_match"] * n) for r in (first, other)]
             loss = [r["m"]["finetuned_model"]["heldout_loss"] for r in (first, other)]
             print(
-                f"  {task:<9} {first['precision']} vs {other['precision']}: base answers equal {same_base}/{n}, "
+                f"  {task:<9} {first['run']} vs {other['run']}: base answers equal {same_base}/{n}, "
                 f"fine-tuned answers equal {same_tuned}/{n}; fine-tuned exact match {em[0]}/{n} vs {em[1]}/{n} "
                 f"({em[1] - em[0]:+d}); held-out loss {loss[0]:.3f} vs {loss[1]:.3f} ({(loss[1] - loss[0]) / loss[0]:+.1%})"
             )
             for x, y in zip(a, b, strict=True):
                 if x.finetuned_output != y.finetuned_output:
-                    print(
-                        f"    #{x.index}: {first['precision']} {x.finetuned_output[:70]!r} | {other['precision']} {y.finetuned_output[:70]!r}"
-                    )
+                    print(f"    #{x.index}: {first['run']} {x.finetuned_output[:70]!r} | {other['run']} {y.finetuned_output[:70]!r}")
 
 
 if __name__ == "__main__":

@@ -42,12 +42,14 @@ class Row:
 
 
 class DecodeBatch:
-    """The running rows and their cache. The tensors hold one slot per row, except that in bf16 a batch of one
-    row holds it twice (a "ghost" copy): a single row would go through the matrix-vector kernels, which round
+    """The running rows and their cache. The tensors hold one slot per row, except that a batch of one row
+    holds it twice (a "ghost" copy): a single row would go through the matrix-vector kernels, which round
     differently from the matrix kernels a batch uses (tuna_llm.rowwise), so a lone answer would not be the one
-    it gets in a batch. In bf16 two rows cost about what one does (measured: 25 against 28 tokens/s on the
-    2-core CPU); in fp32 they cost 40% more and fp32's finer rounding has not flipped an answer in our tests,
-    so fp32 decodes a lone row alone."""
+    it gets in a batch. That holds in fp32 too: on a CPU without bf16, a lone row's fp32 logits differed from
+    the same row's in a batch of two in the last digit (13.8711 against 13.8710), enough to flip a near-tie.
+    Two rows cost about what one does, decoding reads the weights once either way (measured, single stream,
+    128 tokens: bf16 25 against 28 tokens/s on a 2-core CPU with AVX512-BF16; fp32 28.7 against 28.7 on a
+    2-core CPU without bf16)."""
 
     def __init__(self, loaded: LoadedBaseModel, pad_token_id: int) -> None:
         self.loaded = loaded
@@ -57,7 +59,6 @@ class DecodeBatch:
         self.mask: Any = None  # [slots, columns]: 1 where a column holds one of the row's tokens
         self.lengths: Any = None  # [slots]: real tokens per slot (the next token's position)
         self.can_join = True
-        self.ghost = loaded.plan.dtype_name != "float32"
 
     @property
     def rows(self) -> list[Row]:
@@ -72,7 +73,7 @@ class DecodeBatch:
         import torch
 
         device = self.loaded.device
-        slots = rows * 2 if len(rows) == 1 and self.ghost else list(rows)
+        slots = rows * 2 if len(rows) == 1 else list(rows)
         width = max(len(row.prompt_ids) for row in slots)
         ids = torch.full((len(slots), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(slots), width), dtype=torch.long)
@@ -134,7 +135,7 @@ class DecodeBatch:
         """Each row once in the tensors, rows first; a lone row twice (its ghost copy last)."""
         rows = self.rows
         first = [self.slots.index(row) for row in rows]
-        wanted = first * 2 if len(rows) == 1 and self.ghost else first
+        wanted = first * 2 if len(rows) == 1 else first
         if wanted != list(range(len(self.slots))):
             self._select(wanted)
 
