@@ -169,7 +169,7 @@ def compare_precisions(rows: list[dict]) -> None:
             print(
                 f"  {task:<9} {first['run']} vs {other['run']}: base answers equal {same_base}/{n}, "
                 f"fine-tuned answers equal {same_tuned}/{n}; fine-tuned exact match {em[0]}/{n} vs {em[1]}/{n} "
-                f"({em[1] - em[0]:+d}); held-out loss {loss[0]:.3f} vs {loss[1]:.3f} ({(loss[1] - loss[0]) / loss[0]:+.1%})"
+                f"({em[1] - em[0]:+d}); held-out loss {loss[0]:.5f} vs {loss[1]:.5f} ({loss[1] - loss[0]:+.5f} nats, {(loss[1] - loss[0]) / loss[0]:+.0%})"
             )
             for x, y in zip(a, b, strict=True):
                 if x.finetuned_output != y.finetuned_output:

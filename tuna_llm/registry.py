@@ -32,6 +32,11 @@ class LoadedBaseModel:
         self.model = model
         self.adapters: OrderedDict[str, Path] = OrderedDict()
         self.lock = threading.RLock()
+        # How the adapter layers are switched now: on (True) or off (False), and which adapter is active; None
+        # when not known (after an attach or a detach). peft's switches walk every module of the model, which
+        # a decoding step would otherwise pay for on every token; they run only when the switch changes.
+        self._layers_on: bool | None = None
+        self._active: str | None = None
 
     @property
     def name(self) -> str:
@@ -65,6 +70,7 @@ class LoadedBaseModel:
                 self.model.load_adapter(str(path), adapter_name=adapter_name)
             self.model.eval()
             self.adapters[adapter_name] = path
+            self._layers_on = self._active = None
             logger.info("Attached adapter %s to %s", adapter_name, self.name)
 
     def detach_adapter(self, adapter_name: str) -> None:
@@ -80,6 +86,7 @@ class LoadedBaseModel:
                     self.model.set_adapter(other)
                 self.model.delete_adapter(adapter_name)
             del self.adapters[adapter_name]
+            self._layers_on = self._active = None
             logger.info("Detached adapter %s from %s", adapter_name, self.name)
 
     @contextlib.contextmanager
@@ -88,16 +95,26 @@ class LoadedBaseModel:
         with self.lock:
             if adapter_name is None:
                 if self.adapters:
-                    with self.model.disable_adapter():
-                        yield self.model
-                else:
-                    yield self.model
+                    self._switch_layers(False)
+                yield self.model
                 return
             if adapter_name not in self.adapters:
                 raise KeyError(f"Adapter {adapter_name!r} is not attached to {self.name}.")
             self.adapters.move_to_end(adapter_name)
-            self.model.set_adapter(adapter_name)
+            self._switch_layers(True)
+            if self._active != adapter_name:
+                self.model.set_adapter(adapter_name)
+                self._active = adapter_name
             yield self.model
+
+    def _switch_layers(self, on: bool) -> None:
+        """Turn every adapter's layers on or off (off: the base model), unless they already are."""
+        if self._layers_on is not on:
+            if on:
+                self.model.base_model.enable_adapter_layers()
+            else:
+                self.model.base_model.disable_adapter_layers()
+            self._layers_on = on
 
     @contextlib.contextmanager
     def using_per_row(self, row_adapters: list[str | None]) -> Iterator[tuple[Any, dict[str, Any]]]:
@@ -117,6 +134,7 @@ class LoadedBaseModel:
                 raise KeyError(f"Adapters {missing} are not attached to {self.name}.")
             for name in distinct - {None}:
                 self.adapters.move_to_end(name)
+            self._switch_layers(True)  # each row through its own adapter (or none: "__base__")
             yield self.model, {"adapter_names": [name or "__base__" for name in row_adapters]}
 
 

@@ -143,3 +143,33 @@ def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch():
     pair.drop([pair.rows[1]])  # the pair's second row ends: the first is held twice from now on
     assert len(pair.slots) == 2 and pair.slots[0] is pair.slots[-1]
     assert pair.step([b[0]]) == lone.step([a[0]])
+
+
+def test_it_switches_adapter_layers_only_when_the_adapter_in_use_changes(trained_adapter):
+    """peft's on/off switch walks every module: decoding steps of one adapter (or of the base) must not pay for it
+    on every token, and the answers must still come from the adapter asked for."""
+    loaded = registry.get()
+    ids = loaded.tokenizer(chat(loaded, "Name a colour."), return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+    def last_logits(adapter):
+        with loaded.using(adapter) as model, torch.inference_mode():
+            return model(input_ids=ids).logits[0, -1].clone()
+
+    base_alone = last_logits(None)
+    loaded.attach_adapter("switch-test", trained_adapter)
+    try:
+        tuner = loaded.model.base_model
+        walks = []
+        walk = tuner._enable_adapter_layers
+        tuner._enable_adapter_layers = lambda enabled=True: (walks.append(enabled), walk(enabled))[1]
+        tuned = [last_logits("switch-test"), last_logits("switch-test")]
+        base = [last_logits(None), last_logits(None)]
+        again = last_logits("switch-test")
+        with loaded.using_per_row([None, "switch-test"]) as (model, routing), torch.inference_mode():
+            mixed = model(input_ids=ids.repeat(2, 1), **routing).logits[:, -1]
+        assert walks == [True, False, True]  # once per change, not once per call
+        assert torch.equal(base[0], base_alone) and torch.equal(base[1], base_alone)
+        assert not torch.equal(tuned[0], base_alone) and torch.equal(tuned[1], tuned[0]) and torch.equal(again, tuned[0])
+        assert torch.allclose(mixed[0], base_alone, atol=1e-4) and torch.allclose(mixed[1], tuned[0], atol=1e-4)
+    finally:
+        loaded.detach_adapter("switch-test")
