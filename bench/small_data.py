@@ -145,16 +145,16 @@ def main() -> None:
             for example in misses[: args.show_misses]:
                 print(f"  {row['task']} #{example.index}: got {example.finetuned_output!r}, want {example.reference!r}")
         if len(precisions) > 1 or len(seeds) > 1:
-            compare_precisions(rows)
+            compare_runs(rows)
         rows = [r for r in rows if r["label"] != "previous"]
         worst = min(r["m"]["finetuned_model"]["exact_match"] for r in rows)
         slowest = max(r["train_wall"] for r in rows)
         print(f"worst fine-tuned exact match {worst:.2f} (goal >= 0.80); slowest training {slowest:.0f} s (goal < 300 s)")
 
 
-def compare_precisions(rows: list[dict]) -> None:
+def compare_runs(rows: list[dict]) -> None:
     """Per task, the first run (precision, seed) against each other one: answers equal, exact match, held-out loss."""
-    print("precision comparison (greedy answers on the held-out examples, example by example):")
+    print("runs compared (precision, seed; greedy answers on the held-out examples, example by example):")
     for task in dict.fromkeys(r["task"] for r in rows):
         runs = [r for r in rows if r["task"] == task and r["label"] != "previous"]
         first = runs[0]

@@ -240,9 +240,9 @@ def training_pairs(evaluation: Evaluation, user, *, include_judge: bool = False)
     A vote cast with the names shown is not used (it may follow the label, not the answer); nor is a tie, a
     "both bad", or a judge verdict that changed when the answers swapped places.
     """
-    ratings = Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("example_id", "preferred_model", "blind")
-    votes = {example: (choice, is_blind) for example, choice, is_blind in ratings}
-    blind = {example: choice for example, (choice, is_blind) in votes.items() if is_blind}
+    ratings = list(Rating.objects.filter(example__evaluation=evaluation, user=user).values_list("example_id", "preferred_model", "blind"))
+    voted = {example for example, _, _ in ratings}
+    blind = {example: choice for example, choice, is_blind in ratings if is_blind}
     judged: dict[int, str] = {}
     run = latest_completed_run(evaluation) if include_judge else None
     if run is not None:
@@ -251,7 +251,7 @@ def training_pairs(evaluation: Evaluation, user, *, include_judge: bool = False)
     for example in EvaluationExample.objects.filter(evaluation=evaluation):
         if example.pk in blind:
             preferred, source = blind[example.pk], "vote"
-        elif example.pk not in votes and example.pk in judged:
+        elif example.pk not in voted and example.pk in judged:
             preferred, source = judged[example.pk], "judge"
         else:
             continue

@@ -32,11 +32,10 @@ class LoadedBaseModel:
         self.model = model
         self.adapters: OrderedDict[str, Path] = OrderedDict()
         self.lock = threading.RLock()
-        # How the adapter layers are switched now: on (True) or off (False), and which adapter is active; None
-        # when not known (after an attach or a detach). peft's switches walk every module of the model, which
-        # a decoding step would otherwise pay for on every token; they run only when the switch changes.
+        # Whether the adapter layers are switched on (True) or off (False) now; None when not known (after an
+        # attach or a detach). peft's on/off switch walks every module of the model, which a decoding step would
+        # otherwise pay for on every token; it runs only when the switch changes.
         self._layers_on: bool | None = None
-        self._active: str | None = None
 
     @property
     def name(self) -> str:
@@ -70,7 +69,7 @@ class LoadedBaseModel:
                 self.model.load_adapter(str(path), adapter_name=adapter_name)
             self.model.eval()
             self.adapters[adapter_name] = path
-            self._layers_on = self._active = None
+            self._layers_on = None
             logger.info("Attached adapter %s to %s", adapter_name, self.name)
 
     def detach_adapter(self, adapter_name: str) -> None:
@@ -86,7 +85,7 @@ class LoadedBaseModel:
                     self.model.set_adapter(other)
                 self.model.delete_adapter(adapter_name)
             del self.adapters[adapter_name]
-            self._layers_on = self._active = None
+            self._layers_on = None
             logger.info("Detached adapter %s from %s", adapter_name, self.name)
 
     @contextlib.contextmanager
@@ -102,9 +101,8 @@ class LoadedBaseModel:
                 raise KeyError(f"Adapter {adapter_name!r} is not attached to {self.name}.")
             self.adapters.move_to_end(adapter_name)
             self._switch_layers(True)
-            if self._active != adapter_name:
+            if self.model.active_adapter != adapter_name:  # peft's record of it: reading it walks nothing
                 self.model.set_adapter(adapter_name)
-                self._active = adapter_name
             yield self.model
 
     def _switch_layers(self, on: bool) -> None:
