@@ -11,7 +11,8 @@ transformers engine (tuna_llm.batching, in this process, as the web process runs
 
 "static" decodes a batch to its end before the next requests start (how the engine worked before continuous
 batching); "continuous" lets a request join the running batch at the next step. "fp32 static" is the engine
-as it was before issue 16 (fp32, static batches). Plain ``generate`` runs single-stream only.
+as it was before issue 16 (fp32, static batches). In bf16 on CPU, "unpacked" is the engine without its
+weights packed for oneDNN (tuna_llm.packing), beside the packed one. Plain ``generate`` runs single-stream only.
 
     .venv/bin/python bench/generation.py [--tokens 128] [--rounds 3] [--precisions fp32,bf16]
 
@@ -150,6 +151,7 @@ def main() -> None:
     setup_django()
     from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.loading import deployment_precision, load_tokenizer_and_model, pick_device
+    from tuna_llm.packing import can_pack
     from tuna_llm.registry import LoadedBaseModel, load_for_serving
 
     print(f"deployment precision (TUNA_PRECISION): {deployment_precision()}")
@@ -168,20 +170,28 @@ def main() -> None:
         plain_speeds[precision] = speed
         print(f"{'plain generate, ' + precision:<34} {speed:>7.1f}/s", flush=True)
         del plain
-        loaded = on(partial(load_for_serving, spec, plan))  # as the registry loads it
-        for continuous in (False, True):
-            name = f"engine, {precision}, {'continuous' if continuous else 'static'}"
+        # The engine as it was before issue 16 (fp32, static batches; in bf16 on CPU with unpacked weights too), and as it is.
+        variants = [(False, True), (True, False), (True, True)] if can_pack(plan) else [(False, True), (True, True)]
+        for continuous, pack in variants:
+            loaded = on(partial(load_for_serving, spec, plan, pack=pack))  # as the registry loads it
+            name = f"engine, {precision}, {'continuous' if continuous else 'static'}" + ("" if pack else ", unpacked")
             r = results[name] = engine_rows(loaded, continuous=continuous, tokens=args.tokens, rounds=args.rounds)
             print(
                 f"{name:<34} {r['single']:>7.1f}/s {r['aggregate']:>8.1f}/s {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s "
                 f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s",
                 flush=True,
             )
+            del loaded
     llama = on(lambda: llama_cpp(args.tokens, args.rounds))
     if llama is not None:
         print(f"{'llama.cpp, f16 GGUF':<34} {llama:>7.1f}/s")
     today = results.get("engine, fp32, static")
     best = results.get(f"engine, {pick_device().precision}, continuous")
+    unpacked = results.get(f"engine, {pick_device().precision}, continuous, unpacked")
+    if best and unpacked:
+        print(
+            f"packed weights against unpacked (same precision, continuous): single stream {best['single'] / unpacked['single']:.2f}x, 8 at once {best['aggregate'] / unpacked['aggregate']:.2f}x"
+        )
     if today and best:
         print(
             f"deployment default vs before (fp32, static): single stream {best['single'] / today['single']:.2f}x (goal >= 1.4x), "

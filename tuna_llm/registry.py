@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tuna_llm import rowwise
+from tuna_llm import packing, rowwise
 from tuna_llm.catalog import BaseModelSpec, get_base_model_spec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model, pick_device
 from tuna_llm.settings import current
@@ -136,11 +136,23 @@ class LoadedBaseModel:
             yield self.model, {"adapter_names": [name or "__base__" for name in row_adapters]}
 
 
-def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None) -> LoadedBaseModel:
+def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None, pack: bool | None = None) -> LoadedBaseModel:
     """A base model loaded for evaluation and serving: each answer computed as if alone, whatever it is
-    batched with (row-wise attention: tuna_llm.rowwise)."""
+    batched with (row-wise attention: tuna_llm.rowwise); in bf16 on CPU its linear weights packed for the
+    CPU's kernels (tuna_llm.packing; ``pack`` None: the TUNA_PACK_WEIGHTS setting)."""
     tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token, attention=rowwise.register())
+    if pack is None:
+        pack = _configured_packing()
+    if pack and packing.can_pack(plan):
+        logger.info("Packed %d linear layers of %s for the CPU's bf16 kernels", packing.pack_linear_weights(model), spec.name)
     return LoadedBaseModel(spec, plan, tokenizer, model)
+
+
+def _configured_packing() -> bool:
+    try:
+        return current().pack_weights
+    except RuntimeError:  # not configured (a script using the model layer alone)
+        return True
 
 
 class ModelRegistry:

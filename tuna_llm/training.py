@@ -297,19 +297,51 @@ def make_trainer(**kwargs):
 
 def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
     """Cross-entropy of the next-token predictions at the labelled positions, as the model's own loss computes it
-    (a sum over ``num_items_in_batch`` when given, else the mean), with the output layer applied there alone."""
+    (a sum over ``num_items_in_batch`` when given, else the mean), with the output layer applied there alone.
+
+    In bf16 the output layer runs in fp32 (``fp32_logits``): the logits a bf16 product returns are rounded to
+    bf16 (steps of 0.125 at the size of a confident logit), and a fine-tune that drives its answers' loss towards
+    zero then learns against rounding noise. Measured on the small-data bench's meeting-notes task, native bf16
+    (2-core CPU with AMX), seed 42: bf16 logits ended with a validation loss that wandered between 0.007 and 0.016
+    (fp32: down to 0.0002), kept the checkpoint of step 57 of 132, and scored 10/12 exact with held-out loss
+    0.040; fp32 logits: validation down to 0.0002, the last checkpoint, 11/12 and 0.027 (fp32 training: 11/12,
+    0.026)."""
     import torch
 
     hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    logits = fp32_logits(model.get_output_embeddings(), hidden[:, :-1][keep])
     if num_items_in_batch is None:
         return torch.nn.functional.cross_entropy(logits, targets[keep])
     total = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def fp32_logits(head: Any, hidden: Any) -> Any:
+    """The output layer's logits in fp32: for a plain linear output layer on bf16 (or fp16) states, the product
+    computed in fp32 from the same values (no rounding of the logits to bf16); otherwise the layer's own output,
+    made fp32. A frozen output layer's fp32 weight is made once and kept (see _frozen_fp32_weight)."""
+    import torch
+
+    if hidden.dtype == torch.float32 or type(head) is not torch.nn.Linear:
+        return head(hidden).float()
+    weight = head.weight.float() if head.weight.requires_grad else _frozen_fp32_weight(head)
+    bias = None if head.bias is None else head.bias.float()
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), weight, bias)
+
+
+def _frozen_fp32_weight(head: Any) -> Any:
+    """An fp32 copy of a frozen layer's weight, kept on the layer (cast once per run, not on every step: 47 ms a
+    step for SmolLM2's 49,152 x 576 output layer on a 2-core CPU); made again if the weight was replaced."""
+    key = (head.weight.data_ptr(), head.weight._version)
+    cached = head.__dict__.get("_tuna_fp32_weight")
+    if cached is None or cached[0] != key:
+        cached = head.__dict__["_tuna_fp32_weight"] = (key, head.weight.detach().float())
+    return cached[1]
 
 
 # -- the run ----------------------------------------------------------------------------------

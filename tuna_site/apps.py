@@ -21,4 +21,5 @@ def model_layer_settings() -> llm_settings.LlmSettings:
         adapter_cache_size=settings.TUNA_ADAPTER_CACHE_SIZE,
         hf_token=settings.HF_TOKEN,
         precision=settings.TUNA_PRECISION,
+        pack_weights=settings.TUNA_PACK_WEIGHTS,
     )

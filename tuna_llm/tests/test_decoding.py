@@ -104,6 +104,29 @@ def test_it_computes_the_answer_token_loss_as_the_model_does():
         assert ours == pytest.approx(model(**batch, num_items_in_batch=items).loss.item(), rel=1e-5)
 
 
+def test_it_computes_the_training_logits_in_fp32_on_a_bf16_model():
+    """bf16 training: the output layer's product in fp32 from the same bf16 values, not rounded to bf16; the
+    gradient reaches the hidden states; a frozen output layer's fp32 weight is cast once."""
+    from tuna_llm.training import fp32_logits
+
+    _, model = load_tokenizer_and_model(get_base_model_spec(), pick_device("bf16"))
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(False)  # frozen, as under LoRA
+    torch.manual_seed(0)
+    hidden = torch.randn(6, head.in_features, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer runs it
+        logits = fp32_logits(head, hidden)
+        rounded = head(hidden).float()
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(hidden.detach().float(), head.weight.float()))
+    assert not torch.equal(logits, rounded) and torch.allclose(logits, rounded, atol=0.25)
+    logits.logsumexp(-1).sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    first = head._tuna_fp32_weight[1]
+    fp32_logits(head, hidden.detach())
+    assert head._tuna_fp32_weight[1] is first  # kept, not cast again on every step
+
+
 def test_it_states_the_precision_on_the_usage_page_and_records_it_per_call(alice_api, alice_client):
     from inference_app.models import UsageLog
 
@@ -173,3 +196,59 @@ def test_it_switches_adapter_layers_only_when_the_adapter_in_use_changes(trained
         assert torch.allclose(mixed[0], base_alone, atol=1e-4) and torch.allclose(mixed[1], tuned[0], atol=1e-4)
     finally:
         loaded.detach_adapter("switch-test")
+
+
+bf16_kernels = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="needs oneDNN bf16 kernels on this CPU",
+)
+
+
+@bf16_kernels
+def test_it_packs_bf16_serving_weights_for_the_cpu_with_the_plain_weights_results(trained_adapter):
+    """Packed weights (tuna_llm.packing) compute the very products the plain weights do: prefill and decoding
+    logits bit-equal, with and without a LoRA adapter wrapped around the packed layers."""
+    from tuna_llm.packing import packed_linear_class
+    from tuna_llm.registry import load_for_serving
+
+    spec, plan = get_base_model_spec(), pick_device("bf16")
+    plain, packed = load_for_serving(spec, plan, pack=False), load_for_serving(spec, plan, pack=True)
+    packed_type = packed_linear_class()
+    layers = [m for m in packed.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert layers and all(type(m) is packed_type for m in layers)  # every projection and the output layer
+    assert not any(type(m) is packed_type for m in plain.model.modules())
+    ids = plain.tokenizer(chat(plain, "Name three rivers."), add_special_tokens=False)["input_ids"]
+
+    def decoded(loaded, adapter):
+        captured = []
+        batch = DecodeBatch(loaded, loaded.tokenizer.pad_token_id)
+        batch._choose = lambda logits, rows: (captured.append(logits.clone()), logits.argmax(dim=-1).tolist())[1]
+        tokens = batch.admit([Row(ids, adapter=adapter), Row(ids[:-3], adapter=adapter)])
+        for _ in range(4):
+            tokens = batch.step(tokens)
+        return torch.stack(captured)
+
+    assert torch.equal(decoded(packed, None), decoded(plain, None))
+    for loaded in (plain, packed):
+        loaded.attach_adapter("packing-test", trained_adapter)
+    assert torch.equal(decoded(packed, "packing-test"), decoded(plain, "packing-test"))
+    assert not torch.equal(decoded(packed, "packing-test"), decoded(packed, None))  # the adapter is in the path
+
+
+@bf16_kernels
+def test_it_computes_a_packed_layer_the_plain_way_for_gradients_and_refuses_a_changed_weight():
+    from tuna_llm.packing import pack_linear_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=True)).to(torch.bfloat16)
+    plain = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    plain.load_state_dict(model[0].state_dict())
+    assert pack_linear_weights(model) == 1
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    model(x).sum().backward()  # gradients: the plain path (the packed kernel has none)
+    assert x.grad is not None and model[0].weight.grad is not None
+    with torch.inference_mode():
+        assert torch.equal(model(x.detach()), plain(x.detach()))
+        model[0].weight.add_(1.0)  # e.g. an adapter merged into the weights: the packed copy would be stale
+        with pytest.raises(RuntimeError, match="changed after packing"):
+            model(x.detach())
