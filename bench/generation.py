@@ -4,7 +4,9 @@ plain transformers ``generate`` as the reference, and llama.cpp when the base mo
 The embedded base model, greedy, --tokens new tokens per answer, prompts that ask for long answers. For the
 transformers engine (tuna_llm.batching, in this process, as the web process runs it):
 
-- 1 stream: --rounds requests one after another; tokens/s = completion tokens / wall time;
+- 1 stream: --rounds requests one after another, each alone; tokens/s = completion tokens / wall time, the
+  median of the rounds; the rounds alternate between all the runs of the table (the machine's speed drifts
+  over minutes, so runs measured one after another are not comparable);
 - 8 at once: 8 requests submitted together; aggregate tokens/s;
 - 8 clients 0.5 s apart: client i sends at i x 0.5 s; time to first token (TTFT: from sending to the first
   text) and latency (sending to the last token), p50 and p95 over the 8 clients.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import threading
 import time
 from functools import partial
@@ -48,74 +51,82 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))]
 
 
-def engine_rows(loaded, *, continuous: bool, tokens: int, rounds: int) -> dict:
-    from tuna_llm.batching import BatchingEngine, GenerationRequest
+def chat_text(tokenizer, i: int) -> str:
     from tuna_llm.prompting import render_chat
 
-    texts = [render_chat(loaded.tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
-    engine = BatchingEngine(loaded, continuous=continuous)
-
-    def request(i: int) -> GenerationRequest:
-        return GenerationRequest(text=texts[i % len(texts)], max_new_tokens=tokens)
-
-    engine.generate(request(0))  # warm-up
-    started, done = time.perf_counter(), 0
-    for i in range(rounds):
-        done += engine.generate(request(i)).completion_tokens
-    single = done / (time.perf_counter() - started)
-
-    batch = [request(i) for i in range(CLIENTS)]
-    started = time.perf_counter()
-    engine.submit_all(batch)
-    for r in batch:
-        r.done.wait()
-    aggregate = sum(r.result.completion_tokens for r in batch) / (time.perf_counter() - started)
-
-    ttft, latency = [0.0] * CLIENTS, [0.0] * CLIENTS
-
-    def client(i: int, start: float) -> None:
-        time.sleep(max(0.0, start + i * ARRIVAL_GAP_S - time.perf_counter()))
-        sent = time.perf_counter()
-        first = None
-        for _ in engine.stream(request(i)):
-            if first is None:
-                first = time.perf_counter()
-        ttft[i], latency[i] = (first or time.perf_counter()) - sent, time.perf_counter() - sent
-
-    start = time.perf_counter() + 0.1
-    threads = [threading.Thread(target=client, args=(i, start)) for i in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {
-        "single": single,
-        "aggregate": aggregate,
-        "ttft_p50": percentile(ttft, 0.5),
-        "ttft_p95": percentile(ttft, 0.95),
-        "lat_p50": percentile(latency, 0.5),
-        "lat_p95": percentile(latency, 0.95),
-    }
+    return render_chat(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True)
 
 
-def plain_generate(loaded, *, tokens: int, rounds: int) -> float:
-    import torch
+class EngineRun:
+    """The transformers engine over one loaded model: single-stream requests, 8 at once, 8 clients 0.5 s apart."""
 
-    from tuna_llm.prompting import render_chat
+    def __init__(self, loaded, *, continuous: bool, tokens: int) -> None:
+        from tuna_llm.batching import BatchingEngine
 
-    tok = loaded.tokenizer
-    done, started = 0, None
-    for i in range(rounds + 1):
-        ids = tok(
-            render_chat(tok, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True), return_tensors="pt"
-        )
+        self.engine = BatchingEngine(loaded, continuous=continuous)
+        self.texts = [chat_text(loaded.tokenizer, i) for i in range(len(PROMPTS))]
+        self.tokens = tokens
+
+    def request(self, i: int):
+        from tuna_llm.batching import GenerationRequest
+
+        return GenerationRequest(text=self.texts[i % len(self.texts)], max_new_tokens=self.tokens)
+
+    def single(self, i: int) -> float:
+        """One request alone: its completion tokens / its wall time."""
+        started = time.perf_counter()
+        done = self.engine.generate(self.request(i)).completion_tokens
+        return done / (time.perf_counter() - started)
+
+    def together(self) -> dict:
+        engine = self.engine
+        batch = [self.request(i) for i in range(CLIENTS)]
+        started = time.perf_counter()
+        engine.submit_all(batch)
+        for r in batch:
+            r.done.wait()
+        aggregate = sum(r.result.completion_tokens for r in batch) / (time.perf_counter() - started)
+        ttft, latency = [0.0] * CLIENTS, [0.0] * CLIENTS
+
+        def client(i: int, start: float) -> None:
+            time.sleep(max(0.0, start + i * ARRIVAL_GAP_S - time.perf_counter()))
+            sent = time.perf_counter()
+            first = None
+            for _ in engine.stream(self.request(i)):
+                if first is None:
+                    first = time.perf_counter()
+            ttft[i], latency[i] = (first or time.perf_counter()) - sent, time.perf_counter() - sent
+
+        start = time.perf_counter() + 0.1
+        threads = [threading.Thread(target=client, args=(i, start)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {
+            "aggregate": aggregate,
+            "ttft_p50": percentile(ttft, 0.5),
+            "ttft_p95": percentile(ttft, 0.95),
+            "lat_p50": percentile(latency, 0.5),
+            "lat_p95": percentile(latency, 0.95),
+        }
+
+
+class PlainRun:
+    """Plain transformers ``generate`` on a model loaded the plain way (single stream only)."""
+
+    def __init__(self, loaded, *, tokens: int) -> None:
+        self.loaded, self.tokens = loaded, tokens
+
+    def single(self, i: int) -> float:
+        import torch
+
+        tok = self.loaded.tokenizer
+        ids = tok(chat_text(tok, i), return_tensors="pt")
+        started = time.perf_counter()
         with torch.inference_mode():
-            out = loaded.model.generate(**ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        if i == 0:  # warm-up
-            started = time.perf_counter()
-            continue
-        done += out.shape[1] - ids["input_ids"].shape[1]
-    return done / (time.perf_counter() - started)
+            out = self.loaded.model.generate(**ids, max_new_tokens=self.tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        return (out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - started)
 
 
 def llama_cpp(tokens: int, rounds: int) -> float | None:
@@ -143,7 +154,7 @@ def llama_cpp(tokens: int, rounds: int) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3, help="requests of the single-stream measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="single-stream requests per run (alternated between the runs)")
     parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
     os.environ.setdefault("TUNA_MODEL_CACHE_DIR", str(ROOT / "media" / "models"))
@@ -151,7 +162,7 @@ def main() -> None:
     setup_django()
     from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.loading import deployment_precision, load_tokenizer_and_model, pick_device
-    from tuna_llm.packing import can_pack
+    from tuna_llm.packing import applies as can_pack
     from tuna_llm.registry import LoadedBaseModel, load_for_serving
 
     print(f"deployment precision (TUNA_PRECISION): {deployment_precision()}")
@@ -160,28 +171,36 @@ def main() -> None:
     from tuna_llm.compute import compute_thread
 
     spec = get_base_model_spec()
-    results, plain_speeds = {}, {}
     # Every torch call on the one compute thread, as in the web process (see tuna_llm.compute).
     on = compute_thread.call
+    runs: dict[str, PlainRun | EngineRun] = {}
     for precision in args.precisions.split(","):
         plan = pick_device(precision)
         plain = LoadedBaseModel(spec, plan, *on(partial(load_tokenizer_and_model, spec, plan)))
-        speed = on(partial(plain_generate, plain, tokens=args.tokens, rounds=args.rounds))
-        plain_speeds[precision] = speed
-        print(f"{'plain generate, ' + precision:<34} {speed:>7.1f}/s", flush=True)
-        del plain
-        # The engine as it was before issue 16 (fp32, static batches; in bf16 on CPU with unpacked weights too), and as it is.
+        runs[f"plain generate, {precision}"] = PlainRun(plain, tokens=args.tokens)
+        # The engine as it was before issue 16 (fp32, static batches; in bf16 on CPU, unpacked weights too), and as it is.
         variants = [(False, True), (True, False), (True, True)] if can_pack(plan) else [(False, True), (True, True)]
         for continuous, pack in variants:
             loaded = on(partial(load_for_serving, spec, plan, pack=pack))  # as the registry loads it
             name = f"engine, {precision}, {'continuous' if continuous else 'static'}" + ("" if pack else ", unpacked")
-            r = results[name] = engine_rows(loaded, continuous=continuous, tokens=args.tokens, rounds=args.rounds)
-            print(
-                f"{name:<34} {r['single']:>7.1f}/s {r['aggregate']:>8.1f}/s {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s "
-                f"{r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s",
-                flush=True,
-            )
-            del loaded
+            runs[name] = EngineRun(loaded, continuous=continuous, tokens=args.tokens)
+    # Single stream: the rounds alternate between the runs (this machine's speed drifts by 10-20% over minutes;
+    # alternating puts every run under the same drift), after one warm-up request each. The median is shown.
+    singles: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        on(partial(run.single, 0))
+    for i in range(args.rounds):
+        for name, run in runs.items():
+            singles[name].append(on(partial(run.single, i)))
+    single = {name: statistics.median(values) for name, values in singles.items()}
+    results = {}
+    for name, run in runs.items():
+        row = f"{name:<34} {single[name]:>7.1f}/s"
+        if isinstance(run, EngineRun):
+            r = results[name] = run.together() | {"single": single[name]}
+            row += f" {r['aggregate']:>8.1f}/s {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s {r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s"
+        print(f"{row}   rounds: {', '.join(f'{v:.1f}' for v in singles[name])}", flush=True)
+    plain_speeds = {name.removeprefix("plain generate, "): single[name] for name in runs if name.startswith("plain")}
     llama = on(lambda: llama_cpp(args.tokens, args.rounds))
     if llama is not None:
         print(f"{'llama.cpp, f16 GGUF':<34} {llama:>7.1f}/s")

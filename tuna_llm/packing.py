@@ -1,20 +1,31 @@
-"""Linear layers whose bf16 weights are laid out once for the CPU's matrix kernels, not on every product.
+"""The serving model's bf16 linear layers on a CPU with native bf16: row-stable call shapes, packed weights.
 
-On CPU, torch hands a bf16 matrix product to oneDNN, whose AMX and AVX512-BF16 kernels read the weight in a
-blocked layout of their own. Given a plain [out, in] weight, they re-lay it out on every call: at decoding
-sizes (2 to 8 rows) that copy costs more than the product. Measured on a 2-core CPU with AMX, SmolLM2's
-576 x 1536 projection, 2 rows: 92-110 us plain, 48-61 us packed (fp32 on the same CPU: 37-53 us); single-stream
-decoding in bf16 ran at 0.70x the fp32 engine before packing. ``pack_linear_weights`` does the layout once at
-load with the calls PyTorch's own compiler uses when it freezes a CPU model (``mkldnn._reorder_linear_weight``,
-then ``mkldnn._linear_pointwise`` per product): the same kernel on the same blocks, so the results are the
-plain product's, bit for bit (tested on the model's logits).
+Two things, both for the serving model only (evaluation and the API; training keeps plain layers):
 
-For the serving model only (evaluation and the API; training changes its weights every step and keeps plain
-ones). The packed copy sits beside the plain weight, which stays for what reads it (an output layer tied to the
-embeddings, peft's adapter set-up, the parameter count): the linear layers' weights take twice their memory
-(SmolLM2-135M: +~270 MB; a Llama 3.1 8B served on CPU: +~15 GB), which ``TUNA_PACK_WEIGHTS=off`` avoids.
-Nothing merges into a serving model's weights (exports merge on a fresh load), which would leave the packed
-copy stale; ``PackedLinear`` refuses to compute from a weight that changed since it was packed.
+1. **Each row's product independent of what it is computed with.** On CPU, torch hands a bf16 matrix product
+   to oneDNN, which picks its kernel by the shape of the whole call. On a CPU with AMX, calls of up to 32 rows
+   go to one kernel and larger ones to the AMX kernel, whose results for a row also depend on how many rows
+   the call has (measured on SmolLM2's 576 x 576 and 1536 x 576 projections: 39 of 39 row counts between 33
+   and 300 gave some row a different result; calls of up to 32 rows and calls of a fixed larger size never did,
+   wherever the row sat). So a prompt's prefill gave different logits alone than in a batch (every one of 8
+   sample prompts; 8 of 32 base-model answers of the evaluation bench changed), and "batched = alone"
+   (tuna_llm.rowwise) broke. ``ServingLinear`` computes a decoding step (one position per row) in calls of at
+   most 16 rows and a sequence (a prefill, a held-out loss pass) in calls of exactly 64 rows, the last one
+   padded: every row then gets the result it gets anywhere else. On a CPU with AVX512-BF16 but no AMX, every
+   call size already agreed; the fixed shapes cost nothing there but the padding.
+2. **Weights packed once** (``TUNA_PACK_WEIGHTS``, on by default). oneDNN's bf16 kernels read the weight in a
+   blocked layout of their own and, given a plain [out, in] weight, re-lay it out on every call: at decoding
+   sizes that copy costs more than the product (2-core CPU with AMX, 576 x 1536, 2 rows: 92-110 us plain,
+   48-61 us packed; fp32 37-53 us), and single-stream bf16 decoding ran at 0.70x the fp32 engine. The layout is
+   done once at load with the calls PyTorch's own compiler uses when it freezes a CPU model
+   (``mkldnn._reorder_linear_weight``, then ``mkldnn._linear_pointwise``): the same kernels, so the same results
+   bit for bit (tested on the model's logits). The packed copy sits beside the plain weight, which stays for what
+   reads it (an output layer tied to the embeddings, peft's adapter set-up): the linear layers' weights take
+   twice their memory (SmolLM2-135M: +~270 MB; a Llama 3.1 8B on CPU: +~15 GB); off, the products use the plain
+   weights with the same call shapes.
+
+Nothing merges into a serving model's weights (exports merge on a fresh load); a packed layer refuses to compute
+from a weight that changed since it was packed.
 """
 
 from __future__ import annotations
@@ -22,51 +33,81 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+STEP_ROWS = 16  # a decoding step's rows per call, at most (one kernel for up to 32 rows on an AMX CPU)
+SEQUENCE_ROWS = 64  # a sequence's rows per call, exactly (the last call padded)
 
-def can_pack(plan: Any) -> bool:
-    """Whether this plan's products go through oneDNN's bf16 kernels: bf16 on a CPU with oneDNN."""
+
+def applies(plan: Any) -> bool:
+    """Whether this plan's products go through oneDNN's native bf16 kernels: bf16 on a CPU with AMX or
+    AVX512-BF16 (bf16 forced on a CPU without them is emulated, and left as it is)."""
     import torch
 
-    return plan.device == "cpu" and plan.dtype_name == "bfloat16" and torch.backends.mkldnn.is_available()
+    from tuna_llm.loading import native_bf16
+
+    return (
+        plan.device == "cpu"
+        and plan.dtype_name == "bfloat16"
+        and torch.backends.mkldnn.is_available()
+        and (native_bf16() or ("",))[0] == "cpu"
+    )
 
 
-def pack_linear_weights(model: Any) -> int:
-    """Pack every bf16 ``nn.Linear`` of ``model`` in place (its class becomes ``PackedLinear``, still an
-    ``nn.Linear`` for peft); returns how many were packed."""
+def prepare_linear_layers(model: Any, *, pack: bool) -> int:
+    """Make every bf16 ``nn.Linear`` of ``model`` a ``ServingLinear`` in place (still an ``nn.Linear`` for peft),
+    its weight packed when ``pack``; returns how many."""
     import torch
 
-    packed_linear = packed_linear_class()
-    packed = 0
+    serving_linear = serving_linear_class()
+    done = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
-            module.__class__ = packed_linear
-            module.pack()
-            packed += 1
-    return packed
+            module.__class__ = serving_linear
+            module.prepare(pack=pack)
+            done += 1
+    return done
 
 
 @cache
-def packed_linear_class() -> type:
-    """The ``PackedLinear`` class (made on first use: torch is imported late, the web process starts without it)."""
+def serving_linear_class() -> type:
+    """The ``ServingLinear`` class (made on first use: torch is imported late, the web process starts without it)."""
     import torch
 
-    class PackedLinear(torch.nn.Linear):
-        """``nn.Linear`` computing from a copy of its weight packed for oneDNN (see the module's docstring).
+    class ServingLinear(torch.nn.Linear):
+        """``nn.Linear`` with row-stable call shapes and, optionally, a packed weight (see the module's docstring).
         With gradients wanted, it computes the plain way (the packed kernel has no backward)."""
 
-        def pack(self) -> None:
-            with torch.no_grad():
-                # The hint (rows per product) picks nothing that changes results; 8 is a decoding batch.
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 8)
+        def prepare(self, *, pack: bool) -> None:
+            self._packed = None
+            if pack:
+                with torch.no_grad():
+                    # The hint (rows per product) picks nothing that changes results.
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), STEP_ROWS)
             self._packed_from = (self.weight.data_ptr(), self.weight._version)
+
+        def _product(self, rows: Any) -> Any:
+            if self._packed is None:
+                return torch.nn.functional.linear(rows, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(rows, self._packed, self.bias, "none", [], "")
 
         def forward(self, input: Any) -> Any:
             if torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad):
                 return super().forward(input)
             if input.dtype != torch.bfloat16 or input.device.type != "cpu":
                 return super().forward(input)
-            if (self.weight.data_ptr(), self.weight._version) != self._packed_from:
-                raise RuntimeError("A packed linear layer's weight changed after packing; pack it again (PackedLinear.pack).")
-            return torch.ops.mkldnn._linear_pointwise(input, self._packed, self.bias, "none", [], "")
+            if self._packed is not None and (self.weight.data_ptr(), self.weight._version) != self._packed_from:
+                raise RuntimeError("A packed linear layer's weight changed after packing; prepare it again (ServingLinear.prepare).")
+            rows = input.reshape(-1, input.shape[-1])
+            total = rows.shape[0]
+            if input.dim() >= 3 and input.shape[-2] == 1:  # a decoding step: small calls, as they come
+                if total <= STEP_ROWS:
+                    out = self._product(rows)
+                else:
+                    out = torch.cat([self._product(rows[i : i + STEP_ROWS]) for i in range(0, total, STEP_ROWS)])
+            else:  # a sequence: calls of exactly SEQUENCE_ROWS rows
+                missing = -total % SEQUENCE_ROWS
+                if missing:
+                    rows = torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])
+                out = torch.cat([self._product(rows[i : i + SEQUENCE_ROWS]) for i in range(0, rows.shape[0], SEQUENCE_ROWS)])[:total]
+            return out.reshape(*input.shape[:-1], out.shape[-1])
 
-    return PackedLinear
+    return ServingLinear
