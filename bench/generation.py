@@ -187,11 +187,15 @@ def main() -> None:
     # Single stream: the rounds alternate between the runs (this machine's speed drifts by 10-20% over minutes;
     # alternating puts every run under the same drift), after one warm-up request each. The median is shown.
     singles: dict[str, list[float]] = {name: [] for name in runs}
+
+    def one(run, i: int) -> float:  # plain generate on the compute thread; an engine's request waits for it there
+        return on(partial(run.single, i)) if isinstance(run, PlainRun) else run.single(i)
+
     for run in runs.values():
-        on(partial(run.single, 0))
+        one(run, 0)
     for i in range(args.rounds):
         for name, run in runs.items():
-            singles[name].append(on(partial(run.single, i)))
+            singles[name].append(one(run, i))
     single = {name: statistics.median(values) for name, values in singles.items()}
     results = {}
     for name, run in runs.items():

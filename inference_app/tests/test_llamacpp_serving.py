@@ -72,7 +72,9 @@ def base_gguf(settings) -> Path:
     return path.resolve()
 
 
-def test_it_serves_an_exported_job_through_llama_cpp_with_the_transformers_answers(settings, alice, alice_api, alice_client, finetuned_job, fp32):
+def test_it_serves_an_exported_job_through_llama_cpp_with_the_transformers_answers(
+    settings, alice, alice_api, alice_client, finetuned_job, fp32
+):
     # Transformers in fp32 (the fp32 fixture), as the export's parity check runs: an f16 GGUF and a bf16 model round
     # differently, and on a near-tie their greedy answers part (measured on a CPU with AMX: 1 of the held-out prompts).
     export_job(alice, finetuned_job, settings)
