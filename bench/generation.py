@@ -16,7 +16,7 @@ batching); "continuous" lets a request join the running batch at the next step. 
 as it was before issue 16 (fp32, static batches). In bf16 on CPU, "unpacked" is the engine without its
 weights packed for oneDNN (tuna_llm.packing), beside the packed one. Plain ``generate`` runs single-stream only.
 
-    .venv/bin/python bench/generation.py [--tokens 128] [--rounds 3] [--precisions fp32,bf16]
+    .venv/bin/python bench/generation.py [--tokens 128] [--rounds 5] [--precisions fp32,bf16]
 
 llama.cpp: the f16 GGUF of the base model in TUNA_GGUF_DIR (default media/gguf; bench/serving.py or any
 export makes it), single stream from one thread; skipped when it is not there.
