@@ -5,7 +5,8 @@ On a throw-away data directory and database: uploads the sample, trains a short 
 code path (--steps updates), then evaluates it on --examples held-out examples (generation of both models +
 held-out loss of both) with tuna_llm.evaluation.run_evaluation:
 
-- "fp32, one at a time": each answer decoded alone, base then fine-tuned, held-out loss one example per pass;
+- "fp32, one at a time": each answer decoded alone, base then fine-tuned, held-out loss one example per pass,
+  torch's own linear layers (before issue 16 gave the serving model oneDNN's: tuna_llm.packing);
 - "<precision>, batched": the evaluation's way: continuously batched, 8 rows at most, the base rows first
   and the fine-tuned ones after (rows of one adapter together), held-out loss in batches of 8; "batched
   mixed": each example's base and fine-tuned rows side by side (peft's per-row adapters), to see whether
@@ -23,18 +24,23 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import temporary_site, upload_sample
+from _common import load_as_before_issue_16, temporary_site, upload_sample
 
 
-def evaluate(job, examples, *, precision: str, batch: int, mixed: bool = False):
+def evaluate(job, examples, *, precision: str, batch: int, mixed: bool = False, before: bool = False):
     from django.conf import settings
 
+    from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.evaluation import run_evaluation
+    from tuna_llm.loading import pick_device
     from tuna_llm.registry import registry
 
     settings.TUNA_PRECISION = precision
     registry.clear()
-    loaded = registry.get(job.base_model)
+    if before:  # torch's own linear layers, as before issue 16
+        loaded = load_as_before_issue_16(get_base_model_spec(job.base_model), pick_device(precision))
+    else:
+        loaded = registry.get(job.base_model)
     loaded.attach_adapter("bench", job.adapter_dir)
     answers = []
     started = time.perf_counter()
@@ -76,7 +82,8 @@ def main() -> None:
         print(f"{len(examples)} held-out examples of the sample, fine-tune of {args.steps} updates; deployment: {pick_device().describe()}")
         print(f"{'run':<22} {'time':>7} {'vs before':>9} {'exact match':>12} {'held-out loss':>14}")
         for name, precision, batch, mixed in runs:
-            seconds, result, answers = evaluate(job, examples, precision=precision, batch=batch, mixed=mixed)
+            as_before = name == "fp32, one at a time"
+            seconds, result, answers = evaluate(job, examples, precision=precision, batch=batch, mixed=mixed, before=as_before)
             results[name] = answers
             tuned = result.finetuned
             ratio = seconds / results.setdefault("_before_s", seconds)

@@ -11,10 +11,11 @@ transformers engine (tuna_llm.batching, in this process, as the web process runs
 - 8 clients 0.5 s apart: client i sends at i x 0.5 s; time to first token (TTFT: from sending to the first
   text) and latency (sending to the last token), p50 and p95 over the 8 clients.
 
-"static" decodes a batch to its end before the next requests start (how the engine worked before continuous
-batching); "continuous" lets a request join the running batch at the next step. "fp32 static" is the engine
-as it was before issue 16 (fp32, static batches). In bf16 on CPU, "unpacked" is the engine without its
-weights packed for oneDNN (tuna_llm.packing), beside the packed one. Plain ``generate`` runs single-stream only.
+"static" is the engine as it was before issue 16: a batch decodes to its end before the next requests start,
+with torch's own linear layers; "fp32 static" is the baseline of the issue's goals. "continuous" is the engine
+as it is: a request joins the running batch at the next step, and on CPU the linear layers are oneDNN's
+(tuna_llm.packing), "unpacked" without the weights packed for it beside the packed default. Plain ``generate``
+runs single-stream only.
 
     .venv/bin/python bench/generation.py [--tokens 128] [--rounds 5] [--precisions fp32,bf16]
 
@@ -31,7 +32,7 @@ import threading
 import time
 from functools import partial
 
-from _common import ROOT, setup_django
+from _common import ROOT, load_as_before_issue_16, setup_django
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -178,12 +179,15 @@ def main() -> None:
         plan = pick_device(precision)
         plain = LoadedBaseModel(spec, plan, *on(partial(load_tokenizer_and_model, spec, plan)))
         runs[f"plain generate, {precision}"] = PlainRun(plain, tokens=args.tokens)
-        # The engine as it was before issue 16 (fp32, static batches; in bf16 on CPU, unpacked weights too), and as it is.
-        variants = [(False, True), (True, False), (True, True)] if can_pack(plan) else [(False, True), (True, True)]
-        for continuous, pack in variants:
+        # The engine as it was before issue 16 (static batches, torch's linear layers), and as it is (continuous,
+        # oneDNN serving layers on CPU: unpacked and packed weights).
+        before = on(partial(load_as_before_issue_16, spec, plan))
+        runs[f"engine, {precision}, static"] = EngineRun(before, continuous=False, tokens=args.tokens)
+        for pack in (False, True) if can_pack(plan) else (True,):
             loaded = on(partial(load_for_serving, spec, plan, pack=pack))  # as the registry loads it
-            name = f"engine, {precision}, {'continuous' if continuous else 'static'}" + ("" if pack else ", unpacked")
-            runs[name] = EngineRun(loaded, continuous=continuous, tokens=args.tokens)
+            runs[f"engine, {precision}, continuous" + ("" if pack else ", unpacked")] = EngineRun(
+                loaded, continuous=True, tokens=args.tokens
+            )
     # Single stream: the rounds alternate between the runs (this machine's speed drifts by 10-20% over minutes;
     # alternating puts every run under the same drift), after one warm-up request each. The median is shown.
     singles: dict[str, list[float]] = {name: [] for name in runs}

@@ -138,14 +138,14 @@ class LoadedBaseModel:
 
 def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None, pack: bool | None = None) -> LoadedBaseModel:
     """A base model loaded for evaluation and serving: each answer computed as if alone, whatever it is
-    batched with (row-wise attention: tuna_llm.rowwise; with native bf16 on CPU, row-stable linear layers whose
-    weights are packed for the CPU's kernels: tuna_llm.packing; ``pack`` None: the TUNA_PACK_WEIGHTS setting)."""
+    batched with (row-wise attention: tuna_llm.rowwise; on CPU, in fp32 or native bf16, row-stable linear layers
+    on oneDNN, their weights packed for it: tuna_llm.packing; ``pack`` None: the TUNA_PACK_WEIGHTS setting)."""
     tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token, attention=rowwise.register())
     if pack is None:
         pack = _configured_packing()
     if packing.applies(plan):
         count = packing.prepare_linear_layers(model, pack=pack)
-        logger.info("%d linear layers of %s made row-stable%s for the CPU's bf16 kernels", count, spec.name, ", packed," if pack else "")
+        logger.info("%d linear layers of %s made row-stable%s for the CPU's oneDNN kernels", count, spec.name, ", packed," if pack else "")
     return LoadedBaseModel(spec, plan, tokenizer, model)
 
 

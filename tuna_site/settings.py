@@ -58,7 +58,7 @@ if TUNA_SERVING_ENGINE not in ("auto", "transformers", "llamacpp"):
 TUNA_PRECISION = env_str("TUNA_PRECISION", "auto").strip().lower()
 if TUNA_PRECISION not in ("auto", "bf16", "fp32"):
     raise ImproperlyConfigured(f"TUNA_PRECISION must be auto, bf16 or fp32, got {TUNA_PRECISION!r}")
-# bf16 on a CPU with AMX or AVX512-BF16: the serving model's linear weights laid out once for oneDNN's kernels
+# On CPU (fp32, or bf16 with AMX or AVX512-BF16): the serving model's linear weights laid out once for oneDNN's kernels
 # (faster decoding; those weights then take twice their memory). Off for a large model on a CPU short of memory.
 TUNA_PACK_WEIGHTS = env_bool("TUNA_PACK_WEIGHTS", True)
 TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)

@@ -203,25 +203,31 @@ def test_it_switches_adapter_layers_only_when_the_adapter_in_use_changes(trained
         loaded.detach_adapter("switch-test")
 
 
-bf16_kernels = pytest.mark.skipif(
-    not packing.applies(pick_device("bf16")), reason="packing is for a CPU with native bf16 (AMX or AVX512-BF16)"
-)
+def oneDNN_precisions():
+    """The precisions whose serving layers go through oneDNN here (fp32 on any CPU; bf16 where it is native)."""
+    return [
+        pytest.param(
+            p, marks=pytest.mark.skipif(not packing.applies(pick_device(p)), reason=f"{p}: no oneDNN serving layers on this machine")
+        )
+        for p in ("fp32", "bf16")
+    ]
 
 
-@bf16_kernels
-def test_it_packs_bf16_serving_weights_for_the_cpu_with_the_plain_weights_results(trained_adapter):
+@pytest.mark.parametrize("precision", oneDNN_precisions())
+def test_it_packs_serving_weights_for_the_cpu_with_the_plain_weights_results(precision, trained_adapter):
     """Packed weights (tuna_llm.packing) compute the very products the plain weights do: prefill and decoding
     logits bit-equal, with and without a LoRA adapter wrapped around the packed layers."""
     from tuna_llm.packing import serving_linear_class
     from tuna_llm.registry import load_for_serving
 
-    spec, plan = get_base_model_spec(), pick_device("bf16")
+    spec, plan = get_base_model_spec(), pick_device(precision)
     plain, packed = load_for_serving(spec, plan, pack=False), load_for_serving(spec, plan, pack=True)
     serving_type = serving_linear_class()
     for loaded, pack in ((packed, True), (plain, False)):
         layers = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
         assert layers and all(type(m) is serving_type for m in layers)  # every projection and the output layer
         assert all((m._packed is not None) == pack for m in layers)
+        assert loaded.model.dtype == plan.dtype
     ids = plain.tokenizer(chat(plain, "Name three rivers."), add_special_tokens=False)["input_ids"]
 
     def decoded(loaded, adapter):
@@ -240,41 +246,44 @@ def test_it_packs_bf16_serving_weights_for_the_cpu_with_the_plain_weights_result
     assert not torch.equal(decoded(packed, "packing-test"), decoded(packed, None))  # the adapter is in the path
 
 
-@bf16_kernels
-def test_it_computes_a_packed_layer_the_plain_way_for_gradients_and_refuses_a_changed_weight():
+@pytest.mark.parametrize("precision", oneDNN_precisions())
+def test_it_computes_a_packed_layer_the_plain_way_for_gradients_and_refuses_a_changed_weight(precision):
     from tuna_llm.packing import prepare_linear_layers
 
+    dtype = pick_device(precision).dtype
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=True)).to(torch.bfloat16)
-    plain = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=True)).to(dtype)
+    plain = torch.nn.Linear(64, 32).to(dtype)
     plain.load_state_dict(model[0].state_dict())
     assert prepare_linear_layers(model, pack=True) == 1
-    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
     model(x).sum().backward()  # gradients: the plain path (the packed kernel has none)
     assert x.grad is not None and model[0].weight.grad is not None
     with torch.inference_mode():
         step = x.detach().unsqueeze(1)  # [rows, 1 position, features]: a decoding step, one call as it comes
-        assert torch.equal(model(step), plain(step))
+        assert torch.allclose(model(step), plain(step), atol=1e-2 if precision == "bf16" else 1e-5)
         model[0].weight.add_(1.0)  # e.g. an adapter merged into the weights: the packed copy would be stale
         with pytest.raises(RuntimeError, match="changed after packing"):
             model(x.detach())
 
 
-@bf16_kernels
-def test_it_gives_each_row_the_same_product_whatever_it_is_computed_with():
-    """On an AMX CPU oneDNN's result for a row depended on how many rows the call had (tuna_llm.packing): a
-    serving layer's row results must not depend on the rows around them, in a sequence or in a decoding step."""
+@pytest.mark.parametrize("precision", oneDNN_precisions())
+def test_it_gives_each_row_the_same_product_whatever_it_is_computed_with(precision):
+    """On an AMX CPU oneDNN's bf16 result for a row depended on how many rows the call had, and in fp32 a call
+    of one row rounds apart (tuna_llm.packing): a serving layer's row results must not depend on the rows
+    around them, in a sequence or in a decoding step of two rows or more (decoding never runs one)."""
     from tuna_llm.registry import load_for_serving
 
-    loaded = load_for_serving(get_base_model_spec(), pick_device("bf16"))
+    plan = pick_device(precision)
+    loaded = load_for_serving(get_base_model_spec(), plan)
     torch.manual_seed(0)
     with torch.inference_mode():
         for layer in (loaded.model.model.layers[0].self_attn.o_proj, loaded.model.model.layers[0].mlp.down_proj):
-            rows = torch.randn(1, 300, layer.in_features, dtype=torch.bfloat16)
+            rows = torch.randn(1, 300, layer.in_features, dtype=plan.dtype)
             whole = layer(rows)[0]
             for start, end in ((0, 33), (5, 69), (40, 41), (100, 300), (7, 130)):
                 assert torch.equal(layer(rows[:, start:end])[0], whole[start:end]), (start, end)
             steps = rows[0, :40].unsqueeze(1)  # 40 rows, one position each
             alone = layer(steps)
-            for start, end in ((0, 2), (3, 11), (0, 16), (20, 40)):
+            for start, end in ((0, 2), (3, 11), (0, 16), (20, 40), (38, 40), (5, 6)):
                 assert torch.equal(layer(steps[start:end]), alone[start:end]), (start, end)
