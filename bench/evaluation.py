@@ -5,8 +5,12 @@ On a throw-away data directory and database: uploads the sample, trains a short 
 code path (--steps updates), then evaluates it on --examples held-out examples (generation of both models +
 held-out loss of both) with tuna_llm.evaluation.run_evaluation:
 
-- "fp32, one at a time": each answer decoded alone, base then fine-tuned, held-out loss one example per pass,
-  torch's own linear layers (before issue 16 gave the serving model oneDNN's: tuna_llm.packing);
+- "before: fp32, one at a time": each answer decoded alone, base then fine-tuned, held-out loss one example
+  per pass, torch's own linear layers (issue 16 gave the serving model oneDNN's: tuna_llm.packing). It runs
+  today's decoding loop though, which never decodes a lone row (tuna_llm.decoding's ghost copy): where
+  torch's two-row products cost more than one-row ones (MKL's fp32 on an AMD EPYC: about twice), it takes
+  longer than the evaluation did before issue 16;
+- "<precision>, one at a time": the same with the serving model as it is (batched = alone is checked on it);
 - "<precision>, batched": the evaluation's way: continuously batched, 8 rows at most, the base rows first
   and the fine-tuned ones after (rows of one adapter together), held-out loss in batches of 8; "batched
   mixed": each example's base and fine-tuned rows side by side (peft's per-row adapters), to see whether
@@ -25,6 +29,8 @@ import argparse
 import time
 
 from _common import load_as_before_issue_16, temporary_site, upload_sample
+
+BEFORE = "before: fp32, one at a time"
 
 
 def evaluate(job, examples, *, precision: str, batch: int, mixed: bool = False, before: bool = False):
@@ -74,16 +80,14 @@ def main() -> None:
         assert job.status == "completed", job.error_message
         examples = held_out_examples(dataset)[: args.examples]
         default = pick_device().precision
-        runs = [("fp32, one at a time", "fp32", 1, False)] + [(f"{p}, batched", p, 8, False) for p in args.precisions.split(",")]
+        runs = [(BEFORE, "fp32", 1, False)] + [(f"{p}, batched", p, 8, False) for p in args.precisions.split(",")]
         runs.append((f"{default}, batched mixed", default, 8, True))
-        if default != "fp32":
-            runs.append((f"{default}, one at a time", default, 1, False))
+        runs.append((f"{default}, one at a time", default, 1, False))
         results = {}
         print(f"{len(examples)} held-out examples of the sample, fine-tune of {args.steps} updates; deployment: {pick_device().describe()}")
         print(f"{'run':<22} {'time':>7} {'vs before':>9} {'exact match':>12} {'held-out loss':>14}")
         for name, precision, batch, mixed in runs:
-            as_before = name == "fp32, one at a time"
-            seconds, result, answers = evaluate(job, examples, precision=precision, batch=batch, mixed=mixed, before=as_before)
+            seconds, result, answers = evaluate(job, examples, precision=precision, batch=batch, mixed=mixed, before=name == BEFORE)
             results[name] = answers
             tuned = result.finetuned
             ratio = seconds / results.setdefault("_before_s", seconds)
@@ -92,15 +96,15 @@ def main() -> None:
                 f"{tuned['heldout_loss']:>14.4f}",
                 flush=True,
             )
-        before = results["fp32, one at a time"]
+        before = results[BEFORE]
         print("greedy answers equal (base, fine-tuned), example by example:")
         for name in [run[0] for run in runs[1:]]:
             other = results[name]
             base_equal = sum(a[0] == b[0] for a, b in zip(before, other, strict=True))
             tuned_equal = sum(a[1] == b[1] for a, b in zip(before, other, strict=True))
-            print(f"  fp32 one at a time vs {name:<22} {base_equal}/{len(before)}, {tuned_equal}/{len(before)}")
-        if default != "fp32":
-            alone, batched = results[f"{default}, one at a time"], results[f"{default}, batched"]
+            print(f"  {BEFORE} vs {name:<22} {base_equal}/{len(before)}, {tuned_equal}/{len(before)}")
+        alone, batched = results[f"{default}, one at a time"], results.get(f"{default}, batched")
+        if batched is not None:
             same = sum(a == b for a, b in zip(alone, batched, strict=True))
             print(f"  {default} one at a time vs {default} batched: {same}/{len(alone)} examples with both answers equal")
             for index, (a, b) in enumerate(zip(alone, batched, strict=True)):

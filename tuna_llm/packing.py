@@ -101,22 +101,25 @@ def serving_linear_class() -> type:
             weight = self.weight if self._packed is None else self._packed  # the same kernel, the same results
             return torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, "none", [], "")
 
+        def _step_product(self, rows: Any) -> Any:
+            """At most STEP_ROWS rows; a lone row computed twice (a one-row call rounds apart in fp32; two cost
+            what one does)."""
+            return self._product(rows.repeat(2, 1))[:1] if rows.shape[0] == 1 else self._product(rows)
+
         def forward(self, input: Any) -> Any:
             if torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad):
                 return super().forward(input)
-            if input.dtype != self.weight.dtype or input.device.type != "cpu":
+            if input.dtype != self.weight.dtype or input.device.type != "cpu" or not input.numel():
                 return super().forward(input)
             if self._packed is not None and (self.weight.data_ptr(), self.weight._version) != self._packed_from:
                 raise RuntimeError("A packed linear layer's weight changed after packing; prepare it again (ServingLinear.prepare).")
             rows = input.reshape(-1, input.shape[-1])
             total = rows.shape[0]
             if input.dim() >= 3 and input.shape[-2] == 1:  # a decoding step: small calls, as they come
-                if total == 1:  # a one-row call rounds apart in fp32 (see above); two cost what one does
-                    out = self._product(rows.repeat(2, 1))[:1]
-                elif total <= STEP_ROWS:
-                    out = self._product(rows)
+                if total <= STEP_ROWS:
+                    out = self._step_product(rows)
                 else:
-                    out = torch.cat([self._product(rows[i : i + STEP_ROWS]) for i in range(0, total, STEP_ROWS)])
+                    out = torch.cat([self._step_product(rows[i : i + STEP_ROWS]) for i in range(0, total, STEP_ROWS)])
             else:  # a sequence: calls of exactly SEQUENCE_ROWS rows
                 missing = -total % SEQUENCE_ROWS
                 if missing:

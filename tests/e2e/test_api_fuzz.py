@@ -24,6 +24,10 @@ def test_it_finds_no_server_error_and_no_schema_violation(live_site):
             "--max-examples",
             "25",
             "--generation-deterministic",
+            # The first generation call loads the model in the web process (seconds on a slow 2-core machine:
+            # one such call ran past schemathesis' default 10 s): a slow answer is not a server error.
+            "--request-timeout",
+            "60",
             "--no-color",
         ],
         capture_output=True,
