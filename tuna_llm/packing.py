@@ -9,7 +9,7 @@ that computes bf16 natively (AMX or AVX512-BF16):
    Decoding never runs a lone row (tuna_llm.decoding's ghost copy), so the fp32 engine decoded a single stream
    at 9.1 tokens/s where plain ``generate`` (one row) made 14.1. ``ServingLinear`` calls oneDNN's linear
    (``mkldnn._linear_pointwise``) in both precisions: the output layer 5.7 ms for 2 rows, the fp32 engine
-   13 tokens/s on that CPU.
+   18.7 tokens/s single stream on that CPU (bench/generation.py; 16.8 with the weights unpacked).
 2. **Each row's product independent of what it is computed with.** oneDNN picks its kernel by the shape of the
    whole call. On a CPU with AMX, bf16 calls of up to 32 rows go to one kernel and larger ones to the AMX
    kernel, whose results for a row also depend on how many rows the call has (measured on SmolLM2's 576 x 576
@@ -30,7 +30,7 @@ that computes bf16 natively (AMX or AVX512-BF16):
    results bit for bit (tested on the model's logits, both precisions). The packed copy sits beside the plain
    weight, which stays for what reads it (an output layer tied to the embeddings, peft's adapter set-up): the
    linear layers' weights take twice their memory (SmolLM2-135M: +~270 MB in bf16, +~540 MB in fp32; a
-   Llama 3.1 8B on CPU: +~15 GB in bf16); off, oneDNN reads the plain weights, with the same call shapes
+   Llama 3.1 8B on CPU: +~15 GB in bf16, +~30 GB in fp32); off, oneDNN reads the plain weights, with the same call shapes
    and results.
 
 Nothing merges into a serving model's weights (exports merge on a fresh load); a packed layer refuses to compute
