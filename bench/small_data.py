@@ -145,11 +145,29 @@ def main() -> None:
             for example in misses[: args.show_misses]:
                 print(f"  {row['task']} #{example.index}: got {example.finetuned_output!r}, want {example.reference!r}")
         if len(precisions) > 1 or len(seeds) > 1:
+            measure_with_one_ruler(rows)
             compare_runs(rows)
         rows = [r for r in rows if r["label"] != "previous"]
         worst = min(r["m"]["finetuned_model"]["exact_match"] for r in rows)
         slowest = max(r["train_wall"] for r in rows)
         print(f"worst fine-tuned exact match {worst:.2f} (goal >= 0.80); slowest training {slowest:.0f} s (goal < 300 s)")
+
+
+def measure_with_one_ruler(rows: list[dict]) -> None:
+    """Each run's fine-tune's held-out loss measured again by one fp32 model (after every run: it switches the
+    platform to fp32). Beside each run's own figure (its deployment's precision), it tells a difference in what
+    the runs trained from a difference in how they were measured."""
+    from datasets_app.examples import held_out_examples
+    from tuna_llm.evaluation import answer_loss
+    from tuna_llm.registry import registry
+
+    use_precision("fp32")
+    loaded = registry.get()
+    for row in rows:
+        job, name = row["job"], f"ruler-{row['job'].pk}"
+        loaded.attach_adapter(name, job.adapter_dir)
+        row["ruler_loss"] = answer_loss(loaded, held_out_examples(job.dataset)[: row["evaluation"].test_size], adapter=name)
+        loaded.detach_adapter(name)
 
 
 def compare_runs(rows: list[dict]) -> None:
@@ -166,10 +184,12 @@ def compare_runs(rows: list[dict]) -> None:
             n = len(a)
             em = [round(r["m"]["finetuned_model"]["exact_match"] * n) for r in (first, other)]
             loss = [r["m"]["finetuned_model"]["heldout_loss"] for r in (first, other)]
+            ruler = [r["ruler_loss"] for r in (first, other)]
             print(
                 f"  {task:<9} {first['run']} vs {other['run']}: base answers equal {same_base}/{n}, "
                 f"fine-tuned answers equal {same_tuned}/{n}; fine-tuned exact match {em[0]}/{n} vs {em[1]}/{n} "
-                f"({em[1] - em[0]:+d}); held-out loss {loss[0]:.5f} vs {loss[1]:.5f} ({loss[1] - loss[0]:+.5f} nats, {(loss[1] - loss[0]) / loss[0]:+.0%})"
+                f"({em[1] - em[0]:+d}); held-out loss {loss[0]:.5f} vs {loss[1]:.5f} ({loss[1] - loss[0]:+.5f} nats, {(loss[1] - loss[0]) / loss[0]:+.0%}); "
+                f"measured by one fp32 model {ruler[0]:.5f} vs {ruler[1]:.5f} ({(ruler[1] - ruler[0]) / ruler[0]:+.0%})"
             )
             for x, y in zip(a, b, strict=True):
                 if x.finetuned_output != y.finetuned_output:

@@ -17,7 +17,7 @@ from tuna_llm.batching import GenerationRequest, decode_all
 from tuna_llm.engine import Generation
 from tuna_llm.prompting import Message, render_chat
 from tuna_llm.registry import LoadedBaseModel
-from tuna_llm.training import IGNORE_INDEX, PadCollator, tokenize_example
+from tuna_llm.training import IGNORE_INDEX, PLAIN_OUTPUT_LAYER, PadCollator, answer_tokens_loss_sum, tokenize_example
 
 EVAL_BATCH = 8  # rows decoded together, and examples per held-out loss batch
 
@@ -139,7 +139,10 @@ def answer_loss(
     """Mean cross-entropy over the reference answers' tokens (token-weighted), prompt tokens masked.
 
     Examples go through the model in batches of similar length (right-padded; padding is masked out of
-    attention and of the loss)."""
+    attention and of the loss). The loss is computed as training computes its own (``answer_tokens_loss_sum``):
+    the output layer in fp32 at the answer positions, whatever the deployment's precision, so that a bf16
+    deployment measures its fine-tune, not the rounding of its logits to bf16 (steps of 0.125 at the size of a
+    confident logit; the answers themselves are decoded from the deployment's own logits)."""
     import torch
 
     rows = [row for row in (tokenize_example(loaded.tokenizer, m, max_seq_length, final_turn_only=True) for m in examples) if row]
@@ -147,15 +150,20 @@ def answer_loss(
     collate = PadCollator(loaded.tokenizer.pad_token_id)
     total, count = 0.0, 0
     with loaded.using(adapter) as model, torch.inference_mode():
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         for start in range(0, len(rows), batch_size):
             batch = {key: value.to(loaded.device) for key, value in collate(rows[start : start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :].float()
-            targets = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
+            if base.config.model_type in PLAIN_OUTPUT_LAYER:
+                loss, tokens = answer_tokens_loss_sum(base, batch)
+            else:  # logits with more than the output layer in them (soft-capping, a scale): the model's own
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :].float()
+                targets = batch["labels"][:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+                tokens = int((targets != IGNORE_INDEX).sum())
             total += float(loss)
-            count += int((targets != IGNORE_INDEX).sum())
+            count += tokens
     return total / count if count else None
 
 

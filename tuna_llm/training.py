@@ -308,27 +308,39 @@ def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: A
     0.026)."""
     import torch
 
-    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
-    targets = inputs["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = fp32_logits(model.get_output_embeddings(), hidden[:, :-1][keep])
+    total, count = answer_tokens_loss_sum(model, inputs)
     if num_items_in_batch is None:
-        return torch.nn.functional.cross_entropy(logits, targets[keep])
-    total = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        return total / count
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
 
 
+def answer_tokens_loss_sum(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
+    """(summed cross-entropy, token count) at the labelled positions: the decoder, then the output layer in fp32
+    at those positions alone. For a model whose architecture is in PLAIN_OUTPUT_LAYER."""
+    import torch
+
+    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+    targets = inputs["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = fp32_logits(model.get_output_embeddings(), hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+
+
 def fp32_logits(head: Any, hidden: Any) -> Any:
     """The output layer's logits in fp32: for a plain linear output layer on bf16 (or fp16) states, the product
     computed in fp32 from the same values (no rounding of the logits to bf16); otherwise the layer's own output,
-    made fp32. A frozen output layer's fp32 weight is made once and kept (see _frozen_fp32_weight)."""
+    made fp32. A frozen output layer's fp32 weight is made once per training run and kept (_frozen_fp32_weight)."""
     import torch
 
-    if hidden.dtype == torch.float32 or type(head) is not torch.nn.Linear:
+    plain = isinstance(head, torch.nn.Linear) and head.weight.is_floating_point()  # the serving model's too
+    if hidden.dtype == torch.float32 or not plain:
         return head(hidden).float()
-    weight = head.weight.float() if head.weight.requires_grad else _frozen_fp32_weight(head)
+    # Kept for a frozen layer in training; a serving model (inference mode) casts per call rather than hold a
+    # second copy of its largest matrix for good (2 GB for Llama 3.1 8B's output layer).
+    transient = head.weight.requires_grad or torch.is_inference_mode_enabled()
+    weight = head.weight.float() if transient else _frozen_fp32_weight(head)
     bias = None if head.bias is None else head.bias.float()
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return torch.nn.functional.linear(hidden.float(), weight, bias)

@@ -148,6 +148,31 @@ def test_it_computes_held_out_loss_in_batches_as_one_example_at_a_time():
     assert batched == pytest.approx(answer_loss(loaded, examples, adapter=None, batch_size=1), rel=1e-4)
 
 
+def test_it_computes_the_held_out_loss_from_fp32_logits_in_a_bf16_deployment():
+    """The evaluation's held-out loss is training's computation (the output layer in fp32 at the answer positions),
+    not the loss of logits rounded to bf16."""
+    from datasets_app.examples import SAMPLE_PATH, file_examples
+    from tuna_llm.evaluation import answer_loss
+    from tuna_llm.registry import load_for_serving
+    from tuna_llm.training import tokenize_example
+
+    loaded = load_for_serving(get_base_model_spec(), pick_device("bf16"))
+    examples = file_examples(SAMPLE_PATH)[:4]
+    batch = PadCollator(loaded.tokenizer.pad_token_id)([tokenize_example(loaded.tokenizer, m, 1024, final_turn_only=True) for m in examples])
+    head = loaded.model.get_output_embeddings()
+    with torch.inference_mode():
+        hidden = loaded.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        answers = hidden[:, :-1][keep]
+        fp32 = torch.nn.functional.cross_entropy(torch.nn.functional.linear(answers.float(), head.weight.float()), targets[keep])
+        rounded = torch.nn.functional.cross_entropy(head(answers).float(), targets[keep])
+    measured = answer_loss(loaded, examples, adapter=None)
+    assert measured == pytest.approx(float(fp32), rel=1e-5)
+    assert measured != pytest.approx(float(rounded), rel=1e-4)
+    assert "_tuna_fp32_weight" not in head.__dict__  # a serving model keeps no second copy of its output layer
+
+
 def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch():
     """A lone row is held twice, so that it goes through the kernels a batch uses (tuna_llm.rowwise)."""
     loaded = registry.get()
