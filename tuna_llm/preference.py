@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from tuna_llm.catalog import BaseModelSpec
-from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
+from tuna_llm.loading import DevicePlan
 from tuna_llm.prompting import Message
 from tuna_llm.training import (
     TrainingHooks,
     TrainingResult,
     discard_incomplete_checkpoints,
+    load_for_training,
     make_progress_callback,
     save_adapter,
     trainer_settings,
@@ -121,7 +122,7 @@ def run_preference_training(
     if not pairs:
         raise ValueError("There are no preference pairs to train on.")
     set_seed(config.seed)
-    tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token)
+    tokenizer, model = load_for_training(spec, plan, hf_token=hf_token)
     model.config.use_cache = False
     model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 

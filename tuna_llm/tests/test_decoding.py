@@ -128,6 +128,34 @@ def test_it_computes_the_training_logits_in_fp32_on_a_bf16_model():
     assert head._tuna_fp32_weight[1] is first  # kept, not cast again on every step
 
 
+def test_it_trains_with_attention_computed_in_fp32_on_a_bf16_cpu():
+    """bf16 training on CPU: the attention of bf16 states computed in fp32 (PyTorch's bf16 kernel is slow
+    backwards), its output bf16, gradients back to the bf16 states; fp32 training keeps transformers' default."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tuna_llm.training import FP32_ATTENTION, fp32_attention, load_for_training
+
+    plan = pick_device("bf16")
+    if plan.device != "cpu":
+        pytest.skip("on a GPU, training keeps transformers' attention")
+    tokenizer, model = load_for_training(get_base_model_spec(), plan)
+    assert model.config._attn_implementation == FP32_ATTENTION
+    _, fp32_model = load_for_training(get_base_model_spec(), pick_device("fp32"))
+    assert fp32_model.config._attn_implementation == "sdpa"
+    module = model.model.layers[0].self_attn
+    torch.manual_seed(0)
+    query = torch.randn(2, 9, 12, 64, dtype=torch.bfloat16, requires_grad=True)
+    key, value = torch.randn(2, 3, 12, 64, dtype=torch.bfloat16), torch.randn(2, 3, 12, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fp32_attention(module, query, key, value, None, scaling=module.scaling)
+    expected, _ = sdpa_attention_forward(module, query.detach().float(), key.float(), value.float(), None, scaling=module.scaling)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
+    out.float().sum().backward()
+    assert query.grad is not None and query.grad.dtype == torch.bfloat16 and query.grad.abs().sum() > 0
+    batch = PadCollator(0)(tokenize_examples(tokenizer, [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]], 64))
+    assert torch.isfinite(model(**batch).loss)  # the whole model runs with it
+
+
 def test_it_states_the_precision_on_the_usage_page_and_records_it_per_call(alice_api, alice_client):
     from inference_app.models import UsageLog
 
