@@ -16,6 +16,8 @@ ROUGE-L and loss for the base and the fine-tuned model.
 With --precisions, each task is trained and evaluated once per precision (TUNA_PRECISION for the whole run:
 training, evaluation, generation), and the greedy answers of the runs are compared example by example: the
 base model's (same weights, only the precision differs) and the fine-tuned model's (trained in that precision).
+Each run's fine-tune is then measured again by one fp32 model (its held-out loss): a difference there is in
+what the runs trained, not in how they were measured.
 With --seeds, each run is repeated with each training seed: the spread between two seeds in one precision is
 the noise a precision's difference has to be measured against (a fine-tune of 48 examples at a high learning
 rate ends in a different place for each seed).

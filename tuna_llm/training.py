@@ -380,7 +380,10 @@ def fp32_attention(module, query, key, value, attention_mask, dropout: float = 0
     For speed: on CPU, PyTorch's bf16 attention kernel is fast forwards and slow backwards. Measured on a 2-core
     CPU with AMX, SmolLM2's attention (4 rows of 128 tokens, 9 query and 3 key/value heads), forward and backward:
     7.6 ms in bf16 against 3.6 ms in fp32 (3.9 ms with fp32 states); over a training step of the sample, the bf16
-    backward was 18% of the step. Attention has no weights: only the states are cast."""
+    backward was 18% of the step, and bench/train_vs_plain.py went from 1.36x to 1.63x the plain fp32 loop.
+    Attention has no weights: only the states are cast. Quality, small-data bench, seeds 42, 1, 2 (same CPU):
+    meetings 11, 11, 11 of 12 exact (bf16 attention: 11, 10, 9; fp32 training: 11, 11, 11), invoices 11, 12, 12
+    (bf16 attention and fp32: 12, 12, 12)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
