@@ -60,10 +60,7 @@ def applies(plan: Any) -> bool:
     return (
         plan.device == "cpu"
         and torch.backends.mkldnn.is_available()
-        and (
-            (plan.dtype_name == "float32" and not intel_cpu())
-            or (plan.dtype_name == "bfloat16" and (native_bf16() or ("",))[0] == "cpu")
-        )
+        and ((plan.dtype_name == "float32" and not intel_cpu()) or (plan.dtype_name == "bfloat16" and (native_bf16() or ("",))[0] == "cpu"))
     )
 
 
