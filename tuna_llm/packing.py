@@ -1,7 +1,7 @@
 """The serving model's linear layers on CPU: oneDNN kernels, row-stable call shapes, packed weights.
 
 For the serving model only (evaluation and the API; training keeps plain layers), in bf16 on a CPU that
-computes bf16 natively (AMX or AVX512-BF16) and in fp32 on a CPU that is not Intel's:
+computes bf16 natively (AMX or AVX512-BF16) and in fp32 on an x86 CPU that is not Intel's (AMD):
 
 1. **oneDNN for every product.** torch hands a bf16 product on CPU to oneDNN but an fp32 one to MKL, whose
    products of two rows cost about twice those of one on the 2-core AMD EPYC (AVX512-BF16) measured here:
@@ -51,8 +51,8 @@ SEQUENCE_ROWS = 64  # a sequence's rows per call, exactly (the last call padded)
 
 def applies(plan: Any) -> bool:
     """Whether this plan's serving layers go through oneDNN: on CPU, bf16 where the CPU computes it natively (AMX
-    or AVX512-BF16; bf16 forced on a CPU without them is emulated, and left as it is), and fp32 on a CPU that is
-    not Intel's (on Intel's, MKL's fp32 products are the faster: see ``intel_cpu``)."""
+    or AVX512-BF16; bf16 forced on a CPU without them is emulated, and left as it is), and fp32 on an x86 CPU
+    known not to be Intel's (on Intel's, MKL's fp32 products are the faster: see ``intel_cpu``)."""
     import torch
 
     from tuna_llm.loading import native_bf16
@@ -66,7 +66,8 @@ def applies(plan: Any) -> bool:
 
 @cache
 def intel_cpu() -> bool:
-    """Whether this is an Intel CPU, or one that cannot be told (then torch's own fp32 layers are kept).
+    """Whether this is an Intel CPU, or one whose vendor /proc/cpuinfo does not name (ARM, another system):
+    there torch's own fp32 layers are kept, as measured nowhere else.
 
     MKL, where torch sends fp32 products on CPU, is Intel's library: on a 2-core Intel Xeon with AMX the fp32
     engine decoded one stream at 26.6 tokens/s with MKL against 20.2 with oneDNN (bench/generation.py,

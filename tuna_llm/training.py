@@ -328,21 +328,35 @@ def answer_tokens_loss_sum(model: Any, inputs: dict[str, Any]) -> tuple[Any, int
     return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
 
 
+VOCABULARY_SLICE = 16384  # output rows cast to fp32 at a time in inference (268 MB for an 8B's 4,096 columns)
+
+
 def fp32_logits(head: Any, hidden: Any) -> Any:
     """The output layer's logits in fp32: for a plain linear output layer on bf16 (or fp16) states, the product
     computed in fp32 from the same values (no rounding of the logits to bf16); otherwise the layer's own output,
     made fp32. A frozen output layer's fp32 weight is made once per training run and kept (_frozen_fp32_weight)."""
     import torch
 
-    plain = isinstance(head, torch.nn.Linear) and head.weight.is_floating_point()  # the serving model's too
+    # A linear layer (the serving model's ServingLinear too) with 16-bit float weights; not a quantized one.
+    plain = isinstance(head, torch.nn.Linear) and head.weight.dtype in (torch.bfloat16, torch.float16)
     if hidden.dtype == torch.float32 or not plain:
         return head(hidden).float()
-    # Kept for a frozen layer in training; a serving model (inference mode) casts per call rather than hold a
-    # second copy of its largest matrix for good (2 GB for Llama 3.1 8B's output layer).
-    transient = head.weight.requires_grad or torch.is_inference_mode_enabled()
-    weight = head.weight.float() if transient else _frozen_fp32_weight(head)
     bias = None if head.bias is None else head.bias.float()
     with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if torch.is_inference_mode_enabled() and not head.weight.requires_grad:
+            # A serving model: slices of the vocabulary cast in turn, never a whole fp32 copy of its largest
+            # matrix (2 GB for Llama 3.1 8B's output layer), neither kept nor made per call.
+            rows = VOCABULARY_SLICE
+            return torch.cat(
+                [
+                    torch.nn.functional.linear(
+                        hidden.float(), head.weight[i : i + rows].float(), None if bias is None else bias[i : i + rows]
+                    )
+                    for i in range(0, head.weight.shape[0], rows)
+                ],
+                dim=-1,
+            )
+        weight = head.weight.float() if head.weight.requires_grad else _frozen_fp32_weight(head)
         return torch.nn.functional.linear(hidden.float(), weight, bias)
 
 
@@ -361,17 +375,18 @@ FP32_ATTENTION = "tuna_fp32_attention"
 
 
 def load_for_training(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None) -> tuple[Any, Any]:
-    """The tokenizer and a fresh copy of the base model, as training runs it: in bf16 on a CPU, with attention
-    computed in fp32 (``fp32_attention``)."""
-    attention = None
-    if plan.device == "cpu" and plan.dtype_name == "bfloat16":
+    """The tokenizer and a fresh copy of the base model, as training runs it: in bf16 on a CPU, a model that
+    transformers runs with PyTorch's SDPA gets the same attention computed in fp32 (``fp32_attention``); one
+    that needs another (soft-capped or sink attention: Gemma 2, GPT-OSS) keeps its own."""
+    tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token)
+    if plan.device == "cpu" and plan.dtype_name == "bfloat16" and model.config._attn_implementation == "sdpa":
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionInterface.register(FP32_ATTENTION, fp32_attention)
         AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
-        attention = FP32_ATTENTION
-    return load_tokenizer_and_model(spec, plan, hf_token=hf_token, attention=attention)
+        model.set_attn_implementation(FP32_ATTENTION)
+    return tokenizer, model
 
 
 def fp32_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
@@ -380,7 +395,8 @@ def fp32_attention(module, query, key, value, attention_mask, dropout: float = 0
     For speed: on CPU, PyTorch's bf16 attention kernel is fast forwards and slow backwards. Measured on a 2-core
     CPU with AMX, SmolLM2's attention (4 rows of 128 tokens, 9 query and 3 key/value heads), forward and backward:
     7.6 ms in bf16 against 3.6 ms in fp32 (3.9 ms with fp32 states); over a training step of the sample, the bf16
-    backward was 18% of the step, and bench/train_vs_plain.py went from 1.36x to 1.63x the plain fp32 loop.
+    backward was 18% of the step, and bench/train_vs_plain.py went from 1.36x to 1.63x the plain fp32 loop
+    (1.43x and 1.40x in two later runs, the machine slower).
     Attention has no weights: only the states are cast. Quality, small-data bench, seeds 42, 1, 2 (same CPU):
     meetings 11, 11, 11 of 12 exact (bf16 attention: 11, 10, 9; fp32 training: 11, 11, 11), invoices 11, 12, 12
     (bf16 attention and fp32: 12, 12, 12)."""

@@ -186,9 +186,10 @@ def test_it_computes_the_held_out_loss_from_fp32_logits_in_a_bf16_deployment():
 
     loaded = load_for_serving(get_base_model_spec(), pick_device("bf16"))
     examples = file_examples(SAMPLE_PATH)[:4]
-    batch = PadCollator(loaded.tokenizer.pad_token_id)(
-        [tokenize_example(loaded.tokenizer, m, 1024, final_turn_only=True) for m in examples]
-    )
+    rows = sorted((tokenize_example(loaded.tokenizer, m, 1024, final_turn_only=True) for m in examples), key=lambda r: len(r["input_ids"]))
+    batch = {
+        key: value.to(loaded.device) for key, value in PadCollator(loaded.tokenizer.pad_token_id)(rows).items()
+    }  # as answer_loss has it
     head = loaded.model.get_output_embeddings()
     with torch.inference_mode():
         hidden = loaded.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
