@@ -1,7 +1,7 @@
 """The serving model's linear layers on CPU: oneDNN kernels, row-stable call shapes, packed weights.
 
-For the serving model only (evaluation and the API; training keeps plain layers), in bf16 on a CPU that
-computes bf16 natively (AMX or AVX512-BF16) and in fp32 on an x86 CPU that is not Intel's (AMD):
+For the serving model only (evaluation and the API; training keeps plain layers), in fp32 and in bf16 on a CPU
+that computes bf16 natively (AMX or AVX512-BF16):
 
 1. **oneDNN for every product.** torch hands a bf16 product on CPU to oneDNN but an fp32 one to MKL, whose
    products of two rows cost about twice those of one on the 2-core AMD EPYC (AVX512-BF16) measured here:
@@ -9,9 +9,10 @@ computes bf16 natively (AMX or AVX512-BF16) and in fp32 on an x86 CPU that is no
    Decoding never runs a lone row (tuna_llm.decoding's ghost copy), so the fp32 engine decoded a single stream
    at 9.1 tokens/s where plain ``generate`` (one row) made 14.1. ``ServingLinear`` calls oneDNN's linear
    (``mkldnn._linear_pointwise``) in both precisions: the output layer 5.7 ms for 2 rows, the fp32 engine
-   18.7 tokens/s single stream on that CPU (bench/generation.py; 16.8 with the weights unpacked). On an Intel
-   CPU MKL's fp32 products are the faster (2-core Xeon with AMX: 26.6 tokens/s against 20.2), and fp32 keeps
-   torch's layers there (``intel_cpu``); everything below applies to the CPUs where oneDNN computes.
+   18.7 tokens/s single stream on that CPU (bench/generation.py; 16.8 with the weights unpacked).
+   On an Intel CPU MKL's fp32 products are faster (2-core Xeon with AMX: 26.6 tokens/s against 20.2) but not
+   row-stable: a row's fp32 logits differed by 2e-5 between alone and in a batch of four (oneDNN's: equal), so
+   fp32 goes through oneDNN there too (answers batched = alone come first).
 2. **Each row's product independent of what it is computed with.** oneDNN picks its kernel by the shape of the
    whole call. On a CPU with AMX, bf16 calls of up to 32 rows go to one kernel and larger ones to the AMX
    kernel, whose results for a row also depend on how many rows the call has (measured on SmolLM2's 576 x 576
@@ -50,9 +51,8 @@ SEQUENCE_ROWS = 64  # a sequence's rows per call, exactly (the last call padded)
 
 
 def applies(plan: Any) -> bool:
-    """Whether this plan's serving layers go through oneDNN: on CPU, bf16 where the CPU computes it natively (AMX
-    or AVX512-BF16; bf16 forced on a CPU without them is emulated, and left as it is), and fp32 on an x86 CPU
-    known not to be Intel's (on Intel's, MKL's fp32 products are the faster: see ``intel_cpu``)."""
+    """Whether this plan's serving layers go through oneDNN: on CPU, fp32, or bf16 where the CPU computes it
+    natively (AMX or AVX512-BF16; bf16 forced on a CPU without them is emulated, and left as it is)."""
     import torch
 
     from tuna_llm.loading import native_bf16
@@ -60,26 +60,8 @@ def applies(plan: Any) -> bool:
     return (
         plan.device == "cpu"
         and torch.backends.mkldnn.is_available()
-        and ((plan.dtype_name == "float32" and not intel_cpu()) or (plan.dtype_name == "bfloat16" and (native_bf16() or ("",))[0] == "cpu"))
+        and (plan.dtype_name == "float32" or (plan.dtype_name == "bfloat16" and (native_bf16() or ("",))[0] == "cpu"))
     )
-
-
-@cache
-def intel_cpu() -> bool:
-    """Whether this is an Intel CPU, or one whose vendor /proc/cpuinfo does not name (ARM, another system):
-    there torch's own fp32 layers are kept, as measured nowhere else.
-
-    MKL, where torch sends fp32 products on CPU, is Intel's library: on a 2-core Intel Xeon with AMX the fp32
-    engine decoded one stream at 26.6 tokens/s with MKL against 20.2 with oneDNN (bench/generation.py,
-    2026-11-27); on a 2-core AMD EPYC, 9.7 against 18.7 (2026-11-26)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return "GenuineIntel" in line
-    except OSError:
-        pass
-    return True
 
 
 def prepare_linear_layers(model: Any, *, pack: bool) -> int:
