@@ -138,8 +138,8 @@ class LoadedBaseModel:
 
 def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None, pack: bool | None = None) -> LoadedBaseModel:
     """A base model loaded for evaluation and serving: each answer computed as if alone, whatever it is
-    batched with (row-wise attention: tuna_llm.rowwise; on CPU, in fp32 or native bf16,
-    row-stable linear layers on oneDNN, their weights packed for it: tuna_llm.packing; ``pack`` None: the TUNA_PACK_WEIGHTS setting)."""
+    batched with (row-wise attention: tuna_llm.rowwise; on CPU, in fp32 or native bf16, row-stable linear layers
+    on oneDNN, their weights packed for it: tuna_llm.packing; ``pack`` None: the TUNA_PACK_WEIGHTS setting)."""
     tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token, attention=rowwise.register())
     if pack is None:
         pack = _configured_packing()

@@ -346,12 +346,10 @@ def fp32_logits(head: Any, hidden: Any) -> Any:
         if torch.is_inference_mode_enabled() and not head.weight.requires_grad:
             # A serving model: slices of the vocabulary cast in turn, never a whole fp32 copy of its largest
             # matrix (2 GB for Llama 3.1 8B's output layer), neither kept nor made per call.
-            rows = VOCABULARY_SLICE
+            rows, states = VOCABULARY_SLICE, hidden.float()
             return torch.cat(
                 [
-                    torch.nn.functional.linear(
-                        hidden.float(), head.weight[i : i + rows].float(), None if bias is None else bias[i : i + rows]
-                    )
+                    torch.nn.functional.linear(states, head.weight[i : i + rows].float(), None if bias is None else bias[i : i + rows])
                     for i in range(0, head.weight.shape[0], rows)
                 ],
                 dim=-1,
