@@ -9,7 +9,10 @@ the embedded model: 12 of 32 sample prompts answered differently batched than al
   attention on its own columns only, with the very call an unpadded sequence makes. Registered with
   transformers as the attention implementation ``ROWS`` (masks made as for SDPA). A row's real tokens are
   one run of columns: right-aligned (left padding, as ``DecodeBatch`` keeps them) or left-aligned (right
-  padding, as the held-out loss batches have them).
+  padding, as the held-out loss batches have them). A batch without padding is computed row by row too: with
+  two threads PyTorch's attention kernel shares out a batch's work otherwise than one row's, and on a 2-core
+  AMD EPYC with AVX2 (no AVX-512) a row's fp32 output differed by up to 9e-8 in a batch of two identical rows
+  (a lone row's ghost copy, below) against alone; with one thread, or one row per call, never.
 - A matrix product of a single row goes through a different kernel (matrix-vector) than two rows or more,
   which rounds differently now and then (measured: 18 of 200 random rows for SmolLM2's down projection, none
   between 2 and 8 rows at any position). ``DecodeBatch`` never decodes a lone row: it holds it twice (a
@@ -48,11 +51,11 @@ def rows_attention(module, query, key, value, attention_mask, dropout: float = 0
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)[0]
 
-    if attention_mask is None or attention_mask.dtype != torch.bool:
-        if attention_mask is None:
-            return alone(query, key, value), None
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     rows, q_length, k_length = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is None:  # no padding: still one call per row (a batch's call splits its work otherwise)
+        return torch.cat([alone(query[row : row + 1], key[row : row + 1], value[row : row + 1]) for row in range(rows)]), None
+    if attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     out = query.new_zeros((rows, q_length, query.shape[1], value.shape[-1]))
     # The last query sees every real key of its row (causal, padding masked): one run of columns, on the right
     # for left padding (a decoding batch), on the left for right padding (a held-out loss batch).

@@ -81,6 +81,26 @@ def test_it_keeps_padding_out_of_a_row_s_attention():  # in the deployment's pre
     assert torch.equal(captured[0][0], captured[1][1])
 
 
+@pytest.mark.parametrize("q_length", [1, 7])
+def test_it_computes_each_row_of_an_unpadded_batch_as_it_computes_the_row_alone(q_length):
+    """No mask (no padding): each row still gets the very call it gets alone. With two threads PyTorch's kernel
+    shares out a batch's work otherwise, and on an AVX2-only AMD EPYC a row beside a copy of itself differed."""
+    from types import SimpleNamespace
+
+    from tuna_llm.rowwise import rows_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 9, q_length, 64, generator=generator)
+    key, value = torch.randn(3, 3, 37, 64, generator=generator), torch.randn(3, 3, 37, 64, generator=generator)
+    query[1], key[1], value[1] = query[0], key[0], value[0]  # a lone row's ghost copy
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    together, _ = rows_attention(module, query, key, value, None, scaling=0.125)
+    for row in range(3):
+        alone, _ = rows_attention(module, query[row : row + 1], key[row : row + 1], value[row : row + 1], None, scaling=0.125)
+        assert torch.equal(together[row], alone[0]), row
+    assert together.shape == (3, q_length, 9, 64)
+
+
 def test_it_computes_the_answer_token_loss_as_the_model_does():
     from peft import get_peft_model
 
