@@ -132,7 +132,13 @@ def run_preference_training(
     progress = make_progress_callback(hooks, has_eval=False)
     arguments = trainer_settings(config, output_dir=checkpoints, plan=plan, train_rows=len(pairs), has_eval=False)
     args = DPOConfig(
-        **arguments, beta=beta, max_length=config.max_seq_length, loss_type=list(DPO_LOSS), loss_weights=list(DPO_LOSS_WEIGHTS)
+        **arguments,
+        beta=beta,
+        max_length=config.max_seq_length,
+        loss_type=list(DPO_LOSS),
+        loss_weights=list(DPO_LOSS_WEIGHTS),
+        # TRL turns it on by default; supervised training runs without it (transformers' default), and so does this.
+        gradient_checkpointing=False,
     )
     trainer = DPOTrainer(
         model=model,
