@@ -12,7 +12,8 @@ callback, checkpoints and resume as supervised training (tuna_llm.training).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,29 @@ def preference_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
     ]
 
 
+@contextmanager
+def answer_positions_only() -> Iterator[None]:
+    """Have TRL's fused LM head score only the answer positions (the tokens with a label) on every device.
+
+    TRL (1.16) computes DPO's per-token log-probabilities through a fused LM head that keeps only the labelled
+    positions where Triton runs (CUDA, XPU) and scores every position elsewhere: on a CPU the output layer
+    (49,152 x 576 for SmolLM2, forward and backward) then runs over the prompts and the padding too, whose
+    results are masked away. Scoring only the labelled positions gives the same log-probabilities (the same
+    loss to the last digit: 3.958255410194397 both ways over 2 updates of 4 pairs) and halves a DPO step on the
+    2-core AVX2 CPU measured (median 7.8-8.7 s against 4.4-4.6 s). The choice is the module-level
+    ``_use_triton`` that TRL's fused head reads on each call; only that binding is changed (TRL's kernels keep
+    their own, so the computation stays on torch's CPU tiles), and only while a DPO run trains.
+    """
+    from trl.trainer import utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def run_preference_training(
     config: TrainingConfig,
     *,
@@ -148,7 +172,8 @@ def run_preference_training(
         callbacks=[progress, *extra_callbacks],
     )
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with answer_positions_only():
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
     state = trainer.state
     stopped_early = hooks.should_stop()
