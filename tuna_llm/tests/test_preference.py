@@ -16,7 +16,8 @@ class ScoredPositions(TrainerCallback):
     """Counts, per forward pass, the positions in the batch (the embedding layer's input) and the positions whose
     next token the output layer scored (the rows TRL's fused LM head hands its log-probability function)."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_prob_function) -> None:
+        self.log_prob_function = log_prob_function
         self.batch_positions: list[int] = []
         self.scored: list[int] = []
         self.labels_ok = True
@@ -24,19 +25,17 @@ class ScoredPositions(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: self.batch_positions.append(inputs[0].numel()))
 
+    def log_probs(self, hidden, weight, bias, labels, *rest):
+        self.scored.append(hidden.shape[0])
+        self.labels_ok &= bool((labels >= 0).all())
+        return self.log_prob_function(hidden, weight, bias, labels, *rest)
+
 
 def test_it_scores_only_the_answer_positions_in_a_dpo_step_on_any_device(trained_adapter, tmp_path, monkeypatch):
     from trl.trainer import utils as trl_utils
 
-    seen = ScoredPositions()
-    original = trl_utils._ChunkedLogProbFunction.apply
-
-    def counting(hidden, weight, bias, labels, *rest):
-        seen.scored.append(hidden.shape[0])
-        seen.labels_ok &= bool((labels >= 0).all())
-        return original(hidden, weight, bias, labels, *rest)
-
-    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counting)
+    seen = ScoredPositions(trl_utils._ChunkedLogProbFunction.apply)
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", seen.log_probs)
     spec = get_base_model_spec()
     pairs = [
         PreferencePair(
