@@ -43,13 +43,13 @@ class Row:
 
 class DecodeBatch:
     """The running rows and their cache. The tensors hold one slot per row, except that a batch of one row
-    holds it twice (a "ghost" copy): a single row would go through the matrix-vector kernels, which round
-    differently from the matrix kernels a batch uses (tuna_llm.rowwise), so a lone answer would not be the one
-    it gets in a batch. That holds in fp32 too: on a CPU without bf16, a lone row's fp32 logits differed from
-    the same row's in a batch of two in the last digit (13.8711 against 13.8710), enough to flip a near-tie.
-    Two rows cost about what one does, decoding reads the weights once either way (measured, single stream,
-    128 tokens: bf16 25 against 28 tokens/s on a 2-core CPU with AVX512-BF16; fp32, three rounds alternated in
-    one process on a 2-core CPU without bf16: 26.0, 28.5, 28.7 against 28.0, 28.7, 28.7 tokens/s)."""
+    holds it twice (a "ghost" copy) where the model's linear layers are torch's own: a single row would go
+    through the matrix-vector kernels, which round differently from the matrix kernels a batch uses
+    (tuna_llm.rowwise), so a lone answer would not be the one it gets in a batch. That holds in fp32 too: on a
+    CPU without bf16, a lone row's fp32 logits differed from the same row's in a batch of two in the last digit
+    (13.8711 against 13.8710), enough to flip a near-tie. The serving layers of tuna_llm.packing (on CPU) make
+    that copy inside each product instead (``LoadedBaseModel.lone_rows_exact``), so there a lone row is held
+    once and the rest of a step (attention, norms, the cache) is not done twice."""
 
     def __init__(self, loaded: LoadedBaseModel, pad_token_id: int) -> None:
         self.loaded = loaded
@@ -73,7 +73,7 @@ class DecodeBatch:
         import torch
 
         device = self.loaded.device
-        slots = rows * 2 if len(rows) == 1 else list(rows)
+        slots = rows * 2 if len(rows) == 1 and self._ghost else list(rows)
         width = max(len(row.prompt_ids) for row in slots)
         ids = torch.full((len(slots), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(slots), width), dtype=torch.long)
@@ -131,11 +131,16 @@ class DecodeBatch:
                 layer.keys = layer.keys[:, :, shared_padding:, :]
                 layer.values = layer.values[:, :, shared_padding:, :]
 
+    @property
+    def _ghost(self) -> bool:
+        """Whether a lone row is held twice (see the class's docstring)."""
+        return not self.loaded.lone_rows_exact
+
     def _one_slot_per_row(self) -> None:
-        """Each row once in the tensors, rows first; a lone row twice (its ghost copy last)."""
+        """Each row once in the tensors, rows first; a lone row twice where it needs its ghost copy (last)."""
         rows = self.rows
         first = [self.slots.index(row) for row in rows]
-        wanted = first * 2 if len(rows) == 1 else first
+        wanted = first * 2 if len(rows) == 1 and self._ghost else first
         if wanted != list(range(len(self.slots))):
             self._select(wanted)
 

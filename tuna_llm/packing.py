@@ -64,13 +64,18 @@ def applies(plan: Any) -> bool:
     )
 
 
+# Layers of one block that read the same input (Llama's, Mistral's and Qwen2's names; Phi-3 has them fused already).
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def prepare_linear_layers(model: Any, *, pack: bool) -> int:
-    """Make every fp32 or bf16 ``nn.Linear`` of ``model`` a ``ServingLinear`` in place (still an ``nn.Linear`` for peft),
-    its weight packed when ``pack``; returns how many."""
+    """Make every fp32 or bf16 ``nn.Linear`` of ``model`` a ``ServingLinear`` in place (still an ``nn.Linear`` for
+    peft), its weight packed when ``pack``: the layers of a block that read the same input (SHARED_INPUT) into one
+    packed product (``ProductGroup``), the others each on their own; returns how many layers were made."""
     import torch
 
     serving_linear = serving_linear_class()
-    done = 0
+    made = []
     for module in model.modules():
         if (
             type(module) is torch.nn.Linear
@@ -78,9 +83,100 @@ def prepare_linear_layers(model: Any, *, pack: bool) -> int:
             and module.weight.device.type == "cpu"
         ):
             module.__class__ = serving_linear
-            module.prepare(pack=pack)
-            done += 1
-    return done
+            module.prepare(pack=False)
+            made.append(module)
+    if pack:
+        new = set(made)
+        for parent in model.modules():
+            for names in SHARED_INPUT:
+                members = [getattr(parent, name, None) for name in names]
+                if all(member in new for member in members) and ProductGroup.fits(members):
+                    ProductGroup(members)
+                    new.difference_update(members)
+        for module in made:
+            if module in new:
+                module.prepare(pack=True)
+    return len(made)
+
+
+def plain_linear_layers(model: Any) -> int:
+    """How many of ``model``'s linear layers are torch's own (not made serving layers: another dtype or device)."""
+    import torch
+
+    return sum(type(module) is torch.nn.Linear for module in model.modules())
+
+
+def _linear(rows: Any, weight: Any, bias: Any) -> Any:
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def _row_stable(product: Any, input: Any) -> Any:
+    """``product`` (rows -> rows) over ``input`` [..., features] in row-stable calls: a decoding step (one position
+    per row) in calls of at most STEP_ROWS rows, a lone row computed twice (a one-row call rounds apart in fp32; two
+    cost what one does); a sequence in calls of exactly SEQUENCE_ROWS rows, the last one padded."""
+    import torch
+
+    shape = input.shape
+    rows = input.reshape(-1, shape[-1])
+    total = rows.shape[0]
+    if len(shape) >= 3 and shape[-2] == 1:  # a decoding step: small calls, as they come
+        calls = [rows[i : i + STEP_ROWS] for i in range(0, total, STEP_ROWS)]
+        parts = [product(torch.cat([call, call]))[:1] if call.shape[0] == 1 else product(call) for call in calls]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    else:  # a sequence: calls of exactly SEQUENCE_ROWS rows
+        missing = -total % SEQUENCE_ROWS
+        if missing:
+            rows = torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])
+        out = torch.cat([product(rows[i : i + SEQUENCE_ROWS]) for i in range(0, rows.shape[0], SEQUENCE_ROWS)])[:total]
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+class ProductGroup:
+    """Serving layers that read the same input (a block's query, key and value projections; its gate and up
+    projections) computed as one product, their packed weights side by side: a decoding step makes 4 calls per
+    block instead of 7, and each call costs more than its bytes at these sizes (bf16, 2 rows, SmolLM2's 30 blocks:
+    15.6 ms against 18.6 ms, 2-core AMD EPYC with AVX512-BF16). Each output is the same dot product either way
+    (oneDNN's result for an output column does not depend on the columns beside it: tested on the model's logits,
+    grouped and packed against each layer on its own). The first member called with an input computes every
+    member's output; the others take theirs for that very input; a new input starts again. Only where weights
+    are packed: the packed copy replaces the members' own (no memory beyond theirs)."""
+
+    def __init__(self, members: list[Any]) -> None:
+        import torch
+
+        self.members = members
+        self.sizes = [member.out_features for member in members]
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([m.weight.detach() for m in members]), STEP_ROWS)
+            self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
+        self._input: Any = None
+        self._outputs: dict[Any, Any] = {}
+        for member in members:
+            member._group = self
+
+    @staticmethod
+    def fits(members: list[Any]) -> bool:
+        first = members[0]
+        return all(
+            m.in_features == first.in_features and m.weight.dtype == first.weight.dtype and (m.bias is None) == (first.bias is None)
+            for m in members
+        )
+
+    def _product(self, rows: Any) -> Any:
+        return _linear(rows, self.packed, self.bias)
+
+    def output(self, member: Any, input: Any) -> Any:
+        # The input itself, held until every member has its output (so it cannot be another tensor at the same id).
+        if self._input is not input or member not in self._outputs:
+            out = _row_stable(self._product, input)
+            self._outputs = {m: part.contiguous() for m, part in zip(self.members, out.split(self.sizes, dim=-1), strict=True)}
+            self._input = input
+        result = self._outputs.pop(member)
+        if not self._outputs:
+            self._input = None  # every member has its output: hold nothing
+        return result
 
 
 @cache
@@ -89,45 +185,39 @@ def serving_linear_class() -> type:
     import torch
 
     class ServingLinear(torch.nn.Linear):
-        """``nn.Linear`` with row-stable call shapes and, optionally, a packed weight (see the module's docstring).
-        With gradients wanted, it computes the plain way (the packed kernel has no backward)."""
+        """``nn.Linear`` with row-stable call shapes and, optionally, a packed weight of its own or its group's (see
+        the module's docstring). With gradients wanted, it computes the plain way (the packed kernel has no backward)."""
 
         def prepare(self, *, pack: bool) -> None:
             self._packed = None
+            self._group: ProductGroup | None = None
             if pack:
                 with torch.no_grad():
                     # The hint (rows per product) picks nothing that changes results.
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), STEP_ROWS)
             self._packed_from = (self.weight.data_ptr(), self.weight._version)
 
-        def _product(self, rows: Any) -> Any:
-            weight = self.weight if self._packed is None else self._packed  # the same kernel, the same results
-            return torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, "none", [], "")
+        @property
+        def packed(self) -> bool:
+            """Whether it computes from a packed copy of its weight (its own or its group's)."""
+            return self._packed is not None or self._group is not None
 
-        def _step_product(self, rows: Any) -> Any:
-            """At most STEP_ROWS rows; a lone row computed twice (a one-row call rounds apart in fp32; two cost
-            what one does)."""
-            return self._product(rows.repeat(2, 1))[:1] if rows.shape[0] == 1 else self._product(rows)
+        def _product(self, rows: Any) -> Any:
+            weight = self._parameters["weight"] if self._packed is None else self._packed  # same kernel, same results
+            return _linear(rows, weight, self._parameters["bias"])
 
         def forward(self, input: Any) -> Any:
-            if torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad):
+            # Called ~200 times per decoding step of a small model, where a product takes ~25 us: the parameters
+            # are read from their dict (nn.Module's attribute lookup costs ~0.6 us each).
+            weight = self._parameters["weight"]
+            if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad):
                 return super().forward(input)
-            if input.dtype != self.weight.dtype or input.device.type != "cpu" or not input.numel():
+            if input.dtype != weight.dtype or input.device.type != "cpu" or not input.numel():
                 return super().forward(input)
-            if self._packed is not None and (self.weight.data_ptr(), self.weight._version) != self._packed_from:
+            if (self._packed is not None or self._group is not None) and (weight.data_ptr(), weight._version) != self._packed_from:
                 raise RuntimeError("A packed linear layer's weight changed after packing; prepare it again (ServingLinear.prepare).")
-            rows = input.reshape(-1, input.shape[-1])
-            total = rows.shape[0]
-            if input.dim() >= 3 and input.shape[-2] == 1:  # a decoding step: small calls, as they come
-                if total <= STEP_ROWS:
-                    out = self._step_product(rows)
-                else:
-                    out = torch.cat([self._step_product(rows[i : i + STEP_ROWS]) for i in range(0, total, STEP_ROWS)])
-            else:  # a sequence: calls of exactly SEQUENCE_ROWS rows
-                missing = -total % SEQUENCE_ROWS
-                if missing:
-                    rows = torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])
-                out = torch.cat([self._product(rows[i : i + SEQUENCE_ROWS]) for i in range(0, rows.shape[0], SEQUENCE_ROWS)])[:total]
-            return out.reshape(*input.shape[:-1], out.shape[-1])
+            if self._group is not None:
+                return self._group.output(self, input)
+            return _row_stable(self._product, input)
 
     return ServingLinear

@@ -224,25 +224,52 @@ def test_it_computes_the_held_out_loss_from_fp32_logits_in_a_bf16_deployment():
     assert "_tuna_fp32_weight" not in head.__dict__  # a serving model keeps no second copy of its output layer
 
 
-def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch():
-    """A lone row is held twice, so that it goes through the kernels a batch uses (tuna_llm.rowwise)."""
-    loaded = registry.get()
+@pytest.mark.parametrize("layers", ["serving", "torch"])
+def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch(layers, trained_adapter):
+    """With torch's own linear layers a lone row is held twice, so that it goes through the kernels a batch uses
+    (tuna_llm.rowwise). The serving layers (tuna_llm.packing, on CPU) make that copy inside each product, the
+    adapters' LoRA layers included, so there the lone row is held once. Either way it decodes, base or
+    fine-tuned, to the tokens it gets beside another row."""
+    from tuna_llm import rowwise
+    from tuna_llm.registry import LoadedBaseModel
+
+    spec, plan = get_base_model_spec(), pick_device()
+    if layers == "serving":
+        if not packing.applies(plan):
+            pytest.skip("no serving layers on this machine")
+        loaded = registry.get()
+    else:
+        loaded = LoadedBaseModel(spec, plan, *load_tokenizer_and_model(spec, plan, attention=rowwise.register()))
     ids = loaded.tokenizer(chat(loaded, "Name a colour."), add_special_tokens=False)["input_ids"]
     other = loaded.tokenizer(chat(loaded, "Write two long sentences about rivers."), add_special_tokens=False)["input_ids"]
-    lone, pair = DecodeBatch(loaded, loaded.tokenizer.pad_token_id), DecodeBatch(loaded, loaded.tokenizer.pad_token_id)
-    a = lone.admit([Row(ids)])
-    assert len(lone) == 1 and len(lone.slots) == lone.mask.shape[0] == 2  # the ghost copy
-    b = pair.admit([Row(ids), Row(other)])
-    tokens_lone, tokens_pair = [a[0]], [b[0]]
-    for _ in range(12):
-        a = lone.step(a)
-        b = pair.step(b)
-        tokens_lone.append(a[0])
-        tokens_pair.append(b[0])
-    assert tokens_lone == tokens_pair
-    pair.drop([pair.rows[1]])  # the pair's second row ends: the first is held twice from now on
-    assert len(pair.slots) == 2 and pair.slots[0] is pair.slots[-1]
-    assert pair.step([b[0]]) == lone.step([a[0]])
+    loaded.attach_adapter("lone-test", trained_adapter)
+    try:
+        assert loaded.lone_rows_exact == (layers == "serving")
+        if layers == "serving":  # the adapter's LoRA layers were made serving layers on attach
+            assert packing.plain_linear_layers(loaded.model) == 0
+        ghost = layers == "torch"
+        for adapter in (None, "lone-test"):
+            captured = {"lone": [], "pair": []}
+            batches = {name: DecodeBatch(loaded, loaded.tokenizer.pad_token_id) for name in captured}
+            for name, batch in batches.items():
+                batch._choose = lambda logits, rows, name=name: (captured[name].append(logits[0].clone()), logits.argmax(dim=-1).tolist())[1]
+            lone, pair = batches["lone"], batches["pair"]
+            a = lone.admit([Row(ids, adapter=adapter)])
+            assert len(lone) == 1 and len(lone.slots) == lone.mask.shape[0] == (2 if ghost else 1)
+            b = pair.admit([Row(ids, adapter=adapter), Row(other, adapter=adapter)])
+            tokens_lone, tokens_pair = [a[0]], [b[0]]
+            for _ in range(12):
+                a, b = lone.step(a), pair.step(b)
+                tokens_lone.append(a[0])
+                tokens_pair.append(b[0])
+            assert tokens_lone == tokens_pair, adapter
+            if not ghost:  # the serving layers: the very logits
+                assert torch.equal(torch.stack(captured["lone"]), torch.stack(captured["pair"])), adapter
+            pair.drop([pair.rows[1]])  # the pair's second row ends: the first goes on alone
+            assert len(pair.slots) == (2 if ghost else 1) and pair.slots[0] is pair.slots[-1]
+            assert pair.step([b[0]]) == lone.step([a[0]])
+    finally:
+        loaded.detach_adapter("lone-test")
 
 
 @pytest.mark.parametrize(
@@ -333,8 +360,13 @@ def test_it_packs_serving_weights_for_the_cpu_with_the_plain_weights_results(pre
     for loaded, pack in ((packed, True), (plain, False)):
         layers = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
         assert layers and all(type(m) is serving_type for m in layers)  # every projection and the output layer
-        assert all((m._packed is not None) == pack for m in layers)
+        assert all(m.packed == pack for m in layers)  # its own packed weight or its group's
         assert loaded.model.dtype == plan.dtype
+        block = loaded.model.model.layers[0]
+        attention, mlp = block.self_attn, block.mlp  # one product for the layers that read the same input
+        assert (attention.q_proj._group is attention.k_proj._group is attention.v_proj._group is not None) == pack
+        assert (mlp.gate_proj._group is mlp.up_proj._group is not None) == pack
+        assert block.self_attn.o_proj._group is None and block.mlp.down_proj._group is None
     ids = plain.tokenizer(chat(plain, "Name three rivers."), add_special_tokens=False)["input_ids"]
 
     def decoded(loaded, adapter):
@@ -390,7 +422,8 @@ def test_it_gives_each_row_the_same_product_whatever_it_is_computed_with(precisi
     model = loaded.model.model
     torch.manual_seed(0)
     with torch.inference_mode():
-        for layer in (model.layers[0].self_attn.o_proj, model.layers[0].mlp.down_proj, loaded.model.lm_head):
+        block = model.layers[0]  # q_proj and up_proj: a group's product where weights are packed
+        for layer in (block.self_attn.q_proj, block.self_attn.o_proj, block.mlp.up_proj, block.mlp.down_proj, loaded.model.lm_head):
             rows = torch.randn(1, 300, layer.in_features, dtype=plan.dtype)
             whole = layer(rows)[0]
             # One position of one row is a decoding step's shape, computed as one (a one-token prompt; see the README).
