@@ -224,6 +224,13 @@ def test_it_computes_the_held_out_loss_from_fp32_logits_in_a_bf16_deployment():
     assert "_tuna_fp32_weight" not in head.__dict__  # a serving model keeps no second copy of its output layer
 
 
+def logging_batch(loaded, log: list) -> DecodeBatch:
+    """A DecodeBatch that appends its first row's logits to ``log`` at every token (greedy)."""
+    batch = DecodeBatch(loaded, loaded.tokenizer.pad_token_id)
+    batch._choose = lambda logits, rows: (log.append(logits[0].clone()), logits.argmax(dim=-1).tolist())[1]
+    return batch
+
+
 @pytest.mark.parametrize("layers", ["serving", "torch"])
 def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch(layers, trained_adapter):
     """With torch's own linear layers a lone row is held twice, so that it goes through the kernels a batch uses
@@ -250,10 +257,7 @@ def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch(layers, trained_adapt
         ghost = layers == "torch"
         for adapter in (None, "lone-test"):
             captured = {"lone": [], "pair": []}
-            batches = {name: DecodeBatch(loaded, loaded.tokenizer.pad_token_id) for name in captured}
-            for name, batch in batches.items():
-                batch._choose = lambda logits, rows, name=name: (captured[name].append(logits[0].clone()), logits.argmax(dim=-1).tolist())[1]
-            lone, pair = batches["lone"], batches["pair"]
+            lone, pair = logging_batch(loaded, captured["lone"]), logging_batch(loaded, captured["pair"])
             a = lone.admit([Row(ids, adapter=adapter)])
             assert len(lone) == 1 and len(lone.slots) == lone.mask.shape[0] == (2 if ghost else 1)
             b = pair.admit([Row(ids, adapter=adapter), Row(other, adapter=adapter)])
@@ -291,8 +295,7 @@ def test_it_gives_a_row_the_same_logits_alone_and_in_batches_of_every_size(preci
 
     def first_row_logits(count):
         captured = []
-        batch = DecodeBatch(loaded, loaded.tokenizer.pad_token_id)
-        batch._choose = lambda logits, rows: (captured.append(logits[0].clone()), logits.argmax(dim=-1).tolist())[1]
+        batch = logging_batch(loaded, captured)
         tokens = batch.admit([Row(i) for i in ids[:count]])
         for _ in range(5):
             tokens = batch.step(tokens)
