@@ -6,8 +6,8 @@ that computes bf16 natively (AMX or AVX512-BF16):
 1. **oneDNN for every product.** torch hands a bf16 product on CPU to oneDNN but an fp32 one to MKL, whose
    products of two rows cost about twice those of one on the 2-core AMD EPYC (AVX512-BF16) measured here:
    576 x 1536, 101 us for 1 row against 186 us for 2; the 49152 x 576 output layer 13.4 ms against 25.9 ms.
-   Decoding never runs a lone row (tuna_llm.decoding's ghost copy), so the fp32 engine decoded a single stream
-   at 9.1 tokens/s where plain ``generate`` (one row) made 14.1. ``ServingLinear`` calls oneDNN's linear
+   Decoding never computes a lone row's product alone (point 2), so the fp32 engine decoded a single stream at
+   9.1 tokens/s where plain ``generate`` (one row) made 14.1. ``ServingLinear`` calls oneDNN's linear
    (``mkldnn._linear_pointwise``) in both precisions: the output layer 5.7 ms for 2 rows, the fp32 engine
    18.7 tokens/s single stream on that CPU (bench/generation.py; 16.8 with the weights unpacked).
    On an Intel CPU MKL's fp32 products are faster (2-core Xeon with AMX: 26.6 tokens/s against 20.2) but not
@@ -21,9 +21,11 @@ that computes bf16 natively (AMX or AVX512-BF16):
    gave different logits alone than in a batch (every one of 8 sample prompts; 8 of 32 base-model answers of
    the evaluation bench changed), and "batched = alone" (tuna_llm.rowwise) broke. In fp32, a call of one row
    rounds differently from a call of two or more. ``ServingLinear`` computes a decoding step (one position
-   per row) in calls of 2 to 16 rows (a lone row goes twice) and a sequence (a prefill, a held-out
-   loss pass) in calls of exactly 64 rows, the last one padded: every row then gets the result it gets
-   anywhere else.
+   per row) in calls of 2 to 16 rows (a lone row goes twice, in the call: the step's other work, attention
+   included, is done once) and a sequence (a prefill, a held-out loss pass) in calls of exactly 64 rows, the
+   last one padded: every row then gets the result it gets anywhere else. A LoRA adapter's layers are made
+   serving layers when it is attached (tuna_llm.registry), so a fine-tuned lone row needs no copy either: with
+   torch's own LoRA layers its fp32 logits differed by 4e-5 alone and beside another row.
 3. **Weights packed once** (``TUNA_PACK_WEIGHTS``, on by default). oneDNN reads the weight in a blocked layout
    of its own and, given a plain [out, in] weight, re-lays it out on every call: at decoding sizes that copy
    costs more than the product (2-core CPU with AMX, bf16 576 x 1536, 2 rows: 92-110 us plain, 48-61 us
@@ -35,6 +37,12 @@ that computes bf16 natively (AMX or AVX512-BF16):
    linear layers' weights take twice their memory (SmolLM2-135M: +~270 MB in bf16, +~540 MB in fp32; a
    Llama 3.1 8B on CPU: +~15 GB in bf16, +~30 GB in fp32); off, oneDNN reads the plain weights, with the same call shapes
    and results.
+4. **One product for the layers that read the same input** (packed weights only): a block's query, key and
+   value projections, and its gate and up projections (``SHARED_INPUT``, ``ProductGroup``), 4 calls per block
+   instead of 7, with the same results: oneDNN's result for an output did not depend on the outputs computed
+   beside it on the CPUs measured (tested on the model's logits against the layers unpacked, each on its own),
+   and each group is checked against its members' own products when it is made, on the machine itself; where
+   they differ, the layers stay apart.
 
 Nothing merges into a serving model's weights (exports merge on a fresh load); a packed layer refuses to compute
 from a weight that changed since it was packed. bf16 forced on a CPU without native bf16 is emulated and keeps
@@ -91,8 +99,10 @@ def prepare_linear_layers(model: Any, *, pack: bool) -> int:
             for names in SHARED_INPUT:
                 members = [getattr(parent, name, None) for name in names]
                 if all(member in new for member in members) and ProductGroup.fits(members):
-                    ProductGroup(members)
-                    new.difference_update(members)
+                    group = ProductGroup(members)
+                    if group.agrees():
+                        group.join()
+                        new.difference_update(members)
         for module in made:
             if module in new:
                 module.prepare(pack=True)
@@ -138,8 +148,8 @@ class ProductGroup:
     projections) computed as one product, their packed weights side by side: a decoding step makes 4 calls per
     block instead of 7, and each call costs more than its bytes at these sizes (bf16, 2 rows, SmolLM2's 30 blocks:
     15.6 ms against 18.6 ms, 2-core AMD EPYC with AVX512-BF16). Each output is the same dot product either way
-    (oneDNN's result for an output column does not depend on the columns beside it: tested on the model's logits,
-    grouped and packed against each layer on its own). The first member called with an input computes every
+    (oneDNN's result for an output column did not depend on the columns beside it on the CPUs measured; ``agrees``
+    checks it when the group is made, and the model's logits are tested grouped against each layer on its own). The first member called with an input computes every
     member's output; the others take theirs for that very input; a new input starts again. Only where weights
     are packed: the packed copy replaces the members' own (no memory beyond theirs)."""
 
@@ -153,7 +163,23 @@ class ProductGroup:
             self.bias = None if members[0].bias is None else torch.cat([m.bias.detach() for m in members])
         self._input: Any = None
         self._outputs: dict[Any, Any] = {}
-        for member in members:
+
+    def agrees(self) -> bool:
+        """Whether the group's product gives each member, on this machine, the very result of the member's own
+        (random rows, a decoding call's size and a sequence call's): where it would not, the members stay apart."""
+        import torch
+
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for count in (2, STEP_ROWS, SEQUENCE_ROWS):
+                rows = torch.randn(count, self.members[0].in_features, generator=generator).to(self.packed.dtype)
+                parts = self._product(rows).split(self.sizes, dim=-1)
+                if not all(torch.equal(part, member._product(rows)) for member, part in zip(self.members, parts, strict=True)):
+                    return False
+        return True
+
+    def join(self) -> None:
+        for member in self.members:
             member._group = self
 
     @staticmethod

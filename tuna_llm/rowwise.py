@@ -12,12 +12,13 @@ the embedded model: 12 of 32 sample prompts answered differently batched than al
   padding, as the held-out loss batches have them). A batch without padding is computed row by row too: with
   two threads PyTorch's attention kernel shares out a batch's work otherwise than one row's, and on a 2-core
   AMD EPYC with AVX2 (no AVX-512) a row's fp32 output differed by up to 9e-8 in a batch of two identical rows
-  (a lone row's ghost copy, below) against alone; with one thread, or one row per call, never.
+  (a lone row beside a copy of itself) against alone; with one thread, or one row per call, never.
 - A matrix product of a single row goes through a different kernel (matrix-vector) than two rows or more,
   which rounds differently now and then (measured: 18 of 200 random rows for SmolLM2's down projection, none
-  between 2 and 8 rows at any position). ``DecodeBatch`` never decodes a lone row: it holds it twice (a
-  copy that costs little, since decoding reads the weights once either way). A held-out loss batch of one
-  example has as many rows as tokens.
+  between 2 and 8 rows at any position). A lone row's product is never computed alone: the serving layers
+  (tuna_llm.packing, on CPU) compute it twice within each call, at about the cost of once, since decoding reads
+  the weights once either way; with torch's own layers (a GPU) ``DecodeBatch`` holds the lone row twice (a ghost
+  copy). A held-out loss batch of one example has as many rows as tokens.
 
 With both, greedy answers batched and alone are the same (tests/test_decoding.py, bench/evaluation.py).
 """

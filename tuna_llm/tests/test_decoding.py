@@ -388,6 +388,44 @@ def test_it_packs_serving_weights_for_the_cpu_with_the_plain_weights_results(pre
     assert not torch.equal(decoded(packed, "packing-test"), decoded(packed, None))  # the adapter is in the path
 
 
+def attention_block(dtype) -> torch.nn.Module:
+    """A module with a block's projections, by the names the layers that read the same input have."""
+    block = torch.nn.Module()
+    for name, size in (("q_proj", 64), ("k_proj", 16), ("v_proj", 16), ("o_proj", 64)):
+        setattr(block, name, torch.nn.Linear(64, size, bias=False).to(dtype))
+    return block
+
+
+@pytest.mark.parametrize("precision", oneDNN_precisions())
+def test_it_makes_one_product_of_the_layers_that_read_the_same_input_where_it_gives_their_own_results(precision, monkeypatch):
+    import copy
+
+    from tuna_llm.packing import ProductGroup, prepare_linear_layers
+
+    dtype = pick_device(precision).dtype
+    torch.manual_seed(0)
+    apart, grouped = attention_block(dtype), attention_block(dtype)
+    grouped.load_state_dict(apart.state_dict())
+    unmade = copy.deepcopy(apart)
+    assert prepare_linear_layers(apart, pack=False) == 4 and prepare_linear_layers(grouped, pack=True) == 4
+    q, k, v = grouped.q_proj, grouped.k_proj, grouped.v_proj
+    assert q._group is k._group is v._group is not None and grouped.o_proj._group is None and grouped.o_proj.packed
+    products = []
+    monkeypatch.setattr(
+        ProductGroup, "_product", lambda self, rows, real=ProductGroup._product: products.append(rows.shape[0]) or real(self, rows)
+    )
+    with torch.inference_mode():
+        for x in (torch.randn(3, 1, 64, dtype=dtype), torch.randn(1, 1, 64, dtype=dtype), torch.randn(2, 70, 64, dtype=dtype)):
+            products.clear()
+            for name in ("q_proj", "k_proj", "v_proj"):
+                assert torch.equal(getattr(grouped, name)(x), getattr(apart, name)(x)), name
+            assert len(products) == (1 if x.shape[1] == 1 else 3)  # one call per input (a sequence: 140 rows, 3 calls of 64)
+    # A CPU where the group's product would round otherwise than its members' own: they stay apart, each packed.
+    monkeypatch.setattr(ProductGroup, "_product", lambda self, rows, real=ProductGroup._product: real(self, rows) + 1)
+    prepare_linear_layers(unmade, pack=True)
+    assert all(getattr(unmade, name)._group is None and getattr(unmade, name).packed for name in ("q_proj", "k_proj", "v_proj"))
+
+
 @pytest.mark.parametrize("precision", oneDNN_precisions())
 def test_it_computes_a_packed_layer_the_plain_way_for_gradients_and_refuses_a_changed_weight(precision):
     from tuna_llm.packing import prepare_linear_layers
