@@ -45,7 +45,8 @@ that computes bf16 natively (AMX or AVX512-BF16):
    they differ, the layers stay apart.
 
 Nothing merges into a serving model's weights (exports merge on a fresh load); a packed layer refuses to compute
-from a weight that changed since it was packed. bf16 forced on a CPU without native bf16 is emulated and keeps
+from a weight or bias replaced or changed in place since it was packed (torch's version counter; an edit through
+``.data`` is not seen). bf16 forced on a CPU without native bf16 is emulated and keeps
 torch's own layers.
 """
 
@@ -109,11 +110,19 @@ def prepare_linear_layers(model: Any, *, pack: bool) -> int:
     return len(made)
 
 
-def plain_linear_layers(model: Any) -> int:
-    """How many of ``model``'s linear layers are torch's own (not made serving layers: another dtype or device)."""
+def products_row_stable(model: Any) -> bool:
+    """Whether every matrix product of ``model`` goes through a serving layer: each module that holds a parameter of
+    two or more dimensions is a ``ServingLinear`` or an embedding (a lookup). Not so for a layer left as torch's own
+    (another dtype or device), GPT-2's Conv1D, experts held as 3-D parameters, or peft's LoRA on embeddings."""
     import torch
 
-    return sum(type(module) is torch.nn.Linear for module in model.modules())
+    serving_linear = serving_linear_class()
+    for module in model.modules():
+        if isinstance(module, serving_linear | torch.nn.Embedding):
+            continue
+        if any(parameter is not None and parameter.dim() >= 2 for parameter in module._parameters.values()):
+            return False
+    return True
 
 
 def _linear(rows: Any, weight: Any, bias: Any) -> Any:
@@ -165,17 +174,21 @@ class ProductGroup:
         self._outputs: dict[Any, Any] = {}
 
     def agrees(self) -> bool:
-        """Whether the group's product gives each member, on this machine, the very result of the member's own
-        (random rows, a decoding call's size and a sequence call's): where it would not, the members stay apart."""
+        """Whether the group's product gives each member, on this machine, the very result of the member's own: random
+        rows, in every call size a decoding step uses (2 to STEP_ROWS) and a sequence's (SEQUENCE_ROWS), against
+        each member's weight packed alone (packed and plain weights give the same results; tested). Where it would
+        not, the members stay apart."""
         import torch
 
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for count in (2, STEP_ROWS, SEQUENCE_ROWS):
+            own = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), STEP_ROWS) for m in self.members]
+            for count in [*range(2, STEP_ROWS + 1), SEQUENCE_ROWS]:
                 rows = torch.randn(count, self.members[0].in_features, generator=generator).to(self.packed.dtype)
                 parts = self._product(rows).split(self.sizes, dim=-1)
-                if not all(torch.equal(part, member._product(rows)) for member, part in zip(self.members, parts, strict=True)):
-                    return False
+                for member, weight, part in zip(self.members, own, parts, strict=True):
+                    if not torch.equal(part, _linear(rows, weight, member.bias)):
+                        return False
         return True
 
     def join(self) -> None:
@@ -221,7 +234,15 @@ def serving_linear_class() -> type:
                 with torch.no_grad():
                     # The hint (rows per product) picks nothing that changes results.
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), STEP_ROWS)
-            self._packed_from = (self.weight.data_ptr(), self.weight._version)
+            self._packed_from = self._source()
+
+        def _source(self) -> tuple:
+            """What the packed copy was made from: the weight's (and bias's) storage and in-place version (torch's
+            version counter: an edit through ``.data`` is not seen)."""
+            weight, bias = self._parameters["weight"], self._parameters["bias"]
+            if bias is None:
+                return (weight.data_ptr(), weight._version)
+            return (weight.data_ptr(), weight._version, bias.data_ptr(), bias._version)
 
         @property
         def packed(self) -> bool:
@@ -240,8 +261,8 @@ def serving_linear_class() -> type:
                 return super().forward(input)
             if input.dtype != weight.dtype or input.device.type != "cpu" or not input.numel():
                 return super().forward(input)
-            if (self._packed is not None or self._group is not None) and (weight.data_ptr(), weight._version) != self._packed_from:
-                raise RuntimeError("A packed linear layer's weight changed after packing; prepare it again (ServingLinear.prepare).")
+            if (self._packed is not None or self._group is not None) and self._source() != self._packed_from:
+                raise RuntimeError("A packed linear layer's weight changed after packing; load the model again.")
             if self._group is not None:
                 return self._group.output(self, input)
             return _row_stable(self._product, input)

@@ -25,7 +25,7 @@ class LoadedBaseModel:
     ``lock`` serialises use of the weights (an adapter switch must not happen mid-generation).
     """
 
-    def __init__(self, spec: BaseModelSpec, plan: DevicePlan, tokenizer: Any, model: Any, *, packing: bool | None = None) -> None:
+    def __init__(self, spec: BaseModelSpec, plan: DevicePlan, tokenizer: Any, model: Any, *, pack: bool | None = None) -> None:
         self.spec = spec
         self.plan = plan
         self.tokenizer = tokenizer
@@ -36,10 +36,11 @@ class LoadedBaseModel:
         # attach or a detach). peft's on/off switch walks every module of the model, which a decoding step would
         # otherwise pay for on every token; it runs only when the switch changes.
         self._layers_on: bool | None = None
-        # The serving layers of tuna_llm.packing (row-stable products; weights packed when True), or torch's own
-        # layers (None). ``lone_rows_exact``: every linear layer, the adapters' included, computes a lone row as it
-        # computes it in a batch, so decoding need not hold a lone row twice (tuna_llm.decoding).
-        self.packing = packing
+        # ``pack``: None for torch's own linear layers; otherwise the serving layers of tuna_llm.packing (row-stable
+        # products), their weights packed or not. ``lone_rows_exact``: every linear layer, the adapters' included,
+        # computes a lone row as it computes it in a batch, so decoding need not hold a lone row twice
+        # (tuna_llm.decoding).
+        self.pack = pack
         self.lone_rows_exact = False
         self._prepare_layers()
 
@@ -74,9 +75,9 @@ class LoadedBaseModel:
             else:
                 self.model.load_adapter(str(path), adapter_name=adapter_name)
             self.model.eval()
-            self._prepare_layers()  # the new LoRA layers row-stable too
-            self.adapters[adapter_name] = path
+            self.adapters[adapter_name] = path  # peft holds it now: listed before anything else can fail
             self._layers_on = None
+            self._prepare_layers()  # the new LoRA layers row-stable too
             logger.info("Attached adapter %s to %s", adapter_name, self.name)
 
     def detach_adapter(self, adapter_name: str) -> None:
@@ -97,9 +98,10 @@ class LoadedBaseModel:
             logger.info("Detached adapter %s from %s", adapter_name, self.name)
 
     def _prepare_layers(self) -> None:
-        if self.packing is not None:
-            packing.prepare_linear_layers(self.model, pack=self.packing)
-            self.lone_rows_exact = not packing.plain_linear_layers(self.model)
+        if self.pack is not None:
+            self.lone_rows_exact = False  # until every product is known to be row-stable again
+            packing.prepare_linear_layers(self.model, pack=self.pack)
+            self.lone_rows_exact = packing.products_row_stable(self.model)
 
     @contextlib.contextmanager
     def using(self, adapter_name: str | None) -> Iterator[Any]:
@@ -158,7 +160,7 @@ def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | N
         pack = _configured_packing()
     if not packing.applies(plan):
         return LoadedBaseModel(spec, plan, tokenizer, model)
-    loaded = LoadedBaseModel(spec, plan, tokenizer, model, packing=pack)
+    loaded = LoadedBaseModel(spec, plan, tokenizer, model, pack=pack)
     count = sum(isinstance(module, packing.serving_linear_class()) for module in model.modules())
     logger.info("%d linear layers of %s made row-stable%s for the CPU's oneDNN kernels", count, spec.name, ", packed," if pack else "")
     return loaded

@@ -253,7 +253,7 @@ def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch(layers, trained_adapt
     try:
         assert loaded.lone_rows_exact == (layers == "serving")
         if layers == "serving":  # the adapter's LoRA layers were made serving layers on attach
-            assert packing.plain_linear_layers(loaded.model) == 0
+            assert packing.products_row_stable(loaded.model)
         ghost = layers == "torch"
         for adapter in (None, "lone-test"):
             captured = {"lone": [], "pair": []}
@@ -354,7 +354,7 @@ def oneDNN_precisions():
 def test_it_packs_serving_weights_for_the_cpu_with_the_plain_weights_results(precision, trained_adapter):
     """Packed weights (tuna_llm.packing) compute the very products the plain weights do: prefill and decoding
     logits bit-equal, with and without a LoRA adapter wrapped around the packed layers."""
-    from tuna_llm.packing import serving_linear_class
+    from tuna_llm.packing import ProductGroup, serving_linear_class
     from tuna_llm.registry import load_for_serving
 
     spec, plan = get_base_model_spec(), pick_device(precision)
@@ -365,11 +365,12 @@ def test_it_packs_serving_weights_for_the_cpu_with_the_plain_weights_results(pre
         assert layers and all(type(m) is serving_type for m in layers)  # every projection and the output layer
         assert all(m.packed == pack for m in layers)  # its own packed weight or its group's
         assert loaded.model.dtype == plan.dtype
-        block = loaded.model.model.layers[0]
-        attention, mlp = block.self_attn, block.mlp  # one product for the layers that read the same input
-        assert (attention.q_proj._group is attention.k_proj._group is attention.v_proj._group is not None) == pack
-        assert (mlp.gate_proj._group is mlp.up_proj._group is not None) == pack
-        assert block.self_attn.o_proj._group is None and block.mlp.down_proj._group is None
+        attention, mlp = loaded.model.model.layers[0].self_attn, loaded.model.model.layers[0].mlp
+        for members in ([attention.q_proj, attention.k_proj, attention.v_proj], [mlp.gate_proj, mlp.up_proj]):
+            # One product for the layers that read the same input, where it gives their own results on this CPU.
+            grouped = pack and ProductGroup(members).agrees()
+            assert all(m._group is members[0]._group for m in members) and (members[0]._group is not None) == grouped
+        assert attention.o_proj._group is None and mlp.down_proj._group is None
     ids = plain.tokenizer(chat(plain, "Name three rivers."), add_special_tokens=False)["input_ids"]
 
     def decoded(loaded, adapter):
@@ -400,7 +401,7 @@ def attention_block(dtype) -> torch.nn.Module:
 def test_it_makes_one_product_of_the_layers_that_read_the_same_input_where_it_gives_their_own_results(precision, monkeypatch):
     import copy
 
-    from tuna_llm.packing import ProductGroup, prepare_linear_layers
+    from tuna_llm.packing import ProductGroup, prepare_linear_layers, products_row_stable
 
     dtype = pick_device(precision).dtype
     torch.manual_seed(0)
@@ -408,6 +409,9 @@ def test_it_makes_one_product_of_the_layers_that_read_the_same_input_where_it_gi
     grouped.load_state_dict(apart.state_dict())
     unmade = copy.deepcopy(apart)
     assert prepare_linear_layers(apart, pack=False) == 4 and prepare_linear_layers(grouped, pack=True) == 4
+    assert products_row_stable(apart) and products_row_stable(grouped)
+    if not ProductGroup([apart.q_proj, apart.k_proj, apart.v_proj]).agrees():
+        pytest.skip("this CPU's product of the three rounds otherwise than their own: they stay apart (tested below)")
     q, k, v = grouped.q_proj, grouped.k_proj, grouped.v_proj
     assert q._group is k._group is v._group is not None and grouped.o_proj._group is None and grouped.o_proj.packed
     products = []
@@ -424,6 +428,11 @@ def test_it_makes_one_product_of_the_layers_that_read_the_same_input_where_it_gi
     monkeypatch.setattr(ProductGroup, "_product", lambda self, rows, real=ProductGroup._product: real(self, rows) + 1)
     prepare_linear_layers(unmade, pack=True)
     assert all(getattr(unmade, name)._group is None and getattr(unmade, name).packed for name in ("q_proj", "k_proj", "v_proj"))
+    # A product outside the serving layers (GPT-2's Conv1D): a lone row would need its copy again.
+    from transformers.pytorch_utils import Conv1D
+
+    unmade.c_proj = Conv1D(64, 64).to(dtype)
+    assert not products_row_stable(unmade)
 
 
 @pytest.mark.parametrize("precision", oneDNN_precisions())
