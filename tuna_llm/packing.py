@@ -157,10 +157,11 @@ class ProductGroup:
     projections) computed as one product, their packed weights side by side: a decoding step makes 4 calls per
     block instead of 7, and each call costs more than its bytes at these sizes (bf16, 2 rows, SmolLM2's 30 blocks:
     15.6 ms against 18.6 ms, 2-core AMD EPYC with AVX512-BF16). Each output is the same dot product either way
-    (oneDNN's result for an output column did not depend on the columns beside it on the CPUs measured; ``agrees``
-    checks it when the group is made, and the model's logits are tested grouped against each layer on its own). The first member called with an input computes every
-    member's output; the others take theirs for that very input; a new input starts again. Only where weights
-    are packed: the packed copy replaces the members' own (no memory beyond theirs)."""
+    (oneDNN's result for an output column did not depend on the columns beside it on the CPU measured; ``agrees``
+    checks it when the group is made, and the model's logits are tested grouped against each layer on its own).
+    The first member called with an input computes every member's output; the others take theirs for that very
+    input; a new input starts again. Only where weights are packed: the packed copy replaces the members' own (no
+    memory beyond theirs)."""
 
     def __init__(self, members: list[Any]) -> None:
         import torch
