@@ -262,7 +262,7 @@ def serving_linear_class() -> type:
                 return super().forward(input)
             if input.dtype != weight.dtype or input.device.type != "cpu" or not input.numel():
                 return super().forward(input)
-            if (self._packed is not None or self._group is not None) and self._source() != self._packed_from:
+            if self.packed and self._source() != self._packed_from:
                 raise RuntimeError("A packed linear layer's weight changed after packing; load the model again.")
             if self._group is not None:
                 return self._group.output(self, input)
