@@ -9,7 +9,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tuna_site.testing import job_row, jsonl_file, pc_rows
+from tests.support import job_row, jsonl_file, pc_rows
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "orders_to_json.jsonl"
 

@@ -21,7 +21,7 @@ def main() -> None:
         from training_app import exports
         from training_app.models import Export
         from training_app.services import training_job_run, training_job_start
-        from tuna_site.jobs import job_run
+        from tuna_core.jobs import job_run
 
         started = time.perf_counter()
         user, dataset = upload_sample()

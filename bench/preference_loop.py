@@ -33,10 +33,11 @@ def run_task(owner, task: str, sft_steps: int, vote_share: float) -> dict:
 
     from datasets_app.services import dataset_create
     from evaluation_app.models import Evaluation, EvaluationExample
+    from evaluation_app.preference import preference_job_start
     from evaluation_app.services import evaluation_start, rating_set
     from evaluation_app.tasks import evaluation_execute
     from training_app.models import TrainingJob
-    from training_app.services import preference_job_start, training_job_start
+    from training_app.services import training_job_start
     from training_app.tasks import training_job_execute
     from tuna_llm import metrics
 

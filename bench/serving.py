@@ -102,7 +102,7 @@ def fine_tune(args):
 def export_gguf(user, job):
     from training_app import exports
     from training_app.models import Export
-    from tuna_site.jobs import job_run
+    from tuna_core.jobs import job_run
 
     started = time.perf_counter()
     export = exports.export_start(owner=user, job=job, formats=["gguf_f16"])

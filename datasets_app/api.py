@@ -10,7 +10,7 @@ from datasets_app import services
 from datasets_app.models import Dataset
 from datasets_app.selectors import datasets_for_user, get_dataset_for_user
 from datasets_app.uploads import too_large_message, upload_too_large
-from tuna_site.api import ApiError
+from tuna_core.errors import ApiError
 
 
 class DatasetSerializer(serializers.ModelSerializer):

@@ -11,12 +11,12 @@ from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.dispatch import Signal
 
 from datasets_app.models import Dataset
 from datasets_app.selectors import dataset_storage_bytes
 from datasets_app.uploads import max_upload_bytes, too_large_message
 from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
-from training_app.services import JobConflict, training_jobs_delete
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
 
@@ -26,6 +26,11 @@ MIN_EVAL_FRACTION = 0.05
 MAX_EVAL_FRACTION = 0.5
 DEFAULT_EVAL_FRACTION = 0.2
 LENGTH_BUCKET = 16
+
+
+# Sent inside dataset_delete's transaction when the user asked to delete the dataset's training jobs with it:
+# the app that owns those rows (training) deletes them, or raises DatasetInUse and nothing is deleted.
+dataset_deleting = Signal()
 
 
 class UploadRejected(Exception):
@@ -282,10 +287,7 @@ def dataset_delete(*, dataset: Dataset, with_jobs: bool = False) -> None:
             job_ids=[job.pk for job in jobs],
         )
     if jobs:
-        try:
-            training_jobs_delete(jobs=jobs)
-        except JobConflict as exc:
-            raise DatasetInUse(f"The dataset and its jobs were not deleted: {exc}", job_ids=[job.pk for job in jobs]) from None
+        dataset_deleting.send(sender=Dataset, dataset=dataset)
     files = [f for f in (dataset.file, dataset.eval_file) if f]
     storage_names = [(f.storage, f.name) for f in files]
     dataset.delete()

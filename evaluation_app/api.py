@@ -9,12 +9,13 @@ from rest_framework.views import APIView
 
 from evaluation_app import judging, selectors, services
 from evaluation_app.models import Evaluation, EvaluationExample, JudgeRun, JudgeVerdict, Rating
+from evaluation_app.preference import TooFewPairs, preference_job_start
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.api import TrainingJobSerializer
 from training_app.selectors import get_job_for_user
-from training_app.services import ConfigInvalid, JobConflict, TooFewPairs, preference_job_start
-from tuna_site.api import ApiError
-from tuna_site.quotas import LimitExceeded
+from training_app.services import ConfigInvalid, JobConflict
+from tuna_core.errors import ApiError
+from tuna_core.quotas import LimitExceeded
 
 
 class TestResultSerializer(serializers.ModelSerializer):

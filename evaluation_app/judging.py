@@ -16,10 +16,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from evaluation_app.models import Evaluation, JudgeRun, JudgeVerdict, Rating
+from tuna_core.jobs import JobLost, job_enqueue, job_fail, job_write
+from tuna_core.quotas import check_active_jobs
 from tuna_llm import metrics
 from tuna_llm.judge import DEFAULT_RUBRIC, JudgeEndpoint, JudgeError, compare
-from tuna_site.jobs import JobLost, job_enqueue, job_fail, job_write
-from tuna_site.quotas import check_active_jobs
 
 logger = logging.getLogger("tuna.judge")
 

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.db import models
 from django.urls import reverse
 
-from tuna_site.models import WorkerJob
+from tuna_core.models import WorkerJob
 
 
 class Evaluation(WorkerJob):

@@ -14,12 +14,12 @@ from django.utils import timezone
 from datasets_app.examples import held_out_examples
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
+from tuna_core.costs import cost_usd
+from tuna_core.jobs import JobLost, job_enqueue, job_fail, job_run, job_write
+from tuna_core.quotas import LimitExceeded, check_active_jobs
 from tuna_llm import metrics
 from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
 from tuna_llm.registry import registry
-from tuna_site.costs import cost_usd
-from tuna_site.jobs import JobLost, job_enqueue, job_fail, job_run, job_write
-from tuna_site.quotas import LimitExceeded, check_active_jobs
 
 logger = logging.getLogger("tuna.evaluation")
 
@@ -107,7 +107,7 @@ def evaluation_delete(*, evaluation: Evaluation) -> None:
 
 
 def evaluation_run(*, evaluation_id: int) -> None:
-    """Run one given queued evaluation (the worker picks with tuna_site.jobs.run_next_job instead)."""
+    """Run one given queued evaluation (the worker picks with tuna_core.jobs.run_next_job instead)."""
     job_run(Evaluation, evaluation_id, evaluation_work)
 
 

@@ -10,12 +10,13 @@ from django_htmx.http import HttpResponseClientRefresh
 
 from evaluation_app import judging, selectors, services
 from evaluation_app.models import Rating
+from evaluation_app.preference import TooFewPairs, preference_job_start
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.selectors import get_job_for_user
-from training_app.services import ConfigInvalid, JobConflict, TooFewPairs, preference_job_start
+from training_app.services import ConfigInvalid, JobConflict
 from training_app.views import training_page
-from tuna_site.jobs import queue_position
-from tuna_site.quotas import LimitExceeded
+from tuna_core.jobs import queue_position
+from tuna_core.quotas import LimitExceeded
 
 
 @login_required

@@ -18,6 +18,7 @@ from inference_app import engines
 from inference_app.engines import LLAMACPP, TRANSFORMERS
 from inference_app.models import UsageLog
 from training_app.models import TrainingJob
+from tuna_core.costs import cost_usd
 from tuna_llm.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
 from tuna_llm.compute import compute_thread
@@ -26,7 +27,6 @@ from tuna_llm.llamacpp import LlamaCall
 from tuna_llm.loading import ModelUnavailable
 from tuna_llm.prompting import Message, prompt_messages, render_chat
 from tuna_llm.registry import registry
-from tuna_site.costs import cost_usd
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"

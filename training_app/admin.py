@@ -4,7 +4,7 @@ from django.utils.html import format_html
 
 from training_app import exports, services
 from training_app.models import Export, LossPoint, ThroughputMeasurement, TrainingJob
-from tuna_site.quotas import LimitExceeded
+from tuna_core.quotas import LimitExceeded
 
 
 class LossPointInline(admin.TabularInline):

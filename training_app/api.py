@@ -11,8 +11,8 @@ from datasets_app.selectors import get_dataset_for_user
 from training_app import services
 from training_app.models import TrainingJob
 from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, training_logs
-from tuna_site.api import ApiError
-from tuna_site.quotas import LimitExceeded
+from tuna_core.errors import ApiError
+from tuna_core.quotas import LimitExceeded
 
 
 class TrainingLogSerializer(serializers.Serializer):

@@ -15,10 +15,10 @@ from typing import Any
 from django.conf import settings
 
 from training_app.models import ThroughputMeasurement
+from tuna_core.costs import cost_usd
 from tuna_llm.autoconfig import VALIDATION_COST
 from tuna_llm.training import steps_per_epoch, total_steps
 from tuna_llm.training_config import TrainingConfig
-from tuna_site.costs import cost_usd
 
 RECENT_MEASUREMENTS = 5
 

@@ -15,9 +15,9 @@ from rest_framework.views import APIView
 from training_app import exports
 from training_app.models import Export
 from training_app.selectors import get_job_for_user
-from tuna_site.api import ApiError
-from tuna_site.jobs import queue_position
-from tuna_site.quotas import LimitExceeded
+from tuna_core.errors import ApiError
+from tuna_core.jobs import queue_position
+from tuna_core.quotas import LimitExceeded
 
 
 class ExportFileSerializer(serializers.Serializer):

@@ -26,14 +26,14 @@ from django.utils import timezone
 
 from datasets_app.examples import held_out_examples
 from training_app.models import Export, TrainingJob
+from tuna_core.jobs import job_enqueue, job_write
+from tuna_core.quotas import check_active_jobs
 from tuna_llm import gguf_export, ollama
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.evaluation import decoding_budget
 from tuna_llm.loading import load_tokenizer_and_model, pick_device
 from tuna_llm.parity import gguf_answers, parity_report, pytorch_answers
 from tuna_llm.registry import LoadedBaseModel
-from tuna_site.jobs import job_enqueue, job_write
-from tuna_site.quotas import check_active_jobs
 
 logger = logging.getLogger("tuna.export")
 

@@ -5,8 +5,8 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
-from tuna_site.costs import cost_usd
-from tuna_site.models import WorkerJob
+from tuna_core.costs import cost_usd
+from tuna_core.models import WorkerJob
 
 
 class TrainingJob(WorkerJob):

@@ -12,21 +12,28 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
+from django.dispatch import Signal
 from django.utils import timezone
 
 from datasets_app.examples import training_examples, validation_examples
 from datasets_app.models import Dataset
+from datasets_app.services import DatasetInUse
+from training_app.limits import check_epochs, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_run, job_write
+from tuna_core.quotas import check_active_jobs
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
-from tuna_llm.preference import PreferencePair, preference_settings, run_preference_training
+from tuna_llm.preference import PreferencePair, run_preference_training
 from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training
 from tuna_llm.training_config import ConfigResult, TrainingConfig, build_config
-from tuna_site.jobs import job_enqueue, job_held, job_is_stuck, job_run, job_write
-from tuna_site.quotas import LimitExceeded, check_active_jobs, check_epochs, limited_settings
 
 logger = logging.getLogger("tuna.training")
+
+# Sent once a job completes, in the worker, with `job=` the completed row. Apps above training connect to it
+# (evaluation evaluates a preference-tuned job against its parent); training never imports them.
+job_completed = Signal()
 
 
 class JobConflict(Exception):
@@ -154,54 +161,6 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
     return child
 
 
-class TooFewPairs(Exception):
-    """Not enough chosen / rejected pairs to preference-tune on; the message says how many more are needed."""
-
-
-def preference_job_start(*, owner, evaluation, include_judge: bool = False, epochs: int | None = None) -> TrainingJob:
-    """Preference-tune the evaluated fine-tune on the user's blind votes (and, opted in, the judge's verdicts).
-
-    The new job starts from the evaluated job's adapter, learns with DPO, and is evaluated against that job on
-    the same held-out examples when it completes.
-    """
-    from evaluation_app.selectors import training_pairs
-
-    if evaluation.status != evaluation.Status.COMPLETED:
-        raise JobConflict(f"Evaluation #{evaluation.pk} is {evaluation.get_status_display().lower()}; votes train once it has completed.")
-    job = evaluation.training_job
-    if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
-        raise JobConflict(f"Job #{job.pk} is {job.get_status_display().lower()}; only a completed fine-tune can be preference-tuned.")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= MAX_CONTINUE_EPOCHS):
-        raise ConfigInvalid({"epochs": f"Must be a whole number from 1 to {MAX_CONTINUE_EPOCHS}; got {epochs!r}."})
-    pairs = training_pairs(evaluation, owner, include_judge=include_judge)
-    needed = settings.TUNA_MIN_PREFERENCE_PAIRS
-    if len(pairs) < needed:
-        sources = "decisive blind votes" + (" and consistent judge verdicts" if include_judge else "")
-        raise TooFewPairs(
-            f"Training on preferences needs at least {needed} pairs; this evaluation gives {len(pairs)} ({sources}, where the two "
-            f"answers differ). Vote on {needed - len(pairs)} more example{'s' if needed - len(pairs) != 1 else ''} (A or B, not tie)"
-            + ("." if include_judge else ", or include the judge's verdicts.")
-        )
-    config, reasons = preference_settings(TrainingConfig.from_dict(job.config), len(pairs), epochs=epochs)
-    with transaction.atomic():
-        TrainingJob.objects.select_for_update().get(pk=job.pk)
-        check_active_jobs(owner)
-        child = TrainingJob.objects.create(
-            owner=owner,
-            dataset=job.dataset,
-            base_model=job.base_model,
-            method=TrainingJob.Method.DPO,
-            config=config.to_dict(),
-            config_reasons=reasons,
-            parent=job,
-            source_evaluation=evaluation,
-            preference_pairs=pairs,
-        )
-        job_enqueue(child)
-    logger.info("Preference job %s queued on %s pairs from evaluation %s", child.pk, len(pairs), evaluation.pk)
-    return child
-
-
 def resumable_checkpoint(job: TrainingJob) -> Path | None:
     return latest_checkpoint(job_dir(job))
 
@@ -278,7 +237,7 @@ def _remove_tree(directory: Path) -> None:
 
 # -- the worker side --------------------------------------------------------------------------
 def training_job_run(*, job_id: int, extra_callbacks: tuple = ()) -> None:
-    """Run one given queued job to its end (the worker picks with tuna_site.jobs.run_next_job instead)."""
+    """Run one given queued job to its end (the worker picks with tuna_core.jobs.run_next_job instead)."""
     job_run(TrainingJob, job_id, lambda job: _train(job, extra_callbacks))
 
 
@@ -382,20 +341,18 @@ def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
         fields.update(status=TrainingJob.Status.COMPLETED, adapter_dir=str(result.adapter_dir))
     job_write(TrainingJob, job.pk, **fields)  # JobLost (nothing written) if the row is not this process's any more
     logger.info("Training job %s %s after %s steps", job.pk, fields["status"], result.global_step)
-    if fields["status"] == TrainingJob.Status.COMPLETED and job.is_preference:
-        _evaluate_against_parent(job)
+    if fields["status"] == TrainingJob.Status.COMPLETED:
+        job_completed.send(sender=TrainingJob, job=TrainingJob.objects.get(pk=job.pk))
     if fields["status"] == TrainingJob.Status.COMPLETED and "tokens_per_second" in fields and not job.is_preference:
         ThroughputMeasurement.objects.create(
             base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
         )
 
 
-def _evaluate_against_parent(job: TrainingJob) -> None:
-    """Queue the evaluation of a completed preference-tuned job against its parent, on the same held-out examples."""
-    from evaluation_app.services import EvaluationConflict, evaluation_start
-
-    source = job.source_evaluation
+def dataset_jobs_delete(sender, *, dataset: Dataset, **kwargs) -> None:
+    """datasets_app.services.dataset_deleting receiver: the dataset's jobs go with it, all or none."""
+    jobs = list(dataset.training_jobs.order_by("pk"))
     try:
-        evaluation_start(owner=job.owner, job=TrainingJob.objects.get(pk=job.pk), test_size=source.test_size if source else None)
-    except (EvaluationConflict, LimitExceeded) as exc:  # the job page offers the button instead
-        logger.warning("Preference job %s: no automatic evaluation against its parent: %s", job.pk, exc)
+        training_jobs_delete(jobs=jobs)
+    except JobConflict as exc:
+        raise DatasetInUse(f"The dataset and its jobs were not deleted: {exc}", job_ids=[job.pk for job in jobs]) from None

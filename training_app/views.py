@@ -14,12 +14,12 @@ from training_app.estimates import training_estimate
 from training_app.export_api import export_files
 from training_app.models import Export
 from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
+from training_app.storage import job_files_bytes
+from tuna_core.jobs import queue_position
+from tuna_core.quotas import LimitExceeded
 from tuna_llm import gguf_export
 from tuna_llm.catalog import get_catalog
 from tuna_llm.training_config import RANGES
-from tuna_site.jobs import queue_position
-from tuna_site.quotas import LimitExceeded
-from tuna_site.storage import job_files_bytes
 
 
 @login_required

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from tuna_llm.compute import compute_thread
 from tuna_llm.decoding import DecodeBatch, Row
 from tuna_llm.engine import Generation, stop_token_ids
+from tuna_llm.prompting import Message, render_chat
 from tuna_llm.registry import LoadedBaseModel
 from tuna_llm.settings import current
 
@@ -471,3 +472,28 @@ def engine_for(loaded: LoadedBaseModel) -> BatchingEngine:
         if engine is None or engine.loaded is not loaded:
             engine = _engines[id(loaded)] = BatchingEngine(loaded)
         return engine
+
+
+def generate_chat(
+    loaded: LoadedBaseModel,
+    messages: list[Message],
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Generation:
+    """One conversation's answer, decoded alone in this thread (``adapter`` must be attached)."""
+    request = GenerationRequest(
+        text=render_chat(loaded.tokenizer, messages, add_generation_prompt=True),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        adapter=adapter,
+    )
+    decode_all(loaded, [request], max_batch=1)
+    if request.error is not None:
+        raise request.error
+    return request.result

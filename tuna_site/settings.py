@@ -110,6 +110,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "django_htmx",
     "django_q",
+    "tuna_core",
     "tuna_site",
     "datasets_app",
     "training_app",
@@ -220,10 +221,10 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 20,
-    "EXCEPTION_HANDLER": "tuna_site.api.exception_handler",
+    "EXCEPTION_HANDLER": "tuna_core.errors.exception_handler",
     # JSON with NUL, lone surrogates, non-finite numbers or deep nesting is a 400 before any view sees it.
     "DEFAULT_PARSER_CLASSES": [
-        "tuna_site.parsers.StrictJSONParser",
+        "tuna_core.parsers.StrictJSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
@@ -239,7 +240,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "tuna_site.api.add_error_responses"],
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "tuna_core.errors.add_error_responses"],
     "ENUM_NAME_OVERRIDES": {
         "TrainingStatusEnum": "training_app.models.TrainingJob.Status",
         "EvaluationStatusEnum": "evaluation_app.models.Evaluation.Status",

@@ -3,8 +3,8 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from tuna_core.errors import NotFoundApi
 from tuna_site import views
-from tuna_site.api import NotFoundApi
 from tuna_site.throttles import RateLimitedAdminAuthenticationForm
 
 admin.site.login_form = RateLimitedAdminAuthenticationForm  # the admin's log-in is rate-limited like the site's

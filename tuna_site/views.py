@@ -7,7 +7,7 @@ from rest_framework.authtoken.models import Token
 from datasets_app.selectors import datasets_for_user
 from evaluation_app.selectors import evaluations_for_user
 from training_app.selectors import jobs_for_user
-from tuna_site.storage import storage_use
+from training_app.storage import storage_use
 from tuna_site.throttles import RateLimitedAuthenticationForm
 
 

@@ -11,8 +11,8 @@ from django.urls import reverse
 from datasets_app.models import Dataset
 from datasets_app.services import dataset_create
 from evaluation_app.models import Evaluation
+from tests.support import job_row, jsonl_file, pc_rows
 from training_app.models import TrainingJob
-from tuna_site.testing import job_row, jsonl_file, pc_rows
 
 pytestmark = pytest.mark.django_db
 

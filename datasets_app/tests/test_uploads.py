@@ -8,7 +8,7 @@ from django.urls import reverse
 
 from datasets_app.examples import held_out_examples, training_examples
 from datasets_app.models import Dataset
-from tuna_site.testing import job_row, jsonl_file, pc_rows
+from tests.support import job_row, jsonl_file, pc_rows
 
 pytestmark = pytest.mark.django_db
 

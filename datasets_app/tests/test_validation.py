@@ -5,9 +5,9 @@ import json
 import pytest
 
 from datasets_app.validation import validate_lines
+from tests.support import pc_rows
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
-from tuna_site.testing import pc_rows
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 from django.utils import timezone
 
 from evaluation_app.models import Evaluation, EvaluationExample
-from tuna_site.testing import job_row
+from tests.support import job_row
 
 
 @pytest.fixture

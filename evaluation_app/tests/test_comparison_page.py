@@ -6,8 +6,8 @@ from django.utils import timezone
 
 from evaluation_app import selectors
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
-from tuna_site.jobs import queue_position
-from tuna_site.testing import job_row
+from tests.support import job_row
+from tuna_core.jobs import queue_position
 
 pytestmark = pytest.mark.django_db
 

@@ -14,7 +14,7 @@ from rest_framework.authtoken.models import Token
 
 from evaluation_app import judging
 from evaluation_app.models import JudgeRun, JudgeVerdict, Rating
-from tuna_site.jobs import job_run
+from tuna_core.jobs import job_run
 
 pytestmark = pytest.mark.django_db
 

@@ -14,8 +14,8 @@ from training_app import services as training_services
 from training_app import tasks as training_tasks
 from training_app.models import TrainingJob
 from training_app.tests.test_training import AtStep, SimulatedCrash
+from tuna_core.jobs import jobs_reap
 from tuna_llm import metrics
-from tuna_site.jobs import jobs_reap
 
 pytestmark = pytest.mark.django_db
 

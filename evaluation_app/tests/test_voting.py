@@ -7,8 +7,8 @@ from django.urls import reverse
 
 from evaluation_app import services
 from evaluation_app.models import Evaluation, Rating
+from tests.support import job_row
 from tuna_llm import metrics
-from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
 

@@ -7,7 +7,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 
 from inference_app import services
-from tuna_site.api import ApiError
+from tuna_core.errors import ApiError
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
 

@@ -7,12 +7,11 @@ from django.urls import reverse
 
 from inference_app import services
 from inference_app.models import UsageLog
+from tests.support import job_row
 from tuna_llm import batching
-from tuna_llm.batching import BatchingEngine, GenerationRequest
-from tuna_llm.engine import generate_chat
+from tuna_llm.batching import BatchingEngine, GenerationRequest, generate_chat
 from tuna_llm.prompting import render_chat
 from tuna_llm.registry import registry
-from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 

@@ -8,8 +8,7 @@ import pytest
 
 from inference_app import services
 from inference_app.models import UsageLog
-from tuna_llm.batching import BatchingEngine, GenerationRequest, RequestInvalid, engine_for
-from tuna_llm.engine import generate_chat
+from tuna_llm.batching import BatchingEngine, GenerationRequest, RequestInvalid, engine_for, generate_chat
 from tuna_llm.prompting import render_chat
 from tuna_llm.registry import registry
 

@@ -14,13 +14,13 @@ from django.utils import timezone
 from datasets_app.examples import held_out_examples
 from inference_app import engines, services
 from inference_app.models import UsageLog
+from tests.support import job_row
 from training_app import exports
 from training_app.models import Export
+from tuna_core.jobs import job_run
 from tuna_llm import gguf_export
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.registry import registry
-from tuna_site.jobs import job_run
-from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 

@@ -8,9 +8,9 @@ from django.urls import reverse
 
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from inference_app.models import UsageLog
+from tests.support import job_row
 from training_app import services
 from training_app.models import LossPoint, TrainingJob
-from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
 

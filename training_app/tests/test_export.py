@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import job_row
 from training_app import exports
 from training_app.models import Export
-from tuna_llm.engine import generate_chat
+from tuna_core.jobs import job_run
+from tuna_llm.batching import generate_chat
 from tuna_llm.registry import registry
-from tuna_site.jobs import job_run
-from tuna_site.testing import job_row
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 

@@ -4,12 +4,12 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
+from tests.support import job_row
 from training_app import services
 from training_app.models import LossPoint, TrainingJob
 from training_app.selectors import loss_chart_data
+from tuna_core.jobs import queue_position, readable_error
 from tuna_llm.training import IGNORE_INDEX
-from tuna_site.jobs import queue_position, readable_error
-from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
 
@@ -82,7 +82,7 @@ def test_it_checks_target_modules_of_a_hub_model_from_the_local_hub_cache(settin
 
 def test_it_refuses_an_invalid_dataset(alice_api, alice):
     from datasets_app.services import dataset_create
-    from tuna_site.testing import jsonl_file, pc_rows
+    from tests.support import jsonl_file, pc_rows
 
     dataset = dataset_create(owner=alice, upload=jsonl_file(pc_rows(5)))
     response = alice_api.post("/api/training/start", {"dataset_id": dataset.pk}, format="json")

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
+from tests.support import job_row
 from training_app import services, tasks
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
-from tuna_site.jobs import jobs_reap
-from tuna_site.testing import job_row
+from tuna_core.jobs import jobs_reap
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 

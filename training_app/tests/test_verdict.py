@@ -3,9 +3,9 @@
 import pytest
 from django.utils import timezone
 
+from tests.support import job_row
 from training_app.models import LossPoint, TrainingJob
 from training_app.selectors import learning_verdict
-from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
 

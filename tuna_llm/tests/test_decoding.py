@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from tuna_llm import packing
-from tuna_llm.batching import BatchingEngine, GenerationRequest
+from tuna_llm.batching import BatchingEngine, GenerationRequest, generate_chat
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.decoding import DecodeBatch, Row
-from tuna_llm.engine import generate_chat
 from tuna_llm.loading import load_tokenizer_and_model, native_bf16, pick_device
 from tuna_llm.prompting import render_chat
 from tuna_llm.registry import registry

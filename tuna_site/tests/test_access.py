@@ -4,8 +4,8 @@ import pytest
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from evaluation_app.models import Evaluation
+from tests.support import job_row
 from training_app.models import TrainingJob
-from tuna_site.testing import job_row
 
 PUBLIC = {"login", "logout"}
 

@@ -16,9 +16,9 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from evaluation_app.models import Evaluation, JudgeRun
+from tests.support import job_row
 from training_app.models import TrainingJob
-from tuna_site.jobs import jobs_reap
-from tuna_site.testing import job_row
+from tuna_core.jobs import jobs_reap
 
 ROOT = Path(__file__).resolve().parents[2]
 

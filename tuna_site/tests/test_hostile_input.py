@@ -21,7 +21,7 @@ from rest_framework.test import APIClient
 from datasets_app.models import Dataset
 from evaluation_app.models import Evaluation, EvaluationExample
 from inference_app.models import UsageLog
-from tuna_site.testing import job_row
+from tests.support import job_row
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model]
 

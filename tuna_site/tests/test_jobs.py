@@ -12,12 +12,12 @@ import pytest
 from django.utils import timezone
 
 from evaluation_app.models import Evaluation
+from tests.support import job_row
 from training_app import services
 from training_app.models import TrainingJob
 from training_app.tests.test_training import AtStep, SimulatedCrash, start
-from tuna_site import jobs
-from tuna_site.testing import job_row
-from tuna_site.workers import worker_host
+from tuna_core.workers import worker_host
+from tuna_core import jobs
 
 
 def claimed_here(row) -> None:

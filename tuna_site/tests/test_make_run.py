@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from tests.support import children, group_members, process_tree, subprocess_database_url, wait_for
 from training_app.models import ThroughputMeasurement
-from tuna_site.testing import children, group_members, process_tree, subprocess_database_url, wait_for
-from tuna_site.workers import process_exists
+from tuna_core.workers import process_exists
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

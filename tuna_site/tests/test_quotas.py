@@ -4,10 +4,10 @@ import pytest
 from django.urls import reverse
 
 from evaluation_app.models import Evaluation
+from tests.support import job_row
+from training_app.limits import limited_settings
 from training_app.models import TrainingJob
 from tuna_llm.autoconfig import DataFacts
-from tuna_site.quotas import limited_settings
-from tuna_site.testing import job_row
 
 pytestmark = pytest.mark.django_db
 
@@ -39,7 +39,7 @@ def test_it_refuses_a_job_over_the_active_jobs_limit_on_every_front_door(alice_a
 
 def test_it_counts_each_user_apart(bob_api, bob, alice, valid_dataset):
     from datasets_app.services import dataset_create
-    from tuna_site.testing import jsonl_file, pc_rows
+    from tests.support import jsonl_file, pc_rows
 
     busy(alice, valid_dataset)
     bobs = dataset_create(owner=bob, upload=jsonl_file(pc_rows(20)), name="Bob's")

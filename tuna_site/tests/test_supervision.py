@@ -17,10 +17,10 @@ from django.conf import settings
 from django.db import connection
 
 from datasets_app.services import dataset_create
+from tests.support import children, group_members, jsonl_file, pc_rows, subprocess_database_url, wait_for
 from training_app import services
 from training_app.models import TrainingJob
-from tuna_site.testing import children, group_members, jsonl_file, pc_rows, subprocess_database_url, wait_for
-from tuna_site.workers import process_exists
+from tuna_core.workers import process_exists
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model]
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections
 
-from tuna_site.jobs import heartbeat_stale_before, job_kinds, jobs_reap
-from tuna_site.workers import SUPERVISOR_ENV, process_exists, worker_host
+from tuna_core.jobs import heartbeat_stale_before, job_kinds, jobs_reap
+from tuna_core.workers import SUPERVISOR_ENV, process_exists, worker_host
 
 logger = logging.getLogger("tuna.worker")
 

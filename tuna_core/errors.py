@@ -1,5 +1,5 @@
 """API conventions shared by every app: errors are ``{"detail": ...}``; JSON bodies are checked by
-``tuna_site.parsers.StrictJSONParser`` before any view."""
+``tuna_core.parsers.StrictJSONParser`` before any view."""
 
 from rest_framework.exceptions import APIException, NotFound
 from rest_framework.views import APIView

@@ -1,7 +1,7 @@
-"""Fair sharing: how much one user may have queued, and how much one training job may ask for.
+"""What one training job may ask for: the server's caps on epochs, batch size, sequence length and updates.
 
-The limits are settings (README "Limits"); the services call these checks, so pages, API and admin obey
-them alike. Storage per user is checked where uploads are stored (datasets_app.services).
+The caps are settings (docs/configuration.md); a value the user set over a cap is an error naming the cap,
+a value the product chose is lowered to it.
 """
 
 from __future__ import annotations
@@ -10,38 +10,10 @@ from dataclasses import replace
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 
 from tuna_llm.autoconfig import DataFacts, choose_settings
 from tuna_llm.training import total_steps
 from tuna_llm.training_config import TrainingConfig
-from tuna_site.jobs import job_kinds
-
-
-class LimitExceeded(Exception):
-    """A request over one of the limits; the message names the limit, its setting and the current count."""
-
-    status_code = 409
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-def active_jobs(owner) -> int:
-    """The user's training jobs and evaluations that are queued or running."""
-    return sum(model.objects.filter(owner=owner, status__in=[model.QUEUED, model.RUNNING]).count() for model in job_kinds())
-
-
-def check_active_jobs(owner) -> None:
-    """Call inside the transaction that queues the job: the user's row lock makes two requests count in turn."""
-    get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
-    count, limit = active_jobs(owner), settings.TUNA_MAX_ACTIVE_JOBS_PER_USER
-    if count >= limit:
-        raise LimitExceeded(
-            f"You have {count} training job{'s' if count != 1 else ''} and evaluations queued or running; the limit is {limit} "
-            "per user (TUNA_MAX_ACTIVE_JOBS_PER_USER). Wait for one to finish or cancel one, then try again."
-        )
 
 
 def _caps(context: int | None) -> dict[str, tuple[int, str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from tuna_site.workers import process_exists
+from tuna_core.workers import process_exists
 
 
 def jsonl_file(rows: list, name: str = "data.jsonl") -> SimpleUploadedFile:

@@ -11,7 +11,7 @@
   so a job is never trained by two processes at once and a finished row is never flipped back.
 - While the work runs, a heartbeat thread beats every TUNA_HEARTBEAT_SECONDS whatever the phase
   (loading the model, training, evaluating, saving), so a long model load never looks like a dead worker.
-- The worker's supervisor (tuna_site.supervisor) reaps: rows of its machine whose process is gone, and
+- The worker's supervisor (tuna_core.supervisor) reaps: rows of its machine whose process is gone, and
   rows of any machine whose heartbeat stopped for TUNA_HEARTBEAT_TIMEOUT_S.
 """
 
@@ -35,13 +35,13 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 from django_q.tasks import async_task
 
+from tuna_core.models import WorkerJob
+from tuna_core.workers import SUPERVISOR_ENV, process_exists, worker_host
 from tuna_llm.loading import ModelUnavailable
-from tuna_site.models import WorkerJob
-from tuna_site.workers import SUPERVISOR_ENV, process_exists, worker_host
 
 logger = logging.getLogger("tuna.jobs")
 
-RUN_NEXT_TASK = "tuna_site.jobs.run_next_job"
+RUN_NEXT_TASK = "tuna_core.jobs.run_next_job"
 
 
 class JobLost(Exception):

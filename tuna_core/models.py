@@ -6,7 +6,7 @@ from django.db import models
 
 
 class WorkerJob(models.Model):
-    """A row the worker runs. Subclasses name their statuses and their work function; tuna_site.jobs does
+    """A row the worker runs. Subclasses name their statuses and their work function; tuna_core.jobs does
     the rest (enqueue, fair pick, claim, heartbeat, guarded writes, fail, reap, queue position) once for
     every kind of job. Every subclass has an `owner` (fair scheduling is per user)."""
 

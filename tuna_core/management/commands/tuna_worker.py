@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from tuna_site.supervisor import Supervisor, run_cluster
+from tuna_core.supervisor import Supervisor, run_cluster
 
 
 class Command(BaseCommand):
