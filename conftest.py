@@ -91,7 +91,7 @@ def fp32(settings):
     """The whole model layer in fp32 for one test: batched and alone answers are bit-identical there, so a test
     can assert that batching changes nothing. (In bf16, batching changes the rounding of the matrix products
     and can flip a near-tie: bench/evaluation.py reports how often.)"""
-    from tuna_llm.registry import registry
+    from tuna_llm.serving.registry import registry
 
     settings.TUNA_PRECISION = "fp32"
     registry.clear()

@@ -6,8 +6,8 @@ code path (--steps updates), then evaluates it on --examples held-out examples (
 held-out loss of both) with tuna_llm.evaluation.run_evaluation:
 
 - "before: fp32, one at a time": each answer decoded alone, base then fine-tuned, held-out loss one example
-  per pass, torch's own linear layers (issue 16 gave the serving model oneDNN's: tuna_llm.packing). It runs
-  today's decoding loop though, which never decodes a lone row (tuna_llm.decoding's ghost copy): where
+  per pass, torch's own linear layers (issue 16 gave the serving model oneDNN's: tuna_llm.serving.packing). It runs
+  today's decoding loop though, which never decodes a lone row (tuna_llm.serving.decoding's ghost copy): where
   torch's two-row products cost more than one-row ones (MKL's fp32 on an AMD EPYC: about twice), it takes
   longer than the evaluation did before issue 16;
 - "<precision>, one at a time": the same with the serving model as it is (batched = alone is checked on it);
@@ -39,7 +39,7 @@ def evaluate(job, examples, *, precision: str, batch: int, mixed: bool = False, 
     from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.evaluation import run_evaluation
     from tuna_llm.loading import pick_device
-    from tuna_llm.registry import registry
+    from tuna_llm.serving.registry import registry
 
     settings.TUNA_PRECISION = precision
     registry.clear()

@@ -2,7 +2,7 @@
 plain transformers ``generate`` as the reference, and llama.cpp when the base model's GGUF is there.
 
 The embedded base model, greedy, --tokens new tokens per answer, prompts that ask for long answers. For the
-transformers engine (tuna_llm.batching, in this process, as the web process runs it):
+transformers engine (tuna_llm.serving.batching, in this process, as the web process runs it):
 
 - 1 stream: --rounds requests one after another, each alone; tokens/s = completion tokens / wall time, the
   median of the rounds; the rounds alternate between all the runs of the table (the machine's speed drifts
@@ -13,11 +13,11 @@ transformers engine (tuna_llm.batching, in this process, as the web process runs
 
 "static": a batch decodes to its end before the next requests start, with torch's own linear layers, as the
 engine did before issue 16 ("fp32 static" is the baseline of the 8-client goal). It runs today's decoding loop
-though, which never decodes a lone row (tuna_llm.decoding's ghost copy): where torch's two-row products cost
+though, which never decodes a lone row (tuna_llm.serving.decoding's ghost copy): where torch's two-row products cost
 more than one-row ones (MKL's fp32 on an AMD EPYC: about twice), its single stream is slower than the engine's
 was, when it decoded one stream with plain ``generate``; so the single-stream goal is measured against "plain
 generate, fp32". "continuous" is the engine as it is: a request joins the running batch at the next step, and
-on CPU the linear layers are oneDNN's (tuna_llm.packing), "unpacked" without the weights packed for it beside
+on CPU the linear layers are oneDNN's (tuna_llm.serving.packing), "unpacked" without the weights packed for it beside
 the packed default. Plain ``generate`` runs single-stream only.
 
     .venv/bin/python bench/generation.py [--tokens 128] [--rounds 5] [--precisions fp32,bf16]
@@ -65,14 +65,14 @@ class EngineRun:
     """The transformers engine over one loaded model: single-stream requests, 8 at once, 8 clients 0.5 s apart."""
 
     def __init__(self, loaded, *, continuous: bool, tokens: int) -> None:
-        from tuna_llm.batching import BatchingEngine
+        from tuna_llm.serving.batching import BatchingEngine
 
         self.engine = BatchingEngine(loaded, continuous=continuous)
         self.texts = [chat_text(loaded.tokenizer, i) for i in range(len(PROMPTS))]
         self.tokens = tokens
 
     def request(self, i: int):
-        from tuna_llm.batching import GenerationRequest
+        from tuna_llm.serving.batching import GenerationRequest
 
         return GenerationRequest(text=self.texts[i % len(self.texts)], max_new_tokens=self.tokens)
 
@@ -138,7 +138,7 @@ def llama_cpp(tokens: int, rounds: int) -> float | None:
 
     from django.conf import settings
 
-    from tuna_llm.llamacpp import LlamaCall, LlamaCppModel
+    from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
 
     path = Path(settings.TUNA_GGUF_DIR) / settings.TUNA_DEFAULT_BASE_MODEL / "base-f16.gguf"
     try:
@@ -166,16 +166,16 @@ def main() -> None:
     setup_django()
     from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.loading import deployment_precision, load_tokenizer_and_model, pick_device
-    from tuna_llm.packing import applies as can_pack
-    from tuna_llm.registry import LoadedBaseModel, load_for_serving
+    from tuna_llm.serving.packing import applies as can_pack
+    from tuna_llm.serving.registry import LoadedBaseModel, load_for_serving
 
     print(f"deployment precision (TUNA_PRECISION): {deployment_precision()}")
     print(f"{args.tokens} new tokens, greedy; {CLIENTS} clients {ARRIVAL_GAP_S} s apart for TTFT and latency")
     print(f"{'engine':<34} {'1 stream':>9} {'8 at once':>10} {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'lat p95':>8}")
-    from tuna_llm.compute import compute_thread
+    from tuna_llm.serving.compute import compute_thread
 
     spec = get_base_model_spec()
-    # Every torch call on the one compute thread, as in the web process (see tuna_llm.compute).
+    # Every torch call on the one compute thread, as in the web process (see tuna_llm.serving.compute).
     on = compute_thread.call
     runs: dict[str, PlainRun | EngineRun] = {}
     for precision in args.precisions.split(","):

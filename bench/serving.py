@@ -127,7 +127,7 @@ def gguf_paths(export) -> tuple[Path, Path]:
 def direct(export, prompts, args) -> tuple[float, float]:
     """llama.cpp in this process, as the web process runs it: one model, every call on one thread (this one:
     calls from several threads slow ggml's OpenMP decoding down, see inference_app.engines), LoRA per call."""
-    from tuna_llm.llamacpp import LlamaCall, LlamaCppModel
+    from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
 
     base, lora = gguf_paths(export)
     model = LlamaCppModel(base)

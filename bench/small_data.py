@@ -35,7 +35,7 @@ def use_precision(precision: str) -> None:
     """Switch the whole platform (training, evaluation, generation) to ``precision`` for the next runs."""
     from django.conf import settings
 
-    from tuna_llm.registry import registry
+    from tuna_llm.serving.registry import registry
 
     settings.TUNA_PRECISION = precision
     registry.clear()
@@ -161,7 +161,7 @@ def measure_with_one_ruler(rows: list[dict]) -> None:
     the runs trained from a difference in how they were measured."""
     from datasets_app.examples import held_out_examples
     from tuna_llm.evaluation import answer_loss
-    from tuna_llm.registry import registry
+    from tuna_llm.serving.registry import registry
 
     use_precision("fp32")
     loaded = registry.get()

@@ -19,7 +19,7 @@ from tuna_core.jobs import JobLost, job_enqueue, job_fail, job_run, job_write
 from tuna_core.quotas import LimitExceeded, check_active_jobs
 from tuna_llm import metrics
 from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
-from tuna_llm.registry import registry
+from tuna_llm.serving.registry import registry
 
 logger = logging.getLogger("tuna.evaluation")
 

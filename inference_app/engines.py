@@ -31,9 +31,9 @@ from django.conf import settings
 
 from training_app.exports import base_gguf_dir, serving_export
 from training_app.models import Export, TrainingJob
-from tuna_llm.engine import Generation
-from tuna_llm.llamacpp import ENGINE_NAME as LLAMACPP
-from tuna_llm.llamacpp import LlamaCall
+from tuna_llm.serving.engine import Generation
+from tuna_llm.serving.llamacpp import ENGINE_NAME as LLAMACPP
+from tuna_llm.serving.llamacpp import LlamaCall
 
 TRANSFORMERS = "transformers"
 ENGINES = (TRANSFORMERS, LLAMACPP)
@@ -117,7 +117,7 @@ class LlamaServer:
     at a time, and the server threads wait for it (their queue time)."""
 
     def __init__(self, path: Path) -> None:
-        from tuna_llm.llamacpp import LlamaCppModel
+        from tuna_llm.serving.llamacpp import LlamaCppModel
 
         self.model = _llama_thread.submit(LlamaCppModel, path).result()
 

@@ -1,6 +1,6 @@
 """Inference: resolve a model id for a user, choose its engine, check the request, generate, log the call.
 
-transformers calls are batched (tuna_llm.batching); llama.cpp calls run one at a time on their base GGUF's
+transformers calls are batched (tuna_llm.serving.batching); llama.cpp calls run one at a time on their base GGUF's
 model (inference_app.engines). Both are checked, admitted, logged and billed the same way.
 """
 
@@ -19,14 +19,14 @@ from inference_app.engines import LLAMACPP, TRANSFORMERS
 from inference_app.models import UsageLog
 from training_app.models import TrainingJob
 from tuna_core.costs import cost_usd
-from tuna_llm.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
+from tuna_llm.serving.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
-from tuna_llm.compute import compute_thread
-from tuna_llm.engine import Generation
-from tuna_llm.llamacpp import LlamaCall
+from tuna_llm.serving.compute import compute_thread
+from tuna_llm.serving.engine import Generation
+from tuna_llm.serving.llamacpp import LlamaCall
 from tuna_llm.loading import ModelUnavailable
 from tuna_llm.prompting import Message, prompt_messages, render_chat
-from tuna_llm.registry import registry
+from tuna_llm.serving.registry import registry
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"

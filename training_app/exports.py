@@ -33,7 +33,7 @@ from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.evaluation import decoding_budget
 from tuna_llm.loading import load_tokenizer_and_model, pick_device
 from tuna_llm.parity import gguf_answers, parity_report, pytorch_answers
-from tuna_llm.registry import LoadedBaseModel
+from tuna_llm.serving.registry import LoadedBaseModel
 
 logger = logging.getLogger("tuna.export")
 
@@ -247,7 +247,7 @@ def _readme(names: dict[str, str], job: TrainingJob, parity: dict, merged: bool)
 
 
 def _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf) -> dict[str, Any]:
-    from tuna_llm.llamacpp import LlamaCppModel
+    from tuna_llm.serving.llamacpp import LlamaCppModel
 
     adapter = f"job-{job.pk}"
     loaded.attach_adapter(adapter, job.adapter_dir)

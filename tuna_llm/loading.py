@@ -139,7 +139,7 @@ def prepare_embedded_model(spec: BaseModelSpec) -> Path:
 
 def load_tokenizer_and_model(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None, attention: str | None = None):
     """The tokenizer and the model in the plan's dtype on its device. ``attention``: transformers' attention
-    implementation (its default when None; the registry asks for row-wise attention, see tuna_llm.rowwise)."""
+    implementation (its default when None; the registry asks for row-wise attention, see tuna_llm.serving.rowwise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.kind == "embedded":

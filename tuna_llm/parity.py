@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from tuna_llm import metrics
-from tuna_llm.batching import generate_chat
-from tuna_llm.engine import Generation
-from tuna_llm.llamacpp import LlamaCall, LlamaCppModel
+from tuna_llm.serving.batching import generate_chat
+from tuna_llm.serving.engine import Generation
+from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
 from tuna_llm.prompting import Message
-from tuna_llm.registry import LoadedBaseModel
+from tuna_llm.serving.registry import LoadedBaseModel
 
 MISMATCHES_KEPT = 20
 

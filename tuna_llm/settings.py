@@ -19,7 +19,7 @@ class LlmSettings:
     adapter_cache_size: int = 8
     hf_token: str | None = None
     precision: str = "auto"  # "auto" (bf16 where the hardware has it natively), "bf16" or "fp32"
-    pack_weights: bool = True  # on CPU (fp32, native bf16): serving weights packed for oneDNN (tuna_llm.packing)
+    pack_weights: bool = True  # on CPU (fp32, native bf16): serving weights packed for oneDNN (tuna_llm.serving.packing)
     extra: dict = field(default_factory=dict)
 
 

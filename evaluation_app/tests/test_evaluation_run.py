@@ -25,10 +25,10 @@ class _LogLines(logging.Handler):
 
 def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_dataset, settings):
 
-    from tuna_llm.batching import generate_chat
+    from tuna_llm.serving.batching import generate_chat
     from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.loading import pick_device
-    from tuna_llm.registry import load_for_serving, registry
+    from tuna_llm.serving.registry import load_for_serving, registry
 
     job = training_services.training_job_start(
         owner=alice,

@@ -6,7 +6,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from inference_app.engines import ENGINES
-from tuna_llm.batching import MAX_SEED, MIN_SEED
+from tuna_llm.serving.batching import MAX_SEED, MIN_SEED
 
 SEED_RANGE = f"seed must be a whole number from {MIN_SEED} to {MAX_SEED} (a signed 64-bit integer)."
 

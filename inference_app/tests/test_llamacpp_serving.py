@@ -20,7 +20,7 @@ from training_app.models import Export
 from tuna_core.jobs import job_run
 from tuna_llm import gguf_export
 from tuna_llm.catalog import get_base_model_spec
-from tuna_llm.registry import registry
+from tuna_llm.serving.registry import registry
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 

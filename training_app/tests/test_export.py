@@ -13,8 +13,8 @@ from tests.support import job_row
 from training_app import exports
 from training_app.models import Export
 from tuna_core.jobs import job_run
-from tuna_llm.batching import generate_chat
-from tuna_llm.registry import registry
+from tuna_llm.serving.batching import generate_chat
+from tuna_llm.serving.registry import registry
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 

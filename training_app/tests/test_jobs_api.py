@@ -210,7 +210,7 @@ def test_it_explains_out_of_memory_in_plain_words():
 
 
 def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
-    from tuna_llm.registry import registry
+    from tuna_llm.serving.registry import registry
     from tuna_llm.training import tokenize_example
 
     tokenizer = registry.get().tokenizer
@@ -222,7 +222,7 @@ def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
 
 
 def test_it_learns_every_assistant_turn_of_a_conversation_and_nothing_else():
-    from tuna_llm.registry import registry
+    from tuna_llm.serving.registry import registry
     from tuna_llm.training import tokenize_example
 
     tokenizer = registry.get().tokenizer

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from tuna_llm import packing
-from tuna_llm.batching import BatchingEngine, GenerationRequest, generate_chat
+from tuna_llm.serving import packing
+from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, generate_chat
 from tuna_llm.catalog import get_base_model_spec
-from tuna_llm.decoding import DecodeBatch, Row
+from tuna_llm.serving.decoding import DecodeBatch, Row
 from tuna_llm.loading import load_tokenizer_and_model, native_bf16, pick_device
 from tuna_llm.prompting import render_chat
-from tuna_llm.registry import registry
+from tuna_llm.serving.registry import registry
 from tuna_llm.training import PadCollator, answer_tokens_loss, tokenize_examples
 
 pytestmark = pytest.mark.django_db
@@ -86,7 +86,7 @@ def test_it_computes_each_row_of_an_unpadded_batch_as_it_computes_the_row_alone(
     shares out a batch's work otherwise, and on an AVX2-only AMD EPYC a row beside a copy of itself differed."""
     from types import SimpleNamespace
 
-    from tuna_llm.rowwise import rows_attention
+    from tuna_llm.serving.rowwise import rows_attention
 
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(3, 9, q_length, 64, generator=generator)
@@ -200,7 +200,7 @@ def test_it_computes_the_held_out_loss_from_fp32_logits_in_a_bf16_deployment():
     not the loss of logits rounded to bf16."""
     from datasets_app.examples import SAMPLE_PATH, file_examples
     from tuna_llm.evaluation import answer_loss
-    from tuna_llm.registry import load_for_serving
+    from tuna_llm.serving.registry import load_for_serving
     from tuna_llm.training import tokenize_example
 
     loaded = load_for_serving(get_base_model_spec(), pick_device("bf16"))
@@ -233,11 +233,11 @@ def logging_batch(loaded, log: list) -> DecodeBatch:
 @pytest.mark.parametrize("layers", ["serving", "torch"])
 def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch(layers, trained_adapter):
     """With torch's own linear layers a lone row is held twice, so that it goes through the kernels a batch uses
-    (tuna_llm.rowwise). The serving layers (tuna_llm.packing, on CPU) make that copy inside each product, the
+    (tuna_llm.serving.rowwise). The serving layers (tuna_llm.serving.packing, on CPU) make that copy inside each product, the
     adapters' LoRA layers included, so there the lone row is held once. Either way it decodes, base or
     fine-tuned, to the tokens it gets beside another row."""
-    from tuna_llm import rowwise
-    from tuna_llm.registry import LoadedBaseModel
+    from tuna_llm.serving import rowwise
+    from tuna_llm.serving.registry import LoadedBaseModel
 
     spec, plan = get_base_model_spec(), pick_device()
     if layers == "serving":
@@ -281,7 +281,7 @@ def test_it_decodes_a_lone_row_as_it_decodes_it_in_a_batch(layers, trained_adapt
 def test_it_gives_a_row_the_same_logits_alone_and_in_batches_of_every_size(precision):
     """Bit-equal logits, prefill and decoding steps, for a row alone and beside 1 to 3 others (MKL's fp32 products,
     tried on an Intel CPU, differed by 2e-5 beside three others)."""
-    from tuna_llm.registry import load_for_serving
+    from tuna_llm.serving.registry import load_for_serving
 
     loaded = load_for_serving(get_base_model_spec(), pick_device(precision))
     prompts = [
@@ -351,10 +351,10 @@ def oneDNN_precisions():
 
 @pytest.mark.parametrize("precision", oneDNN_precisions())
 def test_it_packs_serving_weights_for_the_cpu_with_the_plain_weights_results(precision, trained_adapter):
-    """Packed weights (tuna_llm.packing) compute the very products the plain weights do: prefill and decoding
+    """Packed weights (tuna_llm.serving.packing) compute the very products the plain weights do: prefill and decoding
     logits bit-equal, with and without a LoRA adapter wrapped around the packed layers."""
-    from tuna_llm.packing import ProductGroup, serving_linear_class
-    from tuna_llm.registry import load_for_serving
+    from tuna_llm.serving.packing import ProductGroup, serving_linear_class
+    from tuna_llm.serving.registry import load_for_serving
 
     spec, plan = get_base_model_spec(), pick_device(precision)
     plain, packed = load_for_serving(spec, plan, pack=False), load_for_serving(spec, plan, pack=True)
@@ -400,7 +400,7 @@ def attention_block(dtype) -> torch.nn.Module:
 def test_it_makes_one_product_of_the_layers_that_read_the_same_input_where_it_gives_their_own_results(precision, monkeypatch):
     import copy
 
-    from tuna_llm.packing import ProductGroup, prepare_linear_layers, products_row_stable
+    from tuna_llm.serving.packing import ProductGroup, prepare_linear_layers, products_row_stable
 
     dtype = pick_device(precision).dtype
     torch.manual_seed(0)
@@ -436,7 +436,7 @@ def test_it_makes_one_product_of_the_layers_that_read_the_same_input_where_it_gi
 
 @pytest.mark.parametrize("precision", oneDNN_precisions())
 def test_it_computes_a_packed_layer_the_plain_way_for_gradients_and_refuses_a_changed_weight(precision):
-    from tuna_llm.packing import prepare_linear_layers
+    from tuna_llm.serving.packing import prepare_linear_layers
 
     dtype = pick_device(precision).dtype
     torch.manual_seed(0)
@@ -462,9 +462,9 @@ def test_it_computes_a_packed_layer_the_plain_way_for_gradients_and_refuses_a_ch
 @pytest.mark.parametrize("precision", oneDNN_precisions())
 def test_it_gives_each_row_the_same_product_whatever_it_is_computed_with(precision, pack):
     """On an AMX CPU oneDNN's bf16 result for a row depended on how many rows the call had, and in fp32 a call
-    of one row rounds apart (tuna_llm.packing): a serving layer's row results must not depend on the rows
+    of one row rounds apart (tuna_llm.serving.packing): a serving layer's row results must not depend on the rows
     around them, in a sequence or in a decoding step, whatever their number."""
-    from tuna_llm.registry import load_for_serving
+    from tuna_llm.serving.registry import load_for_serving
 
     plan = pick_device(precision)
     loaded = load_for_serving(get_base_model_spec(), plan, pack=pack)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuna_llm.engine import Generation
+from tuna_llm.serving.engine import Generation
 from tuna_llm.prompting import Message
 
 ENGINE_NAME = "llama.cpp"

@@ -16,7 +16,7 @@ the embedded model: 12 of 32 sample prompts answered differently batched than al
 - A matrix product of a single row goes through a different kernel (matrix-vector) than two rows or more,
   which rounds differently now and then (measured: 18 of 200 random rows for SmolLM2's down projection, none
   between 2 and 8 rows at any position). A lone row's product is never computed alone: the serving layers
-  (tuna_llm.packing, on CPU) compute it twice within each call, at about the cost of once, since decoding reads
+  (tuna_llm.serving.packing, on CPU) compute it twice within each call, at about the cost of once, since decoding reads
   the weights once either way; where some product is not a serving layer's (torch's own layers on a GPU, or in
   bf16 forced on a CPU without it) ``DecodeBatch`` holds the lone row twice (a ghost copy). A held-out loss
   batch of one example has as many rows as tokens.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tuna_llm.registry import LoadedBaseModel
+from tuna_llm.serving.registry import LoadedBaseModel
 
 
 @dataclass(frozen=True)

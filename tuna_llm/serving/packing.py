@@ -19,12 +19,12 @@ that computes bf16 natively (AMX or AVX512-BF16):
    and 1536 x 576 projections: 39 of 39 row counts between 33 and 300 gave some row a different result; calls
    of up to 32 rows and calls of a fixed larger size never did, wherever the row sat). So a prompt's prefill
    gave different logits alone than in a batch (every one of 8 sample prompts; 8 of 32 base-model answers of
-   the evaluation bench changed), and "batched = alone" (tuna_llm.rowwise) broke. In fp32, a call of one row
+   the evaluation bench changed), and "batched = alone" (tuna_llm.serving.rowwise) broke. In fp32, a call of one row
    rounds differently from a call of two or more. ``ServingLinear`` computes a decoding step (one position
    per row) in calls of 2 to 16 rows (a lone row goes twice, in the call: the step's other work, attention
    included, is done once) and a sequence (a prefill, a held-out loss pass) in calls of exactly 64 rows, the
    last one padded: every row then gets the result it gets anywhere else. A LoRA adapter's layers are made
-   serving layers when it is attached (tuna_llm.registry), so a fine-tuned lone row needs no copy either: with
+   serving layers when it is attached (tuna_llm.serving.registry), so a fine-tuned lone row needs no copy either: with
    torch's own LoRA layers its fp32 logits differed by 4e-5 alone and beside another row.
 3. **Weights packed once** (``TUNA_PACK_WEIGHTS``, on by default). oneDNN reads the weight in a blocked layout
    of its own and, given a plain [out, in] weight, re-lays it out on every call: at decoding sizes that copy

@@ -1,7 +1,7 @@
 """Request batching: concurrent requests for one base model share one decoding loop, continuously.
 
 Each loaded base model gets one engine, a ``Scheduler`` over a ``DecodeBatch``, stepped on the process's
-one compute thread (tuna_llm.compute). A request
+one compute thread (tuna_llm.serving.compute). A request
 that arrives while others decode joins at the next step: it is prefilled (with any others that arrived
 together) and from then on decodes with the rows already running; a row that ends leaves at once and its
 place is free for the next request. Rows may each use a different adapter (or none): they go through
@@ -32,11 +32,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tuna_llm.compute import compute_thread
-from tuna_llm.decoding import DecodeBatch, Row
-from tuna_llm.engine import Generation, stop_token_ids
+from tuna_llm.serving.compute import compute_thread
+from tuna_llm.serving.decoding import DecodeBatch, Row
+from tuna_llm.serving.engine import Generation, stop_token_ids
 from tuna_llm.prompting import Message, render_chat
-from tuna_llm.registry import LoadedBaseModel
+from tuna_llm.serving.registry import LoadedBaseModel
 from tuna_llm.settings import current
 
 logger = logging.getLogger("tuna.inference")
@@ -350,7 +350,7 @@ def padding_tokenizer(loaded: LoadedBaseModel):
 
 class BatchingEngine:
     """The requests of one loaded model, decoded continuously batched on the process's compute thread
-    (tuna_llm.compute: every engine of the process steps there in turn)."""
+    (tuna_llm.serving.compute: every engine of the process steps there in turn)."""
 
     def __init__(self, loaded: LoadedBaseModel, *, max_batch: int = MAX_BATCH, window_s: float = WINDOW_S, continuous: bool = True) -> None:
         self.loaded = loaded

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tuna_llm import packing, rowwise
+from tuna_llm.serving import packing, rowwise
 from tuna_llm.catalog import BaseModelSpec, get_base_model_spec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model, pick_device
 from tuna_llm.settings import current
@@ -36,10 +36,10 @@ class LoadedBaseModel:
         # attach or a detach). peft's on/off switch walks every module of the model, which a decoding step would
         # otherwise pay for on every token; it runs only when the switch changes.
         self._layers_on: bool | None = None
-        # ``pack``: None for torch's own linear layers; otherwise the serving layers of tuna_llm.packing (row-stable
+        # ``pack``: None for torch's own linear layers; otherwise the serving layers of tuna_llm.serving.packing (row-stable
         # products), their weights packed or not. ``lone_rows_exact``: every linear layer, the adapters' included,
         # computes a lone row as it computes it in a batch, so decoding need not hold a lone row twice
-        # (tuna_llm.decoding).
+        # (tuna_llm.serving.decoding).
         self.pack = pack
         self.lone_rows_exact = False
         self._prepare_layers()
@@ -153,8 +153,8 @@ class LoadedBaseModel:
 
 def load_for_serving(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | None = None, pack: bool | None = None) -> LoadedBaseModel:
     """A base model loaded for evaluation and serving: each answer computed as if alone, whatever it is
-    batched with (row-wise attention: tuna_llm.rowwise; on CPU, in fp32 or native bf16, row-stable linear layers
-    on oneDNN, their weights packed for it: tuna_llm.packing; ``pack`` None: the TUNA_PACK_WEIGHTS setting)."""
+    batched with (row-wise attention: tuna_llm.serving.rowwise; on CPU, in fp32 or native bf16, row-stable linear layers
+    on oneDNN, their weights packed for it: tuna_llm.serving.packing; ``pack`` None: the TUNA_PACK_WEIGHTS setting)."""
     tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token, attention=rowwise.register())
     if pack is None:
         pack = _configured_packing()
@@ -190,7 +190,7 @@ class ModelRegistry:
 
     def get_on(self, thread, name: str | None = None) -> LoadedBaseModel:
         """``get``, with a first load run on ``thread`` (a ComputeThread): a serving process keeps its torch
-        work on one thread (tuna_llm.compute). An already loaded model is returned at once."""
+        work on one thread (tuna_llm.serving.compute). An already loaded model is returned at once."""
         spec = get_base_model_spec(name)
         with self._lock:
             loaded = self._loaded.get(spec.name)
