@@ -15,10 +15,8 @@ from typing import Any
 
 from tuna_llm.training_config import KNOWN_MODULES, TrainingConfig
 
-# Measured on three unfamiliar 60-example tasks and the sample (bench/small_data.py): a small dataset learns
-# its output format once its examples have been seen about 240 times in all (6 epochs of 44, in 2-example
-# updates: 132 updates); 3 epochs of 4-example updates (36 updates) learned nothing, 6 epochs of 4-example
-# updates (66) missed more of the harder task. At the same compute, 2-example updates did better.
+# A small dataset learns its output format once its examples have been seen about MIN_EXAMPLES_SEEN times in all,
+# in 2-example updates (bench/small_data.py on unfamiliar 60-example tasks; docs/training.md says why).
 MIN_EXAMPLES_SEEN = 240
 SMALL_DATASET = 100
 # Big datasets: fewer passes rather than hours of training (each pass already shows many examples).
@@ -30,8 +28,8 @@ MIN_TRAIN_FOR_VALIDATION = 20
 VALIDATION_SHARE = 0.05
 VALIDATION_MIN, VALIDATION_MAX = 4, 32
 # Validation loss may cost at most a tenth of the training time; plan for 6% so that the first pass (which also
-# warms up the kernels) and the checkpoint saved with each pass stay inside it. Measured on the 2-core CPU:
-# a validation example costs about 0.42 of a training example (forward only, vs forward + backward + update).
+# warms up the kernels) and the checkpoint saved with each pass stay inside it. VALIDATION_COST: a validation
+# example's cost relative to a training example (forward only vs forward + backward + update; docs/performance.md).
 EVAL_BUDGET = 0.06
 VALIDATION_COST = 0.42
 MAX_EVALUATIONS = 10

@@ -100,7 +100,7 @@ def _configured_precision() -> str:
 def prepare_embedded_model(spec: BaseModelSpec) -> Path:
     """Convert the embedded GGUF weights once into a safetensors directory under the model cache.
 
-    Loading the GGUF takes ~15 s (dequantisation); the converted directory loads in about a second.
+    Loading the GGUF is slow (dequantisation); the converted directory loads quickly.
     """
     target = spec.prepared_dir
     if (target / "config.json").exists():
@@ -113,7 +113,7 @@ def prepare_embedded_model(spec: BaseModelSpec) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("Preparing embedded model %s from %s (one-time conversion, ~15 s)", spec.name, gguf)
+    logger.info("Preparing embedded model %s from %s (one-time conversion)", spec.name, gguf)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -36,14 +36,12 @@ from tuna_llm.training_config import TrainingConfig
 # DPO paper's usual value.
 DPO_BETA = 0.1
 # DPO's loss plus the plain next-token loss on the chosen answers (TRL's "sft" term, as in RPO). Pure DPO can
-# lower the chosen answers' likelihood along with the rejected ones' and the greedy answers drift into neither:
-# measured with bench/preference_loop.py (votes on half of 12 held-out examples, a 12-update parent), pure DPO at
-# 2e-4 took tickets from 4/6 to 2/6 exact on the voted prompts and meetings from 1/6 to 0/6 on the others; with
-# the chosen-answer term at 5e-5 the voted prompts kept 4/6 and 1/6.
+# lower the chosen answers' likelihood along with the rejected ones' and the greedy answers drift into neither
+# (bench/preference_loop.py; docs/evaluation.md).
 DPO_LOSS = ("sigmoid", "sft")
 DPO_LOSS_WEIGHTS = (1.0, 1.0)
-# The learning rate of LoRA preference tuning on a few pairs: at 2e-4 the DPO loss reached 0.003 within 20 updates
-# on 4 pairs (memorised); at 5e-5 it ended at 0.11 with the same answers on the voted prompts (bench above).
+# The learning rate of LoRA preference tuning on a few pairs: a higher one memorises a handful of pairs within a
+# few updates (bench/preference_loop.py).
 DPO_LEARNING_RATE = 5e-5
 # Enough updates to move the answers on a small vote set, few enough to keep a CPU run to minutes.
 DPO_TARGET_UPDATES = 30
@@ -106,8 +104,7 @@ def answer_positions_only() -> Iterator[None]:
     positions where Triton runs (CUDA, XPU) and scores every position elsewhere: on a CPU the output layer
     (49,152 x 576 for SmolLM2, forward and backward) then runs over the prompts and the padding too, whose
     results are masked away. Scoring only the labelled positions gives the same log-probabilities (the same
-    loss to the last digit: 3.958255410194397 both ways over 2 updates of 4 pairs) and halves a DPO step on the
-    2-core AVX2 CPU measured (median 7.8-8.7 s against 4.4-4.6 s). The choice is the module-level
+    loss to the last digit, tested) and makes a CPU DPO step cheaper (docs/performance.md). The choice is the module-level
     ``_use_triton`` that TRL's fused head reads on each call; only that binding is changed (TRL's kernels keep
     their own, so the computation stays on torch's CPU tiles), and only while a DPO run trains.
     """

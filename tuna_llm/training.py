@@ -301,11 +301,7 @@ def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: A
 
     In bf16 the output layer runs in fp32 (``fp32_logits``): the logits a bf16 product returns are rounded to
     bf16 (steps of 0.125 at the size of a confident logit), and a fine-tune that drives its answers' loss towards
-    zero then learns against rounding noise. Measured on the small-data bench's meeting-notes task, native bf16
-    (2-core CPU with AMX), seed 42: bf16 logits ended with a validation loss that wandered between 0.007 and 0.016
-    (fp32: down to 0.0002), kept the checkpoint of step 57 of 132, and scored 10/12 exact with held-out loss
-    0.040; fp32 logits: validation down to 0.0002, the last checkpoint, 11/12 and 0.027 (fp32 training: 11/12,
-    0.026)."""
+    zero then learns against rounding noise (docs/training.md; the small-data figures are in docs/performance.md)."""
     import torch
 
     total, count = answer_tokens_loss_sum(model, inputs)
@@ -359,8 +355,9 @@ def fp32_logits(head: Any, hidden: Any) -> Any:
 
 
 def _frozen_fp32_weight(head: Any) -> Any:
-    """An fp32 copy of a frozen layer's weight, kept on the layer (cast once per run, not on every step: 47 ms a
-    step for SmolLM2's 49,152 x 576 output layer on a 2-core CPU); made again if the weight was replaced."""
+    """An fp32 copy of a frozen layer's weight, kept on the layer (cast once per run, not on every step); made
+    again if the weight was replaced. Reads the tensor's private ``_version`` counter (torch bumps it on every
+    in-place write) to notice a replaced weight; tuna_llm/tests/test_engine_contracts.py pins it."""
     key = (head.weight.data_ptr(), head.weight._version)
     cached = head.__dict__.get("_tuna_fp32_weight")
     if cached is None or cached[0] != key:
@@ -390,14 +387,8 @@ def load_for_training(spec: BaseModelSpec, plan: DevicePlan, *, hf_token: str | 
 def fp32_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """PyTorch's scaled-dot-product attention on bf16 states, computed in fp32 (autocast off), the output in bf16.
 
-    For speed: on CPU, PyTorch's bf16 attention kernel is fast forwards and slow backwards. Measured on a 2-core
-    CPU with AMX, SmolLM2's attention (4 rows of 128 tokens, 9 query and 3 key/value heads), forward and backward:
-    7.6 ms in bf16 against 3.6 ms in fp32 (3.9 ms with fp32 states); over a training step of the sample, the bf16
-    backward was 18% of the step, and bench/train_vs_plain.py went from 1.36x to 1.63x the plain fp32 loop
-    (1.43x and 1.40x in two later runs, the machine slower).
-    Attention has no weights: only the states are cast. Quality, small-data bench, seeds 42, 1, 2 (same CPU):
-    meetings 11, 11, 11 of 12 exact (bf16 attention: 11, 10, 9; fp32 training: 11, 11, 11), invoices 11, 12, 12
-    (bf16 attention and fp32: 12, 12, 12)."""
+    For speed: on CPU, PyTorch's bf16 attention kernel is fast forwards and slow backwards (docs/performance.md).
+    Attention has no weights: only the states are cast; quality is unchanged on the small-data bench."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
