@@ -1,5 +1,5 @@
 # One image for the web server and the worker. GPU machines: use an image with CUDA and swap the torch line
-# (see README "Llama 3.1 8B on a GPU").
+# (see docs/operations.md, "Llama 3.1 8B on a GPU").
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TUNA_DATA_DIR=/data TUNA_STATIC_ROOT=/app/staticfiles
 WORKDIR /app

@@ -1,7 +1,7 @@
 """Settings chosen from the dataset and the base model when the user leaves them on "auto".
 
 Django-free. Every chosen value comes with a one-line reason that the confirmation form and the job
-page show. The rules come from measurements (bench/small_data.py and the table in the README): on
+page show. The rules come from measurements (bench/small_data.py; docs/training.md and docs/performance.md): on
 small datasets the number of updates and the learning rate decide whether anything is learned.
 """
 

@@ -63,7 +63,7 @@ if TUNA_PRECISION not in ("auto", "bf16", "fp32"):
 TUNA_PACK_WEIGHTS = env_bool("TUNA_PACK_WEIGHTS", True)
 TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
 
-# Fair sharing (README "Limits"): what one user may hold or ask for, so no one blocks the others.
+# Fair sharing (docs/configuration.md, "Limits"): what one user may hold or ask for, so no one blocks the others.
 # Training jobs and evaluations queued or running at once, per user.
 TUNA_MAX_ACTIVE_JOBS_PER_USER = int(env_float("TUNA_MAX_ACTIVE_JOBS_PER_USER", 3, minimum=1))
 # Stored dataset files per user (invalid uploads included: they keep only their first TUNA_INVALID_UPLOAD_KEEP_KB).
