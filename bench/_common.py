@@ -48,14 +48,3 @@ def upload_sample(username: str = "bench"):
     user = User.objects.create(username=username)
     with SAMPLE.open("rb") as handle:
         return user, dataset_create(owner=user, upload=File(handle, name=SAMPLE.name))
-
-
-def load_as_before_issue_16(spec, plan):
-    """The base model loaded for serving as before issue 16 changed its layers: row-wise attention (which
-    continuous batching needs) but torch's own linear layers (MKL in fp32 on CPU; no oneDNN serving layers,
-    no packed weights: tuna_llm.serving.packing). The "before" runs of the benches."""
-    from tuna_llm.serving import rowwise
-    from tuna_llm.loading import load_tokenizer_and_model
-    from tuna_llm.serving.registry import LoadedBaseModel
-
-    return LoadedBaseModel(spec, plan, *load_tokenizer_and_model(spec, plan, attention=rowwise.register()))

@@ -20,13 +20,13 @@ def main() -> None:
     with temporary_site():
         from training_app import exports
         from training_app.models import Export
-        from training_app.services import training_job_run, training_job_start
-        from tuna_core.jobs import job_run
+        from training_app.services import training_job_start
+        from tuna_core.jobs import job_run, run_next_job
 
         started = time.perf_counter()
         user, dataset = upload_sample()
         job = training_job_start(owner=user, dataset=dataset, config_data={"max_steps": args.max_steps} if args.max_steps else {})
-        training_job_run(job_id=job.pk)
+        run_next_job()
         job.refresh_from_db()
         trained = time.perf_counter()
         print(f"training: {job.status}, {job.current_step} updates, {trained - started:.0f} s")

@@ -11,14 +11,11 @@ transformers engine (tuna_llm.serving.batching, in this process, as the web proc
 - 8 clients 0.5 s apart: client i sends at i x 0.5 s; time to first token (TTFT: from sending to the first
   text) and latency (sending to the last token), p50 and p95 over the 8 clients.
 
-"static": a batch decodes to its end before the next requests start, with torch's own linear layers, as the
-engine did before issue 16 ("fp32 static" is the baseline of the 8-client goal). It runs today's decoding loop
-though, which never decodes a lone row (tuna_llm.serving.decoding's ghost copy): where torch's two-row products cost
-more than one-row ones (MKL's fp32 on an AMD EPYC: about twice), its single stream is slower than the engine's
-was, when it decoded one stream with plain ``generate``; so the single-stream goal is measured against "plain
-generate, fp32". "continuous" is the engine as it is: a request joins the running batch at the next step, and
-on CPU the linear layers are oneDNN's (tuna_llm.serving.packing), "unpacked" without the weights packed for it beside
-the packed default. Plain ``generate`` runs single-stream only.
+"continuous" is the engine as it is: a request joins the running batch at the next step, and on CPU the linear
+layers are oneDNN's (tuna_llm.serving.packing), "unpacked" without the weights packed for it beside the packed
+default. Plain ``generate`` runs single-stream only; the single-stream goal is measured against "plain generate,
+fp32". (The "static" runs, the engine as it was before issue 16, are gone with the code that kept that engine;
+their figures are in docs/performance.md.)
 
     .venv/bin/python bench/generation.py [--tokens 128] [--rounds 5] [--precisions fp32,bf16]
 
@@ -35,7 +32,7 @@ import threading
 import time
 from functools import partial
 
-from _common import ROOT, load_as_before_issue_16, setup_django
+from _common import ROOT, setup_django
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -64,10 +61,10 @@ def chat_text(tokenizer, i: int) -> str:
 class EngineRun:
     """The transformers engine over one loaded model: single-stream requests, 8 at once, 8 clients 0.5 s apart."""
 
-    def __init__(self, loaded, *, continuous: bool, tokens: int) -> None:
+    def __init__(self, loaded, *, tokens: int) -> None:
         from tuna_llm.serving.batching import BatchingEngine
 
-        self.engine = BatchingEngine(loaded, continuous=continuous)
+        self.engine = BatchingEngine(loaded)
         self.texts = [chat_text(loaded.tokenizer, i) for i in range(len(PROMPTS))]
         self.tokens = tokens
 
@@ -182,15 +179,10 @@ def main() -> None:
         plan = pick_device(precision)
         plain = LoadedBaseModel(spec, plan, *on(partial(load_tokenizer_and_model, spec, plan)))
         runs[f"plain generate, {precision}"] = PlainRun(plain, tokens=args.tokens)
-        # The engine as it was before issue 16 (static batches, torch's linear layers), and as it is (continuous,
-        # oneDNN serving layers on CPU: unpacked and packed weights).
-        before = on(partial(load_as_before_issue_16, spec, plan))
-        runs[f"engine, {precision}, static"] = EngineRun(before, continuous=False, tokens=args.tokens)
+        # The engine as it is (continuous, oneDNN serving layers on CPU: unpacked and packed weights).
         for pack in (False, True) if can_pack(plan) else (True,):
             loaded = on(partial(load_for_serving, spec, plan, pack=pack))  # as the registry loads it
-            runs[f"engine, {precision}, continuous" + ("" if pack else ", unpacked")] = EngineRun(
-                loaded, continuous=True, tokens=args.tokens
-            )
+            runs[f"engine, {precision}, continuous" + ("" if pack else ", unpacked")] = EngineRun(loaded, tokens=args.tokens)
     # Single stream: the rounds alternate between the runs (this machine's speed drifts by 10-20% over minutes;
     # alternating puts every run under the same drift), after one warm-up request each. The median is shown.
     singles: dict[str, list[float]] = {name: [] for name in runs}
@@ -215,20 +207,15 @@ def main() -> None:
     llama = on(lambda: llama_cpp(args.tokens, args.rounds))
     if llama is not None:
         print(f"{'llama.cpp, f16 GGUF':<34} {llama:>7.1f}/s")
-    today = results.get("engine, fp32, static")
     best = results.get(f"engine, {pick_device().precision}, continuous")
     unpacked = results.get(f"engine, {pick_device().precision}, continuous, unpacked")
     if best and unpacked:
         print(
             f"packed weights against unpacked (same precision, continuous): single stream {best['single'] / unpacked['single']:.2f}x, 8 at once {best['aggregate'] / unpacked['aggregate']:.2f}x"
         )
-    if today and best:
-        print(
-            f"deployment default vs before (fp32, static): p95 latency of {CLIENTS} clients {best['lat_p95'] / today['lat_p95']:.2f}x (goal <= 0.7x), p95 TTFT {best['ttft_p95'] / today['ttft_p95']:.2f}x, single stream {best['single'] / today['single']:.2f}x"
-        )
     if best and "fp32" in plain_speeds:
         print(
-            f"deployment default vs before (plain generate, fp32, how one stream was decoded): single stream {best['single'] / plain_speeds['fp32']:.2f}x (goal >= 1.4x)"
+            f"deployment default vs plain generate, fp32 (how one stream was decoded before issue 16): single stream {best['single'] / plain_speeds['fp32']:.2f}x (goal >= 1.4x)"
         )
 
 

@@ -19,20 +19,19 @@ def main() -> None:
     args = parser.parse_args()
     with temporary_site():
         from evaluation_app.services import evaluation_start
-        from evaluation_app.tasks import evaluation_execute
         from training_app.services import training_job_start
-        from training_app.tasks import training_job_execute
+        from tuna_core.jobs import run_next_job
         from tuna_llm.metrics import METRICS
 
         started = time.perf_counter()
         user, dataset = upload_sample()
         uploaded = time.perf_counter()
         job = training_job_start(owner=user, dataset=dataset, config_data={})
-        training_job_execute(job.pk)
+        run_next_job()
         job.refresh_from_db()
         trained = time.perf_counter()
         evaluation, _ = evaluation_start(owner=user, job=job, test_size=args.test_size)
-        evaluation_execute(evaluation.pk)
+        run_next_job()
         evaluation.refresh_from_db()
         done = time.perf_counter()
 

@@ -35,20 +35,19 @@ def run_task(owner, task: str, sft_steps: int, vote_share: float) -> dict:
     from evaluation_app.models import Evaluation, EvaluationExample
     from evaluation_app.preference import preference_job_start
     from evaluation_app.services import evaluation_start, rating_set
-    from evaluation_app.tasks import evaluation_execute
     from training_app.models import TrainingJob
     from training_app.services import training_job_start
-    from training_app.tasks import training_job_execute
+    from tuna_core.jobs import run_next_job
     from tuna_llm import metrics
 
     data = SAMPLE.read_bytes() if task == "sample" else to_jsonl(generate(task))
     dataset = dataset_create(owner=owner, upload=ContentFile(data, name=f"{task}.jsonl"))
     parent = training_job_start(owner=owner, dataset=dataset, config_data={"max_steps": sft_steps})
-    training_job_execute(parent.pk)
+    run_next_job()
     parent = TrainingJob.objects.get(pk=parent.pk)
     assert parent.status == "completed", parent.error_message
     source, _ = evaluation_start(owner=owner, job=parent, test_size=dataset.num_eval)
-    evaluation_execute(source.pk)
+    run_next_job()
     source.refresh_from_db()
     assert source.status == "completed", source.error_message
     examples = list(EvaluationExample.objects.filter(evaluation=source))
@@ -61,12 +60,12 @@ def run_task(owner, task: str, sft_steps: int, vote_share: float) -> dict:
     settings.TUNA_MIN_PREFERENCE_PAIRS = 1
     child = preference_job_start(owner=owner, evaluation=source)
     started = time.perf_counter()
-    training_job_execute(child.pk)
+    run_next_job()
     wall = time.perf_counter() - started
     child = TrainingJob.objects.get(pk=child.pk)
     assert child.status == "completed", child.error_message
     comparison = Evaluation.objects.get(training_job=child)
-    evaluation_execute(comparison.pk)
+    run_next_job()
     comparison.refresh_from_db()
     assert comparison.status == "completed", comparison.error_message
     rows = list(EvaluationExample.objects.filter(evaluation=comparison))

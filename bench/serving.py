@@ -74,7 +74,7 @@ def fine_tune(args):
 
     from training_app.models import TrainingJob
     from training_app.services import training_job_start
-    from training_app.tasks import training_job_execute
+    from tuna_core.jobs import run_next_job
 
     user, dataset = upload_sample()
     if args.adapter:
@@ -91,7 +91,7 @@ def fine_tune(args):
     started = time.perf_counter()
     config = {"max_steps": args.max_steps, "batch_size": 4, "learning_rate": 2e-3, "max_seq_length": 160}
     job = training_job_start(owner=user, dataset=dataset, config_data=config)
-    training_job_execute(job.pk)
+    run_next_job()
     job.refresh_from_db()
     if job.status != TrainingJob.Status.COMPLETED:
         raise SystemExit(f"training failed: {job.status} {job.error_message}")

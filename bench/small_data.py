@@ -46,22 +46,21 @@ def run_task(owner, task: str, config: dict) -> dict:
 
     from datasets_app.services import dataset_create
     from evaluation_app.services import evaluation_start
-    from evaluation_app.tasks import evaluation_execute
     from training_app.models import TrainingJob
     from training_app.services import training_job_start
-    from training_app.tasks import training_job_execute
+    from tuna_core.jobs import run_next_job
 
     data = SAMPLE.read_bytes() if task == "sample" else to_jsonl(generate(task))
     dataset = dataset_create(owner=owner, upload=ContentFile(data, name=f"{task}.jsonl"))
     job = training_job_start(owner=owner, dataset=dataset, config_data=config)
     started = time.perf_counter()
-    training_job_execute(job.pk)
+    run_next_job()
     train_wall = time.perf_counter() - started
     job = TrainingJob.objects.get(pk=job.pk)
     assert job.status == "completed", job.error_message
     evaluation, _ = evaluation_start(owner=owner, job=job, test_size=dataset.num_eval)
     started = time.perf_counter()
-    evaluation_execute(evaluation.pk)
+    run_next_job()
     eval_wall = time.perf_counter() - started
     evaluation.refresh_from_db()
     assert evaluation.status == "completed", evaluation.error_message

@@ -13,12 +13,12 @@ from _common import temporary_site, upload_sample
 def main() -> None:
     with temporary_site():
         from training_app.services import training_job_start
-        from training_app.tasks import training_job_execute
+        from tuna_core.jobs import run_next_job
 
         user, dataset = upload_sample()
         job = training_job_start(owner=user, dataset=dataset, config_data={})
         started = time.perf_counter()
-        training_job_execute(job.pk)
+        run_next_job()
         wall = time.perf_counter() - started
         job.refresh_from_db()
         losses = list(job.loss_points.exclude(loss=None).values_list("loss", flat=True))

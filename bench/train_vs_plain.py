@@ -53,10 +53,10 @@ def platform(dataset, owner, steps: int):
     database, the cancel flag read at every step, validation loss and checkpoints as a default job has them."""
     from training_app.models import TrainingJob
     from training_app.services import training_job_start
-    from training_app.tasks import training_job_execute
+    from tuna_core.jobs import run_next_job
 
     job = training_job_start(owner=owner, dataset=dataset, config_data={"max_steps": steps})
-    training_job_execute(job.pk)
+    run_next_job()
     job = TrainingJob.objects.get(pk=job.pk)
     assert job.status == "completed", job.error_message
     return job

@@ -345,12 +345,6 @@ def _bucket(values: array, low: int, width: int) -> list[int]:
     return counts
 
 
-def validate_lines(raw_lines: Iterable[bytes], counter: Counter, *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> dict[str, Any]:
-    validator = JsonlValidator(counter, max_seq_length=max_seq_length)
-    validator.feed(raw_lines)
-    return validator.report()
-
-
 def iter_examples(raw_lines: Iterable[bytes]) -> Iterator[list[dict[str, str]]]:
     """The examples of a validated file, normalised to chat messages, in file order."""
     for raw in raw_lines:

@@ -8,15 +8,13 @@ refused, timed out or gave no verdict after its retries) keeps no verdicts, only
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from evaluation_app.models import Evaluation, JudgeRun, JudgeVerdict, Rating
-from tuna_core.jobs import JobLost, job_enqueue, job_fail, job_write
+from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm import metrics
 from tuna_llm.judge import DEFAULT_RUBRIC, JudgeEndpoint, JudgeError, compare
@@ -97,18 +95,7 @@ def judge_start(*, owner, evaluation: Evaluation, rubric: str | None = None) -> 
 
 
 def judge_work(run: JudgeRun) -> None:
-    """The worker's work for a claimed judge run; its run time is kept however it ends."""
-    started = time.monotonic()
-    try:
-        _judge(run, started)
-    except JobLost:
-        raise
-    except Exception as exc:
-        logger.warning("Judge run %s failed: %s", run.pk, exc)
-        job_fail(run, exc, run_seconds=time.monotonic() - started)
-
-
-def _judge(run: JudgeRun, started: float) -> None:
+    """The worker's work for a claimed judge run (tuna_core.jobs keeps its run time however it ends)."""
     endpoint = judge_endpoint()
     if endpoint is None:
         raise JudgeError(NOT_CONFIGURED)
@@ -141,7 +128,7 @@ def _judge(run: JudgeRun, started: float) -> None:
         job_write(JudgeRun, run.pk, done=position, requests=requests)
     with transaction.atomic():  # every verdict and the completed status land together, or nothing does
         JudgeVerdict.objects.bulk_create(verdicts)
-        job_write(JudgeRun, run.pk, status=JudgeRun.Status.COMPLETED, completed_at=timezone.now(), run_seconds=time.monotonic() - started)
+        job_complete(run)
     logger.info("Judge run %s completed: %s verdicts in %s requests", run.pk, len(verdicts), requests)
 
 

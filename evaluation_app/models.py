@@ -8,13 +8,6 @@ from tuna_core.models import WorkerJob
 
 
 class Evaluation(WorkerJob):
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        COMPLETED = "completed", "Completed"
-        FAILED = "failed", "Failed"
-
-    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.RUNNING, Status.FAILED
     WORK_FUNCTION = "evaluation_app.services.evaluation_work"
     WORK = "The evaluation"
     WORKER_STOPPED = "The worker stopped while this evaluation was running. Start the evaluation again."
@@ -26,14 +19,12 @@ class Evaluation(WorkerJob):
     baseline_job = models.ForeignKey(
         "training_app.TrainingJob", on_delete=models.CASCADE, null=True, blank=True, related_name="baseline_evaluations"
     )
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     test_size = models.PositiveIntegerField(default=0)
     done = models.PositiveIntegerField(default=0)
     max_new_tokens = models.PositiveIntegerField(default=0)
     # The precision both models' answers and losses were computed in (the deployment's, TUNA_PRECISION), in words.
     precision = models.CharField(max_length=200, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
-    run_seconds = models.FloatField(default=0)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -44,13 +35,8 @@ class Evaluation(WorkerJob):
     def get_absolute_url(self) -> str:
         return reverse("evaluation-detail", args=[self.pk])
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
-
-    @property
-    def progress_percent(self) -> float:
-        return 100.0 * self.done / self.test_size if self.test_size else 0.0
+    def progress_counts(self) -> tuple[float, float]:
+        return self.done, self.test_size
 
     @property
     def baseline_label(self) -> str:
@@ -127,20 +113,12 @@ class Rating(models.Model):
 class JudgeRun(WorkerJob):
     """A pairwise judge (an OpenAI-compatible chat endpoint) asked about every example of an evaluation, in both orders."""
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        COMPLETED = "completed", "Completed"
-        FAILED = "failed", "Failed"
-
-    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.RUNNING, Status.FAILED
     WORK_FUNCTION = "evaluation_app.judging.judge_work"
     WORK = "The judge"
     WORKER_STOPPED = "The worker stopped while the judge was running. Ask the judge again."
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="judge_runs")
     evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="judge_runs")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     # The endpoint as configured when the run started (the key is never stored).
     endpoint = models.CharField(max_length=500)
     judge_model = models.CharField(max_length=200)
@@ -148,7 +126,6 @@ class JudgeRun(WorkerJob):
     total = models.PositiveIntegerField(default=0)
     done = models.PositiveIntegerField(default=0)
     requests = models.PositiveIntegerField(default=0, help_text="Requests sent to the judge, retries included.")
-    run_seconds = models.FloatField(default=0)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -156,13 +133,8 @@ class JudgeRun(WorkerJob):
     def __str__(self) -> str:
         return f"Judge run #{self.pk} on evaluation #{self.evaluation_id}"
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
-
-    @property
-    def progress_percent(self) -> float:
-        return 100.0 * self.done / self.total if self.total else 0.0
+    def progress_counts(self) -> tuple[float, float]:
+        return self.done, self.total
 
 
 class JudgeVerdict(models.Model):

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from datasets_app.examples import held_out_examples
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
 from tuna_core.costs import cost_usd
-from tuna_core.jobs import JobLost, job_enqueue, job_fail, job_run, job_write
+from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import LimitExceeded, check_active_jobs
 from tuna_llm import metrics
 from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
@@ -106,24 +104,8 @@ def evaluation_delete(*, evaluation: Evaluation) -> None:
     evaluation.delete()
 
 
-def evaluation_run(*, evaluation_id: int) -> None:
-    """Run one given queued evaluation (the worker picks with tuna_core.jobs.run_next_job instead)."""
-    job_run(Evaluation, evaluation_id, evaluation_work)
-
-
 def evaluation_work(evaluation: Evaluation) -> None:
-    """The worker's work for a claimed evaluation; its run time is kept however it ends."""
-    started = time.monotonic()
-    try:
-        _run(evaluation, started)
-    except JobLost:
-        raise
-    except Exception as exc:
-        logger.exception("Evaluation %s failed", evaluation.pk)
-        job_fail(evaluation, exc, run_seconds=time.monotonic() - started)
-
-
-def _run(evaluation: Evaluation, started: float) -> None:
+    """The worker's work for a claimed evaluation (tuna_core.jobs keeps its run time however it ends)."""
     job = evaluation.training_job
     examples = held_out_examples(job.dataset)[: evaluation.test_size]
     loaded = registry.get(job.base_model)
@@ -167,14 +149,7 @@ def _run(evaluation: Evaluation, started: float) -> None:
     price = settings.TUNA_GPU_HOURLY_USD
     hooks = EvaluationHooks(on_start=on_start, on_example=on_example)
     result = run_evaluation(loaded, examples, adapter, hourly_usd=price, hooks=hooks, baseline_adapter=baseline_adapter)
-    job_write(
-        Evaluation,
-        evaluation.pk,
-        status=Evaluation.Status.COMPLETED,
-        metrics=result.as_dict(price),
-        completed_at=timezone.now(),
-        run_seconds=time.monotonic() - started,
-    )
+    job_complete(evaluation, metrics=result.as_dict(price))
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
     if baseline is not None:
         _judge_against_parent(evaluation)

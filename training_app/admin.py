@@ -64,9 +64,9 @@ class TrainingJobAdmin(admin.ModelAdmin):
         outside = TrainingJob.objects.filter(parent_id__in=ids).exclude(pk__in=ids).order_by("pk")
         protected = [f"Job #{child.pk} continues job #{child.parent_id}: select it too, or delete it first." for child in outside]
         for job in objs:
-            if job.status == TrainingJob.Status.TRAINING:
+            if job.status == TrainingJob.Status.RUNNING:
                 protected.append(f"Job #{job.pk} is training: cancel it first (the Cancel action), then delete it.")
-            running = job.evaluations.filter(status=job.evaluations.model.RUNNING).first()
+            running = job.evaluations.filter(status=job.evaluations.model.Status.RUNNING).first()
             if running is not None:
                 protected.append(f"Evaluation #{running.pk} of job #{job.pk} is running: delete the job once it has finished.")
         return deleted, counts, perms_needed, protected

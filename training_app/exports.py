@@ -22,11 +22,10 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.utils import timezone
 
 from datasets_app.examples import held_out_examples
 from training_app.models import Export, TrainingJob
-from tuna_core.jobs import job_enqueue, job_write
+from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm import gguf_export, ollama
 from tuna_llm.catalog import get_base_model_spec
@@ -114,6 +113,7 @@ class _Stages:
 
 
 def export_work(export: Export) -> None:
+    """The worker's work for a claimed export (tuna_core.jobs keeps its run time however it ends)."""
     started = time.monotonic()
     job = export.training_job
     out = export_dir(job)
@@ -123,19 +123,14 @@ def export_work(export: Export) -> None:
         files, parity = _export(export, job, out)
     except Exception:
         gguf_export.remove_partials(out)
-        job_write(Export, export.pk, run_seconds=time.monotonic() - started)
         raise
-    job_write(
-        Export,
-        export.pk,
-        status=Export.Status.COMPLETED,
+    job_complete(
+        export,
         stage="Done",
         progress=1.0,
         files=files,
         parity=parity,
         llama_cpp_version=gguf_export.llama_cpp_version() or "",
-        completed_at=timezone.now(),
-        run_seconds=time.monotonic() - started,
     )
     logger.info("Export %s of job %s completed in %.0f s", export.pk, job.pk, time.monotonic() - started)
 
@@ -215,8 +210,8 @@ def _base_gguf(spec, base_dir: Path, outtype: str) -> Path:
 
 
 def _write_ollama_files(tokenizer, out: Path, names: dict[str, str], job: TrainingJob, merged: bool) -> list[Path]:
-    """Modelfiles whose TEMPLATE, SYSTEM and stop PARAMETERs are derived from the model's own chat template,
-    each checked by the Modelfile parser before it is written, and the bundle's README."""
+    """Modelfiles whose TEMPLATE, SYSTEM and stop PARAMETERs are derived from the model's own chat template
+    (ollama.modelfile refuses a value it cannot write in Ollama's format), and the bundle's README."""
     chat = ollama.ollama_chat(tokenizer)
     written = []
     variants = [
@@ -225,9 +220,7 @@ def _write_ollama_files(tokenizer, out: Path, names: dict[str, str], job: Traini
     ]
     for filename, files in variants:
         if files["model_file"]:
-            text = ollama.modelfile(chat, **files)
-            ollama.parse_modelfile(text)  # never ship a Modelfile Ollama's format refuses
-            (out / filename).write_text(text, encoding="utf-8")
+            (out / filename).write_text(ollama.modelfile(chat, **files), encoding="utf-8")
             written.append(out / filename)
     (out / "README.md").write_text(_readme(names, job, {}, merged), encoding="utf-8")
     written.append(out / "README.md")

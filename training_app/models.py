@@ -6,19 +6,12 @@ from django.urls import reverse
 from django.utils import timezone
 
 from tuna_core.costs import cost_usd
-from tuna_core.models import WorkerJob
+from tuna_core.models import WorkerJob, job_statuses, status_field
 
 
 class TrainingJob(WorkerJob):
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        TRAINING = "training", "Training"
-        COMPLETED = "completed", "Completed"
-        FAILED = "failed", "Failed"
-        CANCELLED = "cancelled", "Cancelled"
-
-    FINISHED = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
-    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.TRAINING, Status.FAILED
+    # The running state is stored, shown and answered by the API as "training" (the seed's name).
+    Status = job_statuses("training", qualname="TrainingJob.Status")
     WORK_FUNCTION = "training_app.services.training_job_work"
     WORK = "Training"
     WORKER_STOPPED = (
@@ -48,7 +41,7 @@ class TrainingJob(WorkerJob):
     # steps follow the parent's.
     parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="continuations")
     step_offset = models.PositiveIntegerField(default=0, help_text="Updates before this run (its parent's, for a continued run).")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    status = status_field(Status)
     cancel_requested = models.BooleanField(default=False)
     current_step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
@@ -56,8 +49,10 @@ class TrainingJob(WorkerJob):
     tokens_seen = models.BigIntegerField(default=0)
     tokens_per_second = models.FloatField(null=True, blank=True)
     # Wall-clock seconds the worker spent on this job over every run, model loading included
-    # (what the machine is billed for); a resumed job adds to it.
+    # (what the machine is billed for); a resumed job adds to it. It is the job's run time: written at
+    # every step, so a crash keeps what was spent.
     train_seconds = models.FloatField(default=0)
+    run_seconds = None
     eta_seconds = models.FloatField(null=True, blank=True)
     # Of train_seconds, the time spent measuring validation loss.
     eval_seconds = models.FloatField(default=0)
@@ -89,24 +84,11 @@ class TrainingJob(WorkerJob):
         return f"tuna-job-{self.pk}"
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in self.FINISHED
-
-    @property
     def is_preference(self) -> bool:
         return self.method == self.Method.DPO
 
-    @property
-    def is_active(self) -> bool:
-        return self.status in (self.Status.QUEUED, self.Status.TRAINING)
-
-    @property
-    def progress_percent(self) -> float:
-        if self.status == self.Status.COMPLETED:
-            return 100.0
-        if not self.total_steps:
-            return 0.0
-        return min(100.0, 100.0 * self.current_step / self.total_steps)
+    def progress_counts(self) -> tuple[float, float]:
+        return self.current_step, self.total_steps
 
     def share_eval_seconds(self) -> float:
         """Share of the worker's time on this job that went to validation loss."""
@@ -161,18 +143,11 @@ class Export(WorkerJob):
     """A completed fine-tune exported for other runtimes (merged weights, GGUF, Ollama), then checked:
     the held-out prompts through the exported GGUF in llama.cpp against the PyTorch answers."""
 
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        COMPLETED = "completed", "Completed"
-        FAILED = "failed", "Failed"
-
     class Format(models.TextChoices):
         MERGED_SAFETENSORS = "merged_safetensors", "Merged weights (safetensors, for transformers and vLLM)"
         GGUF_F16 = "gguf_f16", "GGUF f16: the base model and the adapter as a LoRA GGUF (llama.cpp, Ollama)"
         GGUF_Q8_0 = "gguf_q8_0", "GGUF q8_0: the base model, and the fine-tune merged into one file"
 
-    QUEUED, RUNNING, FAILED = Status.QUEUED, Status.RUNNING, Status.FAILED
     WORK_FUNCTION = "training_app.exports.export_work"
     WORK = "The export"
     WORKER_STOPPED = "The worker stopped while this export was running. Start the export again."
@@ -182,7 +157,6 @@ class Export(WorkerJob):
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="exports")
     training_job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="exports")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     formats = models.JSONField(default=list)
     stage = models.CharField(max_length=200, blank=True, help_text="What the export is doing now.")
     progress = models.FloatField(default=0, help_text="0 to 1.")
@@ -192,7 +166,6 @@ class Export(WorkerJob):
     #          "tokens_per_second_gguf", "mismatches": [...]}, "q8_0": {...}}
     parity = models.JSONField(default=dict, blank=True)
     llama_cpp_version = models.CharField(max_length=32, blank=True)
-    run_seconds = models.FloatField(default=0)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -200,9 +173,8 @@ class Export(WorkerJob):
     def __str__(self) -> str:
         return f"Export #{self.pk} of job #{self.training_job_id} ({self.get_status_display()})"
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status in (self.Status.COMPLETED, self.Status.FAILED)
+    def progress_counts(self) -> tuple[float, float]:
+        return self.progress, 1.0
 
     @property
     def parity_passed(self) -> bool:

@@ -20,7 +20,7 @@ from datasets_app.models import Dataset
 from datasets_app.services import DatasetInUse
 from training_app.limits import check_epochs, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
-from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_run, job_write
+from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
@@ -213,11 +213,11 @@ def training_jobs_delete(*, jobs: list[TrainingJob]) -> None:
             f"Job #{parent} is continued by job{'s' if many else ''} {', '.join(f'#{pk}' for pk in children)}, which "
             f"start{'' if many else 's'} from its adapter; delete {'those' if many else 'that one'} first."
         )
-    busy = [job for job in locked if job.status == TrainingJob.Status.TRAINING]
+    busy = [job for job in locked if job.status == TrainingJob.Status.RUNNING]
     if busy:
         raise JobConflict(f"Job #{busy[0].pk} is training; cancel it first (it stops after the current step), then delete it.")
     for job in locked:
-        evaluating = job.evaluations.filter(status=job.evaluations.model.RUNNING).first()
+        evaluating = job.evaluations.filter(status=job.evaluations.model.Status.RUNNING).first()
         if evaluating is not None:
             raise JobConflict(f"Evaluation #{evaluating.pk} of job #{job.pk} is running; delete the job once it has finished.")
     directories = [job_dir(job) for job in locked]
@@ -236,17 +236,9 @@ def _remove_tree(directory: Path) -> None:
 
 
 # -- the worker side --------------------------------------------------------------------------
-def training_job_run(*, job_id: int, extra_callbacks: tuple = ()) -> None:
-    """Run one given queued job to its end (the worker picks with tuna_core.jobs.run_next_job instead)."""
-    job_run(TrainingJob, job_id, lambda job: _train(job, extra_callbacks))
-
-
-def training_job_work(job: TrainingJob) -> None:
-    """The worker's work for a claimed training job."""
-    _train(job, ())
-
-
-def _train(job: TrainingJob, extra_callbacks: tuple) -> None:
+def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
+    """The worker's work for a claimed training job; `extra_callbacks` go to the trainer (tests stop or
+    crash a run at a given step with them)."""
     config = TrainingConfig.from_dict(job.config)
     spec = get_base_model_spec(config.base_model)
     plan = pick_device()

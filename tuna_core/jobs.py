@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from django.db.models import Count, F, Max, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.module_loading import import_string
+from django_q.models import OrmQ
 from django_q.tasks import async_task
 
 from tuna_core.models import WorkerJob
@@ -61,19 +63,35 @@ def job_enqueue(job: WorkerJob) -> None:
     transaction.on_commit(enqueue)
 
 
+def jobs_requeue() -> int:
+    """Give every queued row a task that will run it; how many tasks were added.
+
+    At a worker's start-up: a row whose task is gone (queued by an older version under a task name that no
+    longer exists, or lost with the broker's queue) would otherwise wait until a later job's task picks it.
+    Any waiting run_next_job task runs any queued row, so only the shortfall is added (a task too many
+    finds nothing to run and ends)."""
+    queued = sum(model.objects.filter(status=model.Status.QUEUED).count() for model in job_kinds())
+    offered = OrmQ.objects.filter(Q(lock__isnull=True) | Q(lock__lt=timezone.now()))
+    waiting = sum(1 for task in offered if task.func() == RUN_NEXT_TASK)
+    missing = max(0, queued - waiting)
+    for _ in range(missing):
+        async_task(RUN_NEXT_TASK, task_name="requeued")
+    return missing
+
+
 # -- picking and claiming ---------------------------------------------------------------------
 def job_pick_order() -> list[tuple[type[WorkerJob], int]]:
     """Queued rows of every kind, in the order the worker takes them (fairest first)."""
     queued = []
     for model in job_kinds():
-        rows = model.objects.filter(status=model.QUEUED).values_list("pk", "owner_id", "created_at")
+        rows = model.objects.filter(status=model.Status.QUEUED).values_list("pk", "owner_id", "created_at")
         queued += [(model, pk, owner, created) for pk, owner, created in rows]
     owners = {owner for _, _, owner, _ in queued}
     running: Counter[int] = Counter()
     served: dict[int, datetime] = {}
     for model in job_kinds():
         mine = model.objects.filter(owner__in=owners)
-        for owner, count in mine.filter(status=model.RUNNING).values("owner").annotate(n=Count("pk")).values_list("owner", "n"):
+        for owner, count in mine.filter(status=model.Status.RUNNING).values("owner").annotate(n=Count("pk")).values_list("owner", "n"):
             running[owner] += count
         last_claims = mine.filter(claimed_at__isnull=False).values("owner").annotate(last=Max("claimed_at")).values_list("owner", "last")
         for owner, last in last_claims:
@@ -87,8 +105,8 @@ def job_claim(model: type[WorkerJob], pk: int) -> bool:
     """Queued -> running in this process, atomically; False when another worker (or a cancel) got there first."""
     now = timezone.now()
     return bool(
-        model.objects.filter(pk=pk, status=model.QUEUED).update(
-            status=model.RUNNING,
+        model.objects.filter(pk=pk, status=model.Status.QUEUED).update(
+            status=model.Status.RUNNING,
             heartbeat_at=now,
             claimed_at=now,
             claims=F("claims") + 1,
@@ -102,15 +120,14 @@ def job_claim(model: type[WorkerJob], pk: int) -> bool:
 def run_next_job() -> bool:
     """The worker's task: claim the fairest queued row of any kind and run it. False when none is left."""
     for model, pk in job_pick_order():
-        if job_claim(model, pk):
-            job_work(model, pk, import_string(model.WORK_FUNCTION))
+        if job_run(model, pk, import_string(model.WORK_FUNCTION)):
             return True
     logger.info("No queued job left to run")
     return False
 
 
 def job_run(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None]) -> bool:
-    """Claim one given row and run it (a direct run, as tests do); False when it was not queued."""
+    """Claim one given row and run its work; False when it was not queued (another worker or a cancel got it)."""
     if not job_claim(model, pk):
         logger.info("%s #%s is not queued any more; nothing to do", model.__name__, pk)
         return False
@@ -119,8 +136,12 @@ def job_run(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None]) 
 
 
 def job_work(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None]) -> None:
-    """Run a claimed row's work with a heartbeat; any failure ends the row as failed with a readable reason."""
+    """Run a claimed row's work with a heartbeat; any failure ends the row as failed with a readable reason.
+
+    The row's run time is kept however the work ends: `job_complete` and `job_fail` write it with the final
+    status (after JobLost nothing is written: the row is not this process's any more)."""
     job = model.objects.get(pk=pk)
+    job.work_started = time.monotonic()
     # Another connection cannot see (or write) the row until the caller's transaction commits: inside
     # one (a test's transaction), the work's own writes are the heartbeat.
     heartbeat = None if connection.in_atomic_block else Heartbeat(model, pk)
@@ -143,7 +164,7 @@ def job_work(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None])
 # -- writes while running ---------------------------------------------------------------------
 def job_held(model: type[WorkerJob], pk: int) -> QuerySet:
     """The row, only while it runs in this very process (every write of a running job goes through here)."""
-    return model.objects.filter(pk=pk, status=model.RUNNING, worker_host=worker_host(), worker_pid=os.getpid())
+    return model.objects.filter(pk=pk, status=model.Status.RUNNING, worker_host=worker_host(), worker_pid=os.getpid())
 
 
 def job_write(model: type[WorkerJob], pk: int, **fields) -> None:
@@ -152,14 +173,28 @@ def job_write(model: type[WorkerJob], pk: int, **fields) -> None:
         raise JobLost(f"{model.__name__} #{pk}")
 
 
+def job_run_time(job: WorkerJob) -> dict:
+    """The row's run time so far, as the field to write with its final status ({} for a kind that keeps its own)."""
+    started = getattr(job, "work_started", None)
+    if started is None or not any(field.name == "run_seconds" for field in job._meta.concrete_fields):
+        return {}
+    return {"run_seconds": time.monotonic() - started}
+
+
+def job_complete(job: WorkerJob, **fields) -> None:
+    """End a running job as completed, with its run time and the given fields, in one guarded write."""
+    job_write(type(job), job.pk, status=job.Status.COMPLETED, completed_at=timezone.now(), **job_run_time(job), **fields)
+
+
 def job_fail(job: WorkerJob, exc: BaseException, **fields) -> None:
-    """End a running job as failed with a readable reason (the traceback goes to the admin)."""
+    """End a running job as failed with a readable reason (the traceback goes to the admin) and its run time."""
     written = job_held(type(job), job.pk).update(
-        status=job.FAILED,
+        status=job.Status.FAILED,
         error_message=readable_error(exc, job.WORK),
         error_traceback=traceback.format_exc(),
         completed_at=timezone.now(),
         **job.stop_fields(),
+        **job_run_time(job),
         **fields,
     )
     if not written:
@@ -188,9 +223,9 @@ class Heartbeat(threading.Thread):
                     logger.error("The worker's supervisor (pid %s) is gone: stopping this job's processes", self.supervisor)
                     os.killpg(os.getpgrp(), signal.SIGKILL)
                 try:
-                    self.model.objects.filter(pk=self.pk, status=self.model.RUNNING, worker_host=self.host, worker_pid=self.pid).update(
-                        heartbeat_at=timezone.now()
-                    )
+                    self.model.objects.filter(
+                        pk=self.pk, status=self.model.Status.RUNNING, worker_host=self.host, worker_pid=self.pid
+                    ).update(heartbeat_at=timezone.now())
                 except DatabaseError as exc:  # a busy or unreachable database: the next beat tries again
                     logger.warning("Heartbeat of %s #%s not written: %s", self.model.__name__, self.pk, exc)
         finally:
@@ -208,7 +243,7 @@ def heartbeat_stale_before() -> datetime:
 
 def job_is_stuck(job: WorkerJob) -> bool:
     """A running row whose heartbeat stopped: no worker will act on it (cancel and resume may)."""
-    return job.status == job.RUNNING and (job.heartbeat_at is None or job.heartbeat_at < heartbeat_stale_before())
+    return job.status == job.Status.RUNNING and (job.heartbeat_at is None or job.heartbeat_at < heartbeat_stale_before())
 
 
 def jobs_reap(process_alive: Callable[[int], bool] = lambda pid: False) -> dict[str, int]:
@@ -221,20 +256,20 @@ def jobs_reap(process_alive: Callable[[int], bool] = lambda pid: False) -> dict[
     me = worker_host()
     stale = Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=heartbeat_stale_before()) | Q(worker_host="")
     for model in job_kinds():
-        running = model.objects.filter(status=model.RUNNING)
+        running = model.objects.filter(status=model.Status.RUNNING)
         gone = Q(pk__in=[])
         for pk, pid in running.filter(worker_host=me).values_list("pk", "worker_pid"):
             if pid is None or not process_alive(pid):
                 gone |= Q(pk=pk, worker_pid=pid)
         reaped[model._meta.verbose_name_plural] = running.filter(gone | stale).update(
-            status=model.FAILED, error_message=model.WORKER_STOPPED, completed_at=timezone.now(), **model().stop_fields()
+            status=model.Status.FAILED, error_message=model.WORKER_STOPPED, completed_at=timezone.now(), **model().stop_fields()
         )
     return reaped
 
 
 def queue_position(job: WorkerJob) -> int:
     """How many jobs the worker runs before this queued one: what runs now, and the rows picked before it."""
-    running = sum(model.objects.filter(status=model.RUNNING).count() for model in job_kinds())
+    running = sum(model.objects.filter(status=model.Status.RUNNING).count() for model in job_kinds())
     order = job_pick_order()
     ahead = order.index((type(job), job.pk)) if (type(job), job.pk) in order else len(order)
     return running + ahead

@@ -5,14 +5,26 @@ from __future__ import annotations
 from django.db import models
 
 
-class WorkerJob(models.Model):
-    """A row the worker runs. Subclasses name their statuses and their work function; tuna_core.jobs does
-    the rest (enqueue, fair pick, claim, heartbeat, guarded writes, fail, reap, queue position) once for
-    every kind of job. Every subclass has an `owner` (fair scheduling is per user)."""
+def job_statuses(running: str = "running", *, qualname: str = "WorkerJob.Status") -> type[models.TextChoices]:
+    """The statuses every kind of job has, under the same member names: QUEUED, RUNNING, COMPLETED, FAILED,
+    CANCELLED. A kind whose running state is stored under its own name (training jobs: "training") passes it."""
+    members = [("QUEUED", "queued"), ("RUNNING", running), ("COMPLETED", "completed"), ("FAILED", "failed"), ("CANCELLED", "cancelled")]
+    choices = [(name, (value, value.capitalize())) for name, value in members]
+    return models.TextChoices("Status", choices, module=__name__, qualname=qualname)
 
-    QUEUED: str = "queued"
-    RUNNING: str = "running"
-    FAILED: str = "failed"
+
+def status_field(statuses: type[models.TextChoices]) -> models.CharField:
+    return models.CharField(max_length=16, choices=statuses.choices, default=statuses.QUEUED, db_index=True)
+
+
+class WorkerJob(models.Model):
+    """A row the worker runs. Subclasses name their work function and what is theirs (their progress
+    counts, their fields); the statuses, `is_finished`, `progress_percent` and the run time are here, and
+    tuna_core.jobs does the rest (enqueue, fair pick, claim, heartbeat, guarded writes, complete, fail,
+    reap, queue position) once for every kind of job. Every subclass has an `owner` (fair scheduling is
+    per user)."""
+
+    Status = job_statuses()
     WORK_FUNCTION: str = ""  # dotted path of the function that does the work of a claimed row
     WORK: str = "The job"  # how messages name the work ("Training", "The evaluation")
     WORKER_STOPPED: str = ""
@@ -28,6 +40,10 @@ class WorkerJob(models.Model):
     claims = models.PositiveIntegerField(default=0, help_text="How many times a worker has taken this row (1 per run or resume).")
     error_message = models.TextField(blank=True)
     error_traceback = models.TextField(blank=True)
+    status = status_field(Status)
+    # Wall-clock seconds the worker spent on the row's run, however it ended (written with its final status
+    # by tuna_core.jobs). A kind that keeps its own account sets `run_seconds = None`.
+    run_seconds = models.FloatField(default=0)
 
     class Meta:
         abstract = True
@@ -38,3 +54,22 @@ class WorkerJob(models.Model):
     def stop_fields(self) -> dict:
         """Fields cleared when the job stops running (however it stops)."""
         return {}
+
+    def progress_counts(self) -> tuple[float, float]:
+        """(done, total) of the work, in the kind's own unit (steps, examples, share of stages)."""
+        return 0.0, 0.0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.COMPLETED, self.Status.FAILED, self.Status.CANCELLED)
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in (self.Status.QUEUED, self.Status.RUNNING)
+
+    @property
+    def progress_percent(self) -> float:
+        if self.status == self.Status.COMPLETED:
+            return 100.0
+        done, total = self.progress_counts()
+        return min(100.0, 100.0 * done / total) if total else 0.0

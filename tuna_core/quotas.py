@@ -24,7 +24,7 @@ class LimitExceeded(Exception):
 
 def active_jobs(owner) -> int:
     """The user's training jobs and evaluations that are queued or running."""
-    return sum(model.objects.filter(owner=owner, status__in=[model.QUEUED, model.RUNNING]).count() for model in job_kinds())
+    return sum(model.objects.filter(owner=owner, status__in=[model.Status.QUEUED, model.Status.RUNNING]).count() for model in job_kinds())
 
 
 def check_active_jobs(owner) -> None:

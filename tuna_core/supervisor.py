@@ -30,7 +30,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import close_old_connections
 
-from tuna_core.jobs import heartbeat_stale_before, job_kinds, jobs_reap
+from tuna_core.jobs import heartbeat_stale_before, job_kinds, jobs_reap, jobs_requeue
 from tuna_core.workers import SUPERVISOR_ENV, process_exists, worker_host
 
 logger = logging.getLogger("tuna.worker")
@@ -52,6 +52,8 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         self._report(jobs_reap(), "left running by a stopped worker")  # nothing of this machine runs yet
+        if added := jobs_requeue():
+            self.write(f"Queued {added} task(s) for queued jobs that had none.")
         self.write(f"Worker {worker_host()} (supervisor pid {os.getpid()}) starting; jobs run in a supervised cluster.")
         self._start_cluster()
         try:
@@ -126,7 +128,7 @@ class Supervisor:
         """Kill this machine's hung job processes, then fail every running row nobody runs any more."""
         stale_before = heartbeat_stale_before()
         for model in job_kinds():
-            hung = model.objects.filter(status=model.RUNNING, worker_host=worker_host(), heartbeat_at__lt=stale_before)
+            hung = model.objects.filter(status=model.Status.RUNNING, worker_host=worker_host(), heartbeat_at__lt=stale_before)
             for pk, pid in hung.values_list("pk", "worker_pid"):
                 if pid and self.cluster_process(pid):
                     logger.error(

@@ -1,5 +1,6 @@
 """The Ollama side of an export: a Modelfile whose TEMPLATE, SYSTEM and stop tokens come from the model's own chat
-template, a parser of Ollama's Modelfile format to check what is written, and the bundle's README.
+template, and the bundle's README. (The tests check what is written with a parser of Ollama's Modelfile format:
+tuna_llm/tests/modelfile.py.)
 
 The TEMPLATE is not written per model. The tokenizer's Jinja chat template is rendered with marker contents, and
 the text around each marker gives each role's prefix and suffix, the generation prompt and any default system
@@ -17,33 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message", "requires")
-# The documented PARAMETER names (docs/modelfile.mdx) and the other options Ollama's API accepts (api/types.go),
-# with the type of value each takes.
-PARAMETERS = {
-    "num_ctx": int,
-    "repeat_last_n": int,
-    "repeat_penalty": float,
-    "temperature": float,
-    "seed": int,
-    "stop": str,
-    "num_predict": int,
-    "draft_num_predict": int,
-    "top_k": int,
-    "top_p": float,
-    "min_p": float,
-    # accepted by the API as well, though not in the table
-    "num_keep": int,
-    "typical_p": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-    "num_batch": int,
-    "num_gpu": int,
-    "main_gpu": int,
-    "num_thread": int,
-    "use_mmap": bool,
-}
-MESSAGE_ROLES = ROLES
 
 # Marker contents: text a template has no reason to rewrite; the invisible separators keep "user-1" from matching
 # inside another marker or the template's own text.
@@ -79,35 +53,6 @@ class OllamaChat:
     template: str
     system: str | None
     stops: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ModelfileCommand:
-    name: str  # the instruction, lower case: "from", "parameter", "template", ...
-    args: str  # the value, unquoted
-    line: int
-    key: str | None = None  # the parameter's name, or the message's role
-
-
-@dataclass(frozen=True)
-class Modelfile:
-    commands: tuple[ModelfileCommand, ...]
-
-    def values(self, name: str) -> list[str]:
-        return [c.args for c in self.commands if c.name == name]
-
-    def value(self, name: str) -> str | None:
-        """The last value of an instruction given once (Ollama keeps the last TEMPLATE, SYSTEM, ...)."""
-        found = self.values(name)
-        return found[-1] if found else None
-
-    @property
-    def parameters(self) -> dict[str, list[str]]:
-        params: dict[str, list[str]] = {}
-        for command in self.commands:
-            if command.name == "parameter":
-                params.setdefault(command.key, []).append(command.args)
-        return params
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,71 +262,6 @@ def _quote(value: str, *, triple: bool = False) -> str:
     if triple or "\n" in value or '"' in value:
         return f'"""{value}"""'
     return f'"{value}"'
-
-
-def parse_modelfile(text: str) -> Modelfile:
-    """Parse a Modelfile as Ollama does (parser/parser.go), stricter where Ollama would fail later: unknown
-    PARAMETER names and values of the wrong type are refused here. Raises ValueError with the line number."""
-    lines = text.splitlines()
-    commands: list[ModelfileCommand] = []
-    i = 0
-    while i < len(lines):
-        number, line = i + 1, lines[i].lstrip()
-        i += 1
-        if not line.strip() or line.startswith("#"):
-            continue
-        word, rest = re.match(r"(\S+)(.*)$", line).groups()
-        name = word.lower()
-        if name not in INSTRUCTIONS:
-            expected = ", ".join(n.upper() for n in INSTRUCTIONS)
-            raise ValueError(f"Modelfile line {number}: unknown instruction {word!r}; expected one of {expected}.")
-        if rest and not rest[0].isspace():
-            raise ValueError(f"Modelfile line {number}: {word.upper()} must be followed by a space.")
-        key = None
-        if name in ("parameter", "message"):
-            key, rest = re.match(r"\s*(\S*)(.*)$", rest).groups()
-            if name == "parameter" and key not in PARAMETERS:
-                raise ValueError(f"Modelfile line {number}: unknown PARAMETER {key!r}; Ollama knows {', '.join(PARAMETERS)}.")
-            if name == "message" and key not in MESSAGE_ROLES:
-                raise ValueError(f"Modelfile line {number}: MESSAGE role must be one of {', '.join(MESSAGE_ROLES)}, not {key!r}.")
-        # A value ends at the first line end after which its quotes are closed; what it holds is kept as written.
-        buffer = rest
-        while (value := _unquote(buffer.strip())) is None:
-            if i >= len(lines):
-                kind = "triple-quoted" if buffer.strip().startswith('"""') else "quoted"
-                raise ValueError(f"Modelfile line {number}: unterminated {kind} value for {word.upper()}.")
-            buffer += "\n" + lines[i]
-            i += 1
-        if not value.strip() and name in ("from", "adapter", "parameter", "requires"):
-            raise ValueError(f"Modelfile line {number}: {word.upper()} needs a value.")
-        if name == "parameter":
-            _check_parameter(key, value, number)
-        commands.append(ModelfileCommand(name=name, args=value, line=number, key=key))
-    if not any(c.name == "from" for c in commands):
-        raise ValueError("Modelfile has no FROM line: it needs FROM <model, GGUF file or folder>.")
-    return Modelfile(commands=tuple(commands))
-
-
-def _unquote(value: str) -> str | None:
-    """The value inside its quotes, or None while a quote is open (as Ollama's unquote)."""
-    if value.startswith('"""'):
-        return value[3:-3] if len(value) >= 6 and value.endswith('"""') else None
-    if value.startswith('"'):
-        return value[1:-1] if len(value) >= 2 and value.endswith('"') else None
-    return value
-
-
-def _check_parameter(key: str, value: str, number: int) -> None:
-    kind = PARAMETERS[key]
-    try:
-        if kind is int:
-            int(value)
-        elif kind is float:
-            float(value)
-        elif kind is bool and value.lower() not in ("true", "false"):
-            raise ValueError(value)
-    except ValueError:
-        raise ValueError(f"Modelfile line {number}: PARAMETER {key} takes {kind.__name__}, not {value!r}.") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

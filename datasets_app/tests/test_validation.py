@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from datasets_app.validation import validate_lines
+from datasets_app.validation import JsonlValidator
 from tests.support import pc_rows
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
@@ -23,7 +23,10 @@ def lines(rows):
 
 
 def validate(rows, counter, **kwargs):
-    return validate_lines(lines(rows), counter, **kwargs)
+    """The report of the validator the upload service runs, fed the rows as file lines."""
+    validator = JsonlValidator(counter, **kwargs)
+    validator.feed(lines(rows))
+    return validator.report()
 
 
 def errors_by_line(report):

@@ -6,10 +6,10 @@ import math
 import pytest
 
 from datasets_app.examples import held_out_examples, training_examples
-from evaluation_app import services, tasks
+from evaluation_app import services
 from evaluation_app.models import Evaluation
 from training_app import services as training_services
-from training_app import tasks as training_tasks
+from tuna_core.jobs import run_next_job
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
@@ -35,7 +35,7 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
         dataset=valid_dataset,
         config_data={"max_steps": 6, "batch_size": 2, "max_seq_length": 128, "learning_rate": 1e-3, "eval_examples": 0},
     )
-    training_tasks.training_job_execute(job.pk)
+    run_next_job()
     job.refresh_from_db()
     assert job.status == "completed", job.error_message
 
@@ -46,7 +46,7 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
     loads = _LogLines()
     logging.getLogger("tuna.models").addHandler(loads)
     try:
-        tasks.evaluation_execute(evaluation.pk)
+        run_next_job()
     finally:
         logging.getLogger("tuna.models").removeHandler(loads)
     evaluation.refresh_from_db()

@@ -11,10 +11,9 @@ from evaluation_app import services
 from evaluation_app.models import Evaluation, EvaluationExample, JudgeRun, JudgeVerdict, Rating
 from evaluation_app.selectors import training_pairs
 from training_app import services as training_services
-from training_app import tasks as training_tasks
 from training_app.models import TrainingJob
-from training_app.tests.test_training import AtStep, SimulatedCrash
-from tuna_core.jobs import jobs_reap
+from training_app.tests.test_training import AtStep, SimulatedCrash, train
+from tuna_core.jobs import job_run, jobs_reap, run_next_job
 from tuna_llm import metrics
 
 pytestmark = pytest.mark.django_db
@@ -28,9 +27,9 @@ def test_it_trains_on_votes_changes_the_answers_and_evaluates_against_the_parent
         dataset=valid_dataset,
         config_data={"max_steps": 6, "batch_size": 4, "max_seq_length": 128, "learning_rate": 1e-3, "eval_examples": 0},
     )
-    training_tasks.training_job_execute(parent.pk)
+    run_next_job()
     source, _ = services.evaluation_start(owner=alice, job=TrainingJob.objects.get(pk=parent.pk), test_size=4)
-    services.evaluation_run(evaluation_id=source.pk)
+    job_run(Evaluation, source.pk, services.evaluation_work)
     source.refresh_from_db()
     assert source.status == "completed", source.error_message
 
@@ -55,11 +54,11 @@ def test_it_trains_on_votes_changes_the_answers_and_evaluates_against_the_parent
         raise SimulatedCrash()
 
     with pytest.raises(SimulatedCrash):
-        training_services.training_job_run(job_id=child.pk, extra_callbacks=(AtStep(5, crash),))  # after checkpoint-3
+        train(child, AtStep(5, crash))  # after checkpoint-3
     assert jobs_reap()["training jobs"] == 1
     child.refresh_from_db()
     training_services.training_job_resume(job=child)
-    training_tasks.training_job_execute(child.pk)
+    run_next_job()
     child.refresh_from_db()
     assert child.status == "completed", child.error_message
     steps = list(child.loss_points.exclude(loss=None).values_list("step", "loss"))
@@ -73,7 +72,7 @@ def test_it_trains_on_votes_changes_the_answers_and_evaluates_against_the_parent
     # Evaluated against its parent automatically, on the same held-out examples.
     comparison = Evaluation.objects.get(training_job=child)
     assert (comparison.baseline_job_id, comparison.status, comparison.test_size) == (parent.pk, "queued", 4)
-    services.evaluation_run(evaluation_id=comparison.pk)
+    job_run(Evaluation, comparison.pk, services.evaluation_work)
     comparison.refresh_from_db()
     assert comparison.status == "completed", comparison.error_message
     rows = list(EvaluationExample.objects.filter(evaluation=comparison))

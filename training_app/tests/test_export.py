@@ -15,6 +15,7 @@ from training_app.models import Export
 from tuna_core.jobs import job_run
 from tuna_llm.serving.batching import generate_chat
 from tuna_llm.serving.registry import registry
+from tuna_llm.tests.modelfile import parse_modelfile
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
@@ -60,6 +61,14 @@ def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, ali
     }
     readme = tarfile.open(fileobj=io.BytesIO(data)).extractfile(prefix + "README.md").read().decode()
     assert "ollama create" in readme and "llama" in readme
+    # Both Modelfiles read as Ollama reads them: the base with the adapter, and the merged file alone.
+    modelfiles = {
+        name: tarfile.open(fileobj=io.BytesIO(data)).extractfile(prefix + name).read().decode()
+        for name in ("Modelfile", "Modelfile.merged")
+    }
+    parsed = parse_modelfile(modelfiles["Modelfile"])
+    assert (parsed.value("from"), parsed.value("adapter")) == ("./base-f16.gguf", "./adapter-f16.gguf") and parsed.value("template")
+    assert parse_modelfile(modelfiles["Modelfile.merged"]).value("from") == "./merged-q8_0.gguf"
 
     # The merged weights load in plain transformers (no peft) and answer as base + adapter does.
     from transformers import AutoModelForCausalLM

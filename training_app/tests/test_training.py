@@ -2,15 +2,16 @@
 
 import io
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 
 from tests.support import job_row
-from training_app import services, tasks
+from training_app import services
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
-from tuna_core.jobs import jobs_reap
+from tuna_core.jobs import job_run, jobs_reap, run_next_job
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
@@ -19,6 +20,12 @@ TINY = {"max_steps": 4, "batch_size": 2, "max_seq_length": 128, "save_steps": 2,
 
 def start(alice, dataset, **overrides):
     return services.training_job_start(owner=alice, dataset=dataset, config_data={**TINY, **overrides})
+
+
+def train(job, *callbacks) -> bool:
+    """Run one given queued job as the worker does (tuna_core.jobs), with extra trainer callbacks that stop
+    or crash it at a given step."""
+    return job_run(TrainingJob, job.pk, partial(services.training_job_work, extra_callbacks=callbacks))
 
 
 class SimulatedCrash(BaseException):
@@ -42,7 +49,7 @@ def test_it_trains_end_to_end_and_saves_a_working_adapter(alice, valid_dataset):
     from tuna_llm.loading import load_tokenizer_and_model, pick_device
 
     job = start(alice, valid_dataset)
-    tasks.training_job_execute(job.pk)
+    run_next_job()
     job.refresh_from_db()
     assert job.status == "completed", job.error_message
     assert (job.current_step, job.total_steps) == (4, 4)
@@ -83,7 +90,7 @@ def test_it_trains_end_to_end_and_saves_a_working_adapter(alice, valid_dataset):
 def test_it_cancels_a_running_job_within_one_step(alice, valid_dataset):
     job = start(alice, valid_dataset, max_steps=8)
     cancel = AtStep(3, lambda: services.training_job_cancel(job=TrainingJob.objects.get(pk=job.pk)))
-    services.training_job_run(job_id=job.pk, extra_callbacks=(cancel,))
+    train(job, cancel)
     job.refresh_from_db()
     assert job.status == "cancelled"
     assert job.current_step in (3, 4)  # the request landed during step 3: stopped by the end of the next one
@@ -98,7 +105,7 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
         raise SimulatedCrash()
 
     with pytest.raises(SimulatedCrash):
-        services.training_job_run(job_id=job.pk, extra_callbacks=(AtStep(3, crash),))
+        train(job, AtStep(3, crash))
     job.refresh_from_db()
     assert job.status == "training"  # as a dead worker leaves it
 
@@ -111,7 +118,7 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
     seconds_before = job.train_seconds
 
     services.training_job_resume(job=job)
-    tasks.training_job_execute(job.pk)
+    run_next_job()
     job.refresh_from_db()
     assert job.status == "completed", job.error_message
     assert (job.current_step, job.total_steps, job.resume_count) == (6, 6, 1)
@@ -125,7 +132,7 @@ def test_it_resumes_from_the_last_checkpoint_after_a_crash(alice, valid_dataset)
 
 def test_it_fails_a_bad_runtime_config_with_a_readable_reason(alice, valid_dataset):
     job = job_row(alice, valid_dataset, config={**TINY, "base_model": "smollm2-135m-instruct", "target_modules": ["not_a_layer"]})
-    tasks.training_job_execute(job.pk)
+    run_next_job()
     job.refresh_from_db()
     assert job.status == "failed"
     assert "not_a_layer" in job.error_message
@@ -135,16 +142,15 @@ def test_it_fails_a_bad_runtime_config_with_a_readable_reason(alice, valid_datas
 
 def test_it_never_trains_a_job_twice(alice, valid_dataset):
     job = start(alice, valid_dataset, max_steps=1)
-    tasks.training_job_execute(job.pk)
+    run_next_job()
     job.refresh_from_db()
     points = job.loss_points.count()
-    tasks.training_job_execute(job.pk)  # a redelivered task
+    run_next_job()  # a redelivered task
     assert LossPoint.objects.filter(job=job).count() == points
 
 
-def test_it_downloads_the_adapter_as_a_zip(alice, alice_api, valid_dataset):
-    job = start(alice, valid_dataset, max_steps=1)
-    tasks.training_job_execute(job.pk)
+def test_it_downloads_the_adapter_as_a_zip(alice_api, finetuned_job):
+    job = finetuned_job  # a completed job with the session's trained adapter
     response = alice_api.get(f"/api/training/{job.pk}/adapter")
     assert response.status_code == 200 and response["Content-Type"] == "application/zip"
     names = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).namelist()
@@ -170,7 +176,7 @@ def test_it_keeps_the_checkpoint_with_the_lowest_validation_loss_and_continues_f
     from tuna_llm.training import checkpoint_to_keep
 
     job = start(alice, valid_dataset, max_steps=6, learning_rate=5e-3)
-    tasks.training_job_execute(job.pk)
+    run_next_job()
     job.refresh_from_db()
     assert job.status == "completed", job.error_message
     validations = list(job.loss_points.exclude(eval_loss=None).values_list("step", "eval_loss"))
@@ -185,7 +191,7 @@ def test_it_keeps_the_checkpoint_with_the_lowest_validation_loss_and_continues_f
 
     child = services.training_job_continue(job=job, epochs=1)
     assert child.parent_id == job.pk and child.step_offset == job.best_step
-    tasks.training_job_execute(child.pk)
+    run_next_job()
     child.refresh_from_db()
     assert child.status == "completed", child.error_message
     assert child.current_step == 7  # one epoch of the 14 trained examples at batch 2

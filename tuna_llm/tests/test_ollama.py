@@ -8,7 +8,8 @@ import re
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from tuna_llm.ollama import bundle_readme, derive_chat_template, modelfile, ollama_chat, parse_modelfile
+from tuna_llm.ollama import bundle_readme, derive_chat_template, modelfile, ollama_chat
+from tuna_llm.tests.modelfile import parse_modelfile
 
 CONVERSATIONS = {
     "no system": [{"role": "user", "content": "Turn 'two pizzas' into JSON."}],

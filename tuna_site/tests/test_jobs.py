@@ -15,14 +15,14 @@ from evaluation_app.models import Evaluation
 from tests.support import job_row
 from training_app import services
 from training_app.models import TrainingJob
-from training_app.tests.test_training import AtStep, SimulatedCrash, start
-from tuna_core.workers import worker_host
+from training_app.tests.test_training import AtStep, SimulatedCrash, start, train
 from tuna_core import jobs
+from tuna_core.workers import worker_host
 
 
 def claimed_here(row) -> None:
     type(row).objects.filter(pk=row.pk).update(
-        status=row.RUNNING, worker_host=worker_host(), worker_pid=os.getpid(), heartbeat_at=timezone.now()
+        status=row.Status.RUNNING, worker_host=worker_host(), worker_pid=os.getpid(), heartbeat_at=timezone.now()
     )
 
 
@@ -59,6 +59,53 @@ def test_it_claims_a_row_once_and_records_the_process(alice, valid_dataset):
     assert row.claimed_at and row.started_at
 
 
+def test_it_gives_every_kind_the_same_statuses_and_progress():
+    from evaluation_app.models import JudgeRun
+    from training_app.models import Export
+
+    assert TrainingJob.Status.RUNNING == "training"  # training's running state keeps its stored name
+    assert [s.value for s in Evaluation.Status] == [s.value for s in Export.Status] == [s.value for s in JudgeRun.Status]
+    assert [s.name for s in TrainingJob.Status] == [s.name for s in Evaluation.Status]
+    assert TrainingJob(status="cancelled").is_finished and not TrainingJob(status="training").is_finished
+    assert Evaluation(status="failed").is_finished and not JudgeRun(status="running").is_finished
+    assert TrainingJob(status="training", current_step=3, total_steps=4).progress_percent == 75.0
+    assert Evaluation(status="running", done=1, test_size=4).progress_percent == 25.0
+    assert JudgeRun(status="queued").progress_percent == 0.0 and Export(status="running", progress=0.5).progress_percent == 50.0
+    assert Export(status="completed", progress=0.9).progress_percent == 100.0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("ending", ["completed", "failed"])
+def test_it_records_the_run_time_however_the_work_ends(alice, valid_dataset, ending):
+    evaluation = Evaluation.objects.create(owner=alice, training_job=job_row(alice, valid_dataset, status="completed"))
+
+    def work(row):
+        time.sleep(0.05)
+        if ending == "failed":
+            raise ValueError("The examples ran out.")
+        jobs.job_complete(row, metrics={"done": True})
+
+    assert jobs.job_run(Evaluation, evaluation.pk, work)
+    evaluation.refresh_from_db()
+    assert evaluation.status == ending and evaluation.run_seconds >= 0.05 and evaluation.completed_at
+    assert evaluation.metrics == ({"done": True} if ending == "completed" else {})
+    assert evaluation.error_message == ("" if ending == "completed" else "The examples ran out.")
+
+
+@pytest.mark.django_db
+def test_it_gives_queued_rows_whose_task_is_gone_a_task_at_start_up(alice, valid_dataset):
+    from django_q.models import OrmQ
+    from django_q.tasks import async_task
+
+    job_row(alice, valid_dataset)
+    job_row(alice, valid_dataset)
+    async_task("training_app.tasks.training_job_execute", 1)  # queued by an older version: that name is gone
+    async_task(jobs.RUN_NEXT_TASK)  # one row still has its task
+    assert jobs.jobs_requeue() == 1
+    assert sorted(task.func() for task in OrmQ.objects.all()) == ["training_app.tasks.training_job_execute"] + [jobs.RUN_NEXT_TASK] * 2
+    assert jobs.jobs_requeue() == 0  # every queued row has a task now
+
+
 @pytest.mark.django_db
 @pytest.mark.model
 def test_it_never_flips_a_job_back_once_another_process_holds_it(alice, valid_dataset):
@@ -69,7 +116,7 @@ def test_it_never_flips_a_job_back_once_another_process_holds_it(alice, valid_da
         # The watchdog failed it and a resume handed it to another process.
         TrainingJob.objects.filter(pk=job.pk).update(status="training", worker_pid=os.getpid() + 100000, error_message="")
 
-    services.training_job_run(job_id=job.pk, extra_callbacks=(AtStep(3, taken_elsewhere),))
+    train(job, AtStep(3, taken_elsewhere))
     job.refresh_from_db()
     assert job.status == "training" and job.worker_pid == os.getpid() + 100000  # still the other process's
     assert job.adapter_dir == "" and job.completed_at is None
@@ -86,7 +133,7 @@ def test_it_does_not_record_a_failure_over_a_job_it_lost(alice, valid_dataset):
         TrainingJob.objects.filter(pk=job.pk).update(status="failed", error_message=TrainingJob.WORKER_STOPPED)
         raise RuntimeError("late crash")
 
-    services.training_job_run(job_id=job.pk, extra_callbacks=(AtStep(2, reaped_then_crash),))
+    train(job, AtStep(2, reaped_then_crash))
     job.refresh_from_db()
     assert job.status == "failed" and job.error_message == TrainingJob.WORKER_STOPPED  # the watchdog's word stands
 
@@ -155,7 +202,7 @@ def test_it_resumes_from_the_last_complete_checkpoint_when_the_newest_was_cut_sh
         raise SimulatedCrash()
 
     with pytest.raises(SimulatedCrash):
-        services.training_job_run(job_id=job.pk, extra_callbacks=(AtStep(5, crash),))
+        train(job, AtStep(5, crash))
     checkpoints = Path(services.job_dir(job)) / "checkpoints"
     assert {p.name for p in checkpoints.iterdir()} >= {"checkpoint-2", "checkpoint-4"}
     # The kill came while checkpoint-4 was being written: half its files, no completion marker.
@@ -168,7 +215,7 @@ def test_it_resumes_from_the_last_complete_checkpoint_when_the_newest_was_cut_sh
     job.refresh_from_db()
     assert services.resumable_checkpoint(job).name == "checkpoint-2"
     services.training_job_resume(job=job)
-    services.training_job_run(job_id=job.pk)
+    train(job)
     job.refresh_from_db()
     assert job.status == "completed", job.error_message
     assert job.current_step == 6 and list(job.loss_points.exclude(loss=None).values_list("step", flat=True)) == [1, 2, 3, 4, 5, 6]
