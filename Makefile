@@ -9,7 +9,7 @@ GUNICORN_ARGS ?= --worker-class gthread --workers 1 --threads 32 --timeout 300 -
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-model.txt requirements-llama.txt | cksum | cut -d' ' -f1)
 DEV_STAMP := $(VENV)/.installed-dev-$(shell cat requirements-dev.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test install install-dev migrate lint format worker web clean
+.PHONY: run test test-fast install install-dev migrate lint format worker web clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -51,6 +51,10 @@ run: migrate
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite without the real model, the processes it starts or the browser: the quick check while changing code.
+test-fast: install-dev
+	$(PY) -m pytest -m "not model and not process and not browser" $(PYTEST_ARGS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

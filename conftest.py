@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,25 @@ from rest_framework.test import APIClient
 from tests.support import job_row, jsonl_file, pc_rows
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "orders_to_json.jsonl"
+
+
+def _weights_loaded() -> int:
+    loading = sys.modules.get("tuna_llm.loading")
+    return loading.weights_loaded if loading is not None else 0
+
+
+def _check_model_marker(item):
+    """A test (or a fixture it asks for) that loads a model's weights must be marked `model`, so that
+    `make test-fast` (-m "not model ...") stays free of them."""
+    before = _weights_loaded()
+    outcome = yield
+    if _weights_loaded() > before and item.get_closest_marker("model") is None:
+        pytest.fail(f"{item.nodeid} loads the model but is not marked `model` (pytest.mark.model)", pytrace=False)
+    return outcome
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_check_model_marker)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_check_model_marker)
 
 
 @pytest.fixture(scope="session")

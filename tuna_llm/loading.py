@@ -17,6 +17,10 @@ from tuna_llm.catalog import EMBEDDED_GGUF, BaseModelSpec, find_embedded_gguf
 
 logger = logging.getLogger("tuna.models")
 
+# How many times this process has loaded a model's weights; the test suite reads it to check that a test
+# which loads the model is marked `model` (conftest.py).
+weights_loaded = 0
+
 
 class ModelUnavailable(RuntimeError):
     pass
@@ -142,6 +146,8 @@ def load_tokenizer_and_model(spec: BaseModelSpec, plan: DevicePlan, *, hf_token:
     implementation (its default when None; the registry asks for row-wise attention, see tuna_llm.serving.rowwise)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    global weights_loaded
+    weights_loaded += 1
     if spec.kind == "embedded":
         prepare_embedded_model(spec)
     elif spec.kind == "local" and not Path(spec.load_path).exists():

@@ -1,4 +1,4 @@
-"""A real evaluation on the embedded model with an adapter trained in the test (tiny settings)."""
+"""A real evaluation on the embedded model with the session's trained adapter (conftest.trained_adapter, tiny settings)."""
 
 import logging
 import math
@@ -6,9 +6,10 @@ import math
 import pytest
 
 from datasets_app.examples import held_out_examples, training_examples
+from datasets_app.services import dataset_create
 from evaluation_app import services
 from evaluation_app.models import Evaluation
-from training_app import services as training_services
+from tests.support import job_row
 from tuna_core.jobs import run_next_job
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
@@ -23,21 +24,19 @@ class _LogLines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_dataset, settings):
+def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, sample_upload, trained_adapter, settings):
 
-    from tuna_llm.serving.batching import generate_chat
+    from django.utils import timezone
+
     from tuna_llm.catalog import get_base_model_spec
     from tuna_llm.loading import pick_device
+    from tuna_llm.serving.batching import generate_chat
     from tuna_llm.serving.registry import load_for_serving, registry
 
-    job = training_services.training_job_start(
-        owner=alice,
-        dataset=valid_dataset,
-        config_data={"max_steps": 6, "batch_size": 2, "max_seq_length": 128, "learning_rate": 1e-3, "eval_examples": 0},
-    )
-    run_next_job()
-    job.refresh_from_db()
-    assert job.status == "completed", job.error_message
+    # The session's adapter was trained on the first 40 examples of this file: the held-out ones come after them.
+    dataset = dataset_create(owner=alice, upload=sample_upload, name="Orders")
+    assert dataset.num_train >= 40
+    job = job_row(alice, dataset, status="completed", adapter_dir=str(trained_adapter), completed_at=timezone.now())
 
     evaluation, created = services.evaluation_start(owner=alice, job=job, test_size=3)
     assert created
@@ -63,8 +62,8 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, valid_datas
     examples = list(evaluation.examples.all())
     assert [e.index for e in examples] == [0, 1, 2]
 
-    held_out = held_out_examples(valid_dataset)[:3]
-    trained_prompts = {m[0]["content"] for m in training_examples(valid_dataset)}
+    held_out = held_out_examples(dataset)[:3]
+    trained_prompts = {m[0]["content"] for m in training_examples(dataset)}
     for example, messages in zip(examples, held_out, strict=True):
         assert example.messages == messages[:-1] and example.reference == messages[-1]["content"]
         assert example.prompt not in trained_prompts  # never a training example

@@ -209,11 +209,20 @@ def test_it_explains_out_of_memory_in_plain_words():
     assert "ran out of memory" in message and "batch_size" in message
 
 
+def embedded_tokenizer():
+    """The embedded model's tokenizer alone (its weights are not loaded)."""
+    from transformers import AutoTokenizer
+
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.loading import prepare_embedded_model
+
+    return AutoTokenizer.from_pretrained(prepare_embedded_model(get_base_model_spec()))
+
+
 def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
-    from tuna_llm.serving.registry import registry
     from tuna_llm.training import tokenize_example
 
-    tokenizer = registry.get().tokenizer
+    tokenizer = embedded_tokenizer()
     row = tokenize_example(tokenizer, [{"role": "user", "content": "Two red caps"}, {"role": "assistant", "content": "OK"}], 512)
     learned = [t for t in row["labels"] if t != IGNORE_INDEX]
     assert row["labels"][0] == IGNORE_INDEX
@@ -222,10 +231,9 @@ def test_it_masks_the_prompt_and_learns_the_end_of_turn_token():
 
 
 def test_it_learns_every_assistant_turn_of_a_conversation_and_nothing_else():
-    from tuna_llm.serving.registry import registry
     from tuna_llm.training import tokenize_example
 
-    tokenizer = registry.get().tokenizer
+    tokenizer = embedded_tokenizer()
     conversation = [
         {"role": "system", "content": "You take shop orders."},
         {"role": "user", "content": "Two red caps"},

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from tuna_llm.serving import packing
-from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, generate_chat
 from tuna_llm.catalog import get_base_model_spec
-from tuna_llm.serving.decoding import DecodeBatch, Row
 from tuna_llm.loading import load_tokenizer_and_model, native_bf16, pick_device
 from tuna_llm.prompting import render_chat
+from tuna_llm.serving import packing
+from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, generate_chat
+from tuna_llm.serving.decoding import DecodeBatch, Row
 from tuna_llm.serving.registry import registry
 from tuna_llm.training import PadCollator, answer_tokens_loss, tokenize_examples
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
 
 def chat(loaded, prompt: str) -> str:
@@ -20,7 +20,7 @@ def chat(loaded, prompt: str) -> str:
 
 
 def test_it_picks_bf16_where_the_hardware_computes_it_natively_and_obeys_the_setting(settings):
-    has_native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    has_native = torch.cpu.get_capabilities().get("avx512_bf16", False) or torch.cpu.get_capabilities().get("amx_tile", False)
     assert (native_bf16() is not None) == (has_native or torch.cuda.is_bf16_supported(including_emulation=False))
     auto = pick_device("auto")
     assert auto.dtype_name == ("bfloat16" if native_bf16() else "float32")

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "tuna_llm"
 ML = {"torch", "transformers", "peft", "accelerate", "llama_cpp", "trl"}
@@ -25,6 +27,7 @@ def package_modules() -> list[Path]:
     return [p for p in PACKAGE.rglob("*.py") if "tests" not in p.relative_to(PACKAGE).parts]
 
 
+@pytest.mark.process
 def test_it_keeps_django_out_of_the_model_package():
     offenders = {p.name: sorted(imported_roots(p) & ({"django", "rest_framework", "django_q"} | set(APPS))) for p in package_modules()}
     assert {name: bad for name, bad in offenders.items() if bad} == {}

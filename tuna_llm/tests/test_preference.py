@@ -9,7 +9,7 @@ from tuna_llm.loading import pick_device
 from tuna_llm.preference import PreferencePair, preference_settings, run_preference_training
 from tuna_llm.training_config import TrainingConfig
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.model]
 
 
 class ScoredPositions(TrainerCallback):

@@ -28,6 +28,7 @@ def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.process
 def test_it_runs_with_debug_off_by_default_and_a_secret_key_of_its_own(tmp_path):
     """No DEBUG, no SECRET_KEY: DEBUG is off, and a private key is made once for this installation and kept."""
     env = {k: v for k, v in os.environ.items() if k not in ("DEBUG", "SECRET_KEY")}
@@ -51,12 +52,14 @@ def test_it_runs_with_debug_off_by_default_and_a_secret_key_of_its_own(tmp_path)
     assert not list(tmp_path.glob(".secret_key.*"))  # no partial file left
 
 
+@pytest.mark.process
 def test_it_rejects_a_malformed_setting_loudly():
     result = _run_python("import django; django.setup()", TUNA_GPU_HOURLY_USD="cheap")
     assert result.returncode != 0
     assert "TUNA_GPU_HOURLY_USD must be a number" in result.stderr
 
 
+@pytest.mark.process
 def test_it_reads_extra_base_models_from_the_environment():
     code = "import django; django.setup(); from django.conf import settings; print(sorted(settings.TUNA_BASE_MODELS))"
     result = _run_python(code, TUNA_BASE_MODELS="llama-3.1-8b-instruct=meta-llama/Llama-3.1-8B-Instruct")
@@ -72,6 +75,7 @@ def test_it_configures_one_worker_that_never_redelivers_a_running_job():
     assert q["retry"] > q["timeout"]
 
 
+@pytest.mark.process
 def test_it_does_not_import_torch_when_the_web_app_loads():
     code = (
         "import sys, django; django.setup();"
@@ -97,6 +101,7 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.process
 def test_it_keeps_the_web_process_under_200_mb_after_start(tmp_path):
     port = _free_port()
     env = {**os.environ, "TUNA_DATA_DIR": str(tmp_path), "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR)}
@@ -201,6 +206,7 @@ def test_it_creates_the_local_admin_once(capsys, monkeypatch):
     assert User.objects.filter(is_superuser=True).count() == 1
 
 
+@pytest.mark.process
 def test_it_passes_the_deployment_checklist_with_production_settings():
     env = {
         **os.environ,
@@ -220,6 +226,7 @@ def test_it_passes_the_deployment_checklist_with_production_settings():
     assert "no issues" in result.stdout
 
 
+@pytest.mark.process
 def test_it_has_every_model_change_in_a_migration():
     result = subprocess.run(
         [sys.executable, "manage.py", "makemigrations", "--check", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120

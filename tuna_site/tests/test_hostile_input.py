@@ -23,7 +23,7 @@ from evaluation_app.models import Evaluation, EvaluationExample
 from inference_app.models import UsageLog
 from tests.support import job_row
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model, pytest.mark.postgres]
 
 BASE = "base:smollm2-135m-instruct"
 HUGE_ID = 10**20  # beyond a 64-bit database integer

@@ -19,7 +19,7 @@ from tests.support import children, group_members, process_tree, subprocess_data
 from training_app.models import ThroughputMeasurement
 from tuna_core.workers import process_exists
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.process]
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ from training_app import services
 from training_app.models import TrainingJob
 from tuna_core.workers import process_exists
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model, pytest.mark.process]
 
 ROOT = Path(__file__).resolve().parents[2]
 # Long enough never to finish during a test; a checkpoint every 2 updates.
@@ -162,6 +162,7 @@ def test_it_fails_a_job_whose_process_died_or_hung_while_the_worker_stays_up(sta
     assert worker.proc.poll() is None
 
 
+@pytest.mark.postgres  # two workers claim from one queue: the database's locks decide
 def test_it_runs_each_job_exactly_once_with_two_workers_on_one_database(start_worker, alice, bob, valid_dataset):
     if connection.vendor != "postgresql":
         pytest.skip("two worker machines share a PostgreSQL database; a SQLite file belongs to one machine")
