@@ -10,7 +10,6 @@ from datasets_app import services
 from datasets_app.models import Dataset
 from datasets_app.selectors import datasets_for_user, get_dataset_for_user
 from datasets_app.uploads import too_large_message, upload_too_large
-from tuna_core.errors import ApiError
 
 
 class DatasetSerializer(serializers.ModelSerializer):
@@ -59,18 +58,15 @@ class DatasetListCreateApi(ListAPIView):
     @extend_schema(request={"multipart/form-data": DatasetUploadSerializer}, responses={201: DatasetSerializer})
     def post(self, request: Request) -> Response:
         if upload_too_large(request):
-            raise ApiError(too_large_message(), 413)
+            raise services.UploadTooLarge(too_large_message())
         data = DatasetUploadSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            dataset = services.dataset_create(
-                owner=request.user,
-                upload=data.validated_data.get("file"),
-                name=data.validated_data.get("name", ""),
-                eval_fraction=data.validated_data["eval_fraction"],
-            )
-        except services.UploadRejected as exc:
-            raise ApiError(exc.message, exc.status_code) from None
+        dataset = services.dataset_create(
+            owner=request.user,
+            upload=data.validated_data.get("file"),
+            name=data.validated_data.get("name", ""),
+            eval_fraction=data.validated_data["eval_fraction"],
+        )
         return Response(DatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
 
 
@@ -89,13 +85,17 @@ class DatasetDetailApi(APIView):
     )
     def delete(self, request: Request, pk: int) -> Response:
         dataset = get_dataset_for_user(request.user, pk)
-        with_jobs = request.query_params.get("with_jobs", "").lower() in ("1", "true", "yes")
-        try:
-            services.dataset_delete(dataset=dataset, with_jobs=with_jobs)
-        except services.DatasetInUse as exc:
-            hint = "" if with_jobs else f" Send DELETE /api/datasets/{dataset.pk}?with_jobs=true to delete them with it."
-            raise ApiError(exc.message + hint, 409) from None
+        services.dataset_delete(dataset=dataset, with_jobs=self._with_jobs())
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _with_jobs(self) -> bool:
+        return self.request.query_params.get("with_jobs", "").lower() in ("1", "true", "yes")
+
+    def error_hint(self, exc: Exception) -> str | None:
+        """Added to a refused DELETE's detail (tuna_core.errors.exception_handler): how to delete the jobs too."""
+        if isinstance(exc, services.DatasetInUse) and not self._with_jobs():
+            return f"Send DELETE /api/datasets/{self.kwargs['pk']}?with_jobs=true to delete them with it."
+        return None
 
 
 class EvalFileUploadSerializer(serializers.Serializer):
@@ -113,10 +113,7 @@ class DatasetEvalFileApi(APIView):
     def post(self, request: Request, pk: int) -> Response:
         dataset = get_dataset_for_user(request.user, pk)
         if upload_too_large(request):
-            raise ApiError(too_large_message(), 413)
-        try:
-            services.dataset_attach_eval_file(dataset=dataset, upload=request.FILES.get("file"))
-        except services.UploadRejected as exc:
-            raise ApiError(exc.message, exc.status_code) from None
+            raise services.UploadTooLarge(too_large_message())
+        services.dataset_attach_eval_file(dataset=dataset, upload=request.FILES.get("file"))
         dataset.refresh_from_db()
         return Response(DatasetSerializer(dataset).data)

@@ -17,6 +17,7 @@ from datasets_app.models import Dataset
 from datasets_app.selectors import dataset_storage_bytes
 from datasets_app.uploads import max_upload_bytes, too_large_message
 from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
+from tuna_core.errors import Conflict, Invalid, LimitReached, TooLarge
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
 
@@ -33,21 +34,23 @@ LENGTH_BUCKET = 16
 dataset_deleting = Signal()
 
 
-class UploadRejected(Exception):
+class UploadRejected(Invalid):
     """An upload that cannot become a dataset at all (as opposed to one kept as invalid)."""
 
-    def __init__(self, message: str, *, status_code: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
+
+class UploadTooLarge(TooLarge, UploadRejected):
+    """Larger than TUNA_MAX_UPLOAD_MB."""
 
 
-class DatasetInUse(Exception):
+class StorageFull(LimitReached, UploadRejected):
+    """The user's datasets would take more than TUNA_MAX_STORAGE_MB_PER_USER."""
+
+
+class DatasetInUse(Conflict):
     """A dataset that training jobs use, deleted without them (or with one that cannot go yet)."""
 
     def __init__(self, message: str, *, job_ids: list[int] | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.job_ids = job_ids or []
 
 
@@ -66,10 +69,7 @@ def _check_upload(upload: UploadedFile | None) -> UploadedFile:
             f'"{upload.name}" is not a .jsonl file. Upload JSON Lines: one JSON object per line, in a file ending in .jsonl.'
         )
     if upload.size > max_upload_bytes():
-        raise UploadRejected(
-            too_large_message(),
-            status_code=413,
-        )
+        raise UploadTooLarge(too_large_message())
     if upload.size == 0:
         raise UploadRejected(f'"{upload.name}" is empty. Add one JSON object per line.')
     upload.seek(0)
@@ -134,10 +134,9 @@ def invalid_keep_bytes() -> int:
 def _check_storage(owner, adding: int) -> None:
     used, limit = dataset_storage_bytes(owner), storage_limit_bytes()
     if used + adding > limit:
-        raise UploadRejected(
+        raise StorageFull(
             f"Your datasets use {_mb(used)} of your {_mb(limit)} (TUNA_MAX_STORAGE_MB_PER_USER) and this file needs {_mb(adding)}. "
-            "Delete datasets you no longer need (with their jobs), then upload it again.",
-            status_code=409,
+            "Delete datasets you no longer need (with their jobs), then upload it again."
         )
 
 
@@ -229,7 +228,7 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
         # Fewer than MIN_EXAMPLES is fine for a held-out set: only real line errors block it.
         line_errors = [e for e in report["errors"]["items"] if e["line"] is not None]
         if line_errors or report["valid_examples"] == 0:
-            raise UploadRejected(_first_errors(report), status_code=400)
+            raise UploadRejected(_first_errors(report))
     overlap = _overlap(validated.fingerprints, _file_fingerprints(dataset))
     if len(overlap) == len(validated.fingerprints):
         raise UploadRejected(

@@ -14,6 +14,7 @@ from datasets_app.examples import SAMPLE_PATH
 from datasets_app.forms import DatasetUploadForm, EvalFileForm
 from datasets_app.selectors import EXAMPLES_PER_PAGE, dataset_examples, get_dataset_for_user
 from datasets_app.uploads import too_large_message, upload_too_large
+from tuna_core.pages import refused
 
 
 @login_required
@@ -31,10 +32,10 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 @require_POST
 def dataset_upload(request: HttpRequest) -> HttpResponse:
     if upload_too_large(request):
-        return _upload_error(request, too_large_message(), 413)
+        return _upload_error(request, services.UploadTooLarge(too_large_message()))
     form = DatasetUploadForm(request.POST, request.FILES)
     if not form.is_valid():
-        return _upload_error(request, " ".join(m for errs in form.errors.values() for m in errs), 400)
+        return _upload_error(request, services.UploadRejected(" ".join(m for errs in form.errors.values() for m in errs)))
     try:
         dataset = services.dataset_create(
             owner=request.user,
@@ -43,18 +44,15 @@ def dataset_upload(request: HttpRequest) -> HttpResponse:
             eval_fraction=form.eval_fraction,
         )
     except services.UploadRejected as exc:
-        return _upload_error(request, exc.message, exc.status_code)
+        return _upload_error(request, exc)
     if request.htmx:
         context = {**_detail_context(dataset), "datasets": selectors.datasets_for_user(request.user)}
         return render(request, "datasets_app/_upload_result.html", context)
     return redirect(dataset)
 
 
-def _upload_error(request: HttpRequest, message: str, status: int) -> HttpResponse:
-    if request.htmx:
-        return render(request, "datasets_app/_upload_error.html", {"error": message}, status=status)
-    messages.error(request, message)
-    return redirect("dataset-list")
+def _upload_error(request: HttpRequest, exc: services.UploadRejected) -> HttpResponse:
+    return refused(request, exc, redirect_to="dataset-list", fragment="datasets_app/_upload_error.html")
 
 
 @login_required
@@ -64,7 +62,7 @@ def dataset_sample(request: HttpRequest) -> HttpResponse:
         with SAMPLE_PATH.open("rb") as handle:
             dataset = services.dataset_create(owner=request.user, upload=File(handle, name=SAMPLE_PATH.name), name="Sample: orders to JSON")
     except services.UploadRejected as exc:  # the storage quota is full
-        return _upload_error(request, exc.message, exc.status_code)
+        return _upload_error(request, exc)
     messages.success(request, "The sample dataset is ready. Start a fine-tune with the default settings.")
     return redirect(dataset)
 

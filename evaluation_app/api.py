@@ -9,13 +9,10 @@ from rest_framework.views import APIView
 
 from evaluation_app import judging, selectors, services
 from evaluation_app.models import Evaluation, EvaluationExample, JudgeRun, JudgeVerdict, Rating
-from evaluation_app.preference import TooFewPairs, preference_job_start
+from evaluation_app.preference import preference_job_start
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.api import TrainingJobSerializer
 from training_app.selectors import get_job_for_user
-from training_app.services import ConfigInvalid, JobConflict
-from tuna_core.errors import ApiError
-from tuna_core.quotas import LimitExceeded
 
 
 class TestResultSerializer(serializers.ModelSerializer):
@@ -117,12 +114,7 @@ class EvaluationRunApi(APIView):
         data = RunSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         job = get_job_for_user(request.user, data.validated_data["training_job_id"])
-        try:
-            evaluation, created = services.evaluation_start(owner=request.user, job=job, test_size=data.validated_data.get("test_size"))
-        except services.EvaluationInvalid as exc:
-            return Response({"detail": exc.message, "errors": {exc.field: [exc.message]}}, status=400)
-        except (services.EvaluationConflict, LimitExceeded) as exc:
-            raise ApiError(str(exc), 409) from None
+        evaluation, created = services.evaluation_start(owner=request.user, job=job, test_size=data.validated_data.get("test_size"))
         return Response(EvaluationSummarySerializer(evaluation).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
@@ -134,10 +126,7 @@ class EvaluationDetailApi(APIView):
 
     @extend_schema(responses={204: None}, description="Delete the evaluation with its answers and votes. A running one answers 409.")
     def delete(self, request: Request, pk: int) -> Response:
-        try:
-            services.evaluation_delete(evaluation=get_evaluation_for_user(request.user, pk))
-        except services.EvaluationConflict as exc:
-            raise ApiError(str(exc), 409) from None
+        services.evaluation_delete(evaluation=get_evaluation_for_user(request.user, pk))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -147,10 +136,7 @@ class EvaluationRateApi(APIView):
         evaluation = get_evaluation_for_user(request.user, pk)
         data = RateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            rating, _ = services.rating_set(user=request.user, evaluation=evaluation, **data.validated_data)
-        except services.VoteInvalid as exc:
-            raise ApiError(str(exc), 400) from None
+        rating, _ = services.rating_set(user=request.user, evaluation=evaluation, **data.validated_data)
         return Response(
             {"example_index": rating.example.index, "preferred_model": rating.preferred_model, "blind": rating.blind},
             status=status.HTTP_201_CREATED,
@@ -247,12 +233,7 @@ class EvaluationJudgeApi(APIView):
         evaluation = get_evaluation_for_user(request.user, pk)
         data = JudgeAskSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            run, created = judging.judge_start(owner=request.user, evaluation=evaluation, rubric=data.validated_data.get("rubric"))
-        except judging.RubricInvalid as exc:
-            return Response({"detail": str(exc), "errors": {"rubric": [str(exc)]}}, status=400)
-        except (judging.JudgeUnavailable, LimitExceeded) as exc:
-            raise ApiError(str(exc), 409) from None
+        run, created = judging.judge_start(owner=request.user, evaluation=evaluation, rubric=data.validated_data.get("rubric"))
         return Response(JudgeRunSerializer(run).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
@@ -270,12 +251,5 @@ class EvaluationTrainPreferencesApi(APIView):
         evaluation = get_evaluation_for_user(request.user, pk)
         data = PreferenceTrainingSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            job = preference_job_start(owner=request.user, evaluation=evaluation, **data.validated_data)
-        except TooFewPairs as exc:
-            return Response({"detail": str(exc), "errors": {"pairs": [str(exc)]}}, status=400)
-        except ConfigInvalid as exc:
-            return Response({"detail": str(exc), "errors": {k: [v] for k, v in exc.errors.items()}}, status=400)
-        except (JobConflict, LimitExceeded) as exc:
-            raise ApiError(str(exc), 409) from None
+        job = preference_job_start(owner=request.user, evaluation=evaluation, **data.validated_data)
         return Response(TrainingJobSerializer(job).data, status=status.HTTP_201_CREATED)

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.db import transaction
 
 from evaluation_app.models import Evaluation, JudgeRun, JudgeVerdict, Rating
+from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm import metrics
@@ -25,12 +26,13 @@ MAX_RUBRIC_CHARS = 4000
 WINNER = {"first": JudgeVerdict.Winner.BASE, "second": JudgeVerdict.Winner.FINETUNED, "tie": JudgeVerdict.Winner.TIE}
 
 
-class JudgeUnavailable(Exception):
+class JudgeUnavailable(Conflict):
     """No judge endpoint is configured, or the evaluation cannot be judged (yet)."""
 
 
-class RubricInvalid(ValueError):
-    pass
+class RubricInvalid(Invalid, ValueError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errors={"rubric": [message]})
 
 
 def judge_endpoint() -> JudgeEndpoint | None:

@@ -11,6 +11,7 @@ from evaluation_app.selectors import training_pairs
 from evaluation_app.services import EvaluationConflict, evaluation_start
 from training_app.models import TrainingJob
 from training_app.services import MAX_CONTINUE_EPOCHS, ConfigInvalid, JobConflict
+from tuna_core.errors import Invalid
 from tuna_core.jobs import job_enqueue
 from tuna_core.quotas import LimitExceeded, check_active_jobs
 from tuna_llm.preference import preference_settings
@@ -19,8 +20,11 @@ from tuna_llm.training_config import TrainingConfig
 logger = logging.getLogger("tuna.evaluation")
 
 
-class TooFewPairs(Exception):
+class TooFewPairs(Invalid):
     """Not enough chosen / rejected pairs to preference-tune on; the message says how many more are needed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, errors={"pairs": [message]})
 
 
 def preference_job_start(*, owner, evaluation, include_judge: bool = False, epochs: int | None = None) -> TrainingJob:

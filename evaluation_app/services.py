@@ -13,6 +13,7 @@ from datasets_app.examples import held_out_examples
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
 from tuna_core.costs import cost_usd
+from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import LimitExceeded, check_active_jobs
 from tuna_llm import metrics
@@ -24,21 +25,20 @@ logger = logging.getLogger("tuna.evaluation")
 DEFAULT_TEST_SIZE = 50
 
 
-class EvaluationConflict(Exception):
+class EvaluationConflict(Conflict):
     pass
 
 
-class VoteInvalid(ValueError):
+class VoteInvalid(Invalid, ValueError):
     pass
 
 
-class EvaluationInvalid(ValueError):
+class EvaluationInvalid(Invalid, ValueError):
     """A bad value for one field of an evaluation request; `field` names it."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, errors={field: [message]})
         self.field = field
-        self.message = message
 
 
 def evaluation_test_size(raw: Any) -> int | None:

@@ -31,6 +31,7 @@ from django.conf import settings
 
 from training_app.exports import base_gguf_dir, serving_export
 from training_app.models import Export, TrainingJob
+from tuna_core.errors import Conflict
 from tuna_llm.serving.engine import Generation
 from tuna_llm.serving.llamacpp import ENGINE_NAME as LLAMACPP
 from tuna_llm.serving.llamacpp import LlamaCall
@@ -40,7 +41,7 @@ ENGINES = (TRANSFORMERS, LLAMACPP)
 BASE_GGUF = "base-f16.gguf"
 
 
-class NotServable(Exception):
+class NotServable(Conflict):
     """The chosen engine cannot serve this model (yet); the message says what to do."""
 
 

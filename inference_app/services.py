@@ -19,6 +19,7 @@ from inference_app.engines import LLAMACPP, TRANSFORMERS
 from inference_app.models import UsageLog
 from training_app.models import TrainingJob
 from tuna_core.costs import cost_usd
+from tuna_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 from tuna_llm.serving.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
 from tuna_llm.serving.compute import compute_thread
@@ -36,35 +37,28 @@ MIN_SAMPLING_TEMPERATURE = 1e-3
 SURROGATE = "The prompt contains a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text."
 
 
-class InferenceRefused(Exception):
-    """A call refused before generation; ``status`` is the HTTP answer, ``param`` the request field at fault."""
-
-    status = 400
-    param: str | None = None
+class InferenceRefused(UserError):
+    """A call refused before generation; its kind (below) decides the answer, ``param`` names the field at fault."""
 
 
-class ModelNotFound(InferenceRefused, LookupError):
-    status = 404
+class ModelNotFound(InferenceRefused, NotFound, LookupError):
+    pass
 
 
-class ModelNotReady(InferenceRefused, RuntimeError):
-    status = 409
+class ModelNotReady(InferenceRefused, Conflict, RuntimeError):
+    pass
 
 
-class InferenceBusy(InferenceRefused, RuntimeError):
+class InferenceBusy(InferenceRefused, Unavailable, RuntimeError):
     """More calls are waiting for generation in this process than TUNA_MAX_INFERENCE_QUEUE allows."""
 
-    status = 503
-
     def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after=retry_after)
 
 
-class InferenceInvalid(InferenceRefused, ValueError):
+class InferenceInvalid(InferenceRefused, Invalid, ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, errors={param: [message]} if param else None, param=param)
 
 
 @dataclass(frozen=True)
@@ -293,9 +287,13 @@ admissions = _Admissions()
 
 
 def admit(call: Call) -> None:
-    """Refuse a call now (InferenceBusy) if it could not be admitted; for streams, before their 200 goes out."""
-    with admissions.admitted(_runner(call), 1):
-        pass
+    """Refuse a call now (InferenceBusy, logged) if it could not be admitted; for streams, before their 200 goes out."""
+    try:
+        with admissions.admitted(_runner(call), 1):
+            pass
+    except InferenceRefused as exc:
+        log_refused(call, exc)
+        raise
 
 
 def run_calls(calls: list[Call]) -> list[Generation]:

@@ -1,5 +1,5 @@
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
@@ -11,8 +11,6 @@ from datasets_app.selectors import get_dataset_for_user
 from training_app import services
 from training_app.models import TrainingJob
 from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, training_logs
-from tuna_core.errors import ApiError
-from tuna_core.quotas import LimitExceeded
 
 
 class TrainingLogSerializer(serializers.Serializer):
@@ -131,15 +129,16 @@ class TrainingJobStartApi(APIView):
         data = TrainingStartSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         dataset: Dataset = get_dataset_for_user(request.user, data.validated_data["dataset_id"])
-        try:
-            job = services.training_job_start(owner=request.user, dataset=dataset, config_data=data.validated_data["config"])
-        except services.ConfigInvalid as exc:
-            return Response({"detail": f"Invalid training settings: {exc}", "errors": exc.errors}, status=400)
-        except services.DatasetNotTrainable as exc:
-            raise ApiError(str(exc), 400) from None
-        except LimitExceeded as exc:
-            raise ApiError(exc.message, exc.status_code) from None
+        job = services.training_job_start(owner=request.user, dataset=dataset, config_data=data.validated_data["config"])
         return Response(TrainingJobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+
+class TrainingJobDeleteQuerySerializer(serializers.Serializer):
+    purge = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="true: delete the job with its evaluations, loss history and files instead of cancelling it.",
+    )
 
 
 class TrainingJobDetailApi(APIView):
@@ -148,35 +147,42 @@ class TrainingJobDetailApi(APIView):
         return Response(TrainingJobSerializer(get_job_for_user(request.user, pk)).data)
 
     @extend_schema(
-        responses={204: None},
-        description="Delete the job with its evaluations, loss history and files (adapter, checkpoints, exports). "
-        "A training job answers 409 (cancel it first: POST /api/training/{id}/cancel), as does a job that other runs continue.",
+        summary="Cancel a training job (or, with purge=true, delete it with its files)",
+        parameters=[
+            OpenApiParameter(
+                "purge",
+                bool,
+                description="Delete the job with its evaluations, loss history and files (adapter, checkpoints, exports) "
+                "instead of cancelling it. A training job answers 409 (cancel it first), as does a job that other runs continue.",
+            )
+        ],
+        responses={200: TrainingJobSerializer, 204: None},
+        description="Without purge: cancel a queued or training job, as POST /api/training/{id}/cancel does. A queued job is "
+        "cancelled at once; a training one stops after the current step (`cancel_requested` is true until then). The job stays, "
+        "with its loss history, and answers 200 with its state; a finished job (completed, failed, cancelled) answers 409. "
+        "With purge=true: the job and its files are deleted, answering 204.",
     )
     def delete(self, request: Request, pk: int) -> Response:
-        try:
-            services.training_job_delete(job=get_job_for_user(request.user, pk))
-        except services.JobConflict as exc:
-            raise ApiError(str(exc), 409) from None
-        return Response(status=status.HTTP_204_NO_CONTENT)
+        job = get_job_for_user(request.user, pk)
+        query = TrainingJobDeleteQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        if query.validated_data["purge"]:
+            services.training_job_delete(job=job)
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        return Response(TrainingJobSerializer(services.training_job_cancel(job=job)).data)
 
 
 class TrainingJobCancelApi(APIView):
     @extend_schema(request=None, responses={200: TrainingJobSerializer}, description="Cancel the job. A finished job answers 409.")
     def post(self, request: Request, pk: int) -> Response:
-        try:
-            job = services.training_job_cancel(job=get_job_for_user(request.user, pk))
-        except services.JobConflict as exc:
-            raise ApiError(str(exc), 409) from None
+        job = services.training_job_cancel(job=get_job_for_user(request.user, pk))
         return Response(TrainingJobSerializer(job).data)
 
 
 class TrainingJobResumeApi(APIView):
     @extend_schema(request=None, responses={202: TrainingJobSerializer})
     def post(self, request: Request, pk: int) -> Response:
-        try:
-            job = services.training_job_resume(job=get_job_for_user(request.user, pk))
-        except (services.JobConflict, LimitExceeded) as exc:
-            raise ApiError(str(exc), 409) from None
+        job = services.training_job_resume(job=get_job_for_user(request.user, pk))
         return Response(TrainingJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -198,12 +204,7 @@ class TrainingJobContinueApi(APIView):
     def post(self, request: Request, pk: int) -> Response:
         data = TrainingContinueSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            child = services.training_job_continue(job=get_job_for_user(request.user, pk), epochs=data.validated_data.get("epochs"))
-        except (services.JobConflict, LimitExceeded) as exc:
-            raise ApiError(str(exc), 409) from None
-        except services.ConfigInvalid as exc:
-            return Response({"detail": f"Invalid settings: {exc}", "errors": exc.errors}, status=400)
+        child = services.training_job_continue(job=get_job_for_user(request.user, pk), epochs=data.validated_data.get("epochs"))
         return Response(TrainingJobSerializer(child).data, status=status.HTTP_201_CREATED)
 
 

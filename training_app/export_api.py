@@ -15,9 +15,8 @@ from rest_framework.views import APIView
 from training_app import exports
 from training_app.models import Export
 from training_app.selectors import get_job_for_user
-from tuna_core.errors import ApiError
+from tuna_core.errors import Conflict, NotFound
 from tuna_core.jobs import queue_position
-from tuna_core.quotas import LimitExceeded
 
 
 class ExportFileSerializer(serializers.Serializer):
@@ -126,7 +125,7 @@ class ExportStartSerializer(serializers.Serializer):
 def _latest_or_404(job) -> Export:
     export = exports.latest_export(job)
     if export is None:
-        raise ApiError(f"Job #{job.pk} has not been exported yet: POST /api/training/{job.pk}/export starts an export.", 404)
+        raise NotFound(f"Job #{job.pk} has not been exported yet: POST /api/training/{job.pk}/export starts an export.")
     return export
 
 
@@ -145,19 +144,14 @@ class TrainingJobExportApi(APIView):
         data = ExportStartSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         job = get_job_for_user(request.user, pk)
-        try:
-            export = exports.export_start(owner=request.user, job=job, formats=data.validated_data.get("formats"))
-        except exports.ExportRefused as exc:
-            raise ApiError(str(exc), exc.status) from None
-        except LimitExceeded as exc:
-            raise ApiError(exc.message, exc.status_code) from None
+        export = exports.export_start(owner=request.user, job=job, formats=data.validated_data.get("formats"))
         return Response(ExportSerializer(export).data, status=status.HTTP_202_ACCEPTED)
 
 
 def _completed_or_409(job) -> Export:
     export = _latest_or_404(job)
     if export.status != Export.Status.COMPLETED:
-        raise ApiError(f"Export #{export.pk} is {export.get_status_display().lower()}; its files are listed once it has completed.", 409)
+        raise Conflict(f"Export #{export.pk} is {export.get_status_display().lower()}; its files are listed once it has completed.")
     return export
 
 
@@ -167,7 +161,7 @@ class TrainingJobExportFileApi(APIView):
         export = _completed_or_409(get_job_for_user(request.user, pk))
         path = exports.export_file(export, name)
         if path is None:
-            raise ApiError(f"Export #{export.pk} has no file named {name!r}.", 404)
+            raise NotFound(f"Export #{export.pk} has no file named {name!r}.")
         return FileResponse(path.open("rb"), as_attachment=True, filename=path.name)
 
 
@@ -176,7 +170,7 @@ class TrainingJobExportBundleApi(APIView):
     def get(self, request: Request, pk: int):
         export = _completed_or_409(get_job_for_user(request.user, pk))
         if not exports.bundle_members(export):
-            raise ApiError(f"Export #{export.pk} has no GGUF files to bundle (it exported {', '.join(export.formats)}).", 404)
+            raise NotFound(f"Export #{export.pk} has no GGUF files to bundle (it exported {', '.join(export.formats)}).")
         response = StreamingHttpResponse(exports.stream_bundle(export), content_type="application/x-tar")
         response["Content-Length"] = str(exports.bundle_size(export))
         response["Content-Disposition"] = f'attachment; filename="tuna-job-{pk}-{exports.BUNDLE_NAME}"'

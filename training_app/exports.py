@@ -25,6 +25,7 @@ from django.db import transaction
 
 from datasets_app.examples import held_out_examples
 from training_app.models import Export, TrainingJob
+from tuna_core.errors import Conflict, Invalid, Unavailable
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm import gguf_export, ollama
@@ -40,12 +41,16 @@ ALL_FORMATS = [choice.value for choice in Export.Format]
 BUNDLE_NAME = "bundle.tar"
 
 
-class ExportRefused(Exception):
+class ExportRefused(Conflict):
     """An export that cannot start (the job is not completed, a format is unknown, llama.cpp is missing)."""
 
-    def __init__(self, message: str, status: int = 409) -> None:
-        super().__init__(message)
-        self.status = status
+
+class ExportFormatUnknown(Invalid, ExportRefused):
+    pass
+
+
+class ExportToolsMissing(Unavailable, ExportRefused):
+    """llama.cpp's converter is not installed on this server."""
 
 
 def export_dir(job: TrainingJob) -> Path:
@@ -67,10 +72,11 @@ def export_start(*, owner, job: TrainingJob, formats: list[str] | None = None) -
     formats = list(dict.fromkeys(formats or ALL_FORMATS))
     unknown = [f for f in formats if f not in ALL_FORMATS]
     if unknown:
-        raise ExportRefused(f"Unknown export format {unknown[0]!r}; choose from {', '.join(ALL_FORMATS)}.", status=400)
+        message = f"Unknown export format {unknown[0]!r}; choose from {', '.join(ALL_FORMATS)}."
+        raise ExportFormatUnknown(message, errors={"formats": [message]})
     missing = gguf_export.export_unavailable()
     if missing and any(f.startswith("gguf") for f in formats):
-        raise ExportRefused(missing, status=503)
+        raise ExportToolsMissing(missing)
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().get(pk=job.pk)
         if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:

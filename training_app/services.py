@@ -20,6 +20,7 @@ from datasets_app.models import Dataset
 from datasets_app.services import DatasetInUse
 from training_app.limits import check_epochs, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
@@ -36,17 +37,19 @@ logger = logging.getLogger("tuna.training")
 job_completed = Signal()
 
 
-class JobConflict(Exception):
+class JobConflict(Conflict):
     """An action that does not fit the job's state (e.g. cancelling a finished job)."""
 
 
-class ConfigInvalid(Exception):
-    def __init__(self, errors: dict[str, str]) -> None:
-        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
-        self.errors = errors
+class ConfigInvalid(Invalid):
+    """Settings refused, field by field (``errors``: setting to its messages)."""
+
+    def __init__(self, errors: dict[str, str | list[str]]) -> None:
+        summary = "; ".join(f"{k}: {' '.join(v) if isinstance(v, list) else v}" for k, v in errors.items())
+        super().__init__(f"Invalid settings: {summary}", errors=errors)
 
 
-class DatasetNotTrainable(Exception):
+class DatasetNotTrainable(Invalid):
     pass
 
 

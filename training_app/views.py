@@ -156,7 +156,7 @@ def training_continue(request: HttpRequest, pk: int) -> HttpResponse:
         messages.error(request, str(exc))
         return redirect(job)
     except services.ConfigInvalid as exc:
-        messages.error(request, f"Epochs: {exc.errors['epochs']}")
+        messages.error(request, f"Epochs: {' '.join(exc.errors['epochs'])}")
         return redirect(job)
     messages.success(request, f"Job #{child.pk} continues job #{job.pk} from its adapter.")
     return redirect(child)

@@ -9,17 +9,12 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
+from tuna_core.errors import LimitReached
 from tuna_core.jobs import job_kinds
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(LimitReached):
     """A request over one of the limits; the message names the limit, its setting and the current count."""
-
-    status_code = 409
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 def active_jobs(owner) -> int:

@@ -1,4 +1,5 @@
-"""What both front doors share: the body is validated, then the call is prepared; a refusal is logged and answered."""
+"""What both front doors share: the body is validated, then the call is prepared. A refusal (an
+`InferenceRefused`) propagates to tuna_core.errors.exception_handler, which answers it in the door's shape."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 
 from inference_app import services
-from tuna_core.errors import ApiError
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
 
@@ -26,24 +26,4 @@ def validated(request: Request, serializer_class: type[serializers.Serializer], 
 def prepared_call(request: Request, values: dict, *, endpoint: str, model_field: str, **prompt) -> services.Call:
     """The checked call for validated values; ``prompt`` is ``messages=`` or ``text=``."""
     sampling = {k: values[k] for k in SAMPLING_FIELDS}
-    try:
-        return services.checked_call(user=request.user, model_id=values[model_field], endpoint=endpoint, **prompt, **sampling)
-    except services.InferenceRefused as exc:
-        raise ApiError(str(exc), exc.status, param=exc.param) from None
-
-
-def run_answered(call: services.Call):
-    """Run a prepared call; a refusal met on the way (the model is busy) is answered with its status."""
-    try:
-        return services.run_call(call)
-    except services.InferenceRefused as exc:
-        raise ApiError(str(exc), exc.status, param=exc.param, retry_after=getattr(exc, "retry_after", None)) from None
-
-
-def admit_stream(call: services.Call) -> None:
-    """Refuse a stream before its 200 goes out if the model is too busy to take it."""
-    try:
-        services.admit(call)
-    except services.InferenceRefused as exc:
-        services.log_refused(call, exc)
-        raise ApiError(str(exc), exc.status, param=exc.param, retry_after=getattr(exc, "retry_after", None)) from None
+    return services.checked_call(user=request.user, model_id=values[model_field], endpoint=endpoint, **prompt, **sampling)

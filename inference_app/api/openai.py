@@ -16,7 +16,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference_app import services
-from inference_app.api.base import admit_stream, prepared_call, run_answered, validated
+from inference_app.api.base import prepared_call, validated
 from inference_app.api.serializers import (
     ChatCompletionResultSerializer,
     ChatCompletionSerializer,
@@ -28,34 +28,10 @@ from tuna_llm.catalog import get_catalog
 
 
 class OpenAIView(APIView):
-    """Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    """Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: tuna_core.errors.exception_handler reads
+    ``error_shape``."""
 
-    def handle_exception(self, exc):
-        response = super().handle_exception(exc)
-        detail = response.data.get("detail") if isinstance(response.data, dict) else response.data
-        kind = {
-            400: "invalid_request_error",
-            401: "authentication_error",
-            403: "permission_error",
-            404: "not_found_error",
-            409: "conflict_error",
-            429: "rate_limit_error",
-            503: "overloaded_error",
-        }.get(response.status_code, "api_error")
-        code = {
-            401: "invalid_api_key",
-            404: "model_not_found",
-            409: "model_not_ready",
-            429: "rate_limit_exceeded",
-            503: "engine_overloaded",
-        }.get(response.status_code)
-        param = None
-        if isinstance(response.data, dict) and response.data.get("errors"):
-            param = next(iter(response.data["errors"]))
-        else:
-            param = getattr(exc, "param", None)
-        response.data = {"error": {"message": str(detail), "type": kind, "param": param, "code": code}}
-        return response
+    error_shape = "openai"
 
 
 def _usage(result) -> dict:
@@ -98,13 +74,13 @@ class _GenerationApi(OpenAIView):
         call = prepared_call(request, values, endpoint=self.endpoint, model_field="model", **self.prompt_kwargs(values))
         ident, created = f"{self.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         if values["stream"]:
-            admit_stream(call)
+            services.admit(call)  # a refusal here is still answered with its status: no byte has gone out
             include_usage = bool(values["stream_options"].get("include_usage"))
             response = StreamingHttpResponse(self.events(call, ident, created, include_usage), content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             return response
-        result = run_answered(call)
+        result = services.run_call(call)
         return Response(
             {
                 "id": ident,

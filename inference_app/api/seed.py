@@ -8,7 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from inference_app import services
-from inference_app.api.base import prepared_call, run_answered, validated
+from inference_app.api.base import prepared_call, validated
 from inference_app.api.serializers import InferenceResultSerializer, InferenceSerializer
 
 ENDPOINT = "api/inference"
@@ -21,7 +21,7 @@ class InferenceApi(APIView):
         call = prepared_call(
             request, values, endpoint=ENDPOINT, model_field="model_id", messages=[{"role": "user", "content": values["prompt"]}]
         )
-        result = run_answered(call)
+        result = services.run_call(call)
         return Response(
             {
                 "output": result.text,

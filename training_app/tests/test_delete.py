@@ -79,15 +79,62 @@ def test_it_refuses_to_delete_a_training_job_until_it_is_cancelled(alice_client,
     assert "cancel it first" in page and 'id="confirm-delete"' not in page
     response = alice_client.post(reverse("training-delete", args=[job.pk]))
     assert response.status_code == 409 and "is training; cancel it first" in response.content.decode()
-    response = alice_api.delete(f"/api/training/{job.pk}")
+    response = alice_api.delete(f"/api/training/{job.pk}?purge=true")
     assert response.status_code == 409 and response.json()["detail"].startswith(f"Job #{job.pk} is training; cancel it first")
     assert TrainingJob.objects.filter(pk=job.pk).exists() and root.exists()
+    response = alice_api.delete(f"/api/training/{job.pk}")  # the seed's DELETE: cancel
+    assert response.status_code == 200 and response.json()["cancel_requested"] is True
+    assert TrainingJob.objects.get(pk=job.pk).cancel_requested and root.exists()
+
+
+def test_it_cancels_a_training_job_with_delete_and_keeps_it_readable(alice_api, alice, valid_dataset, data_dir):
+    """A client written against the seed: DELETE /api/training/{id} cancels; the job stays, with its history."""
+    job = job_row(alice, valid_dataset)  # queued: cancelled at once
+    LossPoint.objects.create(job=job, step=1, epoch=0.1, loss=2.0)
+    response = alice_api.delete(f"/api/training/{job.pk}")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    again = alice_api.get(f"/api/training/{job.pk}")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    assert [log["step"] for log in again.json()["training_logs"]] == [1]
+    job.refresh_from_db()
+    assert job.status == "cancelled" and job.cancel_requested and job.completed_at is not None
+    retried = alice_api.delete(f"/api/training/{job.pk}")  # a retry does not destroy it
+    assert retried.status_code == 409 and retried.json() == {
+        "detail": f"Job #{job.pk} has already finished (cancelled); there is nothing to cancel.",
+        "errors": {},
+    }
+    assert TrainingJob.objects.filter(pk=job.pk, status="cancelled").exists()
+
+
+@pytest.mark.parametrize("state", ["completed", "failed", "cancelled"])
+def test_it_purges_a_finished_job_only_when_asked(alice_api, alice, valid_dataset, data_dir, django_capture_on_commit_callbacks, state):
+    job = completed_job(alice, valid_dataset, data_dir)
+    TrainingJob.objects.filter(pk=job.pk).update(status=state)
+    root = data_dir / "jobs" / str(job.pk)
+    response = alice_api.delete(f"/api/training/{job.pk}")
+    assert response.status_code == 409 and f"({state})" in response.json()["detail"]
+    assert alice_api.delete(f"/api/training/{job.pk}?purge=false").status_code == 409
+    assert alice_api.delete(f"/api/training/{job.pk}?purge=perhaps").status_code == 400
+    assert TrainingJob.objects.filter(pk=job.pk).exists() and root.exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert alice_api.delete(f"/api/training/{job.pk}?purge=true").status_code == 204
+    assert not TrainingJob.objects.filter(pk=job.pk).exists() and not root.exists()
+    assert alice_api.get(f"/api/training/{job.pk}").status_code == 404
+
+
+def test_it_documents_the_purge_of_a_job_in_the_schema(alice_client):
+    import yaml
+
+    operation = yaml.safe_load(alice_client.get("/api/schema").content)["paths"]["/api/training/{id}"]["delete"]
+    assert operation["summary"].startswith("Cancel a training job")
+    assert [p["name"] for p in operation["parameters"] if p["in"] == "query"] == ["purge"]
+    assert {"200", "204", "409"} <= set(operation["responses"])
 
 
 def test_it_deletes_a_queued_job_through_the_api(alice_api, alice, valid_dataset, django_capture_on_commit_callbacks):
     job = job_row(alice, valid_dataset)
     with django_capture_on_commit_callbacks(execute=True):
-        assert alice_api.delete(f"/api/training/{job.pk}").status_code == 204
+        assert alice_api.delete(f"/api/training/{job.pk}?purge=true").status_code == 204
     assert not TrainingJob.objects.filter(pk=job.pk).exists()
     assert alice_api.get(f"/api/training/{job.pk}").status_code == 404
 
@@ -97,22 +144,22 @@ def test_it_refuses_to_delete_a_job_that_another_run_continues(
 ):
     parent = completed_job(alice, valid_dataset, data_dir)
     child = job_row(alice, valid_dataset, status="completed", parent=parent)
-    response = alice_api.delete(f"/api/training/{parent.pk}")
+    response = alice_api.delete(f"/api/training/{parent.pk}?purge=true")
     assert response.status_code == 409
     assert response.json()["detail"] == (
         f"Job #{parent.pk} is continued by job #{child.pk}, which starts from its adapter; delete that one first."
     )
     assert TrainingJob.objects.count() == 2 and (data_dir / "jobs" / str(parent.pk)).exists()
     with django_capture_on_commit_callbacks(execute=True):
-        assert alice_api.delete(f"/api/training/{child.pk}").status_code == 204
-        assert alice_api.delete(f"/api/training/{parent.pk}").status_code == 204
+        assert alice_api.delete(f"/api/training/{child.pk}?purge=true").status_code == 204
+        assert alice_api.delete(f"/api/training/{parent.pk}?purge=true").status_code == 204
     assert not TrainingJob.objects.exists() and not (data_dir / "jobs" / str(parent.pk)).exists()
 
 
 def test_it_refuses_to_delete_a_job_while_it_is_being_evaluated(alice_api, alice, valid_dataset, data_dir):
     job = completed_job(alice, valid_dataset, data_dir)
     running = evaluation_of(job, status="running", votes=False)
-    response = alice_api.delete(f"/api/training/{job.pk}")
+    response = alice_api.delete(f"/api/training/{job.pk}?purge=true")
     assert response.status_code == 409 and f"Evaluation #{running.pk} of job #{job.pk} is running" in response.json()["detail"]
     assert TrainingJob.objects.filter(pk=job.pk).exists()
 
@@ -121,6 +168,7 @@ def test_it_answers_404_for_another_users_job_or_evaluation(alice_client, bob_ap
     job = completed_job(alice, valid_dataset, data_dir)
     evaluation = evaluation_of(job)
     assert bob_api.delete(f"/api/training/{job.pk}").status_code == 404
+    assert bob_api.delete(f"/api/training/{job.pk}?purge=true").status_code == 404
     assert bob_api.post(f"/api/training/{job.pk}/cancel").status_code == 404
     assert bob_api.delete(f"/api/evaluation/{evaluation.pk}").status_code == 404
     alice_client.force_login(bob)
@@ -135,6 +183,7 @@ def test_it_asks_anonymous_users_to_log_in_before_deleting(client, alice, valid_
     response = client.post(reverse("training-delete", args=[job.pk]))
     assert response.status_code == 302 and reverse("login") in response.url
     assert client.delete(f"/api/training/{job.pk}").status_code == 401
+    assert client.delete(f"/api/training/{job.pk}?purge=true").status_code == 401
     assert TrainingJob.objects.filter(pk=job.pk).exists()
 
 

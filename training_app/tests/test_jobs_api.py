@@ -45,18 +45,18 @@ def test_it_rejects_bad_settings_with_field_errors(alice_api, valid_dataset):
     }
     response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": config}, format="json")
     assert response.status_code == 400
-    errors = response.json()["errors"]
-    assert errors["num_epochs"] == "Must be between 1 and 50."
-    assert "Must be a number" in errors["learning_rate"]
-    assert "between 0 and 0.5" in errors["lora_dropout"]
-    assert "gpt-9" in errors["base_model"]
-    assert "Unknown setting" in errors["colour"]
+    errors = response.json()["errors"]  # field -> list of messages, the one error shape of the API
+    assert errors["num_epochs"] == ["Must be between 1 and 50."]
+    assert "Must be a number" in errors["learning_rate"][0]
+    assert "between 0 and 0.5" in errors["lora_dropout"][0]
+    assert "gpt-9" in errors["base_model"][0]
+    assert "Unknown setting" in errors["colour"][0]
     assert TrainingJob.objects.count() == 0
     response = alice_api.post(
         "/api/training/start", {"dataset_id": valid_dataset.pk, "config": {"target_modules": "q_proj, nope"}}, format="json"
     )
-    assert "Unknown module nope" in response.json()["errors"]["target_modules"]
-    assert "k_proj" in response.json()["errors"]["target_modules"]
+    assert "Unknown module nope" in response.json()["errors"]["target_modules"][0]
+    assert "k_proj" in response.json()["errors"]["target_modules"][0]
 
 
 def test_it_checks_target_modules_of_a_hub_model_from_the_local_hub_cache(settings, tmp_path, monkeypatch):

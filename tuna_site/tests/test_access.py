@@ -134,7 +134,7 @@ def test_it_accepts_bearer_and_token_headers(alice, valid_dataset):
 def test_it_answers_unknown_api_paths_with_json(client, alice_api):
     assert client.get("/api/nope").status_code == 401
     response = alice_api.get("/api/training/null,null")
-    assert response.status_code == 404 and response.json() == {"detail": "No such API endpoint or object."}
+    assert response.status_code == 404 and response.json() == {"detail": "No such API endpoint or object.", "errors": {}}
     assert alice_api.get("/v1/nope").status_code == 404
 
 

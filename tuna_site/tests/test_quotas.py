@@ -80,7 +80,7 @@ def test_it_counts_evaluations_and_continued_runs_against_the_limit(alice_api, a
 def test_it_bounds_what_one_job_may_ask_for(alice_api, valid_dataset, config, field, text):
     response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": config}, format="json")
     assert response.status_code == 400
-    assert text in response.json()["errors"][field]
+    assert text in response.json()["errors"][field][0]
     assert not TrainingJob.objects.exists()
 
 
@@ -88,7 +88,7 @@ def test_it_refuses_epochs_that_would_run_past_the_update_limit(alice_api, alice
     settings.TUNA_MAX_STEPS_PER_JOB = 50
     response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": {"num_epochs": 20}}, format="json")
     assert response.status_code == 400
-    assert "updates; the limit is 50 per job (TUNA_MAX_STEPS_PER_JOB)" in response.json()["errors"]["num_epochs"]
+    assert "updates; the limit is 50 per job (TUNA_MAX_STEPS_PER_JOB)" in response.json()["errors"]["num_epochs"][0]
     page = alice_client.post(reverse("training-new", args=[valid_dataset.pk]), {"num_epochs": "20"})
     assert page.status_code == 400 and "TUNA_MAX_STEPS_PER_JOB" in page.content.decode()
 
@@ -116,7 +116,7 @@ def test_it_bounds_the_epochs_of_a_continued_run(alice_api, alice, valid_dataset
     job = job_row(alice, valid_dataset, status="completed", adapter_dir="/nonexistent", config=CONFIG)
     response = alice_api.post(f"/api/training/{job.pk}/continue", {"epochs": 10}, format="json")
     assert response.status_code == 400
-    assert response.json()["errors"]["epochs"] == "At most 5 on this server (TUNA_MAX_EPOCHS); got 10."
+    assert response.json()["errors"]["epochs"] == ["At most 5 on this server (TUNA_MAX_EPOCHS); got 10."]
     assert TrainingJob.objects.count() == 1
 
 
