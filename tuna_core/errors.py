@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView, set_rollback
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -106,8 +107,14 @@ def _flat(errors, prefix: str = "") -> dict[str, list[str]]:
     if isinstance(errors, Mapping):
         flat: dict[str, list[str]] = {}
         for key, value in errors.items():
-            name = f"{prefix}[{key}]" if isinstance(key, int) else (f"{prefix}.{key}" if prefix else str(key))
-            flat.update(_flat(value, name))
+            if isinstance(key, int):
+                name = f"{prefix}[{key}]"
+            elif prefix and key == api_settings.NON_FIELD_ERRORS_KEY:  # about the nested value as a whole
+                name = prefix
+            else:
+                name = f"{prefix}.{key}" if prefix else str(key)
+            for field, messages in _flat(value, name).items():
+                flat.setdefault(field, []).extend(messages)
         return flat
     if isinstance(errors, (list, tuple)):
         if all(not isinstance(item, (Mapping, list, tuple)) for item in errors):

@@ -188,6 +188,11 @@ def test_it_answers_v1_operations_in_openai_shape(schema, alice_api):
         assert response.status_code == 400 and assert_openai_shape(response, path)["param"] in ("max_tokens", "messages", "prompt")
         response = call(alice_api, method, path, data=[], format="json")
         assert response.status_code == 400 and assert_openai_shape(response, path)
+        if "chat" in path:  # a nested refusal names its field, as OpenAI's param does
+            response = call(alice_api, method, path, data={"model": "base:smollm2-135m-instruct", "messages": []}, format="json")
+            assert response.status_code == 400 and assert_openai_shape(response, path)["param"] == "messages"
+            response = call(alice_api, method, path, data={"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, format="json")
+            assert response.status_code == 400 and assert_openai_shape(response, path)["param"] == "messages[0].role"
         prompt = {"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"}
         response = call(alice_api, method, path, data={"model": f"tuna-job-{MISSING_ID}", **prompt, "max_tokens": 1}, format="json")
         error = assert_openai_shape(response, path)
