@@ -174,7 +174,8 @@ def _speaks_openai(context) -> bool:
 
 
 def exception_handler(exc, context):
-    """Every API error in one shape (see the module docstring); None lets anything else be a 500."""
+    """Every API error in one shape (see the module docstring); None lets anything else be a 500. A view may
+    add what its callers can do about a refusal with ``error_hint(exc) -> str | None`` (appended to detail)."""
     if not isinstance(exc, (UserError, drf.APIException)):
         exc = _model_layer_error(exc) or exc
     if isinstance(exc, UserError):
