@@ -93,7 +93,7 @@ class EngineRun:
             time.sleep(max(0.0, start + i * ARRIVAL_GAP_S - time.perf_counter()))
             sent = time.perf_counter()
             first = None
-            for _ in engine.stream(self.request(i)):
+            for _ in engine.stream(engine.submit(self.request(i))):
                 if first is None:
                     first = time.perf_counter()
             ttft[i], latency[i] = (first or time.perf_counter()) - sent, time.perf_counter() - sent

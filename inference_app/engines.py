@@ -9,21 +9,18 @@
   is present and some export of a fine-tune of that base passed its parity check (that check ran this
   very base GGUF, with the fine-tune's LoRA on top).
 
-One ``LlamaCppModel`` per base GGUF per process, shared by the base model and all its fine-tunes (each
-call applies its own LoRA GGUF). llama.cpp decodes one call at a time per model; calls queue on its lock.
+``engine_for`` is the one place that picks the engine of a call (tuna_llm.serving.engine's interface): the
+transformers engine of the base model (tuna_llm.serving.batching), or the llama.cpp engine of its base GGUF
+(tuna_llm.serving.llamacpp), one per base GGUF per process, shared by the base model and all its fine-tunes
+(each call applies its own LoRA GGUF). Both decode on the process's one device thread
+(tuna_llm.serving.compute).
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import importlib.util
-import queue
 import threading
-import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +29,15 @@ from django.conf import settings
 from training_app.exports import base_gguf_dir, serving_export
 from training_app.models import Export, TrainingJob
 from tuna_core.errors import Conflict
-from tuna_llm.serving.engine import Generation
+from tuna_llm.loading import ModelUnavailable
+from tuna_llm.serving import batching
+from tuna_llm.serving.compute import compute_thread
+from tuna_llm.serving.engine import Adapter, Engine
 from tuna_llm.serving.llamacpp import ENGINE_NAME as LLAMACPP
-from tuna_llm.serving.llamacpp import LlamaCall
+from tuna_llm.serving.llamacpp import LlamaCppEngine
+from tuna_llm.serving.registry import registry
 
-TRANSFORMERS = "transformers"
+TRANSFORMERS = batching.ENGINE_NAME
 ENGINES = (TRANSFORMERS, LLAMACPP)
 BASE_GGUF = "base-f16.gguf"
 
@@ -69,6 +70,32 @@ def route_for(*, base_model: str, job: TrainingJob | None) -> Route:
     if route is None:
         raise NotServable(_how_to_export(base_model, job))
     return route
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The engine that answers a model's calls, and the adapter it applies (None: the base model)."""
+
+    engine: Engine
+    adapter: Adapter | None
+
+
+def engine_for(*, base_model: str, job: TrainingJob | None) -> Chosen:
+    """The one place that decides which engine answers a call (TUNA_SERVING_ENGINE, exports, parity: see
+    ``route_for``), loading it on first use. NotServable (with what to do) when it cannot answer."""
+    route = route_for(base_model=base_model, job=job)
+    if route.engine == LLAMACPP:
+        try:
+            engine = llama_server(route.base_gguf)
+        except Exception as exc:  # llama-cpp-python missing, or a GGUF it cannot load
+            raise NotServable(f"llama.cpp cannot serve {job.model_id if job else f'base:{base_model}'}: {exc}") from exc
+        adapter = Adapter(f"job-{job.pk}", route.lora_gguf) if job is not None and route.lora_gguf else None
+        return Chosen(engine, adapter)
+    try:
+        loaded = registry.get_on(compute_thread, base_model)
+    except ModelUnavailable as exc:
+        raise NotServable(str(exc)) from exc
+    return Chosen(batching.engine_for(loaded), Adapter(f"job-{job.pk}", job.adapter_dir) if job is not None else None)
 
 
 def _job_route(job: TrainingJob) -> tuple[Route | None, bool]:
@@ -107,141 +134,19 @@ def _how_to_export(base_model: str, job: TrainingJob | None) -> str:
     )
 
 
-# -- llama.cpp models of this process ------------------------------------------------------------
-class LlamaServer:
-    """One base GGUF loaded in this process; its calls decode on the process's llama.cpp thread.
-
-    Why one thread: ggml runs each decode on an OpenMP team that belongs to the calling thread, and every
-    further calling thread (a server has 32) adds a team that competes for the cores. Measured on 2 cores,
-    the embedded model decoded at 63 tokens/s from one thread and at 26-32 tokens/s once calls had come from
-    several threads. So every llama.cpp call of the process (loading included) runs on one thread, one
-    at a time, and the server threads wait for it (their queue time)."""
-
-    def __init__(self, path: Path) -> None:
-        from tuna_llm.serving.llamacpp import LlamaCppModel
-
-        self.model = _llama_thread.submit(LlamaCppModel, path).result()
-
-    @staticmethod
-    def wait_estimate_s(rows: int = 1) -> float:
-        """Calls decode one at a time: those ahead, and these, at the last call's duration."""
-        return (_load.busy + rows) * _load.last_call_s
-
-    def chat(self, call: LlamaCall) -> Generation:
-        submitted = time.perf_counter()
-        with _load.counted():
-            started, result = _llama_thread.submit(_timed_chat, self.model, call).result()
-        return _load.record(_with_queue(result, started - submitted))
-
-    def stream(self, call: LlamaCall) -> LlamaPieces:
-        return LlamaPieces(self.model, call)
-
-
-class LlamaPieces:
-    """A call's text pieces, decoded on the llama.cpp thread and handed over as they come; ``result`` once it
-    ended. ``close()`` stops decoding at the next token (finish_reason "cancelled")."""
-
-    _END = object()
-
-    def __init__(self, model, call: LlamaCall) -> None:
-        self.result: Generation | None = None
-        self._pieces: queue.Queue = queue.Queue()
-        self._cancelled = threading.Event()
-        self._ended = threading.Event()
-        self._submitted = time.perf_counter()
-        _load.begin()
-        _llama_thread.submit(self._decode, model, call)
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        item = self._pieces.get()
-        if item is self._END:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self._cancelled.set()
-        self._ended.wait()
-
-    def _decode(self, model, call: LlamaCall) -> None:
-        started = time.perf_counter()
-        stream = model.stream(call)
-        try:
-            if self._cancelled.is_set():  # closed while it waited for the thread: nothing decoded
-                self.result = Generation("", 0, 0, 0.0, (started - self._submitted) * 1000, 0.0, "cancelled")
-                return
-            for piece in stream:
-                if self._cancelled.is_set():
-                    break
-                self._pieces.put(piece)
-        except Exception as exc:
-            self._pieces.put(exc)
-        finally:
-            stream.close()
-            if stream.result is not None:
-                self.result = _load.record(_with_queue(stream.result, started - self._submitted))
-            _load.end()
-            self._pieces.put(self._END)
-            self._ended.set()
-
-
-class _Load:
-    """Calls waiting for the llama.cpp thread or decoding on it, and how long the last one took."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.busy = 0
-        self.last_call_s = 1.0
-
-    def begin(self) -> None:
-        with self._lock:
-            self.busy += 1
-
-    def end(self) -> None:
-        with self._lock:
-            self.busy -= 1
-
-    @contextmanager
-    def counted(self) -> Iterator[None]:
-        self.begin()
-        try:
-            yield
-        finally:
-            self.end()
-
-    def record(self, result: Generation) -> Generation:
-        if result.compute_ms > 0:
-            self.last_call_s = result.compute_ms / 1000
-        return result
-
-
-def _timed_chat(model, call: LlamaCall) -> tuple[float, Generation]:
-    return time.perf_counter(), model.chat(call)
-
-
-def _with_queue(result: Generation, waited_s: float) -> Generation:
-    """The result with the wait for the llama.cpp thread counted as queue time (never billed)."""
-    return dataclasses.replace(result, queue_ms=result.queue_ms + waited_s * 1000)
-
-
-_llama_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp")
-_load = _Load()
-_servers: dict[Path, LlamaServer] = {}
+# -- llama.cpp engines of this process ----------------------------------------------------------
+_servers: dict[Path, LlamaCppEngine] = {}
 _servers_lock = threading.Lock()
 
 
-def llama_server(path: Path) -> LlamaServer:
-    """This process's model for a base GGUF, loaded on first use (once, whichever thread asks first)."""
+def llama_server(path: Path) -> LlamaCppEngine:
+    """This process's llama.cpp engine for a base GGUF, loaded on first use (once, whichever thread asks first)."""
     with _servers_lock:
         server = _servers.get(path)
         if server is None:
             if not _servers:
                 atexit.register(_close_servers)
-            server = _servers[path] = LlamaServer(path)
+            server = _servers[path] = LlamaCppEngine(path)
         return server
 
 

@@ -1,7 +1,7 @@
 """Inference: resolve a model id for a user, choose its engine, check the request, generate, log the call.
 
-transformers calls are batched (tuna_llm.serving.batching); llama.cpp calls run one at a time on their base GGUF's
-model (inference_app.engines). Both are checked, admitted, logged and billed the same way.
+The engine of a call is chosen in one place (inference_app.engines.engine_for) and used through one
+interface (tuna_llm.serving.engine): every call is checked, admitted, logged and billed the same way.
 """
 
 from __future__ import annotations
@@ -15,26 +15,21 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from inference_app import engines
-from inference_app.engines import LLAMACPP, TRANSFORMERS
+from inference_app.engines import TRANSFORMERS
 from inference_app.models import UsageLog
 from training_app.models import TrainingJob
 from tuna_core.costs import cost_usd
 from tuna_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
-from tuna_llm.serving.batching import MAX_SEED, MIN_SEED, GenerationRequest, RequestInvalid, engine_for
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
-from tuna_llm.serving.compute import compute_thread
-from tuna_llm.serving.engine import Generation
-from tuna_llm.serving.llamacpp import LlamaCall
-from tuna_llm.loading import ModelUnavailable
-from tuna_llm.prompting import Message, prompt_messages, render_chat
-from tuna_llm.serving.registry import registry
+from tuna_llm.prompting import Message, prompt_messages
+from tuna_llm.serving.batching import MAX_SEED, MIN_SEED
+from tuna_llm.serving.engine import CallSpec, Engine, Generation, Handle, RequestInvalid, result_of
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
 DEFAULT_MAX_TOKENS = 256
 MAX_JOB_ID_DIGITS = 18  # "tuna-job-<id>": ids beyond this cannot exist (64-bit keys)
 MIN_SAMPLING_TEMPERATURE = 1e-3
-SURROGATE = "The prompt contains a lone UTF-16 surrogate (\\ud800-\\udfff); send valid Unicode text."
 
 
 class InferenceRefused(UserError):
@@ -120,10 +115,10 @@ class Call:
 
     user: object
     model: ResolvedModel
-    request: GenerationRequest | LlamaCall  # for transformers' batching engine, or for llama.cpp
+    request: object  # the engine's own request (Engine.prepare)
     endpoint: str
-    engine: str = TRANSFORMERS
-    runner: engines.LlamaServer | None = None  # the llama.cpp model of the call's base GGUF
+    runner: Engine | None = None  # the engine that answers it
+    engine: str = TRANSFORMERS  # its name (Engine.describe), stored with the usage row
     precision: str = ""  # "bf16" / "fp32" on transformers (the deployment's), "gguf" on llama.cpp
     result: Generation | None = None
 
@@ -150,62 +145,27 @@ def prepare_call(
         # Sampling this cold is greedy decoding; dividing the logits by it would overflow to inf/nan.
         temperature = 0.0
     try:
-        route = engines.route_for(base_model=model.base_model, job=model.job)
+        chosen = engines.engine_for(base_model=model.base_model, job=model.job)
     except engines.NotServable as exc:
         raise ModelNotReady(str(exc)) from None
-    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": tuple(stop)}
-    if route.engine == LLAMACPP:
-        return _prepare_llama(user=user, model=model, endpoint=endpoint, route=route, messages=messages, text=text, sampling=sampling)
-    return _prepare_transformers(user=user, model=model, endpoint=endpoint, messages=messages, text=text, sampling=sampling)
-
-
-def _prepare_transformers(*, user, model: ResolvedModel, endpoint: str, messages, text, sampling: dict) -> Call:
-    try:
-        loaded = registry.get_on(compute_thread, model.base_model)
-    except ModelUnavailable as exc:
-        raise ModelNotReady(str(exc)) from exc
-    prompt = render_chat(loaded.tokenizer, messages, add_generation_prompt=True) if messages is not None else text
-    if not prompt or not prompt.strip():
-        raise InferenceInvalid("The prompt is empty.", "prompt")
-    if not _is_unicode(prompt):
-        raise InferenceInvalid(SURROGATE, "prompt")
-    context = getattr(loaded.base_model.config, "max_position_embeddings", None)
-    prompt_tokens = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if context and prompt_tokens >= context:
-        raise InferenceInvalid(f"The prompt is {prompt_tokens} tokens; this model's context holds {context}.", "prompt")
-    max_new_tokens = sampling.pop("max_tokens")
-    request = GenerationRequest(
-        text=prompt,
-        max_new_tokens=max_new_tokens,
-        **sampling,
-        adapter=model.adapter_name,
-        adapter_path=model.job.adapter_dir if model.job else None,
+    spec = CallSpec(
+        messages=messages,
+        text=text if messages is None else None,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop),
+        adapter=chosen.adapter,
     )
     try:
-        request.check()  # what the engine would refuse is refused here, before it can reach a batch
+        request = chosen.engine.prepare(spec)
     except RequestInvalid as exc:
-        raise InferenceInvalid(str(exc)) from None
-    return Call(user=user, model=model, request=request, endpoint=endpoint, precision=loaded.plan.precision)
-
-
-def _prepare_llama(*, user, model: ResolvedModel, endpoint: str, route: engines.Route, messages, text, sampling: dict) -> Call:
-    """The checks of the transformers path, with the GGUF's own chat template, tokenizer and context."""
-    if messages is None and (not text or not text.strip()):
-        raise InferenceInvalid("The prompt is empty.", "prompt")
-    if not _is_unicode(text if messages is None else "".join(m["content"] for m in messages)):
-        raise InferenceInvalid(SURROGATE, "prompt")
-    try:
-        server = engines.llama_server(route.base_gguf)
-    except Exception as exc:  # llama-cpp-python missing, or a GGUF it cannot load
-        raise ModelNotReady(f"llama.cpp cannot serve {model.model_id}: {exc}") from exc
-    request = LlamaCall(messages=messages or [], text=text if messages is None else None, lora=route.lora_gguf, **sampling)
-    context = server.model.llm.n_ctx()
-    prompt_tokens = len(server.model.call_tokens(request))
-    if prompt_tokens >= context:
-        raise InferenceInvalid(f"The prompt is {prompt_tokens} tokens; this model's context holds {context}.", "prompt")
-    # The answer ends where the context does (finish_reason "length"): llama.cpp cannot decode past it.
-    request.max_tokens = min(request.max_tokens, context - prompt_tokens)
-    return Call(user=user, model=model, request=request, endpoint=endpoint, engine=LLAMACPP, runner=server, precision="gguf")
+        raise InferenceInvalid(str(exc), exc.param) from None
+    info = chosen.engine.describe()
+    return Call(
+        user=user, model=model, request=request, endpoint=endpoint, runner=chosen.engine, engine=info.name, precision=info.precision
+    )
 
 
 def checked_call(*, user, model_id: str | int, endpoint: str, **params) -> Call:
@@ -246,9 +206,9 @@ def playground_compare(*, user, model_id: str, prompt: str, max_tokens: int) -> 
     ]
 
 
-def _runner(call: Call):
-    """What runs the call: its base model's batching engine, or its base GGUF's llama.cpp model."""
-    return call.runner if call.engine == LLAMACPP else engine_for(registry.get_on(compute_thread, call.model.base_model))
+def _runner(call: Call) -> Engine:
+    """The engine that answers the call (chosen when it was prepared)."""
+    return call.runner
 
 
 def run_call(call: Call):
@@ -297,16 +257,11 @@ def admit(call: Call) -> None:
 
 
 def run_calls(calls: list[Call]) -> list[Generation]:
-    """Queue every transformers call before waiting for any, so calls on one base model share a batch (and
-    its time); llama.cpp calls run one after another meanwhile."""
-    by_runner: dict = {}
+    """Queue every call before waiting for any, so calls on one engine share a batch (and its time) where the
+    engine batches; llama.cpp's decode one after another meanwhile."""
+    by_runner: dict[Engine, list[Call]] = {}
     for call in calls:
-        try:
-            runner = _runner(call)
-        except Exception as exc:
-            _log_error(call, exc)
-            raise
-        by_runner.setdefault(runner, []).append(call)
+        by_runner.setdefault(_runner(call), []).append(call)
     with _refusals_logged_for(calls), admissions.admitted(next(iter(by_runner)), len(calls)):
         return _run_admitted(calls, by_runner)
 
@@ -322,14 +277,14 @@ def _refusals_logged_for(calls: list[Call]) -> Iterator[None]:
 
 
 def _run_admitted(calls: list[Call], by_runner: dict) -> list[Generation]:
+    handles: dict[int, Handle] = {}
     for runner, group in by_runner.items():
-        if group[0].engine == TRANSFORMERS:
-            runner.submit_all([call.request for call in group])
+        for call, handle in zip(group, runner.submit_all([call.request for call in group]), strict=True):
+            handles[id(call)] = handle
     failure = None
-    # llama.cpp calls first: they run in this thread while the transformers batch decodes in its own.
-    for call in sorted(calls, key=lambda c: c.engine != LLAMACPP):
+    for call in calls:
         try:
-            call.result = _result(call)
+            call.result = result_of(handles[id(call)])
         except Exception as exc:
             _log_error(call, exc)
             failure = failure or exc
@@ -338,15 +293,6 @@ def _run_admitted(calls: list[Call], by_runner: dict) -> list[Generation]:
     if failure is not None:
         raise failure
     return [call.result for call in calls]
-
-
-def _result(call: Call) -> Generation:
-    if call.engine == LLAMACPP:
-        return call.runner.chat(call.request)
-    call.request.done.wait()
-    if call.request.error is not None:
-        raise call.request.error
-    return call.request.result
 
 
 def stream_call(call: Call) -> Iterator[str]:
@@ -366,20 +312,14 @@ def stream_call(call: Call) -> Iterator[str]:
     _log(call, call.result)
 
 
-def _pieces(call: Call, runner) -> Iterator[str]:
-    """The call's text pieces from its engine; ``call.result`` is set when they end or are closed."""
-    if call.engine == LLAMACPP:
-        stream = runner.stream(call.request)
-        try:
-            yield from stream
-        finally:
-            stream.close()  # closed early: decoding stops at the next token (finish_reason "cancelled")
-            call.result = stream.result
-        return
+def _pieces(call: Call, runner: Engine) -> Iterator[str]:
+    """The call's text pieces from its engine; ``call.result`` is set when they end or are closed (closed early,
+    decoding stops at the next token: finish_reason "cancelled")."""
+    handle = runner.submit(call.request)
     try:
-        yield from runner.stream(call.request)
+        yield from runner.stream(handle)
     finally:
-        call.result = call.request.result
+        call.result = handle.result
 
 
 def log_refused(call: Call, exc: Exception) -> None:
@@ -427,14 +367,6 @@ def log_rejected(*, user, model_id: str | int, endpoint: str, error: str) -> Non
     UsageLog.objects.create(
         user=user, model_id=_storable(str(model_id))[:200], endpoint=endpoint, status=UsageLog.Status.ERROR, error=_storable(error)[:500]
     )
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _storable(text: str) -> str:

@@ -37,11 +37,11 @@ def main() -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from tuna_llm import settings as llm_settings
-    from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, decode_all
     from tuna_llm.catalog import BaseModelSpec
     from tuna_llm.evaluation import answer_loss
     from tuna_llm.loading import pick_device
     from tuna_llm.prompting import render_chat
+    from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, decode_all
     from tuna_llm.serving.registry import load_for_serving
     from tuna_llm.training import run_lora_training
     from tuna_llm.training_config import TrainingConfig

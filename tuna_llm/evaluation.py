@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuna_llm import metrics
+from tuna_llm.prompting import Message, render_chat
 from tuna_llm.serving.batching import GenerationRequest, decode_all
 from tuna_llm.serving.engine import Generation
-from tuna_llm.prompting import Message, render_chat
 from tuna_llm.serving.registry import LoadedBaseModel
 from tuna_llm.training import IGNORE_INDEX, PLAIN_OUTPUT_LAYER, PadCollator, answer_tokens_loss_sum, tokenize_example
 

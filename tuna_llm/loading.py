@@ -57,9 +57,10 @@ def native_bf16() -> tuple[str, str] | None:
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "cuda", f"{torch.cuda.get_device_name()} computes bf16 natively"
         return None
-    if torch.cpu._is_amx_tile_supported():
+    cpu = torch.cpu.get_capabilities()  # public; torch.cpu._is_amx_tile_supported reads this very mapping
+    if cpu.get("amx_tile", False):
         return "cpu", "this CPU has AMX, which computes bf16 natively"
-    if torch.cpu._is_avx512_bf16_supported():
+    if cpu.get("avx512_bf16", False):
         return "cpu", "this CPU has AVX512-BF16, which computes bf16 natively"
     return None
 

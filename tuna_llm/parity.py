@@ -1,6 +1,9 @@
 """Parity of an export: the same held-out prompts, greedy, through PyTorch (transformers + peft, what the
 platform trained and evaluated) and through the exported GGUF in llama.cpp (with the GGUF's own chat
 template). Identical answers are counted, never assumed; every mismatch is kept, side by side. Django-free.
+
+PyTorch's answers are decoded as one continuously batched call, as evaluation and serving decode
+(tuna_llm.serving: a row's answer does not depend on its batch, so each is the answer it gets alone).
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tuna_llm import metrics
-from tuna_llm.serving.batching import generate_chat
+from tuna_llm.prompting import Message, render_chat
+from tuna_llm.serving.batching import GenerationRequest, decode_all
 from tuna_llm.serving.engine import Generation
 from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
-from tuna_llm.prompting import Message
 from tuna_llm.serving.registry import LoadedBaseModel
 
 MISMATCHES_KEPT = 20
@@ -22,15 +25,30 @@ MISMATCHES_KEPT = 20
 def pytorch_answers(
     loaded: LoadedBaseModel,
     examples: Sequence[list[Message]],
-    adapter: str,
+    adapter: str | None,
     budget: int,
     progress: Callable[[int], None] = lambda done: None,
 ) -> list[Generation]:
-    answers = []
-    for index, messages in enumerate(examples):
-        answers.append(generate_chat(loaded, messages[:-1], adapter=adapter, max_new_tokens=budget))
-        progress(index + 1)
-    return answers
+    """Greedy answers to each example's conversation (its last message, the reference, left out) through
+    ``adapter`` (attached to ``loaded``; None: the base model), all decoded in one batched call."""
+    requests = [
+        GenerationRequest(
+            text=render_chat(loaded.tokenizer, messages[:-1], add_generation_prompt=True), max_new_tokens=budget, adapter=adapter
+        )
+        for messages in examples
+    ]
+    ended = 0
+
+    def on_end(request: GenerationRequest) -> None:
+        nonlocal ended
+        ended += 1
+        progress(ended)
+
+    decode_all(loaded, requests, on_end=on_end)
+    for request in requests:
+        if request.error is not None:
+            raise request.error
+    return [request.result for request in requests]
 
 
 def gguf_answers(

@@ -8,9 +8,9 @@ from django.urls import reverse
 from inference_app import services
 from inference_app.models import UsageLog
 from tests.support import job_row
+from tuna_llm.prompting import render_chat
 from tuna_llm.serving import batching
 from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, generate_chat
-from tuna_llm.prompting import render_chat
 from tuna_llm.serving.registry import registry
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]

@@ -8,8 +8,8 @@ import pytest
 
 from inference_app import services
 from inference_app.models import UsageLog
-from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, RequestInvalid, engine_for, generate_chat
 from tuna_llm.prompting import render_chat
+from tuna_llm.serving.batching import BatchingEngine, GenerationRequest, RequestInvalid, engine_for, generate_chat
 from tuna_llm.serving.registry import registry
 
 pytestmark = [pytest.mark.model]

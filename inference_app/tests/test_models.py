@@ -4,9 +4,9 @@ import pytest
 from django.core.management import call_command
 
 from training_app.models import ThroughputMeasurement
-from tuna_llm.serving.batching import generate_chat
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.prompting import render_chat
+from tuna_llm.serving.batching import generate_chat
 from tuna_llm.serving.registry import registry
 from tuna_llm.tokencount import token_counter_for
 

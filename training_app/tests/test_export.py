@@ -13,6 +13,7 @@ from tests.support import job_row
 from training_app import exports
 from training_app.models import Export
 from tuna_core.jobs import job_run
+from tuna_llm.parity import pytorch_answers
 from tuna_llm.serving.batching import generate_chat
 from tuna_llm.serving.registry import registry
 from tuna_llm.tests.modelfile import parse_modelfile
@@ -86,6 +87,25 @@ def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, ali
 
     page = alice_client.get(f"/training/{finetuned_job.pk}")
     assert page.status_code == 200 and b'id="parity"' in page.content and b"bundle.tar" in page.content
+
+
+def test_it_decodes_the_parity_answers_in_one_batch_and_each_is_its_answer_alone(finetuned_job, fp32):
+    """The parity check's PyTorch side decodes its prompts as one batched call (as evaluation does): the
+    batch-invariance promise (tuna_llm.serving) makes each answer the one it gets decoded alone."""
+    loaded = registry.get()
+    loaded.attach_adapter("parity-batch", finetuned_job.adapter_dir)
+    prompts = [
+        "Extract the order as JSON: two red caps, size M, express.",
+        "Say hello in French.",
+        "Écris « bonjour » trois fois, s'il te plaît.",
+        "Name one fruit.",
+    ]
+    examples = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": "-"}] for prompt in prompts]
+    seen = []
+    batched = pytorch_answers(loaded, examples, "parity-batch", 16, progress=seen.append)
+    alone = [generate_chat(loaded, messages[:-1], adapter="parity-batch", max_new_tokens=16) for messages in examples]
+    assert [answer.text for answer in batched] == [answer.text for answer in alone]
+    assert seen == [1, 2, 3, 4]
 
 
 def test_it_refuses_to_export_a_job_that_is_not_completed(alice, alice_api, valid_dataset):

@@ -31,11 +31,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+from tuna_llm.prompting import Message, render_chat
 from tuna_llm.serving.compute import compute_thread
 from tuna_llm.serving.decoding import DecodeBatch, Row
-from tuna_llm.serving.engine import Generation, stop_token_ids
-from tuna_llm.prompting import Message, render_chat
+from tuna_llm.serving.engine import (
+    CallSpec,
+    EngineInfo,
+    Generation,
+    RequestInvalid,
+    check_fits,
+    check_prompt_text,
+    result_of,
+    stream_pieces,
+)
 from tuna_llm.serving.registry import LoadedBaseModel
 from tuna_llm.settings import current
 
@@ -45,11 +55,14 @@ MAX_BATCH = 8
 WINDOW_S = 0.02
 # torch.manual_seed takes a signed or unsigned 64-bit integer; OpenAI's API documents int64.
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
-CANCEL_WAIT_S = 10.0  # how long a closed stream waits for its row to stop, so that its usage is known
+ENGINE_NAME = "transformers"
 
 
-class RequestInvalid(ValueError):
-    """A request the engine refuses before batching: decoding it would fail, and fail its batch mates."""
+def stop_token_ids(loaded: LoadedBaseModel) -> set[int]:
+    """End-of-turn and end-of-text ids: generation ends on any of them."""
+    eos = loaded.base_model.generation_config.eos_token_id
+    ids = set(eos) if isinstance(eos, (list, tuple)) else {eos} if eos is not None else set()
+    return ids | {loaded.tokenizer.eos_token_id}
 
 
 @dataclass(eq=False)
@@ -71,6 +84,8 @@ class GenerationRequest:
     error: BaseException | None = None
     # filled while decoding
     tokens: list[int] = field(default_factory=list)
+    decoder: Any = field(default=None, repr=False)  # its tokenizers.decoders.DecodeStream, where the tokenizer has one
+    decoded: str = ""  # the text of ``tokens`` so far, as the DecodeStream gave it
     emitted: str = ""
     finished: bool = False
     finish_reason: str = "length"
@@ -132,6 +147,7 @@ class GenerationRequest:
         """Decode again from the prompt. What was already streamed is not sent again: greedy decoding
         gives the same tokens, so the stream goes on where it stopped."""
         self.tokens, self.compute_ms, self.started = [], 0.0, None
+        self.decoder, self.decoded = None, ""
         self.finished, self.finish_reason = False, "length"
 
 
@@ -153,6 +169,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.continuous = continuous  # False: a batch decodes to its end before new rows start (bench/generation.py)
         self.stop_ids = stop_token_ids(loaded)
+        self.backend = incremental_backend(tokenizer)
         self.batch = DecodeBatch(loaded, tokenizer.pad_token_id)
         self.running: dict[Row, GenerationRequest] = {}
         self.next_tokens: dict[Row, int] = {}
@@ -271,7 +288,7 @@ class Scheduler:
         if token in self.stop_ids:
             return self._finish(row, request, "stop")
         request.tokens.append(token)
-        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        text = self._text(request, token)
         cut = _first_stop(text, request.stop)
         if cut is not None:
             text = text[:cut]
@@ -282,6 +299,20 @@ class Scheduler:
             self._finish(row, request, "stop")
         elif len(request.tokens) >= request.max_new_tokens:
             self._finish(row, request, "length")
+
+    def _text(self, request: GenerationRequest, token: int) -> str:
+        """The text of the request's tokens so far: from its DecodeStream (each token decoded once), or, for a
+        tokenizer without one, the whole answer decoded again."""
+        if self.backend is None:
+            return self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        if request.decoder is None:
+            from tokenizers.decoders import DecodeStream
+
+            request.decoder = DecodeStream(skip_special_tokens=True)
+        piece = request.decoder.step(self.backend, token)
+        if piece:
+            request.decoded += piece
+        return request.decoded
 
     def _finish(self, row: Row, request: GenerationRequest, reason: str) -> None:
         request.finish(reason, prompt_tokens=self.prompt_tokens.pop(request, 0))
@@ -341,6 +372,14 @@ def checked(requests: list[GenerationRequest]) -> list[GenerationRequest]:
     return accepted
 
 
+def incremental_backend(tokenizer) -> Any:
+    """The ``tokenizers.Tokenizer`` a DecodeStream steps on, where its pieces join to exactly what
+    ``tokenizer.decode`` gives (a fast tokenizer that does not clean up spaces after decoding); else None."""
+    if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return tokenizer.backend_tokenizer
+
+
 def padding_tokenizer(loaded: LoadedBaseModel):
     """A copy of the model's tokenizer for a decoding loop: request threads keep using the shared one."""
     tokenizer = copy.deepcopy(loaded.tokenizer)
@@ -386,18 +425,42 @@ class BatchingEngine:
             return 0.0
         return math.ceil(ahead / self.max_batch) * (self.scheduler.last_latency_s or 1.0)
 
-    # -- callers ---------------------------------------------------------------------------
+    # -- the engine interface (tuna_llm.serving.engine) -------------------------------------
+    def describe(self) -> EngineInfo:
+        return EngineInfo(ENGINE_NAME, self.loaded.plan.precision, self.loaded.device)
+
+    def prepare(self, spec: CallSpec) -> GenerationRequest:
+        """Render the prompt (the tokenizer's chat template for messages, raw for text) and check it fits the context."""
+        loaded = self.loaded
+        prompt = render_chat(loaded.tokenizer, spec.messages, add_generation_prompt=True) if spec.messages is not None else spec.text
+        check_prompt_text(prompt)
+        context = getattr(loaded.base_model.config, "max_position_embeddings", None)
+        check_fits(len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]), context)
+        request = GenerationRequest(
+            text=prompt,
+            max_new_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            stop=tuple(spec.stop),
+            adapter=spec.adapter.name if spec.adapter else None,
+            adapter_path=str(spec.adapter.path) if spec.adapter else None,
+        )
+        request.check()  # what the engine would refuse is refused here, before it can reach a batch
+        return request
+
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         self.submit_all([request])
         return request
 
-    def submit_all(self, requests: list[GenerationRequest]) -> None:
+    def submit_all(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
         """Queue requests in one step, so that they join together. A request with values that cannot be
-        decoded fails at once, alone."""
+        decoded fails at once, alone. The requests are their own handles."""
         accepted = checked(requests)
         with self._cond:
             self._pending.extend(accepted)
         compute_thread.wake()
+        return list(requests)
 
     def cancel(self, request: GenerationRequest) -> None:
         """Stop decoding ``request``: still queued, it ends now; decoding, at its next token."""
@@ -410,26 +473,11 @@ class BatchingEngine:
             request.finish("cancelled", prompt_tokens=0)
 
     def generate(self, request: GenerationRequest) -> Generation:
-        self.submit(request).done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.result
+        return result_of(self.submit(request))
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
-        """Yield text pieces as they are decoded; ``request.result`` is set once it ends."""
-        self.submit(request)
-        try:
-            while True:
-                piece = request.deltas.get()
-                if piece is None:
-                    break
-                yield piece
-        except GeneratorExit:  # the consumer went away: stop decoding for nobody
-            self.cancel(request)
-            request.done.wait(CANCEL_WAIT_S)
-            raise
-        if request.error is not None:
-            raise request.error
+        """Yield a submitted request's text pieces as they are decoded; ``request.result`` is set once it ends."""
+        return stream_pieces(self, request)
 
     # -- on the compute thread -------------------------------------------------------------
     def due_in(self, now: float) -> float | None:

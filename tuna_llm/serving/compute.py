@@ -1,13 +1,14 @@
-"""One thread for all of a serving process's torch work: model loads, adapter loads and every decoding step.
+"""The device thread: one thread for all of a serving process's model work, both engines' (tuna_llm.serving.engine).
 
-Why: torch's CPU kernels run on an OpenMP team that belongs to the calling thread. While a process has one
-team, its worker threads spin between the many small matrix products of a decoding step and pick up the next
-one at once; as soon as a second thread has run torch code (a request thread that loaded the model, a
-second engine), libgomp sees more threads than cores and throttles every team's spinning, and each product
-then waits for sleeping threads to wake. Measured on the 2-core CPU, bf16, one stream: 28 tokens/s with one
-team, 21-22 once a second thread had used torch. So the web process runs torch on this one thread: the
-engines of all base models step here in turn, and a load asked for from a request thread is handed over and
-waited for (``call``).
+Model loads (transformers and llama.cpp), adapter loads, every transformers decoding step and every llama.cpp
+token run here, in turn: each engine is a ``Steppable`` the thread ticks while it has work, and a load asked
+for from a request thread is handed over and waited for (``call``).
+
+Why one thread: torch's CPU kernels and ggml's both run on an OpenMP team that belongs to the calling thread.
+While a process has one team, its worker threads spin between the many small products of a decoding step and
+pick up the next one at once; once a second thread has run such code (a request thread that loaded a model,
+a second engine), libgomp sees more threads than cores and throttles every team's spinning, and each product
+then waits for sleeping threads to wake (docs/performance.md has the figures).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class ComputeThread:
 
     def _start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="torch-compute", daemon=True)
+            self._thread = threading.Thread(target=self._loop, name="device", daemon=True)
             self._thread.start()
 
     def _loop(self) -> None:

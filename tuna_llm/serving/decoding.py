@@ -45,10 +45,9 @@ class DecodeBatch:
     """The running rows and their cache. The tensors hold one slot per row, except that a batch of one row
     holds it twice (a "ghost" copy) where the model's linear layers are torch's own: a single row would go
     through the matrix-vector kernels, which round differently from the matrix kernels a batch uses
-    (tuna_llm.serving.rowwise), so a lone answer would not be the one it gets in a batch. That holds in fp32 too: on a
-    CPU without bf16, a lone row's fp32 logits differed from the same row's in a batch of two in the last digit
-    (13.8711 against 13.8710), enough to flip a near-tie. The serving layers of tuna_llm.serving.packing (on CPU) make
-    that copy inside each product instead (``LoadedBaseModel.lone_rows_exact``), so there a lone row is held
+    (tuna_llm.serving.rowwise), so a lone answer would not be the one it gets in a batch (in fp32 too: a last-digit
+    difference in the logits is enough to flip a near-tie). The serving layers of tuna_llm.serving.packing (on CPU)
+    make that copy inside each product instead (``LoadedBaseModel.lone_rows_exact``), so there a lone row is held
     once and the rest of a step (attention, norms, the cache) is not done twice."""
 
     def __init__(self, loaded: LoadedBaseModel, pad_token_id: int) -> None:

@@ -11,15 +11,29 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import dataclasses
 import os
+import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuna_llm.serving.engine import Generation
 from tuna_llm.prompting import Message
+from tuna_llm.serving.compute import ComputeThread, compute_thread
+from tuna_llm.serving.engine import (
+    SURROGATE,
+    CallSpec,
+    EngineInfo,
+    Generation,
+    RequestInvalid,
+    check_fits,
+    check_prompt_text,
+    result_of,
+    stream_pieces,
+)
 
 ENGINE_NAME = "llama.cpp"
 
@@ -43,6 +57,7 @@ class LlamaCall:
 class LlamaCppModel:
     def __init__(self, gguf: Path, *, n_ctx: int = 4096, n_threads: int | None = None) -> None:
         try:
+            import llama_cpp
             from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:
@@ -53,11 +68,14 @@ class LlamaCppModel:
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"{self.path.name} has no chat template in its metadata.")
-        model = self.llm._model
+        # The model's vocabulary through llama.cpp's public C API (what llama-cpp-python's private wrappers call).
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+        def text_of(token: int) -> str:
+            return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8") if token != -1 else ""
+
         self.formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.token_get_text(self.llm.token_eos()) if self.llm.token_eos() != -1 else "",
-            bos_token=model.token_get_text(self.llm.token_bos()) if self.llm.token_bos() != -1 else "",
+            template=template, eos_token=text_of(self.llm.token_eos()), bos_token=text_of(self.llm.token_bos())
         )
         self.lock = threading.Lock()
         self._adapters: dict[Path, object] = {}
@@ -81,7 +99,7 @@ class LlamaCppModel:
         if path not in self._adapters:
             if not path.is_file():
                 raise FileNotFoundError(f"The LoRA GGUF {path} does not exist.")
-            adapter = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+            adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode("utf-8"))
             if not adapter:
                 raise ValueError(f"llama.cpp could not load the LoRA GGUF {path.name}.")
             self._adapters[path] = adapter
@@ -94,15 +112,17 @@ class LlamaCppModel:
         if lora == self._active:
             return
         if lora is None:
-            failed = llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+            failed = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         else:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter(lora))
             scales = (ctypes.c_float * 1)(1.0)
-            failed = llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, scales)
+            failed = llama_cpp.llama_set_adapters_lora(self.llm.ctx, adapters, 1, scales)
         if failed:
             raise ValueError(f"llama.cpp could not apply the adapter {lora.name if lora else '(none)'}.")
         self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
+        memory = llama_cpp.llama_get_memory(self.llm.ctx)
+        if memory is not None:
+            llama_cpp.llama_memory_clear(memory, True)
         self._active = lora
 
     # -- calls ----------------------------------------------------------------------------------
@@ -150,7 +170,7 @@ class LlamaStream:
             greedy = call.temperature <= 0
             if not greedy:
                 model.llm.set_seed(call.seed if call.seed is not None else int(time.time_ns() % 2**31))
-            vocab = model.llm._model.vocab
+            vocab = model.vocab
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             text, emitted, generated, finish = "", 0, [], "cancelled"
             try:
@@ -193,6 +213,165 @@ class LlamaStream:
                     compute_ms=(now - started) * 1000,
                     finish_reason=finish,
                 )
+
+
+class LlamaHandle:
+    """A call submitted to a ``LlamaCppEngine`` (see tuna_llm.serving.engine.Handle)."""
+
+    def __init__(self, call: LlamaCall) -> None:
+        self.call = call
+        self.deltas: queue.Queue = queue.Queue()
+        self.done = threading.Event()
+        self.result: Generation | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
+        self.compute_s = 0.0  # the time of its own ticks: what it is billed
+        self.stream: LlamaStream | None = None
+
+
+class LlamaCppEngine:
+    """One GGUF base model served on the process's device thread (tuna_llm.serving.compute), loaded there:
+    calls decode one at a time, in order, one token per tick (so a transformers engine of the same process
+    steps in between). A call is billed the time of its own ticks; the wait before its first is queue time."""
+
+    def __init__(self, gguf: Path, *, thread: ComputeThread = compute_thread, **model_options) -> None:
+        self.model = thread.call(lambda: LlamaCppModel(gguf, **model_options))
+        self._thread = thread
+        self._lock = threading.Lock()
+        self._queue: deque[LlamaHandle] = deque()
+        self._current: LlamaHandle | None = None
+        self.last_call_s = 1.0
+        thread.add(self)
+
+    # -- the engine interface (tuna_llm.serving.engine) -----------------------------------------
+    def describe(self) -> EngineInfo:
+        return EngineInfo(ENGINE_NAME, "gguf", "cpu")
+
+    def prepare(self, spec: CallSpec) -> LlamaCall:
+        """The checks of the transformers engine, with the GGUF's own chat template, tokenizer and context."""
+        if spec.messages is None:
+            check_prompt_text(spec.text)
+        elif not _is_unicode("".join(m["content"] for m in spec.messages)):
+            raise RequestInvalid(SURROGATE, "prompt")
+        call = LlamaCall(
+            messages=spec.messages or [],
+            text=spec.text if spec.messages is None else None,
+            lora=Path(spec.adapter.path) if spec.adapter else None,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            stop=tuple(spec.stop),
+        )
+        context = self.model.llm.n_ctx()
+        prompt_tokens = len(self.model.call_tokens(call))
+        check_fits(prompt_tokens, context)
+        # The answer ends where the context does (finish_reason "length"): llama.cpp cannot decode past it.
+        call.max_tokens = min(call.max_tokens, context - prompt_tokens)
+        return call
+
+    def submit(self, call: LlamaCall) -> LlamaHandle:
+        return self.submit_all([call])[0]
+
+    def submit_all(self, calls: list[LlamaCall]) -> list[LlamaHandle]:
+        handles = [LlamaHandle(call) for call in calls]
+        with self._lock:
+            self._queue.extend(handles)
+        self._thread.wake()
+        return handles
+
+    def stream(self, handle: LlamaHandle) -> Iterator[str]:
+        return stream_pieces(self, handle)
+
+    def cancel(self, handle: LlamaHandle) -> None:
+        """Still queued, it ends now; decoding, at its next token (finish_reason "cancelled")."""
+        with self._lock:
+            handle.cancelled = True
+            queued = handle in self._queue
+            if queued:
+                self._queue.remove(handle)
+        if queued:
+            waited = (time.perf_counter() - handle.submitted) * 1000
+            self._end(handle, Generation("", 0, 0, 0.0, waited, 0.0, "cancelled"))
+
+    def wait_estimate_s(self, rows: int = 1) -> float:
+        """Calls decode one at a time: those ahead, and these, at the last call's duration."""
+        with self._lock:
+            busy = len(self._queue) + (self._current is not None)
+        return (busy + rows) * self.last_call_s
+
+    def chat(self, call: LlamaCall) -> Generation:
+        return result_of(self.submit(call))
+
+    # -- on the device thread -------------------------------------------------------------------
+    def due_in(self, now: float) -> float | None:
+        with self._lock:
+            return 0.0 if self._current is not None or self._queue else None
+
+    def tick(self) -> None:
+        """Decode the current call's next piece (starting the next call first when none is current)."""
+        with self._lock:
+            if self._current is None:
+                if not self._queue:
+                    return
+                self._current = self._queue.popleft()
+            handle = self._current
+        try:
+            if handle.stream is None:
+                handle.started = time.perf_counter()
+                handle.stream = self.model.stream(handle.call)
+            started = time.perf_counter()
+            try:
+                if handle.cancelled:
+                    handle.stream.close()
+                    raise StopIteration
+                piece = next(handle.stream)
+            finally:
+                handle.compute_s += time.perf_counter() - started
+            handle.deltas.put(piece)
+        except StopIteration:
+            self._finished(handle)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller; the device thread goes on
+            if handle.stream is not None:
+                handle.stream.close()
+            self._fail(handle, exc)
+
+    def _finished(self, handle: LlamaHandle) -> None:
+        result = handle.stream.result if handle.stream is not None else None
+        queue_ms = ((handle.started or time.perf_counter()) - handle.submitted) * 1000
+        if result is None:  # closed before it decoded anything
+            result = Generation("", 0, 0, 0.0, queue_ms, 0.0, "cancelled")
+        else:
+            result = dataclasses.replace(result, queue_ms=queue_ms, compute_ms=handle.compute_s * 1000)
+            if handle.compute_s > 0:
+                self.last_call_s = handle.compute_s
+        self._end(handle, result)
+
+    def _fail(self, handle: LlamaHandle, error: BaseException) -> None:
+        with self._lock:
+            if self._current is handle:
+                self._current = None
+        handle.error = error
+        handle.deltas.put(None)
+        handle.done.set()
+
+    def _end(self, handle: LlamaHandle, result: Generation) -> None:
+        with self._lock:
+            if self._current is handle:
+                self._current = None
+        handle.result = result
+        handle.deltas.put(None)
+        handle.done.set()
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -4,50 +4,31 @@ For the serving model only (evaluation and the API; training keeps plain layers)
 that computes bf16 natively (AMX or AVX512-BF16):
 
 1. **oneDNN for every product.** torch hands a bf16 product on CPU to oneDNN but an fp32 one to MKL, whose
-   products of two rows cost about twice those of one on the 2-core AMD EPYC (AVX512-BF16) measured here:
-   576 x 1536, 101 us for 1 row against 186 us for 2; the 49152 x 576 output layer 13.4 ms against 25.9 ms.
-   Decoding never computes a lone row's product alone (point 2), so the fp32 engine decoded a single stream at
-   9.1 tokens/s where plain ``generate`` (one row) made 14.1. ``ServingLinear`` calls oneDNN's linear
-   (``mkldnn._linear_pointwise``) in both precisions: the output layer 5.7 ms for 2 rows, the fp32 engine
-   18.7 tokens/s single stream on that CPU (bench/generation.py; 16.8 with the weights unpacked).
-   On an Intel CPU MKL's fp32 products are faster (2-core Xeon with AMX: 26.6 tokens/s against 20.2) but not
-   row-stable: a row's fp32 logits differed by 2e-5 between alone and in a batch of four (oneDNN's: equal), so
-   fp32 goes through oneDNN there too (answers batched = alone come first).
+   two-row products cost about twice one-row ones and whose results for a row depend on the call's row count
+   on some CPUs. ``ServingLinear`` calls oneDNN's linear (``mkldnn._linear_pointwise``) in both precisions.
 2. **Each row's product independent of what it is computed with.** oneDNN picks its kernel by the shape of the
-   whole call. On a CPU with AMX, bf16 calls of up to 32 rows go to one kernel and larger ones to the AMX
-   kernel, whose results for a row also depend on how many rows the call has (measured on SmolLM2's 576 x 576
-   and 1536 x 576 projections: 39 of 39 row counts between 33 and 300 gave some row a different result; calls
-   of up to 32 rows and calls of a fixed larger size never did, wherever the row sat). So a prompt's prefill
-   gave different logits alone than in a batch (every one of 8 sample prompts; 8 of 32 base-model answers of
-   the evaluation bench changed), and "batched = alone" (tuna_llm.serving.rowwise) broke. In fp32, a call of one row
-   rounds differently from a call of two or more. ``ServingLinear`` computes a decoding step (one position
-   per row) in calls of 2 to 16 rows (a lone row goes twice, in the call: the step's other work, attention
-   included, is done once) and a sequence (a prefill, a held-out loss pass) in calls of exactly 64 rows, the
-   last one padded: every row then gets the result it gets anywhere else. A LoRA adapter's layers are made
-   serving layers when it is attached (tuna_llm.serving.registry), so a fine-tuned lone row needs no copy either: with
-   torch's own LoRA layers its fp32 logits differed by 4e-5 alone and beside another row.
+   whole call: on a CPU with AMX, bf16 calls above 32 rows go to a kernel whose result for a row depends on the
+   row count; in fp32 a one-row call rounds apart from a call of two or more. ``ServingLinear`` computes a
+   decoding step (one position per row) in calls of 2 to STEP_ROWS rows (a lone row goes twice, in the call:
+   the rest of the step is done once) and a sequence (a prefill, a held-out loss pass) in calls of exactly
+   SEQUENCE_ROWS rows, the last one padded: every row then gets the result it gets anywhere else. A LoRA
+   adapter's layers are made serving layers when it is attached (registry), so a fine-tuned lone row needs no
+   copy either.
 3. **Weights packed once** (``TUNA_PACK_WEIGHTS``, on by default). oneDNN reads the weight in a blocked layout
-   of its own and, given a plain [out, in] weight, re-lays it out on every call: at decoding sizes that copy
-   costs more than the product (2-core CPU with AMX, bf16 576 x 1536, 2 rows: 92-110 us plain, 48-61 us
-   packed; single-stream bf16 decoding ran at 0.70x the fp32 engine unpacked). The layout is done once at
-   load with the calls PyTorch's own compiler uses when it freezes a CPU model
-   (``mkldnn._reorder_linear_weight``, then ``mkldnn._linear_pointwise``): the same kernels, so the same
-   results bit for bit (tested on the model's logits, both precisions). The packed copy sits beside the plain
-   weight, which stays for what reads it (an output layer tied to the embeddings, peft's adapter set-up): the
-   linear layers' weights take twice their memory (SmolLM2-135M: +~270 MB in bf16, +~540 MB in fp32; a
-   Llama 3.1 8B on CPU: +~15 GB in bf16, +~30 GB in fp32); off, oneDNN reads the plain weights, with the same call shapes
-   and results.
+   of its own and re-lays a plain weight out on every call; the layout is done once at load with the calls
+   torch's own compiler uses when it freezes a CPU model (``mkldnn._reorder_linear_weight``, then
+   ``mkldnn._linear_pointwise``): the same kernels, so the same results bit for bit (tested, both
+   precisions). The packed copy sits beside the plain weight, which stays for what reads it (an output layer
+   tied to the embeddings, peft's adapter set-up), so the linear layers' weights take twice their memory.
 4. **One product for the layers that read the same input** (packed weights only): a block's query, key and
-   value projections, and its gate and up projections (``SHARED_INPUT``, ``ProductGroup``), 4 calls per block
-   instead of 7, with the same results: oneDNN's result for an output did not depend on the outputs computed
-   beside it on the CPUs measured (tested on the model's logits against the layers unpacked, each on its own),
-   and each group is checked against its members' own products when it is made, on the machine itself; where
-   they differ, the layers stay apart.
+   value projections, and its gate and up projections (``SHARED_INPUT``, ``ProductGroup``), with the same
+   results: each group is checked against its members' own products when it is made, on the machine itself;
+   where they differ, the layers stay apart.
 
 Nothing merges into a serving model's weights (exports merge on a fresh load); a packed layer refuses to compute
 from a weight or bias replaced or changed in place since it was packed (torch's version counter; an edit through
-``.data`` is not seen). bf16 forced on a CPU without native bf16 is emulated and keeps
-torch's own layers.
+``.data`` is not seen). bf16 forced on a CPU without native bf16 is emulated and keeps torch's own layers.
+Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -120,7 +101,7 @@ def products_row_stable(model: Any) -> bool:
     for module in model.modules():
         if isinstance(module, serving_linear | torch.nn.Embedding):
             continue
-        if any(parameter is not None and parameter.dim() >= 2 for parameter in module._parameters.values()):
+        if any(parameter.dim() >= 2 for parameter in module.parameters(recurse=False)):
             return False
     return True
 
@@ -155,8 +136,7 @@ def _row_stable(product: Any, input: Any) -> Any:
 class ProductGroup:
     """Serving layers that read the same input (a block's query, key and value projections; its gate and up
     projections) computed as one product, their packed weights side by side: a decoding step makes 4 calls per
-    block instead of 7, and each call costs more than its bytes at these sizes (bf16, 2 rows, SmolLM2's 30 blocks:
-    15.6 ms against 18.6 ms, 2-core AMD EPYC with AVX512-BF16). Each output is the same dot product either way
+    block instead of 7 (each call costs more than its bytes at decoding sizes). Each output is the same dot product either way
     (oneDNN's result for an output column did not depend on the columns beside it on the CPU measured; ``agrees``
     checks it when the group is made, and the model's logits are tested grouped against each layer on its own).
     The first member called with an input computes every member's output; the others take theirs for that very
@@ -255,8 +235,8 @@ def serving_linear_class() -> type:
             return _linear(rows, weight, self._parameters["bias"])
 
         def forward(self, input: Any) -> Any:
-            # Called ~200 times per decoding step of a small model, where a product takes ~25 us: the parameters
-            # are read from their dict (nn.Module's attribute lookup costs ~0.6 us each).
+            # Called for every linear layer of every decoding step: the parameters are read from their dict
+            # (nn.Module's attribute lookup would cost more than a small product's own overhead).
             weight = self._parameters["weight"]
             if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad):
                 return super().forward(input)

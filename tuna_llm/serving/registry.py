@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tuna_llm.serving import packing, rowwise
 from tuna_llm.catalog import BaseModelSpec, get_base_model_spec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model, pick_device
+from tuna_llm.serving import packing, rowwise
 from tuna_llm.settings import current
 
 logger = logging.getLogger("tuna.models")

@@ -1,8 +1,7 @@
 """Row-wise computation: each row of a batch computed exactly as it would be alone.
 
 Greedy answers must not depend on what a request was batched with (the evaluation decodes batched; the API
-decodes whatever arrives together; a user compares both). Two things broke that in bf16 on CPU (measured on
-the embedded model: 12 of 32 sample prompts answered differently batched than alone):
+decodes whatever arrives together; a user compares both). Two things break that, in bf16 and in fp32:
 
 - Attention over a padded batch reduces over every key column, the padding included; the masked columns add
   nothing in exact arithmetic but change how the sums are grouped. ``rows_attention`` computes each row's
@@ -10,18 +9,17 @@ the embedded model: 12 of 32 sample prompts answered differently batched than al
   transformers as the attention implementation ``ROWS`` (masks made as for SDPA). A row's real tokens are
   one run of columns: right-aligned (left padding, as ``DecodeBatch`` keeps them) or left-aligned (right
   padding, as the held-out loss batches have them). A batch without padding is computed row by row too: with
-  two threads PyTorch's attention kernel shares out a batch's work otherwise than one row's, and on a 2-core
-  AMD EPYC with AVX2 (no AVX-512) a row's fp32 output differed by up to 9e-8 in a batch of two identical rows
-  (a lone row beside a copy of itself) against alone; with one thread, or one row per call, never.
+  several threads PyTorch's attention kernel shares out a batch's work otherwise than one row's, and a row's
+  output can differ in its last digits from the same row alone; one row per call never does.
 - A matrix product of a single row goes through a different kernel (matrix-vector) than two rows or more,
-  which rounds differently now and then (measured: 18 of 200 random rows for SmolLM2's down projection, none
-  between 2 and 8 rows at any position). A lone row's product is never computed alone: the serving layers
+  which rounds differently now and then. A lone row's product is never computed alone: the serving layers
   (tuna_llm.serving.packing, on CPU) compute it twice within each call, at about the cost of once, since decoding reads
   the weights once either way; where some product is not a serving layer's (torch's own layers on a GPU, or in
   bf16 forced on a CPU without it) ``DecodeBatch`` holds the lone row twice (a ghost copy). A held-out loss
   batch of one example has as many rows as tokens.
 
-With both, greedy answers batched and alone are the same (tests/test_decoding.py, bench/evaluation.py).
+With both, greedy answers batched and alone are the same (tuna_llm/tests/test_decoding.py, bench/evaluation.py;
+measurements in docs/performance.md).
 """
 
 from __future__ import annotations
