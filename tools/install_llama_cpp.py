@@ -72,6 +72,7 @@ def wheel_key(version: str, flags: str) -> str:
 
 def _publish(staged: Path, final: Path) -> Path:
     """Move a finished folder into the cache in one rename; if another build got there first, keep theirs."""
+    staged.chmod(0o755)  # mkdtemp's folder is private
     try:
         staged.rename(final)
     except OSError:
