@@ -23,11 +23,13 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
 import tarfile
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -70,6 +72,15 @@ def wheel_key(version: str, flags: str) -> str:
     return f"{version}-{python}-{platform}-{digest}"
 
 
+def _staging(final: Path) -> Path:
+    """A temporary folder beside `final`, after removing those a killed run left there (a day old or more)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}-*"):
+        if time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+
+
 def _publish(staged: Path, final: Path) -> Path:
     """Move a finished folder into the cache in one rename; if another build got there first, keep theirs."""
     staged.chmod(0o755)  # mkdtemp's folder is private
@@ -88,9 +99,8 @@ def cached_sdist(version: str, cache: Path) -> Path:
     found = sorted(folder.glob("llama_cpp_python-*.tar.gz")) if folder.is_dir() else []
     if found:
         return found[0]
-    folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"Downloading the source of llama-cpp-python {version} ...", flush=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=folder.parent))
+    staged = _staging(folder)
     try:
         pin = f"llama-cpp-python=={version}"
         subprocess.run([*PIP, "download", "--quiet", "--no-deps", "--no-binary", ":all:", pin, "-d", str(staged)], check=True)
@@ -108,14 +118,13 @@ def cached_wheel(version: str, sdist: Path, cache: Path, flags: str) -> Path:
     if found:
         print(f"llama.cpp {version}: using the wheel built before, {found[0]}", flush=True)
         return found[0]
-    folder.parent.mkdir(parents=True, exist_ok=True)
     print(f"Building llama.cpp {version} (a few minutes, once per machine; CMAKE_ARGS={flags!r}) ...", flush=True)
     env = {
         **os.environ,
         "CMAKE_ARGS": flags,
         "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2)),
     }
-    staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staged = _staging(folder)
     try:
         subprocess.run([*PIP, "wheel", "--quiet", "--no-deps", str(sdist), "-w", str(staged)], check=True, env=env)
         next(staged.glob("llama_cpp_python-*.whl"))  # StopIteration: pip built no wheel
@@ -127,6 +136,7 @@ def cached_wheel(version: str, sdist: Path, cache: Path, flags: str) -> Path:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run still removes its temporary folders
     version = pinned_version()
     target = converter_target(version)
     if installed_version() == version and (target / "convert_hf_to_gguf.py").is_file():
