@@ -110,9 +110,8 @@ def run_evaluation(
             )
             hooks.on_example(results[index])
 
-    # Apart: all base rows, then all fine-tuned rows, so that most steps run one adapter for every row. Mixed
-    # (each example's two rows side by side, through peft's per-row adapters) measured slower on the 2-core
-    # CPU: 73 s against 62 s for 32 examples (bench/evaluation.py).
+    # Apart: all base rows, then all fine-tuned rows, so that most steps run one adapter for every row; mixed rows
+    # (peft's per-row adapters) were slower (bench/evaluation.py, docs/performance.md).
     order = sorted(requests, key=lambda key: key if mixed else (key[1], key[0]))
     decode_all(loaded, [requests[key] for key in order], max_batch=max_batch, on_end=on_end)
     summaries = {}
