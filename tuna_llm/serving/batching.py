@@ -163,11 +163,10 @@ class Scheduler:
     ``decode_all`` (a known list of requests, as an evaluation has).
     """
 
-    def __init__(self, loaded: LoadedBaseModel, tokenizer, *, max_batch: int = MAX_BATCH, continuous: bool = True) -> None:
+    def __init__(self, loaded: LoadedBaseModel, tokenizer, *, max_batch: int = MAX_BATCH) -> None:
         self.loaded = loaded
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        self.continuous = continuous  # False: a batch decodes to its end before new rows start (bench/generation.py)
         self.stop_ids = stop_token_ids(loaded)
         self.backend = incremental_backend(tokenizer)
         self.batch = DecodeBatch(loaded, tokenizer.pad_token_id)
@@ -186,7 +185,7 @@ class Scheduler:
     def joinable(self, pending: list[GenerationRequest]) -> list[GenerationRequest]:
         """The pending requests that can join now, oldest first: free rows, and no more distinct adapters
         than the adapter cache holds (all of them stay attached while they decode)."""
-        if self.running and not (self.continuous and self.batch.can_join):
+        if self.running and not self.batch.can_join:
             return []
         room = max(1, current().adapter_cache_size)
         adapters = {r.adapter for r in self.running.values() if r.adapter is not None}
@@ -391,11 +390,11 @@ class BatchingEngine:
     """The requests of one loaded model, decoded continuously batched on the process's compute thread
     (tuna_llm.serving.compute: every engine of the process steps there in turn)."""
 
-    def __init__(self, loaded: LoadedBaseModel, *, max_batch: int = MAX_BATCH, window_s: float = WINDOW_S, continuous: bool = True) -> None:
+    def __init__(self, loaded: LoadedBaseModel, *, max_batch: int = MAX_BATCH, window_s: float = WINDOW_S) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
         self.window_s = window_s
-        self.scheduler = Scheduler(loaded, padding_tokenizer(loaded), max_batch=max_batch, continuous=continuous)
+        self.scheduler = Scheduler(loaded, padding_tokenizer(loaded), max_batch=max_batch)
         self._pending: list[GenerationRequest] = []
         self._cond = threading.Condition()
         compute_thread.add(self)
