@@ -188,8 +188,14 @@ def evaluation_judge(request: HttpRequest, pk: int) -> HttpResponse:
 def evaluation_train_preferences(request: HttpRequest, pk: int) -> HttpResponse:
     """Start a preference-tuning job on this evaluation's votes (and, opted in, the judge's verdicts)."""
     evaluation = get_evaluation_for_user(request.user, pk)
+    epochs = request.POST.get("epochs", "").strip()
     try:
-        job = preference_job_start(owner=request.user, evaluation=evaluation, include_judge=request.POST.get("include_judge") == "1")
+        job = preference_job_start(
+            owner=request.user,
+            evaluation=evaluation,
+            include_judge=request.POST.get("include_judge") == "1",
+            epochs=(int(epochs) if epochs.isdigit() else epochs) if epochs else None,  # a non-number is refused by name
+        )
     except (TooFewPairs, JobConflict, ConfigInvalid, LimitExceeded) as exc:
         messages.error(request, str(exc))
         return redirect(f"{evaluation.get_absolute_url()}#train-preferences")

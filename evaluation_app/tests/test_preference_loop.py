@@ -145,3 +145,19 @@ def test_it_starts_a_preference_job_over_the_api_for_the_owner_only(alice, setti
     assert bad.status_code == 400 and "epochs" in bad.json()["errors"]
     again = alice_api.post(f"/api/training/{body['id']}/continue", {}, format="json")
     assert again.status_code == 409  # a preference-tuned job is not trained further on the dataset
+
+
+def test_it_starts_a_preference_job_from_the_page_with_the_epochs_asked_for(alice, settings, alice_client, voted):
+    settings.TUNA_MIN_PREFERENCE_PAIRS = 2
+    voted.training_job.config = {"base_model": "smollm2-135m-instruct", "batch_size": 4, "learning_rate": 1e-3}
+    voted.training_job.save()
+    url = reverse("evaluation-train-preferences", args=[voted.pk])
+    page = alice_client.post(url, {"epochs": "many"}, follow=True).content.decode()
+    assert "Must be a whole number from 1 to 50; got &#x27;many&#x27;" in page
+    assert TrainingJob.objects.filter(method="dpo").count() == 0
+    response = alice_client.post(url, {"epochs": "3"})
+    child = TrainingJob.objects.get(method="dpo")
+    assert response.status_code == 302 and response["Location"] == child.get_absolute_url()
+    assert child.config["num_epochs"] == 3 and child.config_reasons["num_epochs"] == "set by you"
+    assert alice_client.post(url, {"epochs": ""}).status_code == 302  # blank: chosen for about 30 updates
+    assert TrainingJob.objects.filter(method="dpo").latest("pk").config_reasons["num_epochs"].endswith("about 30 updates")
