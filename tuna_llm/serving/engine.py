@@ -131,6 +131,11 @@ def check_prompt_text(text: str | None) -> None:
     """Refuse an empty prompt or one that is not Unicode (a lone surrogate), naming the field."""
     if not text or not text.strip():
         raise RequestInvalid("The prompt is empty.", "prompt")
+    check_unicode(text)
+
+
+def check_unicode(text: str) -> None:
+    """Refuse text that is not Unicode (a lone surrogate cannot be tokenized)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

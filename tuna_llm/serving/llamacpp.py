@@ -24,13 +24,12 @@ from pathlib import Path
 from tuna_llm.prompting import Message
 from tuna_llm.serving.compute import ComputeThread, compute_thread
 from tuna_llm.serving.engine import (
-    SURROGATE,
     CallSpec,
     EngineInfo,
     Generation,
-    RequestInvalid,
     check_fits,
     check_prompt_text,
+    check_unicode,
     result_of,
     stream_pieces,
 )
@@ -253,8 +252,8 @@ class LlamaCppEngine:
         """The checks of the transformers engine, with the GGUF's own chat template, tokenizer and context."""
         if spec.messages is None:
             check_prompt_text(spec.text)
-        elif not _is_unicode("".join(m["content"] for m in spec.messages)):
-            raise RequestInvalid(SURROGATE, "prompt")
+        else:
+            check_unicode("".join(m["content"] for m in spec.messages))
         call = LlamaCall(
             messages=spec.messages or [],
             text=spec.text if spec.messages is None else None,
@@ -350,28 +349,20 @@ class LlamaCppEngine:
         self._end(handle, result)
 
     def _fail(self, handle: LlamaHandle, error: BaseException) -> None:
-        with self._lock:
-            if self._current is handle:
-                self._current = None
         handle.error = error
-        handle.deltas.put(None)
-        handle.done.set()
+        self._release(handle)
 
     def _end(self, handle: LlamaHandle, result: Generation) -> None:
+        handle.result = result
+        self._release(handle)
+
+    def _release(self, handle: LlamaHandle) -> None:
+        """The handle is done (its result or error set): free the engine and wake its readers."""
         with self._lock:
             if self._current is handle:
                 self._current = None
-        handle.result = result
         handle.deltas.put(None)
         handle.done.set()
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
