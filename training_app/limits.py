@@ -82,3 +82,21 @@ def check_epochs(epochs: int, config: TrainingConfig, train_rows: int) -> dict[s
             "per job (TUNA_MAX_STEPS_PER_JOB)."
         }
     return {}
+
+
+def check_preference_limits(config: TrainingConfig, pairs: int, explicit: dict[str, Any]) -> dict[str, str]:
+    """Errors for a preference-tuning run on `pairs` pairs with `config`, by the setting at fault (the server's caps)."""
+    caps = _caps(None)
+    errors = {
+        name: f"At most {cap} on this server ({why}); got {getattr(config, name)}."
+        for name, (cap, why) in caps.items()
+        if getattr(config, name) > cap
+    }
+    updates = total_steps(config, pairs)
+    if not errors and updates > settings.TUNA_MAX_STEPS_PER_JOB:
+        name = "max_steps" if "max_steps" in explicit else "num_epochs"
+        errors[name] = (
+            f"This run would take {updates} updates; the limit is {settings.TUNA_MAX_STEPS_PER_JOB} per job (TUNA_MAX_STEPS_PER_JOB). "
+            "Lower num_epochs, raise batch_size, or set max_steps."
+        )
+    return errors

@@ -27,7 +27,7 @@ class TrainingJob(WorkerJob):
 
     class Method(models.TextChoices):
         SFT = "sft", "Supervised fine-tuning (LoRA)"
-        DPO = "dpo", "Preference tuning (DPO) on votes"
+        DPO = "dpo", "Preference tuning (DPO)"
 
     method = models.CharField(max_length=8, choices=Method.choices, default=Method.SFT)
     # A preference-tuning run: the evaluation whose votes (and judge verdicts) it learns from, and the pairs as
@@ -36,9 +36,13 @@ class TrainingJob(WorkerJob):
     source_evaluation = models.ForeignKey(
         "evaluation_app.Evaluation", on_delete=models.SET_NULL, null=True, blank=True, related_name="preference_jobs"
     )
+    # The pairs of a preference-tuning run as they were when it started: from votes ({"messages", "chosen",
+    # "rejected" as text, "source", "example_index"}) or from a preference file ({"messages", "tools", "chosen",
+    # "rejected" as assistant messages, "example_index"}), so a resume or a later look sees exactly what it
+    # trained on.
     preference_pairs = models.JSONField(default=list, blank=True)
-    # A "continue training" run (and a preference-tuning run) starts from its parent's adapter; a continued run's
-    # steps follow the parent's.
+    # A "continue training" run, a preference-tuning run and a fine-tune started from a fine-tune all start from
+    # their parent's adapter; only a continued run's steps follow the parent's (step_offset > 0).
     parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="continuations")
     step_offset = models.PositiveIntegerField(default=0, help_text="Updates before this run (its parent's, for a continued run).")
     status = status_field(Status)
@@ -61,6 +65,16 @@ class TrainingJob(WorkerJob):
     device = models.CharField(max_length=32, blank=True)
     adapter_dir = models.CharField(max_length=500, blank=True)
     resume_count = models.PositiveIntegerField(default=0)
+    # Added to the fine-tune's name (fine_tuned_model); letters, digits, "-", "_" and "." only.
+    suffix = models.CharField(max_length=64, blank=True)
+    # The caller's own labels: at most 16 string pairs (OpenAI's metadata).
+    metadata = models.JSONField(default=dict, blank=True)
+    # Why a failed job failed, in OpenAI's terms: a code ("invalid_training_file") and the request field at fault.
+    error_code = models.CharField(max_length=64, blank=True)
+    error_param = models.CharField(max_length=200, blank=True)
+    # Paused: asked to stop with a checkpoint at the step where it stops, to resume from it later. While the run
+    # stops it is still "training"; once stopped it is "cancelled" with this flag, shown (and answered) as paused.
+    paused = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -84,8 +98,39 @@ class TrainingJob(WorkerJob):
         return f"tuna-job-{self.pk}"
 
     @property
+    def fine_tuned_model(self) -> str:
+        """The OpenAI-style name of this fine-tune (the suffix may be empty)."""
+        return f"ft:{self.base_model}:{self.owner.username}:{self.suffix}:ftjob-{self.pk}"
+
+    def checkpoint_model(self, step: int) -> str:
+        """The OpenAI-style name of the checkpoint this run saved at `step` (its own step count)."""
+        return f"{self.fine_tuned_model}:ckpt-step-{step}"
+
+    @property
     def is_preference(self) -> bool:
         return self.method == self.Method.DPO
+
+    @property
+    def is_continuation(self) -> bool:
+        """A "continue training" run: its steps and loss history follow its parent's."""
+        return self.parent_id is not None and not self.is_preference and self.step_offset > 0
+
+    @property
+    def is_paused(self) -> bool:
+        return self.paused and self.status == self.Status.CANCELLED
+
+    @property
+    def is_pausing(self) -> bool:
+        return self.paused and self.status == self.Status.RUNNING
+
+    @property
+    def status_label(self) -> str:
+        """The status as pages show it: a paused job is "Paused", not "Cancelled"."""
+        if self.is_paused:
+            return "Paused"
+        if self.is_pausing:
+            return "Pausing"
+        return self.get_status_display()
 
     def progress_counts(self) -> tuple[float, float]:
         return self.current_step, self.total_steps

@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import zipfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 from django.db.models import QuerySet
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
 
 from training_app.models import LossPoint, TrainingJob
-from tuna_llm.training import NOISE_SHARE
+from training_app.services import job_dir
+from tuna_llm.training import COMPLETE_MARKER, NOISE_SHARE
 from tuna_llm.training_config import RANGES
 
 # "Still improving": the last validation loss is the best and fell by more than this share since the one before
@@ -51,9 +54,10 @@ def adapter_download(job: TrainingJob) -> FileResponse:
 
 
 def _lineage(job: TrainingJob) -> list[TrainingJob]:
-    """The job and the runs it continues, oldest first (a preference-tuned run has a history of its own)."""
+    """The job and the runs it continues, oldest first (a preference-tuned run, and a fine-tune started from another
+    one, have a history of their own)."""
     chain = [job]
-    while chain[-1].parent_id is not None and not chain[-1].is_preference:
+    while chain[-1].is_continuation:
         chain.append(TrainingJob.objects.get(pk=chain[-1].parent_id))
     return chain[::-1]
 
@@ -100,10 +104,14 @@ def training_logs(job: TrainingJob) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+EXTRA_SETTINGS = {"learning_rate_multiplier": "Learning-rate multiplier", "dpo_beta": "DPO beta"}
+
+
 def settings_rows(config: dict, reasons: dict) -> list[dict]:
     """Every setting with its readable name, value and why it has that value."""
     rows = [{"name": "target_modules", "label": "LoRA layers", "value": ", ".join(config.get("target_modules", []))}]
     rows += [{"name": name, "label": spec.label, "value": config.get(name)} for name, spec in RANGES.items() if name in config]
+    rows += [{"name": name, "label": label, "value": config[name]} for name, label in EXTRA_SETTINGS.items() if name in reasons]
     for row in rows:
         row["reason"] = reasons.get(row["name"], "")
         row["auto"] = bool(row["reason"]) and row["reason"] != "set by you"
@@ -167,3 +175,35 @@ def _parent_start(job: TrainingJob, fallback: float) -> float:
     root = _lineage(job)[0]
     first = LossPoint.objects.filter(job=root, eval_loss__isnull=False).order_by("step").values_list("eval_loss", flat=True).first()
     return first if first is not None else fallback
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint a run kept: a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) that loads
+    on the job's base model with its tokenizer. `step` is the run's own step."""
+
+    step: int
+    path: Path
+    train_loss: float | None
+    valid_loss: float | None
+    created_at: datetime
+
+
+def job_checkpoints(job: TrainingJob) -> list[Checkpoint]:
+    """The checkpoints the job keeps on disk (saved whole), oldest first, with the losses measured at their step
+    (the training loss of the last logged step up to it)."""
+    root = job_dir(job) / "checkpoints"
+    found = []
+    for path in root.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        marker = path / COMPLETE_MARKER
+        if step.isdigit() and marker.is_file() and (path / "adapter_config.json").is_file():
+            found.append((int(step), path, datetime.fromtimestamp(marker.stat().st_mtime, tz=UTC)))
+    if not found:
+        return []
+    points = list(LossPoint.objects.filter(job=job, step__lte=max(step for step, _, _ in found)).values_list("step", "loss", "eval_loss"))
+    checkpoints = []
+    for step, path, created in sorted(found, key=lambda item: item[0]):
+        train = [loss for at, loss, _ in points if loss is not None and at <= step]
+        valid = [loss for at, _, loss in points if loss is not None and at == step]
+        checkpoints.append(Checkpoint(step, path, train[-1] if train else None, valid[-1] if valid else None, created))
+    return checkpoints

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,10 +17,11 @@ from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
 
+from datasets_app import examples as dataset_examples
 from datasets_app.examples import training_examples, validation_examples
 from datasets_app.models import Dataset
 from datasets_app.services import DatasetInUse
-from training_app.limits import check_epochs, limited_settings
+from training_app.limits import check_epochs, check_preference_limits, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_write
@@ -26,7 +29,7 @@ from tuna_core.quotas import check_active_jobs
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
-from tuna_llm.preference import PreferencePair, run_preference_training
+from tuna_llm.preference import PreferencePair, preference_settings, run_preference_training
 from tuna_llm.training import Progress, TrainingHooks, latest_checkpoint, run_lora_training
 from tuna_llm.training_config import ConfigResult, TrainingConfig, build_config
 
@@ -72,44 +75,279 @@ class TrainingPlan:
     errors: dict[str, str]
 
 
-def training_plan(*, dataset: Dataset, config_data: dict[str, Any]) -> TrainingPlan:
-    """Check the user's settings and choose the rest from the dataset and the base model."""
-    result = validate_training_config(config_data)
+# The LoRA shape of a run that starts from a fine-tune's adapter is that adapter's (adapter_config.json names).
+LORA_SHAPE = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "target_modules"}
+
+
+def _is_preference_data(dataset: Dataset) -> bool:
+    return bool(getattr(dataset, "is_preference", False))
+
+
+def _parent_lora(parent: TrainingJob) -> dict[str, Any]:
+    """The LoRA shape of a completed fine-tune's adapter, from the adapter itself (its settings where unreadable)."""
+    path = Path(parent.adapter_dir) / "adapter_config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    shape = {name: saved.get(key, parent.config.get(name)) for name, key in LORA_SHAPE.items()}
+    if isinstance(shape["target_modules"], (list, tuple, set)):
+        shape["target_modules"] = tuple(sorted(shape["target_modules"]))
+    return {name: value for name, value in shape.items() if value is not None}
+
+
+def _with_parent(explicit: dict[str, Any], parent: TrainingJob) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """The user's settings for a run starting from `parent`'s adapter: (settings, reasons, errors). Its base model and
+    LoRA shape are the parent's; a different one set by the user is an error naming the setting."""
+    errors: dict[str, str] = {}
+    if explicit.get("base_model") != parent.base_model:
+        errors["base_model"] = (
+            f"Job #{parent.pk} is a fine-tune of {parent.base_model}; training from it runs on that base model, not "
+            f"{explicit.get('base_model')}."
+        )
+    shape = _parent_lora(parent)
+    for name, value in shape.items():
+        given = explicit.get(name)
+        if given is not None and (tuple(sorted(given)) if name == "target_modules" else given) != value:
+            errors[name] = f"Training starts from job #{parent.pk}'s adapter, whose {name} is {value!r}; leave it unset."
+    reason = f"job #{parent.pk}'s adapter, which this run starts from"
+    return {**explicit, **shape}, dict.fromkeys(shape, reason), errors
+
+
+def _explicit_settings(
+    config_data: dict[str, Any], parent: TrainingJob | None
+) -> tuple[dict[str, Any] | None, dict[str, str], dict[str, str]]:
+    """The user's settings, checked: (settings, reasons for those fixed by the parent, errors)."""
+    data = dict(config_data)
+    if parent is not None:
+        data.setdefault("base_model", parent.base_model)
+    result = validate_training_config(data)
     if result.errors:
-        return TrainingPlan(None, {}, result.errors)
-    explicit = dict(result.explicit)
+        return None, {}, result.errors
+    explicit, fixed = dict(result.explicit), {}
+    if parent is not None:
+        explicit, fixed, errors = _with_parent(explicit, parent)
+        if errors:
+            return None, {}, errors
+    return explicit, fixed, {}
+
+
+def training_plan(*, dataset: Dataset, config_data: dict[str, Any], parent: TrainingJob | None = None) -> TrainingPlan:
+    """Check the user's settings and choose the rest from the dataset and the base model (and the fine-tune it
+    starts from, if any)."""
+    explicit, fixed, errors = _explicit_settings(config_data, parent)
+    if errors:
+        return TrainingPlan(None, {}, errors)
+    if "dpo_beta" in explicit:
+        return TrainingPlan(None, {}, {"dpo_beta": "DPO's beta applies to preference tuning only, not to supervised fine-tuning."})
+    config, reasons, errors = limited_settings(*_facts(dataset, explicit, dataset.num_train))
+    return TrainingPlan(config, {**reasons, **fixed}, errors)
+
+
+def _facts(dataset: Dataset, explicit: dict[str, Any], train_pool: int) -> tuple[dict[str, Any], DataFacts, str]:
+    """(settings without the base model, the data's and model's facts, the base model): limited_settings' arguments."""
+    explicit = dict(explicit)
     base_model = explicit.pop("base_model")
     stats = dataset.validation_report.get("stats", {}).get("example_tokens", {})
     facts = DataFacts(
-        train_pool=dataset.num_train,
+        train_pool=train_pool,
         longest_tokens=stats.get("max"),
         p95_tokens=stats.get("p95"),
         **model_facts(get_base_model_spec(base_model).config_dir()),
     )
-    config, reasons, errors = limited_settings(explicit, facts, base_model=base_model)
-    return TrainingPlan(config, reasons, errors)
+    return explicit, facts, base_model
 
 
-def training_job_start(*, owner, dataset: Dataset, config_data: dict[str, Any]) -> TrainingJob:
+SUFFIX = re.compile(r"[A-Za-z0-9._-]*")
+MAX_SUFFIX = 64
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def label_errors(*, suffix: str, metadata: dict | None) -> dict[str, str]:
+    """What is wrong with a job's suffix and metadata (OpenAI's rules), by field."""
+    errors = {}
+    if not isinstance(suffix, str) or len(suffix) > MAX_SUFFIX or not SUFFIX.fullmatch(suffix):
+        errors["suffix"] = (
+            f"At most {MAX_SUFFIX} characters of letters, digits, '-', '_' and '.' (it becomes part of the model name); got {suffix!r}."
+        )
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            errors["metadata"] = f"An object of string keys and string values; got {type(metadata).__name__}."
+        elif len(metadata) > MAX_METADATA_PAIRS:
+            errors["metadata"] = f"At most {MAX_METADATA_PAIRS} key-value pairs; got {len(metadata)}."
+        else:
+            for key, value in metadata.items():
+                if not isinstance(key, str) or not key or len(key) > MAX_METADATA_KEY:
+                    errors["metadata"] = f"Keys are strings of 1 to {MAX_METADATA_KEY} characters; got {key!r}."
+                elif not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
+                    errors["metadata"] = f"The value of {key!r} must be a string of at most {MAX_METADATA_VALUE} characters."
+                if "metadata" in errors:
+                    break
+    return errors
+
+
+def _check_parent(owner, parent: TrainingJob) -> None:
+    if parent.owner_id != owner.pk:
+        raise ConfigInvalid({"parent": "No such fine-tune."})
+    if parent.status != TrainingJob.Status.COMPLETED or not parent.adapter_dir:
+        raise JobConflict(f"Only a completed fine-tune can be trained from; job #{parent.pk} is {parent.status_label.lower()}.")
+
+
+def _check_trainable(dataset: Dataset) -> None:
     if not dataset.is_valid:
         raise DatasetNotTrainable(f"Dataset {dataset.name!r} is invalid ({dataset.error_count} errors); fix the file and upload it again.")
-    plan = training_plan(dataset=dataset, config_data=config_data)
+
+
+def training_job_start(
+    *,
+    owner,
+    dataset: Dataset,
+    config_data: dict[str, Any],
+    parent: TrainingJob | None = None,
+    suffix: str = "",
+    metadata: dict[str, str] | None = None,
+) -> TrainingJob:
+    """Queue supervised fine-tuning of `dataset`: from the base model with a fresh adapter, or from `parent` (a
+    completed fine-tune: its base model, its adapter as the start). `config_data` may hold
+    learning_rate_multiplier, which scales the learning rate chosen for the data and model."""
+    _check_trainable(dataset)
+    if _is_preference_data(dataset):
+        raise DatasetNotTrainable(
+            f"Dataset {dataset.name!r} holds preference pairs (a preferred and a non-preferred answer): it trains with preference "
+            "tuning (DPO), not supervised fine-tuning.",
+            errors={"method": "Use preference tuning (DPO) for a preference file."},
+        )
+    errors = label_errors(suffix=suffix, metadata=metadata)
+    if errors:
+        raise ConfigInvalid(errors)
+    if parent is not None:
+        _check_parent(owner, parent)
+    plan = training_plan(dataset=dataset, config_data=config_data, parent=parent)
     if plan.errors:
         raise ConfigInvalid(plan.errors)
     config = plan.config
     with transaction.atomic():
         check_active_jobs(owner)
         job = TrainingJob.objects.create(
-            owner=owner, dataset=dataset, base_model=config.base_model, config=config.to_dict(), config_reasons=plan.reasons
+            owner=owner,
+            dataset=dataset,
+            base_model=config.base_model,
+            config=config.to_dict(),
+            config_reasons=plan.reasons,
+            parent=parent,
+            suffix=suffix,
+            metadata=metadata or {},
         )
         job_enqueue(job)
     logger.info("Training job %s queued by %s on dataset %s", job.pk, owner, dataset.pk)
     return job
 
 
+def preference_file_job_start(
+    *,
+    owner,
+    dataset: Dataset,
+    parent: TrainingJob | None = None,
+    config_data: dict[str, Any],
+    suffix: str = "",
+    metadata: dict[str, str] | None = None,
+) -> TrainingJob:
+    """Queue preference tuning (DPO) on a preference dataset's pairs: from the base model (a fresh adapter; the
+    reference is the base weights) or from `parent`, a completed fine-tune (its adapter is the start and the
+    reference). `config_data`: num_epochs, batch_size, learning_rate_multiplier, beta (or dpo_beta), seed, and any
+    other training setting."""
+    _check_trainable(dataset)
+    if not _is_preference_data(dataset):
+        raise DatasetNotTrainable(
+            f"Dataset {dataset.name!r} holds chat examples, not preference pairs: preference tuning (DPO) needs a preference file "
+            "(input, preferred_output, non_preferred_output). Train it with supervised fine-tuning.",
+            errors={"method": "Use supervised fine-tuning for a chat file."},
+        )
+    errors = label_errors(suffix=suffix, metadata=metadata)
+    data = dict(config_data)
+    if "beta" in data:
+        if "dpo_beta" in data:
+            errors["beta"] = "Set beta or dpo_beta, not both."
+        data["dpo_beta"] = data.pop("beta")
+    if errors:
+        raise ConfigInvalid(errors)
+    if parent is not None:
+        _check_parent(owner, parent)
+    explicit, fixed, errors = _explicit_settings(data, parent)
+    if errors:
+        raise ConfigInvalid({"beta" if name == "dpo_beta" else name: error for name, error in errors.items()})
+    pairs = [{**pair, "source": "file"} for pair in dataset_examples.preference_pairs(dataset)]
+    if not pairs:
+        raise DatasetNotTrainable(f"Dataset {dataset.name!r} has no preference pairs to train on.")
+    if parent is not None:
+        start = TrainingConfig.from_dict({**parent.config, **{k: explicit[k] for k in fixed}, "base_model": parent.base_model})
+        start_reasons = dict(fixed)
+    else:
+        # The adapter's shape and the sequence length as a supervised run on these examples would have them.
+        start, start_reasons, errors = limited_settings(
+            *_facts(dataset, {k: v for k, v in explicit.items() if k != "num_epochs"}, len(pairs))
+        )
+        if errors:
+            raise ConfigInvalid(errors)
+    config, reasons = preference_settings(start, len(pairs), epochs=explicit.get("num_epochs"), explicit=explicit)
+    errors = check_preference_limits(config, len(pairs), explicit)
+    if errors:
+        raise ConfigInvalid(errors)
+    reasons = {**{k: v for k, v in start_reasons.items() if k in LORA_SHAPE or k == "max_seq_length"}, **reasons}
+    with transaction.atomic():
+        check_active_jobs(owner)
+        job = TrainingJob.objects.create(
+            owner=owner,
+            dataset=dataset,
+            base_model=config.base_model,
+            method=TrainingJob.Method.DPO,
+            config=config.to_dict(),
+            config_reasons=reasons,
+            parent=parent,
+            preference_pairs=pairs,
+            suffix=suffix,
+            metadata=metadata or {},
+        )
+        job_enqueue(job)
+    logger.info("Preference job %s queued by %s on %s pairs of dataset %s", job.pk, owner, len(pairs), dataset.pk)
+    return job
+
+
+def training_job_refused(
+    *,
+    owner,
+    dataset: Dataset,
+    base_model: str,
+    code: str,
+    message: str,
+    param: str | None,
+    suffix: str = "",
+    metadata: dict[str, str] | None = None,
+    method: str = TrainingJob.Method.SFT,
+) -> TrainingJob:
+    """A job refused before it ran (e.g. code "invalid_training_file"): a failed row with the reason, no task and no files."""
+    return TrainingJob.objects.create(
+        owner=owner,
+        dataset=dataset,
+        base_model=base_model,
+        method=method,
+        status=TrainingJob.Status.FAILED,
+        completed_at=timezone.now(),
+        error_code=code,
+        error_param=param or "",
+        error_message=message,
+        suffix=suffix,
+        metadata=metadata or {},
+    )
+
+
 @transaction.atomic
 def training_job_cancel(*, job: TrainingJob) -> TrainingJob:
     job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+    if job.is_paused:  # stopped already: it simply stays stopped, no longer resumable as "paused"
+        job.paused = False
+        job.save(update_fields=["paused"])
+        return job
     if job.is_finished:
         raise JobConflict(f"Job #{job.pk} has already finished ({job.get_status_display().lower()}); there is nothing to cancel.")
     if job.status == TrainingJob.Status.QUEUED or job_is_stuck(job):
@@ -120,6 +358,25 @@ def training_job_cancel(*, job: TrainingJob) -> TrainingJob:
         job.eta_seconds = None
     job.cancel_requested = True
     job.save(update_fields=["status", "completed_at", "cancel_requested", "eta_seconds"])
+    return job
+
+
+@transaction.atomic
+def training_job_pause(*, job: TrainingJob) -> TrainingJob:
+    """Stop a job after its current step with a checkpoint saved at that step, to resume from it later
+    (training_job_resume). A job not started yet (or whose worker stopped answering) is paused at once."""
+    job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+    if job.paused:
+        raise JobConflict(f"Job #{job.pk} is {job.status_label.lower()} already.")
+    if job.is_finished:
+        raise JobConflict(f"Job #{job.pk} has already finished ({job.get_status_display().lower()}); there is nothing to pause.")
+    if job.status == TrainingJob.Status.QUEUED or job_is_stuck(job):
+        job.status = TrainingJob.Status.CANCELLED
+        job.completed_at = timezone.now()
+        job.eta_seconds = None
+    job.paused = True
+    job.cancel_requested = True  # the run stops at the end of its step; the flag above makes it save a checkpoint there
+    job.save(update_fields=["status", "completed_at", "eta_seconds", "paused", "cancel_requested"])
     return job
 
 
@@ -134,8 +391,8 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
         raise JobConflict(f"Only a completed fine-tune can be trained further; job #{job.pk} is {job.get_status_display().lower()}.")
     if job.is_preference:
         raise JobConflict(
-            f"Job #{job.pk} was preference-tuned on votes; it is not trained further on the dataset. Evaluate it, vote, and train on "
-            "preferences again from that evaluation."
+            f"Job #{job.pk} was preference-tuned (DPO); it is not trained further on the dataset. Start a new job from it instead "
+            "(preference tuning on votes or on a preference file, or supervised fine-tuning on a chat file)."
         )
     parent = TrainingConfig.from_dict(job.config)
     epochs = parent.num_epochs if epochs is None else epochs
@@ -173,12 +430,13 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
     job = TrainingJob.objects.select_for_update().get(pk=job.pk)
     if job.status not in (TrainingJob.Status.FAILED, TrainingJob.Status.CANCELLED) and not job_is_stuck(job):
         raise JobConflict(f"Only failed or cancelled jobs can be resumed; job #{job.pk} is {job.get_status_display().lower()}.")
-    if resumable_checkpoint(job) is None:
+    if resumable_checkpoint(job) is None and not (job.paused and job.started_at is None):  # paused before it started: starts over
         raise JobConflict(f"Job #{job.pk} saved no checkpoint to resume from; start a new job instead.")
     if not job.is_active:  # a stuck "training" job is counted already
         check_active_jobs(job.owner)
     job.status = TrainingJob.Status.QUEUED
     job.cancel_requested = False
+    job.paused = False
     job.error_message = ""
     job.error_traceback = ""
     job.completed_at = None
@@ -282,17 +540,21 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
             LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
 
     def should_stop() -> bool:
-        # Cancelled, or no longer this process's job (reaped, or resumed elsewhere): stop at once.
+        # Cancelled or paused, or no longer this process's job (reaped, or resumed elsewhere): stop at once.
         return not job_held(TrainingJob, job.pk).filter(cancel_requested=False).exists()
 
-    hooks = TrainingHooks(on_progress=on_progress, should_stop=should_stop, on_start=on_start)
+    def checkpoint_on_stop() -> bool:
+        return TrainingJob.objects.filter(pk=job.pk, paused=True).exists()
+
+    hooks = TrainingHooks(on_progress=on_progress, should_stop=should_stop, on_start=on_start, checkpoint_on_stop=checkpoint_on_stop)
+    init_adapter = Path(job.parent.adapter_dir) if job.parent_id else None
     if job.is_preference:
         result = run_preference_training(
             config,
             spec=spec,
             plan=plan,
-            pairs=[PreferencePair(pair["messages"], pair["chosen"], pair["rejected"]) for pair in job.preference_pairs],
-            init_adapter=Path(job.parent.adapter_dir),
+            pairs=[PreferencePair(pair["messages"], pair["chosen"], pair["rejected"], pair.get("tools")) for pair in job.preference_pairs],
+            init_adapter=init_adapter,
             output_dir=out,
             hooks=hooks,
             resume_from=resume_from,
@@ -309,7 +571,7 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
             output_dir=out,
             hooks=hooks,
             resume_from=resume_from,
-            init_adapter=Path(job.parent.adapter_dir) if job.parent_id else None,
+            init_adapter=init_adapter,
             extra_callbacks=extra_callbacks,
             hf_token=settings.HF_TOKEN,
         )
@@ -333,7 +595,7 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
     if result.stopped_early:
         fields["status"] = TrainingJob.Status.CANCELLED
     else:
-        fields.update(status=TrainingJob.Status.COMPLETED, adapter_dir=str(result.adapter_dir))
+        fields.update(status=TrainingJob.Status.COMPLETED, adapter_dir=str(result.adapter_dir), paused=False)
     job_write(TrainingJob, job.pk, **fields)  # JobLost (nothing written) if the row is not this process's any more
     logger.info("Training job %s %s after %s steps", job.pk, fields["status"], result.global_step)
     if fields["status"] == TrainingJob.Status.COMPLETED:

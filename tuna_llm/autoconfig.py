@@ -134,6 +134,14 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
         pick("learning_rate", 5e-4, f"{_size_text(facts.parameters)} parameters: between the small-model and the 7-8B rate")
     else:
         pick("learning_rate", seed.learning_rate, f"{_size_text(facts.parameters)} parameters: the common LoRA rate for 7B+ models")
+    multiplier = explicit.get("learning_rate_multiplier")
+    if multiplier is not None:
+        values["learning_rate_multiplier"] = multiplier
+    if multiplier is not None and "learning_rate" not in explicit:
+        chosen = values["learning_rate"]
+        values["learning_rate"] = chosen * multiplier
+        reasons["learning_rate"] = f"{chosen:g} × {multiplier:g} (your learning_rate_multiplier): {reasons['learning_rate']}"
+        reasons["learning_rate_multiplier"] = "set by you"
     validation = pick("eval_examples", validation_count(facts.train_pool), _validation_reason(facts.train_pool))
     validation = min(validation, max(0, facts.train_pool - 1))
     values["eval_examples"] = validation
@@ -174,6 +182,8 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
     )
     for name in ("warmup_steps", "seed", "save_total_limit"):
         pick(name, getattr(seed, name), "default")
+    if explicit.get("dpo_beta") is not None:
+        values["dpo_beta"] = explicit["dpo_beta"]
     return replace(TrainingConfig(base_model=base_model), **{k: v for k, v in values.items() if k != "base_model"}), reasons
 
 

@@ -11,8 +11,9 @@ callback, checkpoints and resume as supervised training (tuna_llm.training).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from tuna_llm.training import (
     TrainingResult,
     discard_incomplete_checkpoints,
     load_for_training,
+    lora_config,
     make_progress_callback,
     save_adapter,
     trainer_settings,
@@ -51,49 +53,88 @@ DPO_MAX_EPOCHS = 10
 @dataclass(frozen=True)
 class PreferencePair:
     messages: list[Message]  # the conversation up to the answer, as the models saw it
-    chosen: str
-    rejected: str
+    chosen: str | Message  # an answer's text (a vote), or an assistant message (a preference file: it may call tools)
+    rejected: str | Message
+    tools: list[dict] | None = None  # the tools the conversation offers (a preference file's input.tools)
 
 
-def preference_settings(parent: TrainingConfig, pairs: int, *, epochs: int | None = None) -> tuple[TrainingConfig, dict[str, str]]:
-    """The settings of a preference-tuning run on top of a fine-tune with these settings, and why each has its value."""
-    batch = max(1, min(parent.batch_size, 4, pairs))
+def preference_settings(
+    start: TrainingConfig, pairs: int, *, epochs: int | None = None, explicit: Mapping[str, Any] | None = None
+) -> tuple[TrainingConfig, dict[str, str]]:
+    """The settings of a preference-tuning run that starts from a model trained (or chosen) with `start`'s settings,
+    and why each has its value. `explicit`: settings the user set (num_epochs, batch_size, learning_rate or
+    learning_rate_multiplier, dpo_beta, seed, max_steps, ...), which win over the chosen ones."""
+    explicit = {k: v for k, v in (explicit or {}).items() if k != "base_model"}
+    if epochs is not None:
+        explicit["num_epochs"] = epochs
+    batch = explicit.get("batch_size") or max(1, min(start.batch_size, 4, pairs))
     per_epoch = math.ceil(pairs / batch)
-    chosen_epochs = epochs if epochs is not None else max(1, min(DPO_MAX_EPOCHS, math.ceil(DPO_TARGET_UPDATES / per_epoch)))
+    chosen_epochs = explicit.get("num_epochs") or max(1, min(DPO_MAX_EPOCHS, math.ceil(DPO_TARGET_UPDATES / per_epoch)))
+    multiplier = explicit.get("learning_rate_multiplier")
+    rate = explicit.get("learning_rate") or DPO_LEARNING_RATE * (multiplier or 1.0)
+    beta = explicit.get("dpo_beta") or DPO_BETA
     values = {
-        **parent.to_dict(),
+        **start.to_dict(),
         "num_epochs": chosen_epochs,
         "batch_size": batch,
         "gradient_accumulation_steps": 1,
-        "learning_rate": DPO_LEARNING_RATE,
+        "learning_rate": rate,
+        "learning_rate_multiplier": multiplier or 1.0,
         "warmup_steps": 0,
         "max_steps": 0,
         "eval_examples": 0,
         "eval_steps": 0,
         "save_steps": 0,
+        "dpo_beta": beta,
+        **{k: v for k, v in explicit.items() if k not in ("eval_examples", "eval_steps")},
     }
     config = TrainingConfig.from_dict(values)
     reasons = {
-        "num_epochs": "set by you"
-        if epochs is not None
-        else f"{chosen_epochs} epoch{'s' if chosen_epochs != 1 else ''} of {pairs} pairs: about {DPO_TARGET_UPDATES} updates",
+        "num_epochs": f"{chosen_epochs} epoch{'s' if chosen_epochs != 1 else ''} of {pairs} pairs: about {DPO_TARGET_UPDATES} updates",
         "batch_size": f"{batch} pair{'s' if batch != 1 else ''} per update (each pair is two sequences)",
-        "learning_rate": f"{DPO_LEARNING_RATE:g}, the preference-tuning rate for a LoRA adapter (DPO beta {DPO_BETA}, plus the chosen answers' own loss)",
-        "eval_examples": "no validation: every pair is a vote to learn from; the evaluation against the parent is the test",
+        "learning_rate": f"{DPO_LEARNING_RATE:g}, the preference-tuning rate for a LoRA adapter (plus the chosen answers' own loss)",
+        "dpo_beta": f"{DPO_BETA}, the usual DPO beta",
+        "eval_examples": "no validation: every pair is a preference to learn from; the evaluation against the starting model is the test",
     }
+    for name in explicit:
+        reasons[name] = "set by you"
+    if multiplier and "learning_rate" not in explicit:
+        reasons["learning_rate"] = (
+            f"{DPO_LEARNING_RATE:g} × {multiplier:g} (your learning_rate_multiplier): the preference-tuning rate for a LoRA adapter"
+        )
     return config, reasons
 
 
+def _answer(answer: str | Message) -> Message:
+    if isinstance(answer, str):
+        return {"role": "assistant", "content": answer}
+    return {k: v for k, v in answer.items() if k != "weight"}
+
+
 def preference_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
-    """TRL's conversational preference format: the prompt as messages, each answer as one assistant message."""
-    return [
+    """TRL's conversational preference format: the prompt as messages, each answer as one assistant message, and
+    the tools (JSON, which TRL reads) where the conversation offers any."""
+    rows = [
         {
-            "prompt": list(pair.messages),
-            "chosen": [{"role": "assistant", "content": pair.chosen}],
-            "rejected": [{"role": "assistant", "content": pair.rejected}],
+            "prompt": [{k: v for k, v in message.items() if k != "weight"} for message in pair.messages],
+            "chosen": [_answer(pair.chosen)],
+            "rejected": [_answer(pair.rejected)],
         }
         for pair in pairs
     ]
+    if any(pair.tools for pair in pairs):
+        for row, pair in zip(rows, pairs, strict=True):
+            row["tools"] = json.dumps(pair.tools) if pair.tools else None
+    return rows
+
+
+def _training_chat_template(tokenizer: Any) -> str | None:
+    """The chat template supervised training renders with (and saves with the adapter), so that a conversation with
+    tools is rendered the same way here; None where tuna_llm.prompting has no such choice (the tokenizer's own)."""
+    from tuna_llm import prompting
+
+    chosen = getattr(prompting, "chat_template_for", None)
+    return chosen(tokenizer) if chosen is not None else None
 
 
 @contextmanager
@@ -124,15 +165,17 @@ def run_preference_training(
     spec: BaseModelSpec,
     plan: DevicePlan,
     pairs: Sequence[PreferencePair],
-    init_adapter: Path,
+    init_adapter: Path | None,
     output_dir: Path,
     hooks: TrainingHooks = TrainingHooks(),
     resume_from: Path | None = None,
-    beta: float = DPO_BETA,
+    beta: float | None = None,
     extra_callbacks: Sequence[Any] = (),
     hf_token: str | None = None,
 ) -> TrainingResult:
-    """DPO on `pairs`, starting from (and referenced to) the adapter in `init_adapter`; saves the new adapter."""
+    """DPO on `pairs`, starting from (and referenced to) the adapter in `init_adapter`, or without one from a fresh
+    adapter on the base model (referenced to the base weights); saves the new adapter. `beta`: the config's
+    dpo_beta unless given, DPO_BETA when neither is."""
     import time
 
     from datasets import Dataset
@@ -145,7 +188,14 @@ def run_preference_training(
     set_seed(config.seed)
     tokenizer, model = load_for_training(spec, plan, hf_token=hf_token)
     model.config.use_cache = False
-    model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    peft_config = None
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:  # TRL wraps it; the reference is the base model, the adapter disabled
+        peft_config = lora_config(config)
+    template = _training_chat_template(tokenizer)
+    if template:
+        tokenizer.chat_template = template
 
     checkpoints = output_dir / "checkpoints"
     if resume_from is not None:
@@ -154,7 +204,7 @@ def run_preference_training(
     arguments = trainer_settings(config, output_dir=checkpoints, plan=plan, train_rows=len(pairs), has_eval=False)
     args = DPOConfig(
         **arguments,
-        beta=beta,
+        beta=beta if beta is not None else config.dpo_beta if config.dpo_beta is not None else DPO_BETA,
         max_length=config.max_seq_length,
         loss_type=list(DPO_LOSS),
         loss_weights=list(DPO_LOSS_WEIGHTS),
@@ -167,6 +217,7 @@ def run_preference_training(
         train_dataset=Dataset.from_list(preference_rows(pairs)),
         processing_class=tokenizer,
         callbacks=[progress, *extra_callbacks],
+        peft_config=peft_config,
     )
     started = time.perf_counter()
     with answer_positions_only():
@@ -176,6 +227,7 @@ def run_preference_training(
     stopped_early = hooks.should_stop()
     adapter_dir = None
     if not stopped_early:
+        model = trainer.model
         if "ref" in model.peft_config:  # the frozen reference copy is not part of the result
             model.delete_adapter("ref")
         adapter_dir = output_dir / "adapter"

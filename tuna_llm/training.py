@@ -46,6 +46,8 @@ class TrainingHooks:
     on_progress: Callable[[Progress], None] = lambda progress: None
     should_stop: Callable[[], bool] = lambda: False
     on_start: Callable[[int], None] = lambda total_steps: None
+    # Asked when should_stop stops a run: True saves a checkpoint at the step it stops at (a pause), to resume from.
+    checkpoint_on_stop: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,9 @@ def make_progress_callback(hooks: TrainingHooks, *, has_eval: bool):
     from transformers import TrainerCallback
 
     class ProgressCallback(TrainerCallback):
-        """Writes progress on each log, stops training when asked (checked every step), and validates and
-        saves at the last step so the final weights compete for "best checkpoint" too."""
+        """Writes progress on each log, stops training when asked (checked every step; a pause saves a checkpoint
+        at the step it stops at), and validates and saves at the last step so the final weights compete for
+        "best checkpoint" too."""
 
         started: float | None = None
         start_step = 0
@@ -258,7 +261,7 @@ def make_progress_callback(hooks: TrainingHooks, *, has_eval: bool):
         def on_step_end(self, args, state, control, **kwargs):
             if hooks.should_stop():
                 control.should_training_stop = True
-                control.should_save = False
+                control.should_save = hooks.checkpoint_on_stop()
                 control.should_evaluate = False
             elif has_eval and state.global_step >= state.max_steps:
                 control.should_evaluate = True

@@ -45,6 +45,10 @@ class TrainingConfig:
     # Validation examples, set aside from the training examples (never trained on, never scored by the
     # comparison): their loss picks the checkpoint that is kept. 0 = none.
     eval_examples: int = 16
+    # A record of the caller's scale on the chosen learning rate (learning_rate is already the scaled rate).
+    learning_rate_multiplier: float = 1.0
+    # DPO's beta for a preference-tuning run; None: tuna_llm.preference.DPO_BETA.
+    dpo_beta: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -91,6 +95,13 @@ RANGES: dict[str, Field] = {
 }
 
 
+# Settings that are positive numbers up to a bound (0 itself is refused): (bound, what the setting does).
+POSITIVE: dict[str, tuple[float, str]] = {
+    "learning_rate_multiplier": (10.0, "Scales the learning rate chosen for this data and model."),
+    "dpo_beta": (5.0, "How far preference tuning may move from the reference model (higher = closer)."),
+}
+
+
 @dataclass
 class ConfigResult:
     """The settings the user gave, checked (base_model always set); the rest is chosen later."""
@@ -119,9 +130,9 @@ def build_config(data: dict[str, Any], *, catalog: dict[str, Any], default_model
     """Validate raw settings (strings from a form or JSON values) into a TrainingConfig."""
     errors: dict[str, str] = {}
     values: dict[str, Any] = {}
-    unknown = sorted(set(data) - set(RANGES) - {"base_model", "target_modules"})
+    unknown = sorted(set(data) - set(RANGES) - set(POSITIVE) - {"base_model", "target_modules"})
     for name in unknown:
-        errors[name] = f"Unknown setting. Known settings: base_model, target_modules, {', '.join(RANGES)}."
+        errors[name] = f"Unknown setting. Known settings: base_model, target_modules, {', '.join([*RANGES, *POSITIVE])}."
     base_model = data.get("base_model") or default_model
     if not isinstance(base_model, str) or base_model not in catalog:
         errors["base_model"] = f"Unknown base model {base_model!r}. Choose one of: {', '.join(catalog)}."
@@ -135,6 +146,21 @@ def build_config(data: dict[str, Any], *, catalog: dict[str, Any], default_model
             errors[name] = error
         else:
             values[name] = value
+    for name, (bound, _) in POSITIVE.items():
+        raw = data.get(name)
+        if raw is None or raw == "":
+            continue
+        value, error = _coerce(raw, Field(float, 0, bound, name, ""))
+        if error is None and value <= 0:
+            error = f"Must be greater than 0 and at most {bound:g}."
+        if error:
+            errors[name] = error
+        else:
+            values[name] = value
+    if "learning_rate" in values and "learning_rate_multiplier" in values:
+        errors["learning_rate_multiplier"] = (
+            "Set either learning_rate or learning_rate_multiplier (which scales the chosen rate), not both."
+        )
     modules = _parse_modules(data.get("target_modules"))
     if isinstance(modules, str):
         errors["target_modules"] = modules
