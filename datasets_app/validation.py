@@ -15,7 +15,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from datasets_app.formats import FORMAT_LABELS, ExampleError, detect_format, to_messages, type_name
+from datasets_app.formats import (
+    FORMAT_LABELS,
+    Conversation,
+    ExampleError,
+    Normalised,
+    detect_format,
+    mapping_sentences,
+    message_text,
+    normalise,
+    to_messages,
+    type_name,
+)
 from tuna_llm.metrics import percentile
 
 MAX_MESSAGES_PER_KIND = 100
@@ -48,6 +59,10 @@ class Counter(Protocol):
 
     def template_overhead(self, roles: tuple[str, ...]) -> int: ...
 
+    def count_chat(self, conversation: Conversation) -> int: ...
+
+    def tools_unsupported_reason(self) -> str | None: ...
+
 
 @dataclass
 class _Messages:
@@ -68,9 +83,10 @@ class _Messages:
 @dataclass
 class _Pending:
     line: int
-    roles: tuple[str, ...]
-    contents: list[str]
-    completion: str
+    texts: list[str]
+    targets: list[bool]  # which texts are learned (the completion side)
+    overhead: int  # tokens the chat template adds (or, with `rendered`, the whole rendering's count)
+    rendered: bool = False
 
 
 class JsonlValidator:
@@ -89,6 +105,8 @@ class JsonlValidator:
         self._seen: dict[bytes, int] = {}
         self.fingerprints: list[bytes] = []  # one per valid example, in file order
         self._pending: list[_Pending] = []
+        self.notes: dict[str, list[int]] = {}  # how lines were read: note -> [lines, count]
+        self.targets = 0  # assistant turns to learn, over the valid examples
 
     # -- reading ---------------------------------------------------------------------------
     def feed(self, raw_lines: Iterable[bytes]) -> None:
@@ -135,7 +153,8 @@ class JsonlValidator:
             found = ", ".join(f'"{key}"' for key in list(obj)[:6]) or "no fields"
             self.errors.add(
                 number,
-                f"has an unknown format (found {found}); use prompt/completion, messages, or instruction/input/output",
+                f"has an unknown format (found {found}); use OpenAI chat messages, OpenAI preference data (input, preferred_output, "
+                "non_preferred_output), ShareGPT conversations, prompt/completion, or instruction/input/output",
             )
             return
         if self.format is None:
@@ -148,19 +167,46 @@ class JsonlValidator:
             )
             return
         try:
-            messages = to_messages(obj, fmt)
+            read = normalise(obj, fmt)
+            pending = self._measure(number, read)
         except ExampleError as exc:
             self.errors.add(number, str(exc))
             return
-        self._check_duplicate(number, messages)
-        completion = messages[-1]["content"]
-        if not _LETTER.search(completion):
+        for note, count in read.notes.items():
+            lines_and_count = self.notes.setdefault(note, [0, 0])
+            lines_and_count[0] += 1
+            lines_and_count[1] += count
+        self.targets += read.targets
+        self._check_duplicate(number, read.conversation)
+        if not _LETTER.search(message_text(read.conversation[-1])):
             self.warnings["no_letters"].add(
                 number, "the answer contains no letters; check it is not a placeholder or a number-only label by mistake"
             )
-        self._pending.append(_Pending(number, tuple(m["role"] for m in messages), [m["content"] for m in messages], completion))
+        self._pending.append(pending)
 
-    def _check_duplicate(self, number: int, messages: list[dict[str, str]]) -> None:
+    def _measure(self, number: int, read: Normalised) -> _Pending:
+        """What to count for this line; the template's share is measured now, so a conversation the base model's
+        chat template refuses is an error on its line."""
+        conversation = read.conversation
+        texts = [message_text(m) for m in conversation]
+        targets: list[bool | None] = [m["role"] == "assistant" and "weight" not in m for m in conversation]
+        if read.rejected is not None:  # preference: the prompt, then the chosen answer; the rejected one counts in the total
+            targets = [False] * (len(conversation) - 1) + [True]
+            texts.append(message_text(read.rejected))
+            targets.append(None)
+        tool_content = has_tool_content(conversation) or bool(read.rejected and read.rejected.get("tool_calls"))
+        if tool_content:
+            reason = self.counter.tools_unsupported_reason()
+            if reason:
+                raise ExampleError(f"has tools or tool calls, but {reason}")
+        try:
+            if tool_content:
+                return _Pending(number, texts, targets, self.counter.count_chat(conversation), rendered=True)
+            return _Pending(number, texts, targets, self.counter.template_overhead(tuple(m["role"] for m in conversation)))
+        except ValueError as exc:
+            raise ExampleError(f"cannot be rendered with the base model's chat template: {exc}") from None
+
+    def _check_duplicate(self, number: int, messages: list[dict[str, Any]]) -> None:
         key = fingerprint(messages)
         self.fingerprints.append(key)
         first = self._seen.get(key)
@@ -172,12 +218,14 @@ class JsonlValidator:
     def _flush(self) -> None:
         if not self._pending:
             return
-        texts = [content for item in self._pending for content in item.contents]
+        texts = [text for item in self._pending for text in item.texts]
         counts = iter(self.counter.count_many(texts))
         for item in self._pending:
-            per_message = [next(counts) for _ in item.contents]
-            prompt, completion = sum(per_message[:-1]), per_message[-1]
-            total = sum(per_message) + self.counter.template_overhead(item.roles)
+            per_text = [next(counts) for _ in item.texts]
+            prompt = sum(n for n, target in zip(per_text, item.targets, strict=True) if target is False)
+            completion = sum(n for n, target in zip(per_text, item.targets, strict=True) if target)
+            extra = sum(n for n, target in zip(per_text, item.targets, strict=True) if target is None)
+            total = item.overhead + extra if item.rendered else sum(per_text) + item.overhead
             self.prompt_lens.append(prompt)
             self.completion_lens.append(completion)
             self.total_lens.append(total)
@@ -211,6 +259,12 @@ class JsonlValidator:
             )
         if self.lines == 0 or self.lines == self.blank_lines:
             self.errors.add(None, "the file has no examples")
+        if examples and not self.targets:
+            self.errors.add(
+                None,
+                "every assistant turn in the file has weight 0, so there is nothing to learn; "
+                "give the answers to learn weight 1 (or no weight)",
+            )
         warnings = [
             {"kind": kind, "title": WARNING_TITLES[kind], **messages.as_dict()}
             for kind, messages in self.warnings.items()
@@ -220,6 +274,7 @@ class JsonlValidator:
         return {
             "format": self.format or "",
             "format_label": FORMAT_LABELS.get(self.format or "", "unknown"),
+            "mapping": mapping_sentences(self.format, self.notes) if self.format else [],
             "lines": self.lines,
             "blank_lines": self.blank_lines,
             "valid_examples": examples,
@@ -320,9 +375,9 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
-def fingerprint(messages: list[dict[str, str]]) -> bytes:
-    """8 bytes that are equal for examples equal up to case and surrounding whitespace."""
-    canonical = "\x1f".join(f"{m['role']}\x1e{m['content'].strip().casefold()}" for m in messages)
+def fingerprint(messages: list[dict[str, Any]]) -> bytes:
+    """8 bytes that are equal for examples equal up to case and surrounding whitespace (tool calls included)."""
+    canonical = "\x1f".join(f"{m['role']}\x1e{message_text(m).strip().casefold()}" for m in messages)
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest()
 
 
@@ -345,10 +400,24 @@ def _bucket(values: array, low: int, width: int) -> list[int]:
     return counts
 
 
-def iter_examples(raw_lines: Iterable[bytes]) -> Iterator[list[dict[str, str]]]:
-    """The examples of a validated file, normalised to chat messages, in file order."""
+def iter_records(raw_lines: Iterable[bytes]) -> Iterator[tuple[dict[str, Any], str]]:
+    """The lines of a validated file as (parsed object, format), in file order."""
     for raw in raw_lines:
         text = raw.decode("utf-8").removeprefix("\ufeff")
         if text.strip():
             obj = json.loads(text)
-            yield to_messages(obj, detect_format(obj))
+            yield obj, detect_format(obj)
+
+
+def iter_examples(raw_lines: Iterable[bytes]) -> Iterator[Conversation]:
+    """The examples of a validated file, normalised to Conversations, in file order (a preference line: its
+    input and the preferred answer)."""
+    for obj, fmt in iter_records(raw_lines):
+        yield to_messages(obj, fmt)
+
+
+def has_tool_content(messages: list[dict[str, Any]]) -> bool:
+    """Tools defined, or a message with tool calls, or a tool result."""
+    if getattr(messages, "tools", None):
+        return True
+    return any(m.get("tool_calls") or m["role"] == "tool" for m in messages)

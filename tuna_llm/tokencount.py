@@ -4,7 +4,9 @@ The web process validates uploads, and importing transformers' tokenizer classes
 (~300 MB). This reads the same tokenizer.json and chat template with the light ``tokenizers`` and
 ``jinja2`` packages. Per example it counts the content tokens plus the template's overhead for that
 sequence of roles, measured once by rendering the real template (a test checks the figures against
-transformers' own rendering).
+transformers' own rendering). A conversation with tools or tool calls is counted whole, rendered by
+tuna_llm.prompting.render_chat with a transformers tokenizer read from the same files (transformers'
+tokenizer classes no longer import torch), loaded the first time such a conversation comes.
 """
 
 from __future__ import annotations
@@ -19,16 +21,27 @@ from tuna_llm.settings import current
 _PLACEHOLDER = "x"
 
 
+class TemplateRefused(ValueError):
+    """The chat template refuses these messages (its own raise_exception message, or why it failed)."""
+
+
+def _raise_exception(message: str):
+    raise TemplateRefused(message)
+
+
 class TokenCounter:
     def __init__(self, model_dir: Path) -> None:
         import tokenizers
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        self._model_dir = model_dir
+        self._hf_tokenizer = None
         self._tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         template = _read_chat_template(model_dir)
         self._template = None
         if template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_exception
             self._template = env.from_string(template)
         self._overheads: dict[tuple[str, ...], int] = {}
 
@@ -49,7 +62,44 @@ class TokenCounter:
     def render(self, messages: list[dict[str, str]]) -> str:
         if self._template is None:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return self._template.render(messages=messages, add_generation_prompt=False, bos_token="", eos_token="")
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=False, bos_token="", eos_token="")
+        except TemplateError as exc:
+            raise TemplateRefused(str(exc)) from None
+
+    def tools_unsupported_reason(self) -> str | None:
+        """None when this model's chat can render tools and tool calls; otherwise why not, in plain words."""
+        try:
+            from tuna_llm.prompting import tools_unsupported_reason
+        except ImportError:  # until tuna_llm.prompting has it: a template that never names tools cannot render them
+            template = self.hf_tokenizer().chat_template or ""
+            return None if "tools" in template else "the base model's chat template does not render tools"
+        return tools_unsupported_reason(self.hf_tokenizer())
+
+    def count_chat(self, messages: list[dict]) -> int:
+        """Tokens of a whole conversation rendered as training renders it, tools and tool calls included.
+
+        Raises a ValueError (tuna_llm.prompting.ToolsUnsupported, TemplateRefused) when it cannot be rendered.
+        """
+        from jinja2 import TemplateError
+
+        from tuna_llm.prompting import render_chat
+
+        try:
+            text = render_chat(self.hf_tokenizer(), messages, add_generation_prompt=False)
+        except TemplateError as exc:
+            raise TemplateRefused(str(exc)) from None
+        return self.count(text)
+
+    def hf_tokenizer(self):
+        """A transformers tokenizer from the same files (no weights, no torch), for rendering with tools."""
+        if self._hf_tokenizer is None:
+            from transformers import PreTrainedTokenizerFast
+
+            self._hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(str(self._model_dir))
+        return self._hf_tokenizer
 
 
 def _read_chat_template(model_dir: Path) -> str | None:
