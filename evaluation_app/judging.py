@@ -7,6 +7,7 @@ refused, timed out or gave no verdict after its retries) keeps no verdicts, only
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -19,6 +20,7 @@ from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm import metrics
 from tuna_llm.judge import DEFAULT_RUBRIC, JudgeEndpoint, JudgeError, compare
+from tuna_llm.prompting import answer_text
 
 logger = logging.getLogger("tuna.judge")
 
@@ -107,7 +109,12 @@ def judge_work(run: JudgeRun) -> None:
     for position, example in enumerate(examples, start=1):
         try:
             pair = compare(
-                endpoint, run.rubric, judged_prompt(example.messages), example.reference, example.base_output, example.finetuned_output
+                endpoint,
+                run.rubric,
+                judged_prompt(example.messages, example.tools),
+                example.reference,
+                example.base_output,
+                example.finetuned_output,
             )
         except JudgeError as exc:
             raise JudgeError(
@@ -134,11 +141,13 @@ def judge_work(run: JudgeRun) -> None:
     logger.info("Judge run %s completed: %s verdicts in %s requests", run.pk, len(verdicts), requests)
 
 
-def judged_prompt(messages: list[dict[str, Any]]) -> str:
-    """What the judge reads as the request: the last message, with any earlier turns above it."""
-    if len(messages) <= 1:
+def judged_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+    """What the judge reads as the request: the last message, with any earlier turns (an assistant turn with its tool
+    calls) and the tools the models were offered above it."""
+    if len(messages) <= 1 and not tools:
         return messages[-1]["content"] if messages else ""
-    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+    offered = [f"[tools offered]\n{json.dumps(tools, ensure_ascii=False, indent=2)}"] if tools else []
+    return "\n\n".join(offered + [f"[{m['role']}]\n{answer_text(m) if m['role'] == 'assistant' else m['content']}" for m in messages])
 
 
 # -- reads ------------------------------------------------------------------------------------

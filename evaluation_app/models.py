@@ -5,6 +5,7 @@ from django.db import models
 from django.urls import reverse
 
 from tuna_core.models import WorkerJob
+from tuna_llm.prompting import Conversation
 
 
 class Evaluation(WorkerJob):
@@ -52,7 +53,11 @@ class EvaluationExample(models.Model):
     evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="examples")
     index = models.PositiveIntegerField()
     messages = models.JSONField()  # the prompt as chat messages, exactly as both models saw it
-    reference = models.TextField()
+    # The tools both models were offered with those messages (OpenAI tool objects); null when none were.
+    tools = models.JSONField(null=True, blank=True)
+    reference = models.TextField()  # the reference answer's text (its calls in the template's convention, if any)
+    # The calls the reference answer makes ([{"name", "arguments": {...}}]); when there are any, answers are scored on them.
+    reference_calls = models.JSONField(default=list, blank=True)
     base_output = models.TextField(blank=True)
     finetuned_output = models.TextField(blank=True)
     base_latency_ms = models.FloatField(default=0)
@@ -78,6 +83,11 @@ class EvaluationExample(models.Model):
     @property
     def prompt(self) -> str:
         return self.messages[-1]["content"] if self.messages else ""
+
+    @property
+    def conversation(self) -> Conversation:
+        """The prompt as both models saw it: the messages with their tools."""
+        return Conversation(self.messages, tools=self.tools)
 
     def side_output(self, side: str) -> str:
         return self.finetuned_output if side == self.finetuned_side else self.base_output

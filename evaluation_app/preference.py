@@ -71,11 +71,15 @@ def preference_job_start(*, owner, evaluation, include_judge: bool = False, epoc
 
 def evaluate_against_parent(sender, *, job: TrainingJob, **kwargs) -> None:
     """training_app.services.job_completed receiver: queue the evaluation of a completed preference-tuned job
-    against its parent, on the same held-out examples."""
+    against its start (``evaluation_start`` picks it: the parent fine-tune, or the base model for a job tuned from the
+    base on a preference file).
+
+    A job tuned on an evaluation's votes is evaluated on as many of the same held-out examples as that evaluation;
+    a job tuned on a preference file on its dataset's held-out examples, whose reference is the preferred answer."""
     if not job.is_preference:
         return
     source = job.source_evaluation
     try:
         evaluation_start(owner=job.owner, job=job, test_size=source.test_size if source else None)
     except (EvaluationConflict, LimitExceeded) as exc:  # the job page offers the button instead
-        logger.warning("Preference job %s: no automatic evaluation against its parent: %s", job.pk, exc)
+        logger.warning("Preference job %s: no automatic evaluation against its start: %s", job.pk, exc)

@@ -15,6 +15,7 @@ from evaluation_app.judging import latest_completed_run
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from tuna_llm import metrics
 from tuna_llm.metrics import METRICS
+from tuna_llm.toolcalls import parse_tool_calls
 
 # Verdict thresholds: a change in exact matches of at least max(1, 10% of the examples), or in mean
 # ROUGE-L of at least 0.05 while exact matches do not move the other way. Below that, small test sets
@@ -180,16 +181,30 @@ def word_diff(reference: str, answer: str) -> list[tuple[str, str]]:
     return runs
 
 
-def _answer(label: str, output: str, reference: str, scores: dict) -> dict:
+def readable_calls(calls: list[dict]) -> list[dict]:
+    """Tool calls for a page: each name with its arguments as indented JSON (the template escapes both)."""
+    return [{"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False, indent=2)} for call in calls]
+
+
+def _answer(label: str, output: str, example: EvaluationExample, scores: dict) -> dict:
+    reference = example.reference
     exact = scores.get("exact_match")
     rouge = scores.get("rouge_l")
-    return {
+    answer = {
         "label": label,
         "output": output,
         "exact": bool(exact if exact is not None else metrics.exact_match(output, reference)),
         "rouge": rouge if rouge is not None else metrics.rouge_l(output, reference),
-        "diff": word_diff(reference, output),
     }
+    if example.reference_calls:  # scored on its calls: show them, and diff the text around them
+        content, calls = parse_tool_calls(output)
+        expected_content = parse_tool_calls(reference)[0]
+        return {
+            **answer,
+            "calls": readable_calls(calls),
+            "diff": word_diff(expected_content, content) if content or expected_content else [],
+        }
+    return {**answer, "calls": None, "diff": word_diff(reference, output)}
 
 
 def comparison_page(evaluation: Evaluation, page_number) -> Page:
@@ -201,9 +216,11 @@ def comparison_page(evaluation: Evaluation, page_number) -> Page:
         {
             "example": example,
             "answers": [
-                _answer(evaluation.baseline_label, example.base_output, example.reference, example.base_scores),
-                _answer(evaluation.candidate_label, example.finetuned_output, example.reference, example.finetuned_scores),
+                _answer(evaluation.baseline_label, example.base_output, example, example.base_scores),
+                _answer(evaluation.candidate_label, example.finetuned_output, example, example.finetuned_scores),
             ],
+            "reference_calls": readable_calls(example.reference_calls),
+            "reference_content": parse_tool_calls(example.reference)[0] if example.reference_calls else "",
             "verdict": verdicts.get(example.pk),
         }
         for example in page.object_list
@@ -224,7 +241,8 @@ def preference_rows(evaluation: Evaluation, user) -> list[dict]:
             if rating.preferred_model == "finetuned"
             else (example.base_output, example.finetuned_output)
         )
-        rows.append({"prompt": example.prompt, "messages": example.messages, "chosen": chosen, "rejected": rejected})
+        row = {"prompt": example.prompt, "messages": example.messages, "chosen": chosen, "rejected": rejected}
+        rows.append({**row, "tools": example.tools} if example.tools else row)
     return rows
 
 
@@ -261,6 +279,13 @@ def training_pairs(evaluation: Evaluation, user, *, include_judge: bool = False)
             (example.finetuned_output, example.base_output) if preferred == "finetuned" else (example.base_output, example.finetuned_output)
         )
         pairs.append(
-            {"messages": example.messages, "chosen": chosen, "rejected": rejected, "source": source, "example_index": example.index}
+            {
+                "messages": example.messages,
+                "tools": example.tools,
+                "chosen": chosen,
+                "rejected": rejected,
+                "source": source,
+                "example_index": example.index,
+            }
         )
     return pairs

@@ -19,6 +19,7 @@ from tuna_core.quotas import LimitExceeded, check_active_jobs
 from tuna_llm import metrics
 from tuna_llm.evaluation import EvaluationHooks, ExampleResult, run_evaluation
 from tuna_llm.serving.registry import registry
+from tuna_llm.toolcalls import calls_of
 
 logger = logging.getLogger("tuna.evaluation")
 
@@ -79,7 +80,8 @@ def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -
         if active is not None:
             return active, False
         check_active_jobs(owner)
-        # A preference-tuned job is compared with the job it was tuned from; any other with the base model.
+        # A preference-tuned job is compared with its start: the fine-tune it was tuned from (its votes' job, or the one
+        # chosen for a preference file), or the base model when it was tuned from the base. Any other job with the base.
         baseline = job.parent if job.is_preference else None
         evaluation = Evaluation.objects.create(owner=owner, training_job=job, baseline_job=baseline, test_size=size)
         job_enqueue(evaluation)
@@ -128,8 +130,10 @@ def evaluation_work(evaluation: Evaluation) -> None:
             EvaluationExample.objects.create(
                 evaluation=evaluation,
                 index=r.index,
-                messages=r.prompt,
+                messages=list(r.prompt),
+                tools=r.prompt.tools,
                 reference=r.reference,
+                reference_calls=calls_of(r.reference_message),
                 base_output=r.base.text,
                 finetuned_output=r.finetuned.text,
                 # Each answer's own share of the batched decoding time (as an API call is billed).
@@ -151,12 +155,12 @@ def evaluation_work(evaluation: Evaluation) -> None:
     result = run_evaluation(loaded, examples, adapter, hourly_usd=price, hooks=hooks, baseline_adapter=baseline_adapter)
     job_complete(evaluation, metrics=result.as_dict(price))
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
-    if baseline is not None:
-        _judge_against_parent(evaluation)
+    if job.is_preference:
+        _judge_against_start(evaluation)
 
 
-def _judge_against_parent(evaluation: Evaluation) -> None:
-    """A preference-tuned job's evaluation against its parent is judged at once when a judge is configured."""
+def _judge_against_start(evaluation: Evaluation) -> None:
+    """A preference-tuned job's evaluation against its start is judged at once when a judge is configured."""
     from evaluation_app.judging import JudgeUnavailable, judge_endpoint, judge_start
 
     if judge_endpoint() is None:

@@ -151,15 +151,17 @@ def _preference_context(request: HttpRequest, evaluation) -> dict:
         "jobs": evaluation.preference_jobs.order_by("-pk").prefetch_related("evaluations"),
     }
     context = {"prefs": prefs}
-    if evaluation.baseline_job_id:
+    if evaluation.training_job.is_preference:
         job = evaluation.training_job
         completed = judging.latest_completed_run(evaluation)
         summary = services.vote_summary(evaluation, request.user)
         trained = {pair.get("example_index") for pair in job.preference_pairs}
         same_examples = job.source_evaluation is not None and job.source_evaluation.training_job_id == evaluation.baseline_job_id
         context["pref"] = {
-            "pairs": len(job.preference_pairs),
+            # A job tuned on a preference file learns its dataset's training pairs.
+            "pairs": len(job.preference_pairs) or (job.dataset.num_train if job.dataset.is_preference else 0),
             "source": job.source_evaluation,
+            "file": job.dataset if job.dataset.is_preference else None,
             "trained_here": len([i for i in trained if i is not None and i < evaluation.test_size]) if same_examples else 0,
             "judge": judging.run_summary(completed)["win_rate"] if completed else None,
             "votes": judging.win_rate(summary["counts"]["finetuned"], summary["counts"]["base"]),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuna_llm import metrics
-from tuna_llm.prompting import Message, render_chat
+from tuna_llm.prompting import Conversation, Message, answer_text, render_chat
 from tuna_llm.serving.batching import GenerationRequest, decode_all
 from tuna_llm.serving.engine import Generation
 from tuna_llm.serving.registry import LoadedBaseModel
@@ -25,8 +25,9 @@ EVAL_BATCH = 8  # rows decoded together, and examples per held-out loss batch
 @dataclass(frozen=True)
 class ExampleResult:
     index: int
-    prompt: list[Message]  # the conversation up to the answer, as both models saw it
-    reference: str
+    prompt: Conversation  # the conversation up to the answer, with its tools, as both models saw it
+    reference: str  # the reference answer's text (answer_text of the held-out example's final message)
+    reference_message: Message  # that message itself (its tool_calls, when it calls tools)
     base: Generation
     finetuned: Generation
     base_scores: dict[str, float]
@@ -57,7 +58,7 @@ class EvaluationResult:
 
 def run_evaluation(
     loaded: LoadedBaseModel,
-    examples: Sequence[list[Message]],
+    examples: Sequence[Conversation | list[Message]],
     adapter: str,
     *,
     hourly_usd: float,
@@ -70,11 +71,15 @@ def run_evaluation(
 
     ``baseline_adapter``: compare with that adapter instead of the base model (its results are reported as "base").
 
+    An example with tools is answered with them (``render_chat`` of the Conversation's prompt slice, which keeps them);
+    an answer whose reference calls tools is scored on its calls (``metrics.answer_quality``).
+
     Both models' rows go through one continuously batched decoding loop, as the serving engine decodes them:
     the base rows first, then the fine-tuned ones (``mixed``: side by side, each through its own adapter). Each answer's latency is its
     own share of the decoding time (``compute_ms``), which is also what it costs.
     """
-    budget = decoding_budget(loaded, [messages[-1]["content"] for messages in examples])
+    examples = [as_conversation(example) for example in examples]
+    budget = decoding_budget(loaded, [answer_text(messages[-1]) for messages in examples])
     hooks.on_start(budget, len(examples))
     requests = {
         (index, name): GenerationRequest(
@@ -98,15 +103,16 @@ def run_evaluation(
             if not (base.done.is_set() and tuned.done.is_set()):
                 return
             messages = examples[index]
-            reference = messages[-1]["content"]
+            reference = messages[-1]
             results[index] = ExampleResult(
                 index,
                 messages[:-1],
+                answer_text(reference),
                 reference,
                 base.result,
                 tuned.result,
-                metrics.quality(base.result.text, reference),
-                metrics.quality(tuned.result.text, reference),
+                metrics.answer_quality(base.result.text, reference),
+                metrics.answer_quality(tuned.result.text, reference),
             )
             hooks.on_example(results[index])
 
@@ -127,9 +133,14 @@ def run_evaluation(
     return EvaluationResult(budget, summaries["base"], summaries["finetuned"])
 
 
+def as_conversation(example: Conversation | list[Message]) -> Conversation:
+    """A held-out example as a Conversation (a plain list of messages has no tools)."""
+    return example if isinstance(example, Conversation) else Conversation(example)
+
+
 def answer_loss(
     loaded: LoadedBaseModel,
-    examples: Sequence[list[Message]],
+    examples: Sequence[Conversation | list[Message]],
     *,
     adapter: str | None,
     max_seq_length: int = 1024,

@@ -11,6 +11,10 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from tuna_llm.prompting import answer_text
+from tuna_llm.toolcalls import calls_match, calls_of, canonical_arguments, parse_tool_calls
 
 _SPACE = re.compile(r"\s+")
 
@@ -46,6 +50,14 @@ METRICS: dict[str, tuple[str, bool, str]] = {
         (
             "Overlap of 1- to 4-word sequences with the reference, 0 to 1 (sacrebleu sentence BLEU, averaged; "
             "Chinese, Japanese, Korean and Thai compared character by character)."
+        ),
+    ),
+    "tool_call_match": (
+        "Tool calls matched",
+        True,
+        (
+            "Of the examples whose reference answer calls tools, the share answered with the same calls: the same function names "
+            "with the same arguments as JSON (key order ignored), whatever the text around them."
         ),
     ),
     "heldout_loss": (
@@ -128,6 +140,36 @@ def quality(prediction: str, reference: str) -> dict[str, float]:
     }
 
 
+def calls_text(content: str, calls: Sequence[dict[str, Any]]) -> str:
+    """A canonical text of an answer with tool calls: its text, then one line per call, ``name {arguments}``, with the
+    arguments as canonical JSON and the lines sorted, so neither key order nor call order changes it."""
+    lines = sorted(f"{call['name']} {_arguments_text(call['arguments'])}" for call in calls)
+    return "\n".join([content.strip(), *lines]).strip()
+
+
+def _arguments_text(arguments: Any) -> str:
+    try:
+        return canonical_arguments(arguments)
+    except ValueError:  # not a JSON object: compared as written
+        return str(arguments)
+
+
+def answer_quality(prediction: str, reference: dict[str, Any]) -> dict[str, float]:
+    """Scores of a generated answer against the reference assistant message.
+
+    A reference that calls tools is scored on the calls: exact match (and ``tool_calls``) is whether the answer makes
+    the same calls (names and arguments as JSON, key order ignored), and ROUGE-L and BLEU compare canonical texts of
+    both (``calls_text``), not the template's rendering. Any other reference is scored on its text, as ``quality``.
+    """
+    expected = calls_of(reference)
+    if not expected:
+        return quality(prediction, answer_text(reference))
+    content, got = parse_tool_calls(prediction)
+    matched = 1.0 if calls_match(expected, got) else 0.0
+    scores = quality(calls_text(content, got), calls_text(reference.get("content") or "", expected))
+    return {**scores, "exact_match": matched, "tool_calls": matched}
+
+
 def cost_at(seconds: float, hourly_usd: float) -> float:
     """Machine time at an hourly price: every cost figure in the product is this."""
     return seconds / 3600 * hourly_usd
@@ -152,10 +194,12 @@ class ModelRun:
 def summarise(run: ModelRun, *, hourly_usd: float) -> dict[str, float | None]:
     count = len(run.latencies_ms)
     mean_latency = sum(run.latencies_ms) / count
+    calls = [q["tool_calls"] for q in run.qualities if "tool_calls" in q]
     return {
         "exact_match": sum(q["exact_match"] for q in run.qualities) / count,
         "rouge_l": sum(q["rouge_l"] for q in run.qualities) / count,
         "bleu": sum(q["bleu"] for q in run.qualities) / count,
+        **({"tool_call_match": sum(calls) / len(calls)} if calls else {}),
         "heldout_loss": run.loss,
         "perplexity": math.exp(run.loss) if run.loss is not None else None,
         "latency_mean_ms": mean_latency,
