@@ -14,40 +14,8 @@ from collections import Counter as Tally
 from dataclasses import dataclass, field
 from typing import Any
 
-try:  # interface A: the Conversation lives with the prompt rendering (tuna_llm.prompting)
-    from tuna_llm.prompting import Conversation, Message
-except ImportError:  # pragma: no cover - until tuna_llm.prompting has it
-    Message = dict[str, Any]  # type: ignore[misc]
-
-    class Conversation(list):  # type: ignore[no-redef]
-        def __init__(self, messages=(), tools=None) -> None:
-            super().__init__(messages)
-            self.tools = tools
-
-        def __getitem__(self, index):
-            item = super().__getitem__(index)
-            return Conversation(item, tools=self.tools) if isinstance(index, slice) else item
-
-        def to_json(self) -> dict:
-            return {"messages": list(self), **({"tools": self.tools} if self.tools else {})}
-
-        @classmethod
-        def from_json(cls, obj) -> Conversation:
-            if isinstance(obj, dict):
-                return cls(obj.get("messages", []), tools=obj.get("tools"))
-            return cls(obj)
-
-
-try:
-    from tuna_llm.toolcalls import canonical_arguments
-except ImportError:  # pragma: no cover - until tuna_llm.toolcalls has it
-
-    def canonical_arguments(arguments: str | dict) -> str:
-        value = json.loads(arguments) if isinstance(arguments, str) else arguments
-        if not isinstance(value, dict):
-            raise ValueError(f"arguments are not a JSON object: {str(arguments)[:80]}")
-        return json.dumps(value, ensure_ascii=False)
-
+from tuna_llm.prompting import Conversation, Message, answer_text
+from tuna_llm.toolcalls import canonical_arguments
 
 PROMPT_COMPLETION = "prompt_completion"
 MESSAGES = "messages"
@@ -552,12 +520,8 @@ def _sharegpt_calls(where: str, value: Any, number: int) -> list[dict[str, Any]]
 
 # -- helpers ----------------------------------------------------------------------------------------
 def message_text(message: Message) -> str:
-    """The text of a message for counting and comparing: its content, then its tool calls."""
-    calls = message.get("tool_calls") or []
-    if not calls:
-        return message["content"]
-    rendered = [f"{c['function']['name']} {c['function']['arguments']}" for c in calls]
-    return "\n".join([message["content"], *rendered]) if message["content"] else "\n".join(rendered)
+    """The text of a message for counting and comparing: its content, then its tool calls as the model writes them."""
+    return answer_text(message) if message.get("tool_calls") else message["content"]
 
 
 def mapping_sentences(fmt: str, notes: dict[str, list[int]]) -> list[str]:
@@ -578,7 +542,7 @@ def mapping_sentences(fmt: str, notes: dict[str, list[int]]) -> list[str]:
                 cverb="s" if count == 1 else "",
             )
         )
-    return [s[0].upper() + s[1:] for s in sentences]
+    return sentences
 
 
 def _text_field(obj: dict[str, Any], field: str) -> str:

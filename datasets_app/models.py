@@ -48,6 +48,11 @@ class Dataset(models.Model):
         return self.validation_status == self.Status.VALID
 
     @property
+    def is_preference(self) -> bool:
+        """Preference (DPO) data: each example has a chosen and a rejected answer."""
+        return self.format == "openai_preference"
+
+    @property
     def has_eval_file(self) -> bool:
         return bool(self.eval_file)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 from django.db.models import QuerySet, Sum
 from django.shortcuts import get_object_or_404
 
-from datasets_app.formats import ExampleError, detect_format, to_messages
+from datasets_app.formats import ExampleError, Message, detect_format, normalise
 from datasets_app.models import Dataset
 from datasets_app.validation import unsafe_text
 
@@ -41,9 +42,18 @@ def get_dataset_for_user(user, pk: int) -> Dataset:
 class ExampleRow:
     number: int  # 1-based position among non-blank lines
     line: int
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None  # a Conversation (its tools in .tools); a preference line: prompt + chosen
     raw: str | None  # shown when the line could not be read as an example
     held_out: bool
+    rejected: Message | None = None  # a preference line's rejected answer
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        return getattr(self.messages, "tools", None) or []
+
+    @property
+    def prompt(self) -> list[dict[str, Any]]:
+        return list(self.messages[:-1]) if self.messages else []
 
 
 def dataset_examples(dataset: Dataset, *, offset: int = 0, limit: int = 5) -> list[ExampleRow]:
@@ -63,6 +73,7 @@ def _row(number: int, line: int, raw: bytes, dataset: Dataset) -> ExampleRow:
         fmt = detect_format(obj) if isinstance(obj, dict) and not unsafe_text(obj) else None
         if fmt is None:
             raise ExampleError("unreadable")
-        return ExampleRow(number, line, to_messages(obj, fmt), None, held_out)
+        read = normalise(obj, fmt)
+        return ExampleRow(number, line, read.conversation, None, held_out, read.rejected)
     except (ValueError, RecursionError, ExampleError):  # undecodable, not JSON, nested too deep, a 4300-digit number
         return ExampleRow(number, line, None, raw.decode("utf-8", errors="replace")[:2000], held_out)

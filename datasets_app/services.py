@@ -8,11 +8,12 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.files.base import ContentFile
+from django.core.files.base import ContentFile, File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.dispatch import Signal
 
+from datasets_app.formats import PREFERENCE
 from datasets_app.models import Dataset
 from datasets_app.selectors import dataset_storage_bytes
 from datasets_app.uploads import max_upload_bytes, too_large_message
@@ -229,6 +230,8 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
         line_errors = [e for e in report["errors"]["items"] if e["line"] is not None]
         if line_errors or report["valid_examples"] == 0:
             raise UploadRejected(_first_errors(report))
+    if (report["format"] == PREFERENCE) != dataset.is_preference:
+        raise UploadRejected(_kind_mismatch(dataset.original_filename, upload.name, dataset.is_preference))
     overlap = _overlap(validated.fingerprints, _file_fingerprints(dataset))
     if len(overlap) == len(validated.fingerprints):
         raise UploadRejected(
@@ -257,6 +260,78 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
     if old_file:
         dataset.eval_file.storage.delete(old_file)
     return report
+
+
+def dataset_with_held_out(*, owner, training: Dataset, held_out: Dataset) -> Dataset:
+    """A new valid dataset that trains on every example of `training` and holds out the examples of `held_out`
+    (its held-out file), for a job given both a training and a validation file (OpenAI's validation_file).
+
+    Both files are copied, so deleting either source later leaves this one whole. The held-out file may have
+    fewer examples than a training file needs, but no line errors.
+    """
+    if not training.is_valid:
+        raise Invalid(f"The training file {training.original_filename!r} is invalid: {_errors_text(training.validation_report)}")
+    report = held_out.validation_report
+    line_errors = [e for e in report.get("errors", {}).get("items", []) if e["line"] is not None]
+    if not held_out.is_valid and (line_errors or not held_out.num_examples or report.get("kept")):
+        raise Invalid(f"The held-out file {held_out.original_filename!r} is invalid: {_errors_text(report)}")
+    if training.is_preference != held_out.is_preference:
+        raise Invalid(_kind_mismatch(training.original_filename, held_out.original_filename, training.is_preference))
+    with held_out.file.open("rb") as handle:
+        held_out_keys = [fingerprint(messages) for messages in iter_examples(handle)]
+    overlap = _overlap(held_out_keys, _file_fingerprints(training))
+    if len(overlap) == len(held_out_keys):
+        raise Invalid(
+            f"Every example of {held_out.original_filename!r} also occurs in {training.original_filename!r}. Held-out examples "
+            "must be ones the model is not trained on, or the comparison flatters the fine-tune."
+        )
+    split = dict(training.validation_report.get("split", {}))
+    stats = training.validation_report.get("stats", {})
+    split.update(
+        train=training.num_examples,
+        eval=len(held_out_keys) - len(overlap),
+        source="file",
+        train_tokens=stats.get("total_tokens", split.get("train_tokens", 0)),
+        overlap=len(overlap),
+        overlap_indexes=overlap,
+    )
+    dataset = Dataset(
+        owner=owner,
+        name=training.name,
+        original_filename=training.original_filename,
+        size_bytes=training.size_bytes,
+        format=training.format,
+        validation_status=Dataset.Status.VALID,
+        validation_report={**training.validation_report, "split": split},
+        num_examples=training.num_examples,
+        num_train=training.num_examples,
+        num_eval=len(held_out_keys) - len(overlap),
+        eval_fraction=training.eval_fraction,
+        eval_original_filename=held_out.original_filename,
+    )
+    with training.file.open("rb") as train_handle, held_out.file.open("rb") as held_handle:
+        dataset.file.save(training.original_filename, File(train_handle), save=False)
+        try:
+            _store(dataset, "eval_file", held_out.original_filename, File(held_handle), adding=training.size_bytes + held_out.file.size)
+        except BaseException:
+            dataset.file.delete(save=False)
+            raise
+    logger.info("Dataset %s created by %s from datasets %s (training) and %s (held out)", dataset.pk, owner, training.pk, held_out.pk)
+    return dataset
+
+
+def _kind_mismatch(training_name: str, held_out_name: str, training_is_preference: bool) -> str:
+    preference, plain = (training_name, held_out_name) if training_is_preference else (held_out_name, training_name)
+    return (
+        f"{preference!r} holds preference data (input, preferred_output, non_preferred_output) and {plain!r} does not; "
+        "a held-out file must be of the same kind as the training file."
+    )
+
+
+def _errors_text(report: dict[str, Any], limit: int = 3) -> str:
+    items = report.get("errors", {}).get("items", [])[:limit]
+    parts = [f"line {e['line']}: {e['message']}" if e["line"] else e["message"] for e in items]
+    return "; ".join(parts) or "it has no examples"
 
 
 def _file_fingerprints(dataset: Dataset) -> set[bytes]:

@@ -28,6 +28,7 @@ from datasets_app.formats import (
     type_name,
 )
 from tuna_llm.metrics import percentile
+from tuna_llm.prompting import has_tool_content
 
 MAX_MESSAGES_PER_KIND = 100
 MIN_EXAMPLES = 10
@@ -414,10 +415,3 @@ def iter_examples(raw_lines: Iterable[bytes]) -> Iterator[Conversation]:
     input and the preferred answer)."""
     for obj, fmt in iter_records(raw_lines):
         yield to_messages(obj, fmt)
-
-
-def has_tool_content(messages: list[dict[str, Any]]) -> bool:
-    """Tools defined, or a message with tool calls, or a tool result."""
-    if getattr(messages, "tools", None):
-        return True
-    return any(m.get("tool_calls") or m["role"] == "tool" for m in messages)

@@ -71,11 +71,8 @@ class TokenCounter:
 
     def tools_unsupported_reason(self) -> str | None:
         """None when this model's chat can render tools and tool calls; otherwise why not, in plain words."""
-        try:
-            from tuna_llm.prompting import tools_unsupported_reason
-        except ImportError:  # until tuna_llm.prompting has it: a template that never names tools cannot render them
-            template = self.hf_tokenizer().chat_template or ""
-            return None if "tools" in template else "the base model's chat template does not render tools"
+        from tuna_llm.prompting import tools_unsupported_reason
+
         return tools_unsupported_reason(self.hf_tokenizer())
 
     def count_chat(self, messages: list[dict]) -> int:
