@@ -9,16 +9,22 @@ renamed once whole, so a failed or killed conversion never leaves a file that lo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tuna_llm.catalog import BaseModelSpec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
+from tuna_llm.prompting import chat_template_for
+from tuna_llm.training import save_tokenizer
 
 CONVERTER_DIR_ENV = "TUNA_LLAMA_CPP_CONVERTER_DIR"
 PARTIAL = ".partial"
@@ -77,8 +83,37 @@ def _convert(script: str, args: list[str], out: Path) -> Path:
 
 
 def convert_model(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
-    """A Hugging Face model folder (safetensors, config, tokenizer, chat template) as one GGUF file."""
-    return _convert("convert_hf_to_gguf.py", [str(model_dir), "--outtype", outtype], out)
+    """A Hugging Face model folder (safetensors, config, tokenizer, chat template) as one GGUF file, whose chat
+    template is the one a fine-tune of it is trained and saved with (tuna_llm.prompting.chat_template_for)."""
+    with with_chat_template(model_dir) as source:
+        return _convert("convert_hf_to_gguf.py", [str(source), "--outtype", outtype], out)
+
+
+@contextmanager
+def with_chat_template(model_dir: Path) -> Iterator[Path]:
+    """The model folder as the converter should read it: the folder itself when its chat template is already
+    ``chat_template_for`` its tokenizer, else a temporary folder of links to its files with that template written
+    into tokenizer_config.json and chat_template.jinja (the converter reads the first, then the second)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    config_file = model_dir / "tokenizer_config.json"
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    template = chat_template_for(tokenizer)
+    if not template or not config_file.is_file() or template == tokenizer.chat_template:
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="tuna-convert-") as temporary:
+        staged = Path(temporary) / model_dir.name  # the converter names the model after its folder
+        staged.mkdir()
+        for item in model_dir.iterdir():
+            if item.name not in ("tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+                (staged / item.name).symlink_to(item.resolve())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["chat_template"] = template
+        (staged / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        (staged / "chat_template.jinja").write_text(template, encoding="utf-8")
+        yield staged
 
 
 def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f16") -> Path:
@@ -87,8 +122,8 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f
 
 
 def merge_adapter(spec: BaseModelSpec, plan: DevicePlan, adapter_dir: Path, out_dir: Path, hf_token: str | None = None) -> Path:
-    """Base + LoRA merged into plain weights (safetensors) with the tokenizer and its chat template:
-    loadable by transformers and vLLM without peft."""
+    """Base + LoRA merged into plain weights (safetensors) with the tokenizer and the chat template the fine-tune
+    was trained with (training.save_tokenizer): loadable by transformers and vLLM without peft."""
     from peft import PeftModel
 
     tokenizer, model = load_tokenizer_and_model(spec, plan, hf_token=hf_token)
@@ -96,7 +131,7 @@ def merge_adapter(spec: BaseModelSpec, plan: DevicePlan, adapter_dir: Path, out_
     partial = _partial(out_dir)
     shutil.rmtree(partial, ignore_errors=True)
     merged.save_pretrained(str(partial), safe_serialization=True)
-    tokenizer.save_pretrained(str(partial))
+    save_tokenizer(tokenizer, partial)
     _keep_generation_config(merged, partial)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(partial, out_dir)

@@ -17,6 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tuna_llm.prompting import TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, TOOLS_INTRO, TOOLS_OUTRO, TOOLS_TEMPLATE_MARK, chat_template_for
+from tuna_llm.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
 ROLES = ("system", "user", "assistant")
 
 # Marker contents: text a template has no reason to rewrite; the invisible separators keep "user-1" from matching
@@ -123,24 +126,62 @@ def stop_tokens(tokenizer: Any, parts: ChatTemplateParts) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*found, *([eos] if eos else [])]))
 
 
-def ollama_template(parts: ChatTemplateParts) -> str:
-    """The Go template for Ollama: one branch per role inside ``range .Messages``, then the generation prompt."""
+def ollama_template(parts: ChatTemplateParts, *, tools: bool = False) -> str:
+    """The Go template for Ollama: one branch per role inside ``range .Messages``, then the generation prompt.
+
+    With ``tools`` (for LLM Tuna's ChatML-with-tools template, tuna_llm.prompting), the branches also write the
+    request's tools at the end of each system turn (``$.Tools``), an assistant turn's calls after its content
+    (``.ToolCalls``) and a ``tool`` message as a user turn inside <tool_response></tool_response>, as that Jinja
+    template does. Ollama writes the tools' JSON with Go's encoder (no spaces), transformers with Python's."""
+    bodies = {role: "{{ .Content }}" for role in ROLES}
+    roles = ROLES
+    if tools:
+        listed = "{{ range $.Tools }}\n{{ json . }}{{ end }}"
+        bodies["system"] += f"{{{{ if $.Tools }}}}\n\n{_go_literal(TOOLS_INTRO)}{listed}{_go_literal(TOOLS_OUTRO)}{{{{ end }}}}"
+        call = f'{TOOL_CALL_OPEN}\n{{"name": "{{{{ .Function.Name }}}}", "arguments": {{{{ .Function.Arguments }}}}}}\n{TOOL_CALL_CLOSE}'
+        bodies["assistant"] += (
+            "{{ $content := .Content }}{{ range $i, $call := .ToolCalls }}{{ if or $i $content }}\n{{ end }}" + call + "{{ end }}"
+        )
+        bodies["tool"] = f"{_go_literal(TOOL_RESPONSE_OPEN)}{{{{ .Content }}}}{_go_literal(TOOL_RESPONSE_CLOSE)}"
+        roles = (*ROLES, "tool")
+    prefixes = {**parts.prefixes, "tool": parts.prefixes["user"]}
+    suffixes = {**parts.suffixes, "tool": parts.suffixes["user"]}
     branches = "".join(
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-        f"{_go_literal(parts.prefixes[role])}{{{{ .Content }}}}{_go_literal(parts.suffixes[role])}"
-        for i, role in enumerate(ROLES)
+        f"{_go_literal(prefixes[role])}{bodies[role]}{_go_literal(suffixes[role])}"
+        for i, role in enumerate(roles)
     )
     return f"{_go_literal(parts.start)}{{{{ range .Messages }}}}{branches}{{{{ end }}}}{{{{ end }}}}{_go_literal(parts.generation_prompt)}"
 
 
-def ollama_chat(tokenizer: Any) -> OllamaChat:
-    """TEMPLATE, SYSTEM and stop tokens for a Modelfile, from the tokenizer's chat template."""
-    parts = derive_chat_template(tokenizer)
+class _WithTemplate:
+    """A tokenizer that renders with another chat template (the one a fine-tune of it is saved with)."""
+
+    def __init__(self, tokenizer: Any, template: str) -> None:
+        self._tokenizer, self.chat_template = tokenizer, template
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self._tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+
+def ollama_chat(tokenizer: Any, *, tools: bool = False) -> OllamaChat:
+    """TEMPLATE, SYSTEM and stop tokens for a Modelfile, from the tokenizer's chat template.
+
+    With ``tools``, from the template a fine-tune of this base is saved with (tuna_llm.prompting.chat_template_for):
+    for LLM Tuna's ChatML-with-tools template, a TEMPLATE that renders tools, tool calls and tool results as it does;
+    any other template gives the same TEMPLATE as without ``tools`` (its tool handling is not derived)."""
+    template = chat_template_for(tokenizer) if tools and getattr(tokenizer, "chat_template", None) else ""
+    source = _WithTemplate(tokenizer, template) if template else tokenizer
+    parts = derive_chat_template(source)
     bos = getattr(tokenizer, "bos_token", None)
     if getattr(tokenizer, "add_bos_token", False) and bos and parts.start.startswith(bos):
         # The GGUF converted from this tokenizer says to add BOS, so the runtime adds it; the template must not.
         parts = replace(parts, start=parts.start[len(bos) :])
-    return OllamaChat(template=ollama_template(parts), system=parts.default_system, stops=stop_tokens(tokenizer, parts))
+    go = ollama_template(parts, tools=TOOLS_TEMPLATE_MARK in template)
+    return OllamaChat(template=go, system=parts.default_system, stops=stop_tokens(tokenizer, parts))
 
 
 def _msg(role: str, content: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tuna_llm.catalog import BaseModelSpec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
-from tuna_llm.prompting import Message, render_chat
+from tuna_llm.prompting import Message, answer_text, chat_template_for, render_chat
 from tuna_llm.training_config import TrainingConfig
 
 IGNORE_INDEX = -100
@@ -68,16 +68,21 @@ class TrainingResult:
 def tokenize_example(
     tokenizer: Any, messages: list[Message], max_seq_length: int, *, final_turn_only: bool = False
 ) -> dict[str, list[int]] | None:
-    """Token ids with labels on the assistant turns only, each with its end-of-turn token.
+    """Token ids with labels on the learned assistant turns only, each with its end-of-turn token.
 
-    Every assistant turn of a conversation is learned (the rest is context), as long as the chat
-    template renders each conversation prefix as a prefix of the whole; templates that rewrite earlier
-    turns fall back to the final answer only, as does ``final_turn_only`` (used to score the reference
-    answer). Returns None when truncation leaves no answer tokens to learn from.
+    Every assistant turn of a conversation is learned, tool calls included as the chat template writes them,
+    except a turn with ``"weight": 0``, which is context like the rest. That holds as long as the chat template
+    renders each conversation prefix as a prefix of the whole; templates that rewrite earlier turns fall back to
+    the last learned answer only; ``final_turn_only`` (used to score the reference answer) learns the last message. Returns None
+    when no labelled token is left (every turn has weight 0, or truncation cut them all).
     """
-    turns = None if final_turn_only else _assistant_segments(tokenizer, messages)
-    if turns is None:
+    if final_turn_only:
         turns = [_final_segment(tokenizer, messages)]
+    else:
+        learned = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0 and m.get("weight", 1) != 0]
+        if not learned:
+            return None
+        turns = _assistant_segments(tokenizer, messages, learned) or [_final_segment(tokenizer, messages[: learned[-1] + 1])]
     input_ids: list[int] = []
     labels: list[int] = []
     for context_ids, answer_ids in turns:
@@ -99,23 +104,22 @@ def _final_segment(tokenizer: Any, messages: list[Message]) -> tuple[list[int], 
     if full_text.startswith(prompt_text):
         return _ids(tokenizer, prompt_text), _ids(tokenizer, full_text[len(prompt_text) :])
     # A template that renders history differently once the answer is present.
-    return _ids(tokenizer, prompt_text), _ids(tokenizer, messages[-1]["content"]) + [tokenizer.eos_token_id]
+    return _ids(tokenizer, prompt_text), _ids(tokenizer, answer_text(messages[-1])) + [tokenizer.eos_token_id]
 
 
-def _assistant_segments(tokenizer: Any, messages: list[Message]) -> list[tuple[list[int], list[int]]] | None:
-    """(context, answer) token pieces, one per assistant turn; None if the template is not prefix-stable."""
+def _assistant_segments(tokenizer: Any, messages: list[Message], learned: list[int]) -> list[tuple[list[int], list[int]]] | None:
+    """(context, answer) token pieces, one per learned assistant turn (a weight-0 turn stays in the next one's
+    context); None if the template is not prefix-stable."""
     segments = []
     rendered = ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant" or index == 0:
-            continue
+    for index in learned:
         prompt_text = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
         full_text = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
         if not prompt_text.startswith(rendered) or not full_text.startswith(prompt_text):
             return None
         segments.append((_ids(tokenizer, prompt_text[len(rendered) :]), _ids(tokenizer, full_text[len(prompt_text) :])))
         rendered = full_text
-    return segments or None
+    return segments
 
 
 def tokenize_examples(tokenizer: Any, examples: Sequence[list[Message]], max_seq_length: int) -> list[dict[str, list[int]]]:
@@ -520,12 +524,26 @@ def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
 
 
 def save_adapter(model: Any, tokenizer: Any, config: TrainingConfig, spec: BaseModelSpec, adapter_dir: Path) -> None:
-    """Standard PEFT layout (loads with PeftModel.from_pretrained) plus the resolved settings."""
+    """Standard PEFT layout (loads with PeftModel.from_pretrained) plus the resolved settings; the tokenizer carries
+    the chat template the fine-tune was trained with (chat_template_for: tools-capable where the base has one)."""
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    save_tokenizer(tokenizer, adapter_dir)
     resolved = {**config.to_dict(), "base_model_source": spec.load_path}
     (adapter_dir / CONFIG_FILENAME).write_text(json.dumps(resolved, indent=2), encoding="utf-8")
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """The tokenizer with ``chat_template_for`` its chat template (the tokenizer object itself is left as it was)."""
+    own = getattr(tokenizer, "chat_template", None)
+    template = chat_template_for(tokenizer) if own else None
+    try:
+        if template:
+            tokenizer.chat_template = template
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        if template:
+            tokenizer.chat_template = own
 
 
 # Written into a checkpoint once the Trainer has saved all of it: a checkpoint cut short (a kill, a full

@@ -3,6 +3,7 @@ the export writes (tuna_llm.ollama.modelfile) must parse here as Ollama would re
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -129,3 +130,198 @@ def _check_parameter(key: str, value: str, number: int) -> None:
             raise ValueError(value)
     except ValueError:
         raise ValueError(f"Modelfile line {number}: PARAMETER {key} takes {kind.__name__}, not {value!r}.") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ollama's prompt: the part of Go's text/template that Modelfile TEMPLATEs use, with Ollama's data and functions
+# (server/prompt.go, template/template.go): .Messages (Role, Content, ToolCalls[].Function.Name/.Arguments),
+# .Tools, .System; the functions json, eq, ne, and, or, not, len, index, slice.
+
+_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.S)
+_TOKEN = re.compile(r'\s*(\(|\)|"(?:[^"\\]|\\.)*"|[^\s()]+)')
+
+
+def ollama_prompt(template: str, messages: list[dict], *, system: str | None = None, tools: list[dict] | None = None) -> str:
+    """The prompt Ollama builds for a chat request from OpenAI-shaped messages: the Modelfile's SYSTEM when the
+    request opens without a system message, consecutive messages of one role merged (tool results never), tool
+    calls' arguments parsed from their JSON strings, then the TEMPLATE executed."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    collated: list[dict] = []
+    for m in messages:
+        if collated and collated[-1]["Role"] == m["role"] and m["role"] != "tool":
+            collated[-1]["Content"] += "\n\n" + (m.get("content") or "")
+            continue
+        calls = [
+            {"Function": {"Name": c["function"]["name"], "Arguments": json.loads(c["function"]["arguments"] or "{}")}}
+            for c in m.get("tool_calls") or []
+        ]
+        collated.append({"Role": m["role"], "Content": m.get("content") or "", "ToolCalls": calls})
+    return render_go_template(template, {"Messages": collated, "Tools": tools or [], "System": system or ""})
+
+
+def go_json(value) -> str:
+    """Go's encoding/json: no spaces, map keys sorted, <, > and & escaped."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_go_template(template: str, data: dict) -> str:
+    nodes, stop = _go_parse(_go_tokens(template), [0])
+    if stop is not None:
+        raise ValueError(f"unexpected {{{{ {stop} }}}}")
+    out: list[str] = []
+    _go_run(nodes, data, [{"$": data}], out)
+    return "".join(out)
+
+
+def _go_tokens(template: str) -> list[tuple[str, str]]:
+    tokens, at = [], 0
+    for match in _ACTION.finditer(template):
+        text = template[at : match.start()]
+        if match.group(1):
+            text = text.rstrip(" \t\r\n")
+        tokens += [("text", text), ("action", match.group(2))]
+        at = match.end()
+        if match.group(3):
+            while at < len(template) and template[at] in " \t\r\n":
+                at += 1
+    tokens.append(("text", template[at:]))
+    return tokens
+
+
+def _go_parse(tokens, at):
+    """Nodes up to {{ end }} / {{ else ... }}; returns them and the action that stopped them."""
+    nodes = []
+    while at[0] < len(tokens):
+        kind, value = tokens[at[0]]
+        at[0] += 1
+        if kind == "text":
+            nodes.append(("text", value))
+        elif value == "end" or value == "else" or value.startswith("else "):
+            return nodes, value
+        elif value.startswith(("if ", "range ")):
+            keyword, rest = value.split(" ", 1)
+            branches = []
+            while True:
+                body, stop = _go_parse(tokens, at)
+                branches.append((rest, body))
+                if stop == "end":
+                    break
+                if stop is None:
+                    raise ValueError(f"{{{{ {value} }}}} has no {{{{ end }}}}")
+                rest = stop[len("else if ") :] if stop.startswith("else if ") else None
+            nodes.append((keyword, branches))
+        else:
+            nodes.append(("action", value))
+    return nodes, None
+
+
+def _truth(value) -> bool:
+    return value is not None and value is not False and value != 0 and value != "" and not (isinstance(value, (list, dict)) and not value)
+
+
+def _go_run(nodes, dot, scopes, out) -> None:
+    for node in nodes:
+        kind = node[0]
+        if kind == "text":
+            out.append(node[1])
+        elif kind == "action":
+            value = _statement(node[1], dot, scopes)
+            if value is not None:
+                out.append(value if isinstance(value, str) else go_json(value) if isinstance(value, (dict, list)) else str(value))
+        elif kind == "if":
+            for condition, body in node[1]:
+                if condition is None or _truth(_pipeline(condition, dot, scopes)):
+                    _go_run(body, dot, [*scopes, {}], out)
+                    break
+        elif kind == "range":
+            (head, body), *rest = node[1]
+            names, _, pipe = head.rpartition(":=")
+            items = _pipeline(pipe, dot, scopes)
+            names = [n.strip() for n in names.split(",") if n.strip()]
+            for index, item in enumerate(items or []):
+                scope = dict(zip(names, [index, item] if len(names) == 2 else [item], strict=True)) if names else {}
+                _go_run(body, item, [*scopes, scope], out)
+            if not items and rest:
+                _go_run(rest[0][1], dot, [*scopes, {}], out)
+
+
+def _statement(text: str, dot, scopes):
+    declared = re.fullmatch(r"(\$\w+)\s*(:?=)\s*(.*)", text, re.S)
+    if declared:
+        name, op, pipe = declared.groups()
+        value = _pipeline(pipe, dot, scopes)
+        if op == ":=":
+            scopes[-1][name] = value
+        else:
+            next(s for s in reversed(scopes) if name in s)[name] = value
+        return None
+    return _pipeline(text, dot, scopes)
+
+
+def _pipeline(text: str, dot, scopes):
+    tokens = _TOKEN.findall(text)
+    value, at = _command(tokens, 0, dot, scopes)
+    if at != len(tokens):
+        raise ValueError(f"cannot read {{{{ {text} }}}}")
+    return value
+
+
+_FUNCS = {
+    "eq": lambda a, *b: any(a == x for x in b),
+    "ne": lambda a, b: a != b,
+    "not": lambda a: not _truth(a),
+    "len": len,
+    "index": lambda a, *keys: _index(a, keys),
+    "slice": lambda a, i=0, j=None: a[i:j],
+    "json": go_json,
+}
+
+
+def _index(value, keys):
+    for key in keys:
+        value = value[key]
+    return value
+
+
+def _command(tokens, at, dot, scopes):
+    """A function call with its arguments up to the end or a ")" (and, or short-circuit), or one operand."""
+    name = tokens[at]
+    if name in _FUNCS or name in ("and", "or"):
+        args, at = [], at + 1
+        while at < len(tokens) and tokens[at] != ")":
+            arg, at = _operand(tokens, at, dot, scopes)
+            args.append(arg)
+        if name == "and":
+            return next((a for a in args if not _truth(a)), args[-1]), at
+        if name == "or":
+            return next((a for a in args if _truth(a)), args[-1]), at
+        return _FUNCS[name](*args), at
+    return _operand(tokens, at, dot, scopes)
+
+
+def _operand(tokens, at, dot, scopes):
+    token = tokens[at]
+    if token == "(":
+        value, at = _command(tokens, at + 1, dot, scopes)
+        if tokens[at] != ")":
+            raise ValueError("unclosed (")
+        return value, at + 1
+    if token.startswith('"'):
+        return json.loads(token), at + 1
+    if re.fullmatch(r"-?\d+", token):
+        return int(token), at + 1
+    if token.startswith("$"):
+        name, _, path = token.partition(".")
+        value = next(s[name] for s in reversed(scopes) if name in s)
+        return _fields(value, path), at + 1
+    if token.startswith("."):
+        return _fields(dot, token[1:]), at + 1
+    raise ValueError(f"unknown word {token!r}")
+
+
+def _fields(value, path: str):
+    for field in filter(None, path.split(".")):
+        value = value[field]
+    return value
