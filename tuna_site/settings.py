@@ -116,6 +116,7 @@ INSTALLED_APPS = [
     "training_app",
     "evaluation_app",
     "inference_app",
+    "openai_api",
 ]
 
 MIDDLEWARE = [

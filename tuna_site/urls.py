@@ -21,5 +21,6 @@ urlpatterns = [
     path("", include("training_app.urls")),
     path("", include("evaluation_app.urls")),
     path("", include("inference_app.urls")),
+    path("", include("openai_api.urls")),
     re_path(r"^(api|v1)/", NotFoundApi.as_view()),
 ]
