@@ -18,7 +18,7 @@ from datasets_app.models import Dataset
 from datasets_app.selectors import dataset_storage_bytes
 from datasets_app.uploads import max_upload_bytes, too_large_message
 from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
-from tuna_core.errors import Conflict, Invalid, LimitReached, TooLarge
+from tuna_core.errors import Conflict, Invalid, LimitReached, NotFound, TooLarge
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
 
@@ -269,6 +269,8 @@ def dataset_with_held_out(*, owner, training: Dataset, held_out: Dataset) -> Dat
     Both files are copied, so deleting either source later leaves this one whole. The held-out file may have
     fewer examples than a training file needs, but no line errors.
     """
+    if training.owner_id != owner.pk or held_out.owner_id != owner.pk:
+        raise NotFound("No such dataset.")  # another user's dataset is never confirmed to exist
     if not training.is_valid:
         raise Invalid(f"The training file {training.original_filename!r} is invalid: {_errors_text(training.validation_report)}")
     report = held_out.validation_report
