@@ -57,9 +57,26 @@ def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def route_for(*, base_model: str, job: TrainingJob | None) -> Route:
+@dataclass(frozen=True)
+class AdapterChoice:
+    """The PEFT adapter a call of a fine-tune applies: its name on the base model and its directory (the job's
+    final adapter, or one of its kept checkpoints)."""
+
+    name: str
+    path: str
+    checkpoint: bool = False
+
+
+def route_for(*, base_model: str, job: TrainingJob | None, checkpoint: bool = False) -> Route:
     mode = settings.TUNA_SERVING_ENGINE
     if mode == "transformers":
+        return Route(TRANSFORMERS)
+    if checkpoint:  # a kept checkpoint has no GGUF export: its PEFT weights are served as trained
+        if mode == "llamacpp":
+            raise NotServable(
+                "A checkpoint is served from its PEFT adapter by transformers; this server serves every model with llama.cpp "
+                "(TUNA_SERVING_ENGINE=llamacpp). Call the completed fine-tune instead, or serve with TUNA_SERVING_ENGINE=auto."
+            )
         return Route(TRANSFORMERS)
     if job is not None:
         route, passed = _job_route(job)
@@ -80,10 +97,13 @@ class Chosen:
     adapter: Adapter | None
 
 
-def engine_for(*, base_model: str, job: TrainingJob | None) -> Chosen:
+def engine_for(*, base_model: str, job: TrainingJob | None, adapter: AdapterChoice | None = None) -> Chosen:
     """The one place that decides which engine answers a call (TUNA_SERVING_ENGINE, exports, parity: see
-    ``route_for``), loading it on first use. NotServable (with what to do) when it cannot answer."""
-    route = route_for(base_model=base_model, job=job)
+    ``route_for``), loading it on first use. NotServable (with what to do) when it cannot answer. ``adapter``:
+    the PEFT adapter to apply on transformers (default: the job's final one)."""
+    if job is not None and adapter is None:
+        adapter = AdapterChoice(f"job-{job.pk}", job.adapter_dir)
+    route = route_for(base_model=base_model, job=job, checkpoint=bool(adapter and adapter.checkpoint))
     if route.engine == LLAMACPP:
         try:
             engine = llama_server(route.base_gguf)
@@ -95,7 +115,7 @@ def engine_for(*, base_model: str, job: TrainingJob | None) -> Chosen:
         loaded = registry.get_on(compute_thread, base_model)
     except ModelUnavailable as exc:
         raise NotServable(str(exc)) from exc
-    return Chosen(batching.engine_for(loaded), Adapter(f"job-{job.pk}", job.adapter_dir) if job is not None else None)
+    return Chosen(batching.engine_for(loaded), Adapter(adapter.name, adapter.path) if adapter is not None else None)
 
 
 def _job_route(job: TrainingJob) -> tuple[Route | None, bool]:

@@ -7,6 +7,7 @@ interface (tuna_llm.serving.engine): every call is checked, admitted, logged and
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,16 +18,19 @@ from django.conf import settings
 from inference_app import engines
 from inference_app.engines import TRANSFORMERS
 from inference_app.models import UsageLog
+from training_app import selectors as training_selectors
 from training_app.models import TrainingJob
 from tuna_core.costs import cost_usd
 from tuna_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
-from tuna_llm.prompting import Message, prompt_messages
+from tuna_llm.prompting import Message, ToolsUnsupported, prompt_messages
 from tuna_llm.serving.batching import MAX_SEED, MIN_SEED
 from tuna_llm.serving.engine import CallSpec, Engine, Generation, Handle, RequestInvalid, result_of
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
+FT_PREFIX = "ft:"
+NAMES = "Use a training job id, tuna-job-<id>, its ft:... name (or that name with :ckpt-step-<n>) or base:<name>."
 DEFAULT_MAX_TOKENS = 256
 MAX_JOB_ID_DIGITS = 18  # "tuna-job-<id>": ids beyond this cannot exist (64-bit keys)
 MIN_SAMPLING_TEMPERATURE = 1e-3
@@ -58,17 +62,42 @@ class InferenceInvalid(InferenceRefused, Invalid, ValueError):
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    model_id: str  # the canonical public id: "base:<name>" or "tuna-job-<n>"
+    model_id: str  # the public id it was called by: "base:<name>", "tuna-job-<n>", "ft:..." or "ft:...:ckpt-step-<n>"
     base_model: str
     job: TrainingJob | None
+    checkpoint: Checkpoint | None = None  # a kept checkpoint of the job, served instead of its final adapter
+
+    @property
+    def adapter(self) -> engines.AdapterChoice | None:
+        """The weights on top of the base: the job's final adapter, or one of its kept checkpoints."""
+        if self.job is None:
+            return None
+        if self.checkpoint is not None:
+            return engines.AdapterChoice(f"job-{self.job.pk}-step-{self.checkpoint.step}", self.checkpoint.path, checkpoint=True)
+        return engines.AdapterChoice(f"job-{self.job.pk}", self.job.adapter_dir)
 
     @property
     def adapter_name(self) -> str | None:
-        return f"job-{self.job.pk}" if self.job else None
+        return self.adapter.name if self.adapter else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: str
+
+
+FT_NAME = re.compile(r"^ft:.+:ftjob-(?P<pk>[0-9]{1,18})(?::ckpt-step-(?P<step>[0-9]{1,18}))?$")
+
+
+def kept_checkpoints(job: TrainingJob) -> list[Checkpoint]:
+    """The job's kept checkpoints, each a PEFT adapter directory."""
+    return [Checkpoint(kept.step, str(kept.path)) for kept in training_selectors.job_checkpoints(job)]
 
 
 def resolve_model(user, model_id: str | int) -> ResolvedModel:
-    """Accept a job id (int or "12"), "tuna-job-12", "base:<name>" or a bare catalog name."""
+    """Accept a job id (int or "12"), "tuna-job-12", "ft:<base>:<user>:<suffix>:ftjob-12" (and that name with
+    ":ckpt-step-<n>", a kept checkpoint of the job), "base:<name>" or a bare catalog name."""
     raw = str(model_id).strip()
     if raw.startswith(BASE_PREFIX) or raw in get_catalog():
         name = raw.removeprefix(BASE_PREFIX)
@@ -77,19 +106,41 @@ def resolve_model(user, model_id: str | int) -> ResolvedModel:
         except UnknownBaseModel:
             raise ModelNotFound(f"The model {raw!r} does not exist.") from None
         return ResolvedModel(f"{BASE_PREFIX}{spec.name}", spec.name, None)
+    if raw.startswith(FT_PREFIX):
+        return _resolve_fine_tuned(user, raw)
     number = raw.removeprefix(JOB_PREFIX)
     # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "١٢" (which it reads as 12).
     is_id = number.isascii() and number.isdigit() and len(number) <= MAX_JOB_ID_DIGITS
     job = TrainingJob.objects.filter(pk=int(number), owner=user).first() if is_id else None
     if job is None:
-        raise ModelNotFound(f"The model {raw!r} does not exist. Use a training job id, tuna-job-<id> or base:<name>.")
-    if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
-        raise ModelNotReady(f"The model {job.model_id} is not ready: its training job is {job.get_status_display().lower()}.")
+        raise ModelNotFound(f"The model {raw!r} does not exist. {NAMES}")
+    _check_ready(job, job.model_id)
     return ResolvedModel(job.model_id, job.base_model, job)
 
 
+def _resolve_fine_tuned(user, raw: str) -> ResolvedModel:
+    match = FT_NAME.match(raw)
+    job = TrainingJob.objects.filter(pk=int(match["pk"]), owner=user).select_related("owner").first() if match else None
+    name = job.fine_tuned_model if job is not None else None
+    if job is None or raw.removesuffix(f":ckpt-step-{match['step']}" if match["step"] else "") != name:
+        raise ModelNotFound(f"The model {raw!r} does not exist. {NAMES}")
+    if match["step"] is None:
+        _check_ready(job, name)
+        return ResolvedModel(name, job.base_model, job)
+    step = int(match["step"])
+    checkpoint = next((c for c in kept_checkpoints(job) if c.step == step), None)
+    if checkpoint is None:
+        raise ModelNotFound(f"The model {raw!r} does not exist: {name} has no kept checkpoint at step {step}.")
+    return ResolvedModel(raw, job.base_model, job, checkpoint)
+
+
+def _check_ready(job: TrainingJob, name: str) -> None:
+    if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir:
+        raise ModelNotReady(f"The model {name} is not ready: its training job is {job.get_status_display().lower()}.")
+
+
 def completed_models_for(user) -> list[TrainingJob]:
-    return list(TrainingJob.objects.filter(owner=user, status=TrainingJob.Status.COMPLETED).select_related("dataset"))
+    return list(TrainingJob.objects.filter(owner=user, status=TrainingJob.Status.COMPLETED).select_related("dataset", "owner"))
 
 
 def cost_for(compute_ms: float) -> float:
@@ -121,6 +172,7 @@ class Call:
     engine: str = TRANSFORMERS  # its name (Engine.describe), stored with the usage row
     precision: str = ""  # "bf16" / "fp32" on transformers (the deployment's), "gguf" on llama.cpp
     result: Generation | None = None
+    chat: object | None = None  # a chat call's request (inference_app.conversation.ChatRequest): how its answer is read
 
 
 def prepare_call(
@@ -128,7 +180,7 @@ def prepare_call(
     user,
     model: ResolvedModel,
     endpoint: str,
-    messages: list[Message] | None = None,
+    messages: list[Message] | None = None,  # a tuna_llm.prompting.Conversation carries its tools
     text: str | None = None,
     max_tokens: int | None = None,
     temperature: float = 0.0,
@@ -145,7 +197,7 @@ def prepare_call(
         # Sampling this cold is greedy decoding; dividing the logits by it would overflow to inf/nan.
         temperature = 0.0
     try:
-        chosen = engines.engine_for(base_model=model.base_model, job=model.job)
+        chosen = engines.engine_for(base_model=model.base_model, job=model.job, adapter=model.adapter)
     except engines.NotServable as exc:
         raise ModelNotReady(str(exc)) from None
     spec = CallSpec(
@@ -162,6 +214,8 @@ def prepare_call(
         request = chosen.engine.prepare(spec)
     except RequestInvalid as exc:
         raise InferenceInvalid(str(exc), exc.param) from None
+    except ToolsUnsupported as exc:  # tool content this model's chat cannot render: refused, never a garbled prompt
+        raise InferenceInvalid(str(exc), "tools" if getattr(messages, "tools", None) else "messages") from None
     info = chosen.engine.describe()
     return Call(
         user=user, model=model, request=request, endpoint=endpoint, runner=chosen.engine, engine=info.name, precision=info.precision

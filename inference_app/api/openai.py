@@ -24,7 +24,9 @@ from inference_app.api.serializers import (
     CompletionSerializer,
     ModelListSerializer,
 )
+from inference_app.conversation import ChatRequest
 from tuna_llm.catalog import get_catalog
+from tuna_llm.toolcalls import TOOL_CALL_OPEN, openai_tool_calls, parse_tool_calls
 
 
 class OpenAIView(APIView):
@@ -42,6 +44,91 @@ def _usage(result) -> dict:
     }
 
 
+def answer_calls(text: str, chat: ChatRequest | None) -> tuple[str, list[dict]] | None:
+    """(content outside the calls, calls) when the answer is read for calls and has some; else None.
+    parallel_tool_calls false: the first call only."""
+    if chat is None or not chat.reads_calls:
+        return None
+    content, calls = parse_tool_calls(text)
+    if not calls:
+        return None
+    return content, calls if chat.parallel_tool_calls else calls[:1]
+
+
+def _calls_finish(finish_reason: str) -> str:
+    """An answer that called tools ends with "tool_calls", unless it was cut short ("length", "cancelled")."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+class StreamedAnswer:
+    """Turns an answer's pieces into stream deltas. Text streams as content as it comes; once the answer reaches
+    a tool call (TOOL_CALL_OPEN; text that may be its start is held back until it is known), the rest is held
+    and read at the end: its calls go out as OpenAI tool_call deltas (index, id, type and name, then the
+    arguments), and the stream ends with finish_reason "tool_calls". Held text that holds no call goes out as
+    content. Without tools offered (or with tool_choice "none") every piece is content, as it comes."""
+
+    def __init__(self, chat: ChatRequest | None, delta) -> None:
+        self.reads_calls = chat is not None and chat.reads_calls
+        self.chat = chat
+        self.delta = delta
+        self.held = ""  # text not sent yet: possibly the start of a call
+        self.rest: str | None = None  # from the first call on: read at the end
+        self.sent = False
+        self.called = False
+
+    def feed(self, piece: str) -> list[dict]:
+        if not self.reads_calls:
+            return [self.delta(piece)]
+        if self.rest is not None:
+            self.rest += piece
+            return []
+        text = self.held + piece
+        at = text.find(TOOL_CALL_OPEN)
+        if at >= 0:
+            self.rest, text = text[at:], text[:at]
+            self.held = ""
+        else:
+            keep = _partial_open(text)
+            text, self.held = text[: len(text) - keep], text[len(text) - keep :]
+        if not self.sent and not text.strip():  # nothing but blank space yet: the answer may still start with a call
+            self.held = text + self.held
+            return []
+        self.sent = True
+        return [self.delta(text)]
+
+    def end(self) -> list[dict]:
+        if not self.reads_calls:
+            return []
+        if self.rest is None:
+            return [self.delta(self.held)] if self.held else []
+        calls = answer_calls(self.rest, self.chat)
+        if calls is None:  # no call could be read: it is text after all
+            return [self.delta(self.held + self.rest)]
+        content, found = calls
+        out = [self.delta(self.held + content)] if (self.held + content).strip() else []
+        for index, call in enumerate(openai_tool_calls(found)):
+            head = {"index": index, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+            out.append(_tool_delta(head))
+            out.append(_tool_delta({"index": index, "function": {"arguments": call["function"]["arguments"]}}))
+        self.called = True
+        return out
+
+    def finish_reason(self, finish_reason: str) -> str:
+        return _calls_finish(finish_reason) if self.called else finish_reason
+
+
+def _partial_open(text: str) -> int:
+    """How many characters at the end of ``text`` could be the start of TOOL_CALL_OPEN."""
+    for size in range(min(len(text), len(TOOL_CALL_OPEN) - 1), 0, -1):
+        if TOOL_CALL_OPEN.startswith(text[-size:]):
+            return size
+    return 0
+
+
+def _tool_delta(call: dict) -> dict:
+    return {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None, "logprobs": None}
+
+
 def _sse(payload) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -55,11 +142,13 @@ class ModelsApi(OpenAIView):
     @extend_schema(summary="List models (OpenAI-compatible)", responses=ModelListSerializer)
     def get(self, request: Request) -> Response:
         data = [{"id": f"{services.BASE_PREFIX}{name}", "object": "model", "created": 0, "owned_by": "llm-tuna"} for name in get_catalog()]
+        # Each fine-tune under both its names: tuna-job-<n> and its OpenAI-style ft:... name; either answers.
         for job in services.completed_models_for(request.user):
             created = int((job.completed_at or job.created_at).timestamp())
-            data.append(
-                {"id": job.model_id, "object": "model", "created": created, "owned_by": request.user.get_username(), "root": job.base_model}
-            )
+            for name in (job.model_id, job.fine_tuned_model):
+                data.append(
+                    {"id": name, "object": "model", "created": created, "owned_by": request.user.get_username(), "root": job.base_model}
+                )
         return Response({"object": "list", "data": data})
 
 
@@ -72,6 +161,7 @@ class _GenerationApi(OpenAIView):
     def post(self, request: Request):
         values = validated(request, self.serializer_class, endpoint=self.endpoint, model_field="model")
         call = prepared_call(request, values, endpoint=self.endpoint, model_field="model", **self.prompt_kwargs(values))
+        call.chat = values.get("chat")  # the chat request (tools, tool_choice) its answer is read with
         ident, created = f"{self.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         if values["stream"]:
             services.admit(call)  # a refusal here is still answered with its status: no byte has gone out
@@ -87,7 +177,7 @@ class _GenerationApi(OpenAIView):
                 "object": self.object_name,
                 "created": created,
                 "model": call.model.model_id,
-                "choices": [self.choice(result)],
+                "choices": [self.choice(result, call.chat)],
                 "usage": _usage(result),
                 "system_fingerprint": call.engine,
                 "engine": call.engine,
@@ -105,11 +195,13 @@ class _GenerationApi(OpenAIView):
         }
         first = self.first_chunk()
         pieces = services.stream_call(call)
+        reader = self.reader(call.chat)
         try:
             if first is not None:
                 yield _sse({**base, "choices": [first]})
             for piece in pieces:
-                yield _sse({**base, "choices": [self.delta(piece)]})
+                for delta in reader.feed(piece):
+                    yield _sse({**base, "choices": [delta]})
         except GeneratorExit:  # closed early: the client went away
             if inspect.getgeneratorstate(pieces) == inspect.GEN_CREATED:  # before its request was even queued
                 services.log_cancelled(call)
@@ -120,7 +212,9 @@ class _GenerationApi(OpenAIView):
         finally:
             pieces.close()  # closed early, this stops its row and logs what it produced
         result = call.result
-        yield _sse({**base, "choices": [self.delta(None, result.finish_reason)]})
+        for delta in reader.end():
+            yield _sse({**base, "choices": [delta]})
+        yield _sse({**base, "choices": [self.delta(None, reader.finish_reason(result.finish_reason))]})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(result)})
         yield "data: [DONE]\n\n"
@@ -133,16 +227,21 @@ class ChatCompletionsApi(_GenerationApi):
     id_prefix = "chatcmpl"
 
     def prompt_kwargs(self, values):
-        return {"messages": [dict(m) for m in values["messages"]]}
+        return {"messages": values["chat"].conversation}
 
     @staticmethod
-    def choice(result):
-        return {
-            "index": 0,
-            "message": {"role": "assistant", "content": result.text},
-            "finish_reason": result.finish_reason,
-            "logprobs": None,
-        }
+    def choice(result, chat: ChatRequest):
+        message, finish_reason = {"role": "assistant", "content": result.text}, result.finish_reason
+        calls = answer_calls(result.text, chat)
+        if calls is not None:
+            content, found = calls
+            message = {"role": "assistant", "content": content or None, "tool_calls": openai_tool_calls(found)}
+            finish_reason = _calls_finish(finish_reason)
+        return {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
+
+    @staticmethod
+    def reader(chat: ChatRequest):
+        return StreamedAnswer(chat, ChatCompletionsApi.delta)
 
     @staticmethod
     def first_chunk():
@@ -173,8 +272,12 @@ class CompletionsApi(_GenerationApi):
         return {"text": values["prompt"]}
 
     @staticmethod
-    def choice(result):
+    def choice(result, chat=None):
         return {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+
+    @staticmethod
+    def reader(chat=None):
+        return StreamedAnswer(None, CompletionsApi.delta)
 
     @staticmethod
     def first_chunk():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from inference_app.conversation import MAX_TOOLS, ROLES, TOOL_CHOICES, TOOL_NAME, FieldError, chat_request
 from inference_app.engines import ENGINES
 from tuna_llm.serving.batching import MAX_SEED, MIN_SEED
 
@@ -71,36 +72,68 @@ class InferenceResultSerializer(serializers.Serializer):
 
 
 # -- OpenAI-compatible /v1 --------------------------------------------------------------------
-@extend_schema_field(
-    {
-        "oneOf": [
-            {"type": "string"},
-            {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
-                    "required": ["type", "text"],
-                },
+TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+CONTENT = {"oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}], "nullable": True}
+TOOL_CALL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string", "description": "A JSON object, as a string."}},
+            "required": ["name", "arguments"],
+        },
+    },
+    "required": ["id", "type", "function"],
+}
+MESSAGE = {
+    "type": "object",
+    "properties": {
+        "role": {"type": "string", "enum": list(ROLES)},
+        "content": {**CONTENT, "description": "Text parts are joined with a newline; null only beside tool_calls."},
+        "name": {"type": "string"},
+        "tool_calls": {"type": "array", "items": TOOL_CALL, "description": "Assistant messages only."},
+        "tool_call_id": {"type": "string", "description": "Tool messages only: the call they answer."},
+    },
+    "required": ["role"],
+}
+TOOL = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "pattern": TOOL_NAME.pattern},
+                "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "A JSON Schema object."},
+                "strict": {"type": "boolean"},
             },
-        ]
-    }
-)
-class ContentField(serializers.Field):
-    def to_internal_value(self, data):
-        if isinstance(data, str):
-            return data
-        if isinstance(data, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in data):
-            return "".join(p["text"] for p in data)
-        raise serializers.ValidationError("content must be a string or a list of text parts.")
-
-    def to_representation(self, value):
-        return value
+            "required": ["name"],
+        },
+    },
+    "required": ["type", "function"],
+}
 
 
-class MessageSerializer(serializers.Serializer):
-    role = serializers.ChoiceField(choices=["system", "user", "assistant"])
-    content = ContentField()
+@extend_schema_field({"type": "array", "items": MESSAGE, "minItems": 1})
+class MessagesField(serializers.JSONField):
+    """Checked as a whole in ChatCompletionSerializer.validate (inference_app.conversation)."""
+
+
+@extend_schema_field({"type": "array", "items": TOOL, "maxItems": MAX_TOOLS, "nullable": True})
+class ToolsField(serializers.JSONField):
+    pass
+
+
+@extend_schema_field({"type": "string", "enum": list(TOOL_CHOICES), "nullable": True})
+class ToolChoiceField(serializers.JSONField):
+    pass
 
 
 class OpenAISamplingSerializer(SamplingSerializer):
@@ -118,7 +151,34 @@ class OpenAISamplingSerializer(SamplingSerializer):
 
 
 class ChatCompletionSerializer(OpenAISamplingSerializer):
-    messages = MessageSerializer(many=True, allow_empty=False)
+    messages = MessagesField(help_text="Roles system, developer (read as system), user, assistant, tool.")
+    tools = ToolsField(required=False, allow_null=True, default=None, help_text="Function tools the model may call.")
+    tool_choice = ToolChoiceField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text='"auto" (the default with tools) or "none" (tools not offered, the answer not read for calls). '
+        '"required" and a named function are refused: decoding is not constrained to a call.',
+    )
+    parallel_tool_calls = serializers.BooleanField(
+        required=False, default=True, help_text="false: at most one call is returned (the first the model wrote)."
+    )
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        for legacy, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+            if legacy in self.initial_data:
+                raise serializers.ValidationError({legacy: [f"The legacy {legacy} is not accepted here; send {instead}."]})
+        try:
+            attrs["chat"] = chat_request(
+                attrs.pop("messages"),
+                tools=attrs.pop("tools"),
+                tool_choice=attrs.pop("tool_choice"),
+                parallel_tool_calls=attrs.pop("parallel_tool_calls"),
+            )
+        except FieldError as exc:
+            raise serializers.ValidationError({exc.param: [exc.reason]}) from None
+        return attrs
 
 
 class CompletionSerializer(OpenAISamplingSerializer):
@@ -133,12 +193,17 @@ class UsageSerializer(serializers.Serializer):
 
 class AssistantMessageSerializer(serializers.Serializer):
     role = serializers.CharField()
-    content = serializers.CharField()
+    content = serializers.CharField(allow_null=True, help_text="null when the answer is only tool calls.")
+    tool_calls = serializers.ListField(
+        child=serializers.JSONField(),
+        required=False,
+        help_text='The calls the model wrote: id "call_...", type "function", function {name, arguments}.',
+    )
 
 
 class ChoiceSerializer(serializers.Serializer):
     index = serializers.IntegerField()
-    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    finish_reason = serializers.ChoiceField(choices=["stop", "length", "tool_calls"])
     logprobs = serializers.JSONField(allow_null=True)
 
 
