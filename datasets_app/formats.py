@@ -197,8 +197,8 @@ class _ChatReader:
         self.open_calls: dict[str, str] = {}  # tool_call_id -> function name, of the last assistant turn with calls
         self.legacy_calls = 0
 
-    def add(self, index: int, message: Any) -> None:
-        where = f"message {index}"
+    def add(self, index: int, message: Any, *, where: str = "") -> None:
+        where = where or f"message {index}"
         if not isinstance(message, dict):
             raise ExampleError(f"{where} must be an object with role and content, got {_type_name(message)}")
         if "role" not in message:
@@ -336,6 +336,8 @@ def _join_parts(where: str, parts: list[Any]) -> str:
         if not isinstance(part, dict):
             raise ExampleError(f"{where}, content part {number} must be an object, got {_type_name(part)}")
         kind = part.get("type")
+        if not isinstance(kind, str):
+            raise ExampleError(f'{where}, content part {number} needs a "type" such as "text", got {_type_name(kind)}')
         if kind in NOT_TEXT_PARTS:
             raise ExampleError(
                 f"{where}, content part {number} is {NOT_TEXT_PARTS[kind]} ({kind}); the base models here read text only: "
@@ -442,18 +444,22 @@ def _sharegpt(obj: dict[str, Any]) -> Normalised:
     notes: Tally = Tally()
     holder: dict[str, Any] = {}
     tools = obj.get("tools")
-    if isinstance(tools, str) and tools.strip():  # LLaMA-Factory writes the tools as a JSON string
+    if isinstance(tools, str):  # LLaMA-Factory writes the tools as a JSON string
         try:
-            tools = json.loads(tools)
+            tools = json.loads(tools) if tools.strip() else None
         except json.JSONDecodeError as exc:
             raise ExampleError(f'field "tools" is not valid JSON: {exc.msg}') from None
-    if isinstance(tools, list) and tools:
+    if tools is not None and not isinstance(tools, list):
+        raise ExampleError(f'field "tools" must be a list of functions (or that list as a JSON string), got {_type_name(tools)}')
+    if tools:
         holder["tools"] = [t if isinstance(t, dict) and "function" in t else {"type": "function", "function": t} for t in tools]
         notes["sharegpt_tools"] += 1
     messages: list[Any] = []
+    places: list[str] = []  # where each message came from, for the errors
     system = obj.get("system")
     if isinstance(system, str) and system.strip():
         messages.append({"role": "system", "content": system})
+        places.append('field "system"')
     calls = 0
     for index, turn in enumerate(turns, start=1):
         where = f"turn {index}"
@@ -463,7 +469,7 @@ def _sharegpt(obj: dict[str, Any]) -> Normalised:
         value = turn.get("value", turn.get("content"))
         if speaker is None or ("value" not in turn and "content" not in turn):
             raise ExampleError(f'{where} needs "from" and "value"')
-        role = SHAREGPT_ROLES.get(speaker)
+        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
             raise ExampleError(
                 f"{where} has from {speaker!r}; ShareGPT speakers are human, gpt, system, tool (or observation, function_call)"
@@ -471,6 +477,7 @@ def _sharegpt(obj: dict[str, Any]) -> Normalised:
         if speaker == "function_call":
             calls += 1
             messages.append({"role": "assistant", "content": None, "tool_calls": _sharegpt_calls(where, value, calls)})
+            places.append(where)
             continue
         message: dict[str, Any] = {"role": role, "content": value}
         if role == "tool":
@@ -480,9 +487,10 @@ def _sharegpt(obj: dict[str, Any]) -> Normalised:
             if ids:
                 message["tool_call_id"] = ids[min(answered, len(ids) - 1)]
         messages.append(message)
+        places.append(where)
     reader = _ChatReader(notes)
-    for index, message in enumerate(messages, start=1):
-        reader.add(index, message)
+    for place, message in zip(places, messages, strict=True):
+        reader.add(0, message, where=place)
     return _finish(reader.messages, _tools(holder, notes), notes)
 
 

@@ -11,7 +11,7 @@ from django.urls import reverse
 from datasets_app.examples import held_out_examples, preference_pairs, training_examples
 from datasets_app.formats import MESSAGES, PREFERENCE, SHAREGPT, normalise, to_messages, to_preference
 from datasets_app.models import Dataset
-from datasets_app.services import dataset_create, dataset_with_held_out
+from datasets_app.services import UploadRejected, dataset_attach_eval_file, dataset_create, dataset_with_held_out
 from datasets_app.validation import JsonlValidator
 from tests.support import jsonl_file, pc_rows
 from tuna_core.errors import Invalid, NotFound
@@ -335,8 +335,10 @@ def test_it_gives_preference_pairs_and_a_dataset_with_a_held_out_file(alice, bob
     assert combined.validation_report["split"]["source"] == "file"
 
     chat_file = dataset_create(owner=alice, upload=SimpleUploadedFile("chat.jsonl", (SAMPLES / "sharegpt.jsonl").read_bytes()))
-    with pytest.raises(Invalid, match="holds preference data"):
+    with pytest.raises(Invalid, match="'valid.jsonl' holds preference data .* and 'chat.jsonl' does not"):
         dataset_with_held_out(owner=alice, training=chat_file, held_out=held)
+    with pytest.raises(UploadRejected, match="'train.jsonl' holds preference data"):
+        dataset_attach_eval_file(dataset=training, upload=jsonl_file(pc_rows(5), "plain.jsonl"))
     broken = dataset_create(owner=alice, upload=jsonl_file([*pc_rows(12), "{oops"]))
     with pytest.raises(Invalid, match="line 13"):
         dataset_with_held_out(owner=alice, training=broken, held_out=held)
@@ -344,4 +346,6 @@ def test_it_gives_preference_pairs_and_a_dataset_with_a_held_out_file(alice, bob
         dataset_with_held_out(owner=alice, training=training, held_out=training)
     with pytest.raises(NotFound):
         dataset_with_held_out(owner=bob, training=training, held_out=held)
-    assert Dataset.objects.filter(owner=alice).count() == 5 and not Dataset.objects.filter(owner=bob).exists()
+    assert (
+        Dataset.objects.filter(owner=alice).count() == 5 and not training.has_eval_file and not Dataset.objects.filter(owner=bob).exists()
+    )
