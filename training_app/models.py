@@ -111,6 +111,11 @@ class TrainingJob(WorkerJob):
         return self.method == self.Method.DPO
 
     @property
+    def is_file_preference(self) -> bool:
+        """Preference-tuned on a preference file's pairs (not on an evaluation's votes)."""
+        return self.is_preference and bool(self.preference_pairs) and self.preference_pairs[0].get("source") == "file"
+
+    @property
     def is_continuation(self) -> bool:
         """A "continue training" run: its steps and loss history follow its parent's."""
         return self.parent_id is not None and not self.is_preference and self.step_offset > 0

@@ -79,10 +79,6 @@ class TrainingPlan:
 LORA_SHAPE = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "target_modules"}
 
 
-def _is_preference_data(dataset: Dataset) -> bool:
-    return bool(getattr(dataset, "is_preference", False))
-
-
 def _parent_lora(parent: TrainingJob) -> dict[str, Any]:
     """The LoRA shape of a completed fine-tune's adapter, from the adapter itself (its settings where unreadable)."""
     path = Path(parent.adapter_dir) / "adapter_config.json"
@@ -140,12 +136,12 @@ def training_plan(*, dataset: Dataset, config_data: dict[str, Any], parent: Trai
         return TrainingPlan(None, {}, errors)
     if "dpo_beta" in explicit:
         return TrainingPlan(None, {}, {"dpo_beta": "DPO's beta applies to preference tuning only, not to supervised fine-tuning."})
-    config, reasons, errors = limited_settings(*_facts(dataset, explicit, dataset.num_train))
+    config, reasons, errors = _limited(dataset, explicit, dataset.num_train)
     return TrainingPlan(config, {**reasons, **fixed}, errors)
 
 
-def _facts(dataset: Dataset, explicit: dict[str, Any], train_pool: int) -> tuple[dict[str, Any], DataFacts, str]:
-    """(settings without the base model, the data's and model's facts, the base model): limited_settings' arguments."""
+def _limited(dataset: Dataset, explicit: dict[str, Any], train_pool: int) -> tuple[TrainingConfig | None, dict[str, str], dict[str, str]]:
+    """limited_settings for these settings on this data and base model: (config, reasons, errors)."""
     explicit = dict(explicit)
     base_model = explicit.pop("base_model")
     stats = dataset.validation_report.get("stats", {}).get("example_tokens", {})
@@ -155,7 +151,7 @@ def _facts(dataset: Dataset, explicit: dict[str, Any], train_pool: int) -> tuple
         p95_tokens=stats.get("p95"),
         **model_facts(get_base_model_spec(base_model).config_dir()),
     )
-    return explicit, facts, base_model
+    return limited_settings(explicit, facts, base_model=base_model)
 
 
 SUFFIX = re.compile(r"[A-Za-z0-9._-]*")
@@ -211,7 +207,7 @@ def training_job_start(
     completed fine-tune: its base model, its adapter as the start). `config_data` may hold
     learning_rate_multiplier, which scales the learning rate chosen for the data and model."""
     _check_trainable(dataset)
-    if _is_preference_data(dataset):
+    if dataset.is_preference:
         raise DatasetNotTrainable(
             f"Dataset {dataset.name!r} holds preference pairs (a preferred and a non-preferred answer): it trains with preference "
             "tuning (DPO), not supervised fine-tuning.",
@@ -257,7 +253,7 @@ def preference_file_job_start(
     reference). `config_data`: num_epochs, batch_size, learning_rate_multiplier, beta (or dpo_beta), seed, and any
     other training setting."""
     _check_trainable(dataset)
-    if not _is_preference_data(dataset):
+    if not dataset.is_preference:
         raise DatasetNotTrainable(
             f"Dataset {dataset.name!r} holds chat examples, not preference pairs: preference tuning (DPO) needs a preference file "
             "(input, preferred_output, non_preferred_output). Train it with supervised fine-tuning.",
@@ -284,9 +280,7 @@ def preference_file_job_start(
         start_reasons = dict(fixed)
     else:
         # The adapter's shape and the sequence length as a supervised run on these examples would have them.
-        start, start_reasons, errors = limited_settings(
-            *_facts(dataset, {k: v for k, v in explicit.items() if k != "num_epochs"}, len(pairs))
-        )
+        start, start_reasons, errors = _limited(dataset, {k: v for k, v in explicit.items() if k != "num_epochs"}, len(pairs))
         if errors:
             raise ConfigInvalid(errors)
     config, reasons = preference_settings(start, len(pairs), epochs=explicit.get("num_epochs"), explicit=explicit)

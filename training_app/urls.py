@@ -7,6 +7,7 @@ urlpatterns = [
     path("training/new/<int:dataset_pk>", views.training_new, name="training-new"),
     path("training/<int:pk>", views.training_detail, name="training-detail"),
     path("training/<int:pk>/cancel", views.training_cancel, name="training-cancel"),
+    path("training/<int:pk>/pause", views.training_pause, name="training-pause"),
     path("training/<int:pk>/resume", views.training_resume, name="training-resume"),
     path("training/<int:pk>/continue", views.training_continue, name="training-continue"),
     path("training/<int:pk>/delete", views.training_delete, name="training-delete"),

@@ -12,7 +12,7 @@ from datasets_app.selectors import get_dataset_for_user
 from training_app import exports, services
 from training_app.estimates import training_estimate
 from training_app.export_api import export_files
-from training_app.models import Export
+from training_app.models import Export, TrainingJob
 from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
 from training_app.storage import job_files_bytes
 from tuna_core.jobs import queue_position
@@ -33,6 +33,8 @@ def training_list(request: HttpRequest) -> HttpResponse:
 def training_new(request: HttpRequest, dataset_pk: int) -> HttpResponse:
     """The confirmation form: every setting the job would run with and why; a change re-renders the plan."""
     dataset = get_dataset_for_user(request.user, dataset_pk)
+    if dataset.is_preference:
+        return _training_new_preference(request, dataset)
     values = {k: v for k, v in request.POST.items() if k not in ("csrfmiddlewaretoken", "preview") and v != ""}
     plan = services.training_plan(dataset=dataset, config_data=values)
     limit_error = None
@@ -66,6 +68,40 @@ def training_new(request: HttpRequest, dataset_pk: int) -> HttpResponse:
     return render(request, "training_app/training_new.html", context, status=status)
 
 
+PREFERENCE_FIELDS = ("num_epochs", "batch_size", "learning_rate_multiplier", "beta")
+
+
+def _training_new_preference(request: HttpRequest, dataset) -> HttpResponse:
+    """A preference file trains with DPO: from a base model (a new adapter) or from one of the user's completed fine-tunes."""
+    values = {name: request.POST[name] for name in PREFERENCE_FIELDS if request.POST.get(name, "") != ""}
+    start = request.POST.get("start", f"base:{settings.TUNA_DEFAULT_BASE_MODEL}")
+    fine_tunes = jobs_for_user(request.user).filter(status=TrainingJob.Status.COMPLETED).exclude(adapter_dir="")
+    errors: dict = {}
+    chosen = start.removeprefix("job:")
+    parent = fine_tunes.filter(pk=int(chosen)).first() if start.startswith("job:") and chosen.isdigit() else None
+    if request.method == "POST" and start.startswith("job:") and parent is None:
+        errors = {"start": "Choose a base model or one of your completed fine-tunes."}
+    elif request.method == "POST":
+        config = {**values, "base_model": start.removeprefix("base:")} if parent is None else values
+        try:
+            job = services.preference_file_job_start(owner=request.user, dataset=dataset, parent=parent, config_data=config)
+        except (services.ConfigInvalid, services.DatasetNotTrainable) as exc:
+            errors = {name: " ".join(messages) for name, messages in exc.errors.items()} or {"start": exc.message}
+        except (services.JobConflict, LimitExceeded) as exc:
+            errors = {"start": exc.message}
+        else:
+            return redirect(job)
+    context = {
+        "dataset": dataset,
+        "base_choices": [(f"base:{name}", f"{name} — {spec.describe_state()}") for name, spec in get_catalog().items()],
+        "job_choices": [(f"job:{job.pk}", f"Job #{job.pk} on {job.dataset.name} ({job.base_model})") for job in fine_tunes],
+        "start": start,
+        "values": values,
+        "errors": errors,
+    }
+    return render(request, "training_app/training_new_preference.html", context, status=400 if errors else 200)
+
+
 def _plan_context(dataset, plan: services.TrainingPlan) -> dict:
     if plan.config is None:
         return {"rows": [], "estimate": None, "validation_lines": None}
@@ -94,7 +130,8 @@ def _progress_context(job) -> dict:
         "chart": loss_chart_data(job),
         "chart_id": f"loss-data-{job.pk}",
         "queue_position": queue_position(job) if job.status == job.Status.QUEUED else None,
-        "can_resume": job.status in (job.Status.FAILED, job.Status.CANCELLED) and services.resumable_checkpoint(job) is not None,
+        "can_resume": job.status in (job.Status.FAILED, job.Status.CANCELLED)
+        and (services.resumable_checkpoint(job) is not None or (job.is_paused and job.started_at is None)),
         "eval_max": min(job.dataset.num_eval, settings.TUNA_MAX_EVAL_EXAMPLES),
         "max_epochs": settings.TUNA_MAX_EPOCHS,
     }
@@ -138,6 +175,14 @@ def _job_action(request: HttpRequest, pk: int, action, success: str) -> HttpResp
 @require_POST
 def training_cancel(request: HttpRequest, pk: int) -> HttpResponse:
     return _job_action(request, pk, services.training_job_cancel, "Cancelling job #{pk}: it stops after the current step.")
+
+
+@login_required
+@require_POST
+def training_pause(request: HttpRequest, pk: int) -> HttpResponse:
+    return _job_action(
+        request, pk, services.training_job_pause, "Pausing job #{pk}: it stops after the current step with a checkpoint saved there."
+    )
 
 
 @login_required

@@ -21,7 +21,7 @@ from typing import Any
 
 from tuna_llm.catalog import BaseModelSpec
 from tuna_llm.loading import DevicePlan
-from tuna_llm.prompting import Message
+from tuna_llm.prompting import Message, chat_template_for
 from tuna_llm.training import (
     TrainingHooks,
     TrainingResult,
@@ -128,15 +128,6 @@ def preference_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
     return rows
 
 
-def _training_chat_template(tokenizer: Any) -> str | None:
-    """The chat template supervised training renders with (and saves with the adapter), so that a conversation with
-    tools is rendered the same way here; None where tuna_llm.prompting has no such choice (the tokenizer's own)."""
-    from tuna_llm import prompting
-
-    chosen = getattr(prompting, "chat_template_for", None)
-    return chosen(tokenizer) if chosen is not None else None
-
-
 @contextmanager
 def answer_positions_only() -> Iterator[None]:
     """Have TRL's fused LM head score only the answer positions (the tokens with a label) on every device.
@@ -193,9 +184,8 @@ def run_preference_training(
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:  # TRL wraps it; the reference is the base model, the adapter disabled
         peft_config = lora_config(config)
-    template = _training_chat_template(tokenizer)
-    if template:
-        tokenizer.chat_template = template
+    # The template supervised training renders with and saves with the adapter: tools render the same way here.
+    tokenizer.chat_template = chat_template_for(tokenizer) or tokenizer.chat_template
 
     checkpoints = output_dir / "checkpoints"
     if resume_from is not None:
