@@ -9,6 +9,7 @@ import pytest
 from openai import OpenAI
 from rest_framework.authtoken.models import Token
 
+from inference_app.api.openai import ChatCompletionsApi, StreamedAnswer
 from inference_app.conversation import FieldError, chat_request
 from training_app.services import job_dir
 from tuna_llm.training import COMPLETE_MARKER
@@ -62,6 +63,25 @@ def tokenizer():
     from tuna_llm.loading import prepare_embedded_model
 
     return AutoTokenizer.from_pretrained(prepare_embedded_model(get_base_model_spec()))
+
+
+@pytest.fixture
+def base_gguf(settings):
+    """The embedded base model's f16 GGUF, as the first export of any of its fine-tunes converts it (as in
+    test_llamacpp_serving; the session's GGUF folder is shared, so it is converted once)."""
+    from pathlib import Path
+
+    from inference_app import engines
+    from training_app import exports
+    from tuna_llm import gguf_export
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.serving.registry import registry
+
+    path = exports.base_gguf_dir(settings.TUNA_DEFAULT_BASE_MODEL) / engines.BASE_GGUF
+    if not path.is_file():
+        registry.get()  # the embedded model is prepared on first load
+        gguf_export.convert_model(Path(get_base_model_spec().load_path), path, "f16")
+    return path.resolve()
 
 
 # -- the request, checked and rendered -------------------------------------------------------------
@@ -145,6 +165,30 @@ def test_it_renders_tools_calls_and_results_with_the_models_template(tokenizer):
         add_generation_prompt=True,
     )
     assert "The current weather in a city." not in quiet and '{"city":"Paris"}' in quiet  # not offered; the history stays
+
+
+def test_it_streams_text_as_content_and_a_call_as_tool_call_deltas():
+    chat = chat_request([ASK_BERLIN], tools=[WEATHER])
+
+    def streamed(pieces):
+        answer = StreamedAnswer(chat, ChatCompletionsApi.delta)
+        deltas = [d["delta"] for piece in pieces for d in answer.feed(piece)] + [d["delta"] for d in answer.end()]
+        return deltas, answer.finish_reason("stop")
+
+    # A call split anywhere, its opening tag included: nothing goes out as content, the call goes out whole.
+    deltas, finish = streamed(["<", "tool", '_call>\n{"name": "get_weather", ', '"arguments": {"city": "Berlin"}}\n</tool_call>'])
+    assert finish == "tool_calls" and all("content" not in d for d in deltas)
+    head, arguments = deltas
+    assert head["tool_calls"][0]["index"] == 0 and head["tool_calls"][0]["id"].startswith("call_")
+    assert head["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert arguments["tool_calls"][0] == {"index": 0, "function": {"arguments": '{"city":"Berlin"}'}}
+    # Text streams as it comes; a "<" that turns out not to open a call goes out once that is known.
+    deltas, finish = streamed(["It is ", "<", "b>sunny</b>"])
+    assert finish == "stop" and "".join(d["content"] for d in deltas) == "It is <b>sunny</b>"
+    assert deltas[0] == {"content": "It is "}
+    # A block that is no call (not JSON) is text after all.
+    deltas, finish = streamed(["<tool_call>\nnot json\n</tool_call>"])
+    assert finish == "stop" and "".join(d["content"] for d in deltas) == "<tool_call>\nnot json\n</tool_call>"
 
 
 # -- the live server --------------------------------------------------------------------------------
@@ -234,3 +278,40 @@ def test_it_serves_a_fine_tune_and_its_checkpoint_by_their_ft_names(openai_clien
         with pytest.raises(openai.NotFoundError) as caught:
             openai_client.chat.completions.create(model=other, messages=ask, max_tokens=4)
         assert "does not exist" in caught.value.message
+
+
+@pytest.mark.model
+@pytest.mark.django_db(transaction=True)
+def test_it_refuses_tools_for_a_base_whose_template_cannot_render_them(openai_client, monkeypatch):
+    from tuna_llm.serving.registry import registry
+
+    # The served base with a chat template that reads role and content only (no ChatML, no tools).
+    monkeypatch.setattr(
+        registry.get().tokenizer, "chat_template", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.chat.completions.create(model=BASE, messages=[ASK_BERLIN], tools=[WEATHER], max_tokens=4)
+    assert caught.value.body["param"] == "tools" and "does not render tools" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.chat.completions.create(model=BASE, messages=history(CITIES[:1]), max_tokens=4)
+    assert caught.value.body["param"] == "messages" and "does not render tools" in caught.value.message
+
+
+@pytest.mark.model
+@pytest.mark.django_db(transaction=True)
+def test_it_serves_tool_calls_through_llama_cpp_from_the_gguf_template(openai_client, settings, base_gguf, tokenizer):
+    from inference_app import engines
+    from tuna_llm.prompting import render_chat
+
+    # The GGUF carries LLM Tuna's tools-capable template: llama.cpp renders what transformers renders.
+    request = chat_request([*history(), ASK_BERLIN], tools=[WEATHER])
+    served = engines.llama_server(base_gguf).model
+    assert served.renders_tools
+    expected = tokenizer(render_chat(tokenizer, request.conversation, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert served.prompt_tokens(request.conversation) == expected
+
+    settings.TUNA_SERVING_ENGINE = "llamacpp"
+    reply = openai_client.chat.completions.create(model=BASE, messages=[*history(), ASK_BERLIN], tools=[WEATHER], max_tokens=40)
+    assert reply.engine == "llama.cpp" and reply.choices[0].finish_reason == "tool_calls"
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Berlin"}

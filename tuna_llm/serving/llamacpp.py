@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import dataclasses
+import json
 import os
 import queue
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuna_llm.prompting import Message
+from tuna_llm.prompting import Message, ToolsUnsupported, has_tool_content
 from tuna_llm.serving.compute import ComputeThread, compute_thread
 from tuna_llm.serving.engine import (
     CallSpec,
@@ -53,6 +54,25 @@ class LlamaCall:
     text: str | None = None  # a raw prompt, used as it is instead of the chat template (messages unused)
 
 
+_PROBE_NAME, _PROBE_RESULT = "tuna_probe_lookup", "tuna-probe-result-7d1c"
+
+
+def _renders_tools(formatter) -> bool:
+    """Whether a chat template writes a conversation's tools, calls and tool results into the prompt."""
+    tools = [{"type": "function", "function": {"name": _PROBE_NAME, "parameters": {"type": "object", "properties": {}}}}]
+    call = {"id": "call_1", "type": "function", "function": {"name": _PROBE_NAME, "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Look it up."},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": _PROBE_RESULT},
+    ]
+    try:
+        prompt = formatter(messages=messages, tools=tools).prompt
+    except Exception:  # jinja2's errors, or the template's own raise_exception
+        return False
+    return prompt.count(_PROBE_NAME) >= 2 and _PROBE_RESULT in prompt  # offered and called, and the result
+
+
 class LlamaCppModel:
     def __init__(self, gguf: Path, *, n_ctx: int = 4096, n_threads: int | None = None) -> None:
         try:
@@ -76,13 +96,24 @@ class LlamaCppModel:
         self.formatter = Jinja2ChatFormatter(
             template=template, eos_token=text_of(self.llm.token_eos()), bos_token=text_of(self.llm.token_bos())
         )
+        self.renders_tools = _renders_tools(self.formatter)
         self.lock = threading.Lock()
         self._adapters: dict[Path, object] = {}
         self._active: Path | None = None
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
-        """The prompt as the GGUF's chat template renders it, tokenized as llama.cpp's chat path does."""
-        rendered = self.formatter(messages=messages)
+        """The prompt as the GGUF's chat template renders it (with the conversation's tools: a
+        tuna_llm.prompting.Conversation), tokenized as llama.cpp's chat path does. ToolsUnsupported for tool
+        content the GGUF's template does not render."""
+        tools = getattr(messages, "tools", None)
+        if has_tool_content(messages) and not self.renders_tools:
+            raise ToolsUnsupported(
+                f"The chat template in {self.path.name} does not render tools or tool calls; export the fine-tune again "
+                "so that its GGUF carries LLM Tuna's tools-capable template."
+            )
+        # Keys sorted at every depth, as tuna_llm.prompting.render_chat gives them to transformers' template.
+        tools = json.loads(json.dumps(tools, sort_keys=True)) if tools else None
+        rendered = self.formatter(messages=list(messages), tools=tools)
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def call_tokens(self, call: LlamaCall) -> list[int]:
