@@ -66,7 +66,7 @@ def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_promp
     none is given; because every caller goes through here, training and inference add it the same way. Raises
     ToolsUnsupported for tool content the base model's chat cannot render.
     """
-    tools = tools if tools is not None else getattr(messages, "tools", None)
+    tools = template_tools(messages, tools)
     plain = list(messages)
     with_tools = bool(tools) or has_tool_content(plain)
     if not getattr(tokenizer, "chat_template", None):
@@ -81,7 +81,7 @@ def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_promp
     if reason:
         raise ToolsUnsupported(reason)
     return tokenizer.apply_chat_template(
-        plain, tools=_sorted_tools(tools), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        plain, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
 
 
@@ -122,9 +122,10 @@ def prompt_messages(prompt: str, system: str | None = None) -> list[Message]:
 # Which template renders tools
 
 
-def _sorted_tools(tools: list[dict] | None) -> list[dict] | None:
-    """Tools with their keys sorted at every depth: Jinja's own ``tojson`` (llama.cpp's Python formatter) sorts
-    them and transformers' keeps their order, so sorted they come out the same in both."""
+def template_tools(messages: Any, tools: list[dict] | None = None) -> list[dict] | None:
+    """The tools a chat template is given for these messages (``tools``, else ``messages.tools``), their keys sorted
+    at every depth so one tool list is written the same way whatever order a file or a request gave its keys in
+    (for every renderer of the template: transformers, llama.cpp's Python formatter)."""
 
     def sort(value: Any) -> Any:
         if isinstance(value, dict):
@@ -133,7 +134,8 @@ def _sorted_tools(tools: list[dict] | None) -> list[dict] | None:
             return [sort(v) for v in value]
         return value
 
-    return sort(tools) if tools else tools
+    tools = tools if tools is not None else getattr(messages, "tools", None)
+    return sort(tools) if tools else None
 
 
 _PROBE_NAME = "tuna_probe_lookup"
