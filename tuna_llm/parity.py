@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tuna_llm import metrics
-from tuna_llm.prompting import Message, render_chat
+from tuna_llm.prompting import Message, answer_text, render_chat
 from tuna_llm.serving.batching import GenerationRequest, decode_all
 from tuna_llm.serving.engine import Generation
 from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
@@ -83,12 +83,12 @@ def parity_report(
                 {
                     "index": index,
                     "prompt": messages[-2]["content"] if len(messages) > 1 else "",
-                    "reference": messages[-1]["content"],
+                    "reference": answer_text(messages[-1]),
                     "pytorch": torch_answer.text,
                     "gguf": gguf_answer.text,
                 }
             )
-    references = [messages[-1]["content"] for messages in examples]
+    references = [answer_text(messages[-1]) for messages in examples]  # a tool call as the template writes it
     return {
         "gguf": label,
         "identical": identical,
