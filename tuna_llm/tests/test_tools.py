@@ -161,6 +161,13 @@ def test_it_refuses_tool_content_a_template_cannot_render_and_uses_one_that_can_
         == "<tool>get_weather</tool><user>Weather in Paris and Lyon?</s><assistant>[get_weather][get_weather]</s>"
     )
 
+    # A fine-tune's saved tokenizer carries LLM Tuna's template, which renders tools itself: it is kept as it is.
+    saved = Templated(tokenizer, chat_template_for(tokenizer))
+    assert tools_unsupported_reason(saved) is None and chat_template_for(saved) == saved.chat_template
+    assert render_chat(saved, TOOLS_CONVERSATION, add_generation_prompt=True) == render_chat(
+        tokenizer, TOOLS_CONVERSATION, add_generation_prompt=True
+    )
+
     with pytest.raises(ToolsUnsupported, match="no chat template"):
         render_chat(Templated(tokenizer, None), TOOLS_CONVERSATION, add_generation_prompt=True)
     # A ChatML template whose opening LLM Tuna's variant does not reproduce is refused, not approximated.
