@@ -167,7 +167,7 @@ class _WithTemplate:
         return self._tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
 
 
-def ollama_chat(tokenizer: Any, *, tools: bool = False) -> OllamaChat:
+def ollama_chat(tokenizer: Any, *, tools: bool = True) -> OllamaChat:
     """TEMPLATE, SYSTEM and stop tokens for a Modelfile, from the tokenizer's chat template.
 
     With ``tools``, from the template a fine-tune of this base is saved with (tuna_llm.prompting.chat_template_for):

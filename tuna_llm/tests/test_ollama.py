@@ -9,7 +9,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tuna_llm.ollama import bundle_readme, derive_chat_template, modelfile, ollama_chat
-from tuna_llm.tests.modelfile import parse_modelfile
+from tuna_llm.tests.modelfile import ollama_prompt, parse_modelfile
 
 CONVERSATIONS = {
     "no system": [{"role": "user", "content": "Turn 'two pizzas' into JSON."}],
@@ -51,98 +51,10 @@ class JinjaTokenizer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>")
 
 
-# --- A renderer for the part of Go's text/template the generated TEMPLATE uses, with Ollama's handling of SYSTEM.
-
-ACTION = re.compile(r"\{\{(- )?\s*(.*?)\s*( -)?\}\}", re.S)
-
-
-def go_tokens(template: str) -> list[tuple[str, str]]:
-    tokens, at = [], 0
-    for match in ACTION.finditer(template):
-        text = template[at : match.start()]
-        if match.group(1):  # "{{- " trims the white space before it
-            text = text.rstrip(" \t\r\n")
-        tokens.append(("text", text))
-        tokens.append(("action", match.group(2)))
-        at = match.end()
-        if match.group(3):  # " -}}" trims the white space after it
-            while at < len(template) and template[at] in " \t\r\n":
-                at += 1
-    tokens.append(("text", template[at:]))
-    return tokens
-
-
-def go_parse(tokens: list[tuple[str, str]], i: int = 0) -> tuple[list, int, str | None]:
-    """Nodes up to an {{ end }} or {{ else ... }}; returns them, the next index and the action that stopped them."""
-    nodes = []
-    while i < len(tokens):
-        kind, value = tokens[i]
-        i += 1
-        if kind == "text":
-            nodes.append(("text", value))
-        elif value == "end" or value.startswith("else"):
-            return nodes, i, value
-        elif value == "range .Messages":
-            body, i, stop = go_parse(tokens, i)
-            assert stop == "end", stop
-            nodes.append(("range", body))
-        elif value.startswith("if "):
-            branches, condition = [], value[3:]
-            while True:
-                body, i, stop = go_parse(tokens, i)
-                branches.append((condition, body))
-                if stop == "end":
-                    break
-                condition = stop[len("else if ") :] if stop.startswith("else if ") else "true"
-            nodes.append(("if", branches))
-        elif value in (".Content", ".Role"):
-            nodes.append(("field", value[1:]))
-        else:
-            raise AssertionError(f"not in the Go subset this renderer knows: {{{{ {value} }}}}")
-    return nodes, i, None
-
-
-def go_true(condition: str, dot: dict) -> bool:
-    if condition == "true":
-        return True
-    role = re.fullmatch(r'eq \.Role "(\w+)"', condition)
-    assert role, condition
-    return dot["Role"] == role.group(1)
-
-
-def go_execute(nodes: list, dot: dict) -> str:
-    out = []
-    for node in nodes:
-        if node[0] == "text":
-            out.append(node[1])
-        elif node[0] == "field":
-            out.append(dot[node[1]])
-        elif node[0] == "range":
-            out += [go_execute(node[1], message) for message in dot["Messages"]]
-        elif node[0] == "if":
-            out += [go_execute(body, dot) for condition, body in node[1] if go_true(condition, dot)][:1]
-    return "".join(out)
-
-
-def ollama_render(template: str, system: str | None, messages: list[dict]) -> str:
-    """The prompt Ollama builds for a chat request (server/routes.go and template/template.go)."""
-    if system and messages[0]["role"] != "system":  # the Modelfile's SYSTEM, when the request brings none
-        messages = [{"role": "system", "content": system}, *messages]
-    collated = []  # consecutive messages of one role are merged
-    for m in messages:
-        if collated and collated[-1]["Role"] == m["role"]:
-            collated[-1]["Content"] += "\n\n" + m["content"]
-        else:
-            collated.append({"Role": m["role"], "Content": m["content"]})
-    nodes, _, stop = go_parse(go_tokens(template))
-    assert stop is None
-    return go_execute(nodes, {"Messages": collated})
-
-
 def test_it_renders_go_templates_like_ollama():
     template = '{{- range .Messages }}\n{{- if eq .Role "user" }}Q: {{ .Content }}\n{{ else }}A: {{ .Content -}}\n\n{{ end }}{{ end }}A:'
     messages = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2"}]
-    assert ollama_render(template, "Be exact.", messages) == "A: Be exact.Q: 1+1\nA: 2Q: 2+2\nA:"
+    assert ollama_prompt(template, messages, system="Be exact.") == "A: Be exact.Q: 1+1\nA: 2Q: 2+2\nA:"
 
 
 # --- The embedded model
@@ -154,7 +66,7 @@ def test_it_renders_every_conversation_as_the_tokenizer_does(tokenizer, name):
     chat = ollama_chat(tokenizer)
     messages = CONVERSATIONS[name]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert ollama_render(chat.template, chat.system, messages) == expected
+    assert ollama_prompt(chat.template, messages, system=chat.system) == expected
 
 
 @pytest.mark.model
@@ -201,7 +113,9 @@ def test_it_derives_a_template_without_a_default_system_prompt():
     chat = ollama_chat(tokenizer)
     assert chat.system is None and chat.stops == ("<|im_end|>", "</s>")
     for messages in CONVERSATIONS.values():
-        assert ollama_render(chat.template, chat.system, messages) == tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        assert ollama_prompt(chat.template, messages, system=chat.system) == tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True
+        )
     assert "SYSTEM" not in modelfile(chat, model_file="m.gguf")
 
 
@@ -216,7 +130,9 @@ def test_it_keeps_a_start_text_out_of_the_messages():
     chat = ollama_chat(tokenizer)
     assert chat.stops == ("</s>",)
     for messages in CONVERSATIONS.values():
-        assert ollama_render(chat.template, chat.system, messages) == tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        assert ollama_prompt(chat.template, messages, system=chat.system) == tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True
+        )
     # A tokenizer that adds BOS itself converts to a GGUF that does too, so the template must not repeat it.
     tokenizer.add_bos_token = True
     assert ollama_chat(tokenizer).template.startswith("{{ range .Messages }}")
