@@ -33,6 +33,7 @@ from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.evaluation import decoding_budget
 from tuna_llm.loading import load_tokenizer_and_model, pick_device
 from tuna_llm.parity import gguf_answers, parity_report, pytorch_answers
+from tuna_llm.prompting import answer_text
 from tuna_llm.serving.registry import LoadedBaseModel
 
 logger = logging.getLogger("tuna.export")
@@ -250,7 +251,7 @@ def _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf) ->
 
     adapter = f"job-{job.pk}"
     loaded.attach_adapter(adapter, job.adapter_dir)
-    budget = decoding_budget(loaded, [messages[-1]["content"] for messages in examples])
+    budget = decoding_budget(loaded, [answer_text(messages[-1]) for messages in examples])
     total = len(examples)
     stage = "Parity: PyTorch answers"
     progress.start(stage)
