@@ -34,6 +34,7 @@ NAMES = "Use a training job id, tuna-job-<id>, its ft:... name (or that name wit
 DEFAULT_MAX_TOKENS = 256
 MAX_JOB_ID_DIGITS = 18  # "tuna-job-<id>": ids beyond this cannot exist (64-bit keys)
 MIN_SAMPLING_TEMPERATURE = 1e-3
+MODEL_ID_LENGTH = UsageLog._meta.get_field("model_id").max_length  # a long ft: name is logged cut to fit
 
 
 class InferenceRefused(UserError):
@@ -384,14 +385,18 @@ def log_refused(call: Call, exc: Exception) -> None:
 def log_cancelled(call: Call) -> None:
     """A stream closed before its request was queued: nothing was generated, and the call is still logged."""
     UsageLog.objects.create(
-        user=call.user, model_id=call.model.model_id, endpoint=call.endpoint, engine=call.engine, finish_reason="cancelled"
+        user=call.user,
+        model_id=call.model.model_id[:MODEL_ID_LENGTH],
+        endpoint=call.endpoint,
+        engine=call.engine,
+        finish_reason="cancelled",
     )
 
 
 def _log(call: Call, result) -> None:
     UsageLog.objects.create(
         user=call.user,
-        model_id=call.model.model_id,
+        model_id=call.model.model_id[:MODEL_ID_LENGTH],
         endpoint=call.endpoint,
         engine=call.engine,
         precision=call.precision,
@@ -408,7 +413,7 @@ def _log(call: Call, result) -> None:
 def _log_error(call: Call, exc: Exception) -> None:
     UsageLog.objects.create(
         user=call.user,
-        model_id=call.model.model_id,
+        model_id=call.model.model_id[:MODEL_ID_LENGTH],
         endpoint=call.endpoint,
         engine=call.engine,
         status=UsageLog.Status.ERROR,
@@ -419,7 +424,11 @@ def _log_error(call: Call, exc: Exception) -> None:
 def log_rejected(*, user, model_id: str | int, endpoint: str, error: str) -> None:
     """Requests refused before generation are logged too (with their reason)."""
     UsageLog.objects.create(
-        user=user, model_id=_storable(str(model_id))[:200], endpoint=endpoint, status=UsageLog.Status.ERROR, error=_storable(error)[:500]
+        user=user,
+        model_id=_storable(str(model_id))[:MODEL_ID_LENGTH],
+        endpoint=endpoint,
+        status=UsageLog.Status.ERROR,
+        error=_storable(error)[:500],
     )
 
 

@@ -212,23 +212,40 @@ def test_it_answers_bad_requests_with_openai_error_objects(openai_client):
         assert error["message"].startswith(f"{param}: ")
 
 
-@pytest.mark.model
-@pytest.mark.django_db(transaction=True)
-def test_it_returns_the_models_tool_calls_streamed_or_not(openai_client):
-    messages = [*history(), ASK_BERLIN]
-    reply = openai_client.chat.completions.create(model=BASE, messages=messages, tools=[WEATHER], max_tokens=40, temperature=0)
-    choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    [call] = choice.message.tool_calls
+def assert_berlin_call(calls):
+    [call] = calls
     assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Berlin"}
+
+
+@pytest.mark.model
+@pytest.mark.django_db(transaction=True)
+def test_it_returns_the_models_tool_calls_on_both_engines_streamed_or_not(openai_client, settings, base_gguf, tokenizer):
+    from inference_app import engines
+    from tuna_llm.prompting import render_chat
+
+    # Earlier turns in which the assistant answered each weather question with a call: the model, greedy, calls too.
+    messages = [*history(), ASK_BERLIN]
+    ask = {"model": BASE, "messages": messages, "tools": [WEATHER], "max_tokens": 40, "temperature": 0}
+    settings.TUNA_SERVING_ENGINE = "transformers"
+    reply = openai_client.chat.completions.create(**ask)
+    choice = reply.choices[0]
+    assert reply.engine == "transformers" and choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert_berlin_call(choice.message.tool_calls)
     assert reply.usage.completion_tokens > 0
 
-    stream = openai_client.chat.completions.create(
-        model=BASE, messages=messages, tools=[WEATHER], max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True}
-    )
+    # llama.cpp renders with the GGUF's template (LLM Tuna's tools-capable one): the very prompt transformers gets.
+    served = engines.llama_server(base_gguf).model
+    conversation = chat_request(messages, tools=[WEATHER]).conversation
+    expected = tokenizer(render_chat(tokenizer, conversation, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert served.renders_tools and served.prompt_tokens(conversation) == expected
+    settings.TUNA_SERVING_ENGINE = "llamacpp"
+    reply = openai_client.chat.completions.create(**ask)
+    assert reply.engine == "llama.cpp" and reply.choices[0].finish_reason == "tool_calls"
+    assert_berlin_call(reply.choices[0].message.tool_calls)
+
     calls, content, finish, usage = {}, [], None, None
-    for chunk in stream:
+    for chunk in openai_client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}):
         usage = chunk.usage or usage
         for streamed in chunk.choices:
             content.append(streamed.delta.content or "")
@@ -236,14 +253,14 @@ def test_it_returns_the_models_tool_calls_streamed_or_not(openai_client):
             for delta in streamed.delta.tool_calls or []:
                 entry = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
                 entry["id"] = delta.id or entry["id"]
-                entry["name"] += (delta.function.name or "") if delta.function else ""
-                entry["arguments"] += (delta.function.arguments or "") if delta.function else ""
+                entry["name"] += delta.function.name or ""
+                entry["arguments"] += delta.function.arguments or ""
     assert finish == "tool_calls" and not "".join(content) and usage.completion_tokens == reply.usage.completion_tokens
     assert list(calls) == [0] and calls[0]["id"].startswith("call_") and calls[0]["name"] == "get_weather"
-    assert json.loads(calls[0]["arguments"]) == {"city": "Berlin"}
+    assert calls[0]["arguments"] == reply.choices[0].message.tool_calls[0].function.arguments
 
-    # tool_choice "none": the same history, no tools offered, the answer is text and never read for calls.
-    text = openai_client.chat.completions.create(model=BASE, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=40)
+    # tool_choice "none": the same history, no tools offered, and the answer is text, never read for calls.
+    text = openai_client.chat.completions.create(**{**ask, "tool_choice": "none", "max_tokens": 12})
     assert text.choices[0].message.tool_calls is None and text.choices[0].finish_reason in ("stop", "length")
 
 
@@ -295,23 +312,3 @@ def test_it_refuses_tools_for_a_base_whose_template_cannot_render_them(openai_cl
     with pytest.raises(openai.BadRequestError) as caught:
         openai_client.chat.completions.create(model=BASE, messages=history(CITIES[:1]), max_tokens=4)
     assert caught.value.body["param"] == "messages" and "does not render tools" in caught.value.message
-
-
-@pytest.mark.model
-@pytest.mark.django_db(transaction=True)
-def test_it_serves_tool_calls_through_llama_cpp_from_the_gguf_template(openai_client, settings, base_gguf, tokenizer):
-    from inference_app import engines
-    from tuna_llm.prompting import render_chat
-
-    # The GGUF carries LLM Tuna's tools-capable template: llama.cpp renders what transformers renders.
-    request = chat_request([*history(), ASK_BERLIN], tools=[WEATHER])
-    served = engines.llama_server(base_gguf).model
-    assert served.renders_tools
-    expected = tokenizer(render_chat(tokenizer, request.conversation, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    assert served.prompt_tokens(request.conversation) == expected
-
-    settings.TUNA_SERVING_ENGINE = "llamacpp"
-    reply = openai_client.chat.completions.create(model=BASE, messages=[*history(), ASK_BERLIN], tools=[WEATHER], max_tokens=40)
-    assert reply.engine == "llama.cpp" and reply.choices[0].finish_reason == "tool_calls"
-    [call] = reply.choices[0].message.tool_calls
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Berlin"}
