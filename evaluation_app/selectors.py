@@ -186,6 +186,14 @@ def readable_calls(calls: list[dict]) -> list[dict]:
     return [{"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False, indent=2)} for call in calls]
 
 
+def shown_answer(example: EvaluationExample, output: str) -> dict:
+    """An answer as the voting panel shows it: as written, or, for an example with tools, its text and its calls."""
+    if not example.tools:
+        return {"text": output, "calls": None}
+    content, calls = parse_tool_calls(output)
+    return {"text": content, "calls": readable_calls(calls)}
+
+
 def _answer(label: str, output: str, example: EvaluationExample, scores: dict) -> dict:
     reference = example.reference
     exact = scores.get("exact_match")

@@ -83,7 +83,10 @@ def _example_context(request: HttpRequest, evaluation, index: int | None, last_v
         "vote": vote,
         "blind": blind,
         "revealed": not blind or vote is not None,
-        "sides": [(side, example.side_output(side), example.model_for_side(side)) for side in "AB"] if example else [],
+        "sides": [(side, selectors.shown_answer(example, example.side_output(side)), example.model_for_side(side)) for side in "AB"]
+        if example
+        else [],
+        "reference_calls": selectors.readable_calls(example.reference_calls) if example else [],
         "summary": services.vote_summary(evaluation, request.user),
         "last_vote": selectors.vote_reveal(last_vote) if last_vote else "",
     }

@@ -88,7 +88,7 @@ def tool_rows() -> list[dict]:
     rows = []
     for i, city in enumerate(CITIES):
         messages = [{"role": "user", "content": f"What is the weather in {city}?"}]
-        call = call_message("get_weather", {"city": city, "unit": "celsius"})
+        call = call_message("get_weather", {"city": city})  # a short call: the decoding budget follows the reference
         if i == len(CITIES) - 1:
             messages += [call, {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 12}'}]
             messages.append({"role": "assistant", "content": f"It is 12 degrees in {city}."})
@@ -125,7 +125,7 @@ def test_it_evaluates_held_out_examples_with_their_tools_and_scores_the_calls(al
         )
         assert example.reference == answer_text(conversation[-1])
     # The answer whose reference calls a tool is scored on the calls ...
-    assert called.reference_calls == [{"name": "get_weather", "arguments": {"city": "Turin", "unit": "celsius"}}]
+    assert called.reference_calls == [{"name": "get_weather", "arguments": {"city": "Turin"}}]
     for output, scores in ((called.base_output, called.base_scores), (called.finetuned_output, called.finetuned_scores)):
         assert scores["exact_match"] == scores["tool_calls"] == float(calls_match(called.reference_calls, parse_tool_calls(output)[1]))
     # ... the one whose reference is text, on its text.
@@ -153,6 +153,11 @@ def test_it_shows_calls_readably_and_escaped_on_the_comparison_page(alice_client
     assert article.count(f'<pre class="tool-arguments">{pretty}</pre>') == 2  # the reference's call and the matching answer's
     assert "<b>Paris" not in article and "<i>now" not in article
     assert "✓ same calls" in article and "✗ different calls" in article and "No tool call." in article
+    # The voting panel shows the calls the same way, the names still hidden.
+    page = alice_client.get(evaluation.get_absolute_url(), {"example": 0}).content.decode()
+    panel = page[page.index('id="example-view"') :].split("vote-form")[0]
+    assert "Tools offered: <code>get_weather</code>" in panel and panel.count(f'<pre class="tool-arguments">{pretty}</pre>') == 2
+    assert "&lt;i&gt;now&lt;/i&gt;" in panel and "<b>Paris" not in panel and "Fine-tuned" not in panel
 
 
 # -- a DPO job from a preference file ---------------------------------------------------------------
