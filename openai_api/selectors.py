@@ -5,7 +5,9 @@ Another user's object, like a malformed id, is a 404: never a 403 that confirms 
 
 from __future__ import annotations
 
-from django.db.models import Q, QuerySet
+from django.db.models import CharField, Q, QuerySet
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Cast
 
 from datasets_app.models import Dataset
 from datasets_app.selectors import datasets_for_user
@@ -54,8 +56,10 @@ def jobs_page(user, *, after: str | None, limit: int, metadata: dict[str, str]) 
     rows: QuerySet[TrainingJob] = jobs_for_user(user).select_related("owner", "parent").order_by("-pk")
     if after:
         rows = rows.filter(pk__lt=_cursor(after, JOB_PREFIX))
-    for key, value in metadata.items():
-        rows = rows.filter(**{f"metadata__{key}": value})
+    for index, (key, value) in enumerate(metadata.items()):  # the key read as it is, never as a lookup path
+        rows = rows.alias(**{f"metadata_{index}": Cast(KeyTextTransform(key, "metadata"), CharField())}).filter(
+            **{f"metadata_{index}": value}
+        )
     found = list(rows[: limit + 1])
     return found[:limit], len(found) > limit
 

@@ -82,6 +82,7 @@ def test_it_stores_lists_reads_and_deletes_files(alice_openai):
     with pytest.raises(openai.NotFoundError) as missing:
         alice_openai.files.retrieve(first.id)
     assert missing.value.body["param"] == "file_id" and first.id in missing.value.message
+    assert missing.value.body["code"] is None and missing.value.body["type"] == "not_found_error"
 
 
 def test_it_refuses_other_purposes_and_unusable_uploads_with_error_objects(alice_openai):
@@ -187,6 +188,12 @@ def test_it_queues_cancels_and_lists_jobs_made_here_and_in_the_pages(alice_opena
     assert [j.id for j in first.data] == [job.id] and first.has_more
     assert [j.id for j in first.get_next_page().data] == [f"ftjob-{page_job.pk}"]
 
+    tagged = alice_openai.fine_tuning.jobs.create(model=BASE, training_file=train.id, metadata={"team": "orders", "a__b": "x"})
+    assert [j.id for j in alice_openai.fine_tuning.jobs.list(metadata={"team": "orders"})] == [tagged.id]
+    assert [j.id for j in alice_openai.fine_tuning.jobs.list(metadata={"a__b": "x", "team": "orders"})] == [tagged.id]
+    assert list(alice_openai.fine_tuning.jobs.list(metadata={"team": "other"})) == []
+    alice_openai.fine_tuning.jobs.cancel(tagged.id)
+
     cancelled = alice_openai.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     assert alice_openai.fine_tuning.jobs.list_events(job.id).data[0].message == "Fine-tuning job cancelled"
@@ -248,3 +255,16 @@ def test_it_explains_the_move_on_the_coming_from_openai_page(alice_client):
     for expected in ("base_url=", "/v1", "invalid_training_file", "learning_rate_multiplier", "validating_files", "ft:"):
         assert expected in text, expected
     assert 'href="/coming-from-openai"' in alice_client.get("/").content.decode()
+
+
+def test_it_starts_a_job_from_a_fine_tune_by_its_ft_name(alice_openai, alice, valid_dataset, tmp_path):
+    parent = job_row(alice, valid_dataset, status="completed", adapter_dir=str(tmp_path), suffix="first")
+    train = upload(alice_openai, chat_lines(12))
+    for name in (parent.fine_tuned_model, parent.model_id):
+        job = alice_openai.fine_tuning.jobs.create(model=name, training_file=train.id)
+        assert (job.status, job.model) == ("queued", parent.fine_tuned_model)
+        assert TrainingJob.objects.get(pk=int(job.id.removeprefix("ftjob-"))).parent_id == parent.pk
+    for refused in (f"{parent.fine_tuned_model}:ckpt-step-2", parent.fine_tuned_model.replace(":first:", ":other:")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            alice_openai.fine_tuning.jobs.create(model=refused, training_file=train.id)
+        assert caught.value.body["param"] == "model"
