@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
@@ -37,24 +37,34 @@ class OpenAIView(APIView):
 class AutoOr(serializers.Field):
     """OpenAI's "number or 'auto'": auto leaves the setting to the product's choice."""
 
-    def __init__(self, *, integer: bool, low: float, high: float, open_low: bool = False, **kwargs) -> None:
+    integer = True
+
+    def __init__(self, *, low: float, high: float, open_low: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.integer, self.minimum, self.maximum, self.open_low = integer, low, high, open_low
+        self.low, self.high, self.open_low = low, high, open_low
 
     def to_internal_value(self, data):
         if data == "auto":
             return "auto"
         kind = "a whole number" if self.integer else "a number"
-        bounds = f"{'above' if self.open_low else 'from'} {self.minimum:g} {'up ' if self.open_low else ''}to {self.maximum:g}"
+        bounds = f"{'above' if self.open_low else 'from'} {self.low:g} {'up ' if self.open_low else ''}to {self.high:g}"
         ok_type = isinstance(data, int) if self.integer else isinstance(data, (int, float))
-        if isinstance(data, bool) or not ok_type:
-            raise serializers.ValidationError(f'Must be "auto" or {kind} {bounds}; got {data!r}.')
-        if (data <= self.minimum if self.open_low else data < self.minimum) or data > self.maximum:
+        if isinstance(data, bool) or not ok_type or (data <= self.low if self.open_low else data < self.low) or data > self.high:
             raise serializers.ValidationError(f'Must be "auto" or {kind} {bounds}; got {data!r}.')
         return data
 
     def to_representation(self, value):
         return value
+
+
+@extend_schema_field({"oneOf": [{"type": "string", "enum": ["auto"]}, {"type": "integer"}]})
+class AutoOrInteger(AutoOr):
+    integer = True
+
+
+@extend_schema_field({"oneOf": [{"type": "string", "enum": ["auto"]}, {"type": "number"}]})
+class AutoOrNumber(AutoOr):
+    integer = False
 
 
 class StrictSerializer(serializers.Serializer):
@@ -70,13 +80,13 @@ class StrictSerializer(serializers.Serializer):
 
 
 class SupervisedHyperparameters(StrictSerializer):
-    n_epochs = AutoOr(integer=True, low=1, high=RANGES["num_epochs"].maximum, required=False)
-    batch_size = AutoOr(integer=True, low=1, high=RANGES["batch_size"].maximum, required=False)
-    learning_rate_multiplier = AutoOr(integer=False, low=0, high=POSITIVE["learning_rate_multiplier"][0], open_low=True, required=False)
+    n_epochs = AutoOrInteger(low=1, high=RANGES["num_epochs"].maximum, required=False)
+    batch_size = AutoOrInteger(low=1, high=RANGES["batch_size"].maximum, required=False)
+    learning_rate_multiplier = AutoOrNumber(low=0, high=POSITIVE["learning_rate_multiplier"][0], open_low=True, required=False)
 
 
 class DpoHyperparameters(SupervisedHyperparameters):
-    beta = AutoOr(integer=False, low=0, high=POSITIVE["dpo_beta"][0], open_low=True, required=False)
+    beta = AutoOrNumber(low=0, high=POSITIVE["dpo_beta"][0], open_low=True, required=False)
 
 
 class SupervisedMethod(StrictSerializer):
@@ -199,6 +209,7 @@ class FilesApi(OpenAIView):
 
     @extend_schema(
         summary="List files (OpenAI-compatible)",
+        operation_id="v1_files_list",
         parameters=[FileListQuery],
         responses=OpenApiTypes.OBJECT,
         description="Your datasets as OpenAI files, newest first (order=asc: oldest first), paged with after/limit/has_more.",
@@ -285,6 +296,7 @@ JOB_ID = OpenApiParameter("fine_tuning_job_id", str, OpenApiParameter.PATH, desc
 class JobsApi(OpenAIView):
     @extend_schema(
         summary="List fine-tuning jobs (OpenAI-compatible)",
+        operation_id="v1_fine_tuning_jobs_list",
         parameters=[ListQuery],
         responses=OpenApiTypes.OBJECT,
         description="Every training job of yours, made here or in the pages, newest first; metadata[key]=value filters.",

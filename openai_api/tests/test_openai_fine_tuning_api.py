@@ -268,3 +268,17 @@ def test_it_starts_a_job_from_a_fine_tune_by_its_ft_name(alice_openai, alice, va
         with pytest.raises(openai.BadRequestError) as caught:
             alice_openai.fine_tuning.jobs.create(model=refused, training_file=train.id)
         assert caught.value.body["param"] == "model"
+
+
+def test_it_refuses_bodies_that_are_not_objects_in_openai_shape(alice_api):
+    for body in ('{"model":', "[]", '"text"'):
+        response = alice_api.post("/v1/fine_tuning/jobs", data=body, content_type="application/json")
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["type"] == "invalid_request_error", (body, error)
+    response = alice_api.post("/v1/files", data={"purpose": "fine-tune"}, format="multipart")
+    assert response.status_code == 400 and "No file was sent" in response.json()["error"]["message"]
+    response = alice_api.post("/v1/files", data={}, format="multipart")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "purpose"
+    for query in ("limit=0", "limit=many", "after=file-x"):
+        response = alice_api.get(f"/v1/files?{query}")
+        assert response.status_code == 400 and response.json()["error"]["param"] in ("limit", "after"), query
