@@ -121,8 +121,10 @@ def _tool_choice(choice: Any, tools: list[dict] | None) -> str:
 
 # -- messages ------------------------------------------------------------------------------------
 def _messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise FieldError("messages", f"must be a non-empty list of messages; got {_kind(messages)}.")
+    if not isinstance(messages, list):
+        raise FieldError("messages", f"must be a list of messages; got {_kind(messages)}.")
+    if not messages:
+        raise FieldError("messages", "is empty: send at least one message.")
     normalised: list[dict] = []
     pending: dict[str, str] = {}  # calls of the last assistant turn not answered yet: id -> where
     for index, message in enumerate(messages):

@@ -51,7 +51,10 @@ class SamplingSerializer(serializers.Serializer):
 
 # -- /api/inference ---------------------------------------------------------------------------
 class InferenceSerializer(SamplingSerializer):
-    model_id = serializers.CharField(help_text='A training job id (12 or "tuna-job-12") or "base:<name>".')
+    model_id = serializers.CharField(
+        help_text='A training job id (12 or "tuna-job-12"), its "ft:<base>:<user>:<suffix>:ftjob-12" name (with ":ckpt-step-<n>": '
+        'a kept checkpoint of it) or "base:<name>".'
+    )
     prompt = serializers.CharField(trim_whitespace=False)
 
 

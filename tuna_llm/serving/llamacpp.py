@@ -114,6 +114,7 @@ class LlamaCppModel:
         # Keys sorted at every depth, as tuna_llm.prompting.render_chat gives them to transformers' template.
         tools = json.loads(json.dumps(tools, sort_keys=True)) if tools else None
         rendered = self.formatter(messages=list(messages), tools=tools)
+        check_unicode(rendered.prompt)  # tools and call arguments too, not only the messages' content
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
     def call_tokens(self, call: LlamaCall) -> list[int]:
