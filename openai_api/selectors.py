@@ -5,7 +5,7 @@ Another user's object, like a malformed id, is a 404: never a 403 that confirms 
 
 from __future__ import annotations
 
-from django.db.models import CharField, Q, QuerySet
+from django.db.models import CharField, F, Q, QuerySet
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast
 
@@ -43,8 +43,11 @@ def get_job_for_user(user, identifier: str) -> TrainingJob:
 
 
 def files_page(user, *, after: str | None, limit: int, ascending: bool) -> tuple[list[Dataset], bool]:
-    """The user's files in upload order (newest first unless `ascending`), those past the `after` file."""
-    rows = datasets_for_user(user).order_by("pk" if ascending else "-pk")
+    """The user's files in upload order (newest first unless `ascending`), those past the `after` file. The dataset
+    made for a job from its training and validation files is not one the caller uploaded: it stays on the Datasets
+    page only."""
+    made = JobFiles.objects.exclude(job__dataset=F("training_file")).values("job__dataset")
+    rows = datasets_for_user(user).exclude(pk__in=made).order_by("pk" if ascending else "-pk")
     if after:
         rows = rows.filter(pk__gt=_cursor(after, FILE_PREFIX)) if ascending else rows.filter(pk__lt=_cursor(after, FILE_PREFIX))
     found = list(rows[: limit + 1])

@@ -217,6 +217,7 @@ def test_it_keeps_the_validation_file_as_the_held_out_set(alice_openai):
     row = TrainingJob.objects.select_related("dataset").get(pk=int(job.id.removeprefix("ftjob-")))
     assert row.dataset.has_eval_file and row.dataset.num_train == 12 and row.dataset.num_eval == 4
     assert JobFiles.objects.get(job=row).validation_file_id == int(held_out.id.removeprefix("file-"))
+    assert [f.id for f in alice_openai.files.list()] == [held_out.id, train.id]  # the dataset made of both: pages only
     with pytest.raises(openai.ConflictError):
         alice_openai.files.delete(held_out.id)  # the job keeps its data
 
