@@ -45,6 +45,8 @@ BASE_GGUF = "base-f16.gguf"
 class NotServable(Conflict):
     """The chosen engine cannot serve this model (yet); the message says what to do."""
 
+    code = "model_not_ready"
+
 
 @dataclass(frozen=True)
 class Route:

@@ -42,11 +42,11 @@ class InferenceRefused(UserError):
 
 
 class ModelNotFound(InferenceRefused, NotFound, LookupError):
-    pass
+    code = "model_not_found"
 
 
 class ModelNotReady(InferenceRefused, Conflict, RuntimeError):
-    pass
+    code = "model_not_ready"
 
 
 class InferenceBusy(InferenceRefused, Unavailable, RuntimeError):

@@ -25,13 +25,6 @@ from tuna_llm.training_config import POSITIVE, RANGES
 class OpenAIView(APIView):
     error_shape = "openai"
 
-    def handle_exception(self, exc):
-        """A missing file or job has no OpenAI code (tuna_core.errors names every refused 404 model_not_found)."""
-        response = super().handle_exception(exc)
-        if isinstance(exc, (selectors.FileNotFound, selectors.JobNotFound)):
-            response.data["error"]["code"] = None
-        return response
-
 
 # -- request bodies ----------------------------------------------------------------------------------
 class AutoOr(serializers.Field):

@@ -28,10 +28,12 @@ class UserError(Exception):
     """A refusal the user can act on: `message` says what and why, `errors` names the fields at fault.
 
     `param` is the one request field at fault where there is one (OpenAI's shape names it); `retry_after`
-    (seconds) is sent as Retry-After. The subclass's kind decides `status`.
+    (seconds) is sent as Retry-After. The subclass's kind decides `status`; a subclass may name OpenAI's
+    error `code` for itself (e.g. "model_not_found"), otherwise /v1 answers the status's generic code or null.
     """
 
     status = 400
+    code: str | None = None
 
     def __init__(
         self,
@@ -149,19 +151,17 @@ _OPENAI_TYPE = {
     429: "rate_limit_error",
     503: "overloaded_error",
 }
+# Codes that follow from the status alone; a refusal of another status names its own (UserError.code).
 _OPENAI_CODE = {
     401: "invalid_api_key",
-    404: "model_not_found",
-    409: "model_not_ready",
     429: "rate_limit_exceeded",
     503: "engine_overloaded",
 }
 
 
-def _openai_shape(status: int, body: dict, param: str | None, *, refused: bool) -> dict:
-    """`refused`: a service's refusal; a 404 that is not one is an unknown path, not an unknown model."""
+def _openai_shape(status: int, body: dict, param: str | None, code: str | None) -> dict:
     param = next(iter(body["errors"]), None) if body["errors"] else param
-    code = _OPENAI_CODE.get(status) if refused or status != 404 else None
+    code = code or _OPENAI_CODE.get(status)
     return {"error": {"message": body["detail"], "type": _OPENAI_TYPE.get(status, "api_error"), "param": param, "code": code}}
 
 
@@ -195,7 +195,9 @@ def exception_handler(exc, context):
         response.data = _one_shape(response.data)
         param = getattr(exc, "param", None)
     if _speaks_openai(context):
-        response.data = _openai_shape(response.status_code, response.data, param, refused=isinstance(exc, UserError))
+        response.data = _openai_shape(
+            response.status_code, response.data, param, getattr(exc, "code", None) if isinstance(exc, UserError) else None
+        )
     return response
 
 

@@ -179,8 +179,11 @@ def test_it_asks_anonymous_callers_to_log_in_in_the_one_shape(schema):
 
 
 def test_it_answers_v1_operations_in_openai_shape(schema, alice_api):
-    posts = [(method, path) for method, path, operation in operations(schema, "/v1/") if "requestBody" in operation]
-    assert {path for _, path in posts} == {"/v1/chat/completions", "/v1/completions"}
+    # The generation endpoints; the fine-tuning API's bodies are walked by openai_api's own tests.
+    posts = [
+        (method, path) for method, path, operation in operations(schema, "/v1/") if path in ("/v1/chat/completions", "/v1/completions")
+    ]
+    assert len(posts) == 2
     for method, path in posts:
         response = call(alice_api, method, path, data='{"model":', content_type="application/json")
         assert response.status_code == 400 and assert_openai_shape(response, path)["type"] == "invalid_request_error"
