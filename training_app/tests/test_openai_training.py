@@ -211,3 +211,49 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+OPENAI_SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "openai"
+
+
+@pytest.mark.model
+def test_it_trains_on_every_openai_sample_file(tmp_path):
+    """Each shape of OpenAI's guide (weights, tools, text parts, ShareGPT, the preferred side of DPO lines) reaches
+    the trainer with OpenAI's meaning: one run trains on a mix of them all, every example keeps tokens to learn,
+    a weight-0 turn and a tool's result are never learned, a tool call is learned as the template writes it."""
+    from transformers import AutoTokenizer
+
+    from datasets_app.examples import file_examples
+    from tuna_llm.catalog import get_base_model_spec
+    from tuna_llm.loading import pick_device
+    from tuna_llm.training import IGNORE_INDEX, run_lora_training, tokenize_examples
+    from tuna_llm.training_config import TrainingConfig
+
+    spec = get_base_model_spec()
+    files = {path.stem: file_examples(path) for path in sorted(OPENAI_SAMPLES.glob("*.jsonl"))}
+    assert set(files) == {"chat_weight", "content_parts", "preference", "sharegpt", "tools"}
+
+    mix = [example for examples in files.values() for example in examples[:2]]
+    config = TrainingConfig(
+        base_model=spec.name, max_steps=2, batch_size=5, learning_rate=1e-3, max_seq_length=1024, eval_examples=0, save_steps=100
+    )
+    result = run_lora_training(config, spec=spec, plan=pick_device(), train_examples=mix, output_dir=tmp_path)
+    assert result.global_step == 2 and result.final_loss is not None and result.final_loss > 0
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.prepared_dir), local_files_only=True)
+
+    def learned(row) -> str:
+        return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX])
+
+    for name, examples in files.items():
+        rows = tokenize_examples(tokenizer, examples, 1024)
+        assert len(rows) == len(examples) == 30, name
+        for example, row in zip(examples, rows, strict=True):
+            text = learned(row)
+            for message in example:
+                if message["role"] in ("tool", "user") or (message["role"] == "assistant" and message.get("weight") == 0):
+                    assert message["content"] not in text, (name, message)
+                for call in message.get("tool_calls") or []:
+                    assert "<tool_call>" in text and f'"name": "{call["function"]["name"]}"' in text, (name, text)
+    assert sum(bool(m.get("tool_calls")) for example in files["tools"] for m in example) >= 15
