@@ -161,8 +161,7 @@ def _preference_context(request: HttpRequest, evaluation) -> dict:
         trained = {pair.get("example_index") for pair in job.preference_pairs}
         same_examples = job.source_evaluation is not None and job.source_evaluation.training_job_id == evaluation.baseline_job_id
         context["pref"] = {
-            # A job tuned on a preference file learns its dataset's training pairs.
-            "pairs": len(job.preference_pairs) or (job.dataset.num_train if job.dataset.is_preference else 0),
+            "pairs": len(job.preference_pairs),
             "source": job.source_evaluation,
             "file": job.dataset if job.dataset.is_preference else None,
             "trained_here": len([i for i in trained if i is not None and i < evaluation.test_size]) if same_examples else 0,

@@ -11,7 +11,7 @@ from datasets_app.services import dataset_create
 from evaluation_app.models import Evaluation, EvaluationExample
 from tests.support import job_row, jsonl_file
 from training_app.models import TrainingJob
-from training_app.services import job_completed
+from training_app.services import job_completed, preference_file_job_start
 from tuna_core.jobs import run_next_job
 from tuna_llm import metrics
 from tuna_llm.prompting import Conversation, answer_text, render_chat
@@ -177,9 +177,15 @@ def preference_rows(count: int = 10) -> list[dict]:
 def test_it_evaluates_a_completed_file_dpo_job_against_its_start(alice, alice_client, finetuned_job, trained_adapter):
     dataset = dataset_create(owner=alice, upload=jsonl_file(preference_rows()), name="Preferences")
     assert dataset.is_preference and dataset.num_eval == 2, dataset.validation_report
-    done = {"status": "completed", "adapter_dir": str(trained_adapter), "completed_at": timezone.now(), "method": "dpo"}
-    from_base = job_row(alice, dataset, **done)
-    from_parent = job_row(alice, dataset, parent=finetuned_job, **done)
+
+    def trained(job: TrainingJob) -> TrainingJob:  # as if the worker had trained it (the session's adapter stands in)
+        TrainingJob.objects.filter(pk=job.pk).update(status="completed", adapter_dir=str(trained_adapter), completed_at=timezone.now())
+        job.refresh_from_db()
+        return job
+
+    from_base = trained(preference_file_job_start(owner=alice, dataset=dataset, config_data={}))
+    from_parent = trained(preference_file_job_start(owner=alice, dataset=dataset, parent=finetuned_job, config_data={}))
+    assert from_base.parent is None and from_parent.parent == finetuned_job and from_base.source_evaluation is None
     supervised = job_row(alice, dataset, status="completed", adapter_dir=str(trained_adapter))
     for job in (from_base, from_parent, supervised):
         job_completed.send(sender=TrainingJob, job=job)
@@ -196,4 +202,5 @@ def test_it_evaluates_a_completed_file_dpo_job_against_its_start(alice, alice_cl
     assert [e.reference for e in against_base.examples.all()] == ["Order 8: two blue shirts.", "Order 9: two blue shirts."]
     page = alice_client.get(against_base.get_absolute_url()).content.decode()
     assert f"preference-tuned job #{from_base.pk} vs the base model" in page
-    assert "preference file" in page and "Preferences" in page
+    assert f"preference-tuned from the base model on {len(from_base.preference_pairs)} pairs of the preference file" in page
+    assert ">Preferences</a>" in page
