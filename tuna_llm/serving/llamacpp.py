@@ -12,7 +12,6 @@ from __future__ import annotations
 import codecs
 import ctypes
 import dataclasses
-import json
 import os
 import queue
 import threading
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuna_llm.prompting import Message, ToolsUnsupported, has_tool_content
+from tuna_llm.prompting import Message, ToolsUnsupported, has_tool_content, template_tools
 from tuna_llm.serving.compute import ComputeThread, compute_thread
 from tuna_llm.serving.engine import (
     CallSpec,
@@ -105,15 +104,12 @@ class LlamaCppModel:
         """The prompt as the GGUF's chat template renders it (with the conversation's tools: a
         tuna_llm.prompting.Conversation), tokenized as llama.cpp's chat path does. ToolsUnsupported for tool
         content the GGUF's template does not render."""
-        tools = getattr(messages, "tools", None)
         if has_tool_content(messages) and not self.renders_tools:
             raise ToolsUnsupported(
                 f"The chat template in {self.path.name} does not render tools or tool calls; export the fine-tune again "
                 "so that its GGUF carries LLM Tuna's tools-capable template."
             )
-        # Keys sorted at every depth, as tuna_llm.prompting.render_chat gives them to transformers' template.
-        tools = json.loads(json.dumps(tools, sort_keys=True)) if tools else None
-        rendered = self.formatter(messages=list(messages), tools=tools)
+        rendered = self.formatter(messages=list(messages), tools=template_tools(messages))  # as render_chat gives them
         check_unicode(rendered.prompt)  # tools and call arguments too, not only the messages' content
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
