@@ -10,6 +10,7 @@ ROUGE-L and loss for the base and the fine-tuned model.
     .venv/bin/python bench/small_data.py --compare            # the previous release's defaults beside today's, per task
     .venv/bin/python bench/small_data.py --tasks tickets --config '{"num_epochs": 3}'   # an experiment
     .venv/bin/python bench/small_data.py --tasks sample       # the sample dataset, for comparison
+    .venv/bin/python bench/small_data.py --tasks openai/tools # a file of samples/openai/ (tool calls scored on the call)
     .venv/bin/python bench/small_data.py --precisions fp32,bf16   # each task in each precision, side by side
     .venv/bin/python bench/small_data.py --precisions fp32,bf16 --seeds 42,1   # and the seed-to-seed spread beside it
 
@@ -50,7 +51,12 @@ def run_task(owner, task: str, config: dict) -> dict:
     from training_app.services import training_job_start
     from tuna_core.jobs import run_next_job
 
-    data = SAMPLE.read_bytes() if task == "sample" else to_jsonl(generate(task))
+    if task == "sample":
+        data = SAMPLE.read_bytes()
+    elif task.startswith("openai/"):  # a file of samples/openai/ (OpenAI's shapes: tools, weights, ...)
+        data = (SAMPLE.parent / "openai" / f"{task.removeprefix('openai/')}.jsonl").read_bytes()
+    else:
+        data = to_jsonl(generate(task))
     dataset = dataset_create(owner=owner, upload=ContentFile(data, name=f"{task}.jsonl"))
     job = training_job_start(owner=owner, dataset=dataset, config_data=config)
     started = time.perf_counter()
@@ -106,7 +112,11 @@ def print_row(row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {', '.join(TASKS)}, sample")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help=f"comma-separated: {', '.join(TASKS)}, sample, openai/<file> (samples/openai/<file>.jsonl, e.g. openai/tools)",
+    )
     parser.add_argument("--config", default="{}", help="settings to override, as JSON (default: none, as a new user would)")
     parser.add_argument("--compare", action="store_true", help="also run the previous release's defaults, beside today's")
     parser.add_argument("--show-misses", type=int, default=2)
@@ -142,6 +152,9 @@ def main() -> None:
                         rows.append(row)
                         print_row(row)
         for row in rows:
+            base, tuned = row["m"]["base_model"], row["m"]["finetuned_model"]
+            if "tool_call_match" in tuned:  # the share of tool-calling references answered with the same calls
+                print(f"  {row['task']}: tool calls matched {base['tool_call_match']:.2f} -> {tuned['tool_call_match']:.2f}")
             misses = [e for e in row["evaluation"].examples.all() if e.finetuned_scores.get("exact_match") != 1.0]
             for example in misses[: args.show_misses]:
                 print(f"  {row['task']} #{example.index}: got {example.finetuned_output!r}, want {example.reference!r}")
