@@ -335,6 +335,15 @@ def training_job_refused(
     )
 
 
+def _stop_now_if_nobody_runs_it(job: TrainingJob) -> None:
+    """A job not started, or whose worker stopped answering, has no process to look at its stop flag: it stops
+    now (a worker that comes back finds the row is not its own any more and writes nothing). The caller saves."""
+    if job.status == TrainingJob.Status.QUEUED or job_is_stuck(job):
+        job.status = TrainingJob.Status.CANCELLED
+        job.completed_at = timezone.now()
+        job.eta_seconds = None
+
+
 @transaction.atomic
 def training_job_cancel(*, job: TrainingJob) -> TrainingJob:
     job = TrainingJob.objects.select_for_update().get(pk=job.pk)
@@ -344,12 +353,7 @@ def training_job_cancel(*, job: TrainingJob) -> TrainingJob:
         return job
     if job.is_finished:
         raise JobConflict(f"Job #{job.pk} has already finished ({job.get_status_display().lower()}); there is nothing to cancel.")
-    if job.status == TrainingJob.Status.QUEUED or job_is_stuck(job):
-        # Not started, or its worker stopped answering: no process will look at the flag, so cancel now
-        # (a worker that comes back finds the row is not its own any more and writes nothing).
-        job.status = TrainingJob.Status.CANCELLED
-        job.completed_at = timezone.now()
-        job.eta_seconds = None
+    _stop_now_if_nobody_runs_it(job)
     job.cancel_requested = True
     job.save(update_fields=["status", "completed_at", "cancel_requested", "eta_seconds"])
     return job
@@ -364,10 +368,7 @@ def training_job_pause(*, job: TrainingJob) -> TrainingJob:
         raise JobConflict(f"Job #{job.pk} is {job.status_label.lower()} already.")
     if job.is_finished:
         raise JobConflict(f"Job #{job.pk} has already finished ({job.get_status_display().lower()}); there is nothing to pause.")
-    if job.status == TrainingJob.Status.QUEUED or job_is_stuck(job):
-        job.status = TrainingJob.Status.CANCELLED
-        job.completed_at = timezone.now()
-        job.eta_seconds = None
+    _stop_now_if_nobody_runs_it(job)
     job.paused = True
     job.cancel_requested = True  # the run stops at the end of its step; the flag above makes it save a checkpoint there
     job.save(update_fields=["status", "completed_at", "eta_seconds", "paused", "cancel_requested"])
