@@ -31,6 +31,12 @@ class Dataset(models.Model):
     # A separate held-out file replaces the split: then every example of `file` is trained on.
     eval_file = models.FileField(upload_to=dataset_upload_path, max_length=300, blank=True)
     eval_original_filename = models.CharField(max_length=255, blank=True)
+    # The user's own checks of an answer, scored per example in every evaluation of this dataset:
+    # [{"name": "...", "kind": "regex" | "contains" | "not_contains" | "one_of", "value": "..." or ["...", ...]}].
+    answer_checks = models.JSONField(default=list, blank=True)
+    # How many held-out examples the runs of this dataset are scored on (the first N of the held-out set), fixed
+    # the first time a run is scored so that every run's figures come from the same examples.
+    scoring_size = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

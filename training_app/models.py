@@ -75,6 +75,14 @@ class TrainingJob(WorkerJob):
     # Paused: asked to stop with a checkpoint at the step where it stops, to resume from it later. While the run
     # stops it is still "training"; once stopped it is "cancelled" with this flag, shown (and answered) as paused.
     paused = models.BooleanField(default=False)
+    # A run of a sweep (an Experiment): its settings are one point of the experiment's grid.
+    experiment = models.ForeignKey("Experiment", on_delete=models.SET_NULL, null=True, blank=True, related_name="runs")
+    # Why a run stopped before its last step on purpose (a sweep's early stop on validation loss), in words.
+    stop_reason = models.TextField(blank=True)
+    # Where this job's metrics are tracked: {"tensorboard": "<dir relative to TUNA_DATA_DIR>",
+    # "mlflow": {"tracking_uri", "experiment_id", "run_id"}, "wandb": {"project", "run_id"}}; a resumed or continued
+    # job continues the runs named here.
+    tracking = models.JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -153,6 +161,47 @@ class TrainingJob(WorkerJob):
     def cost_usd(self) -> float:
         """Measured worker time at the configured hourly price."""
         return cost_usd(self.train_seconds)
+
+
+class Experiment(models.Model):
+    """A sweep: several ordinary fine-tunes of one dataset, with settings around the user's choice (the grid), queued
+    fairly with everyone's jobs. The winner is picked on validation loss (never on the scored held-out examples),
+    evaluated against the base model, and offered to serve and export."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"  # some run is queued or training
+        COMPLETED = "completed", "Completed"  # every run has ended and a winner was picked
+        FAILED = "failed", "Failed"  # every run has ended and none can be picked (none completed with a validation loss)
+        CANCELLED = "cancelled", "Cancelled"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="experiments")
+    dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.PROTECT, related_name="experiments")
+    name = models.CharField(max_length=200, blank=True)
+    base_model = models.CharField(max_length=200)
+    # The settings the user chose (as on the training form); each run is these with its grid point's values.
+    base_config = models.JSONField(default=dict, blank=True)
+    # One dict of settings per run, e.g. [{"learning_rate": 2e-4, "num_epochs": 3, "lora_r": 16, "lora_layers": "all"}].
+    grid = models.JSONField(default=list)
+    # The estimate shown before starting: {"seconds", "cost_usd", "steps", "runs": [{"seconds", "steps"}]}.
+    estimate = models.JSONField(default=dict, blank=True)
+    early_stopping = models.BooleanField(default=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    winner = models.ForeignKey(TrainingJob, on_delete=models.SET_NULL, null=True, blank=True, related_name="won_experiments")
+    # How the winner was picked: {"metric": "best_eval_loss", "compared": [{"job", "eval_loss", "status", "stop_reason"}],
+    # "left_out": [{"job", "why"}], "reason": "..."}.
+    pick = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["owner", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"Experiment #{self.pk} on {self.dataset_id}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("experiment-detail", args=[self.pk])
 
 
 class LossPoint(models.Model):
