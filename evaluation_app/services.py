@@ -13,7 +13,7 @@ from datasets_app.examples import held_out_examples
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
 from tuna_core.costs import cost_usd
-from tuna_core.errors import Conflict, Invalid
+from tuna_core.errors import Conflict, Invalid, NotFound
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import LimitExceeded, check_active_jobs
 from tuna_llm import metrics
@@ -27,6 +27,10 @@ DEFAULT_TEST_SIZE = 50
 
 
 class EvaluationConflict(Conflict):
+    pass
+
+
+class EvaluationNotFound(NotFound):
     pass
 
 
@@ -60,14 +64,30 @@ def evaluation_test_size(raw: Any) -> int | None:
     return value
 
 
-def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -> tuple[Evaluation, bool]:
+# evaluation_start's default other side: as the job's kind says (a preference-tuned job's start, else the base model).
+AS_USUAL: Any = object()
+
+
+def evaluation_start(
+    *, owner, job: TrainingJob, test_size: int | None = None, baseline: TrainingJob | None = AS_USUAL
+) -> tuple[Evaluation, bool]:
     """Queue an evaluation of a completed job. Returns (evaluation, created).
 
-    An evaluation of this job that is already queued or running is returned instead of a second one,
-    so a double click or a second tab never starts two runs.
+    ``baseline`` picks what the job is compared with: left out, a preference-tuned job's start (its parent) or else the
+    base model; ``None``, the base model; a TrainingJob, that fine-tune (the owner's, completed, of the same dataset and
+    base model; the job's own parent may be of another dataset).
+
+    An evaluation of this job against the same side and on as many examples that is already queued or running is
+    returned instead of a second one, so a double click or a second tab never starts two runs.
     """
     if job.status != TrainingJob.Status.COMPLETED:
         raise EvaluationConflict(f"Job #{job.pk} is {job.get_status_display().lower()}; only a completed fine-tune can be evaluated.")
+    if baseline is AS_USUAL:
+        # A preference-tuned job is compared with its start: the fine-tune it was tuned from (its votes' job, or the one
+        # chosen for a preference file), or the base model when it was tuned from the base. Any other job with the base.
+        baseline = job.parent if job.is_preference else None
+    elif baseline is not None:
+        evaluation_baseline_check(owner=owner, job=job, baseline=baseline)
     test_size = evaluation_test_size(test_size)
     held_out = job.dataset.num_eval
     if held_out < 1:
@@ -76,16 +96,39 @@ def evaluation_start(*, owner, job: TrainingJob, test_size: int | None = None) -
     with transaction.atomic():
         # Lock the job row so two concurrent requests cannot both create a run.
         TrainingJob.objects.select_for_update().get(pk=job.pk)
-        active = Evaluation.objects.filter(training_job=job, status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING]).first()
+        active = Evaluation.objects.filter(
+            training_job=job, baseline_job=baseline, test_size=size, status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING]
+        ).first()
         if active is not None:
             return active, False
         check_active_jobs(owner)
-        # A preference-tuned job is compared with its start: the fine-tune it was tuned from (its votes' job, or the one
-        # chosen for a preference file), or the base model when it was tuned from the base. Any other job with the base.
-        baseline = job.parent if job.is_preference else None
         evaluation = Evaluation.objects.create(owner=owner, training_job=job, baseline_job=baseline, test_size=size)
         job_enqueue(evaluation)
     return evaluation, True
+
+
+def evaluation_baseline_check(*, owner, job: TrainingJob, baseline: TrainingJob) -> None:
+    """Refuse a fine-tune ``job`` cannot be compared with, saying why (both sides must answer the same examples)."""
+    if baseline.owner_id != owner.pk:
+        raise EvaluationNotFound(f"No job #{baseline.pk} of yours to compare with.")
+    if baseline.pk == job.pk:
+        raise EvaluationInvalid("baseline_job", f"Job #{job.pk} cannot be compared with itself; pick another fine-tune.")
+    if baseline.status != TrainingJob.Status.COMPLETED:
+        raise EvaluationConflict(
+            f"Job #{baseline.pk} is {baseline.get_status_display().lower()}; only a completed fine-tune can be compared with."
+        )
+    if baseline.base_model != job.base_model:
+        raise EvaluationInvalid(
+            "baseline_job",
+            f"Job #{job.pk} fine-tunes {job.base_model} and job #{baseline.pk} {baseline.base_model}; "
+            "only fine-tunes of the same base model can be compared side by side.",
+        )
+    if baseline.dataset_id != job.dataset_id and baseline.pk != job.parent_id:
+        raise EvaluationInvalid(
+            "baseline_job",
+            f"Job #{job.pk} is trained on dataset #{job.dataset_id} and job #{baseline.pk} on dataset #{baseline.dataset_id}; "
+            "only fine-tunes of the same dataset are compared, on that dataset's held-out examples.",
+        )
 
 
 @transaction.atomic
