@@ -195,7 +195,9 @@ def evaluation_work(evaluation: Evaluation) -> None:
 
     price = settings.TUNA_GPU_HOURLY_USD
     hooks = EvaluationHooks(on_start=on_start, on_example=on_example)
-    result = run_evaluation(loaded, examples, adapter, hourly_usd=price, hooks=hooks, baseline_adapter=baseline_adapter)
+    result = run_evaluation(
+        loaded, examples, adapter, hourly_usd=price, hooks=hooks, baseline_adapter=baseline_adapter, checks=job.dataset.answer_checks or []
+    )
     job_complete(evaluation, metrics=result.as_dict(price))
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
     if job.is_preference:

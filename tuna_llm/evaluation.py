@@ -66,10 +66,13 @@ def run_evaluation(
     max_batch: int = EVAL_BATCH,
     mixed: bool = False,
     baseline_adapter: str | None = None,
+    checks: Sequence[dict] = (),
 ) -> EvaluationResult:
     """Answer every example with the base model and with `adapter` (attached to `loaded`), score both.
 
     ``baseline_adapter``: compare with that adapter instead of the base model (its results are reported as "base").
+    ``checks``: the dataset's own answer checks (``Dataset.answer_checks``), scored per example with the other
+    task-aware scores (``tuna_llm.task_scores``: JSON field accuracy, labels) in both models' scores and summaries.
 
     An example with tools is answered with them (``render_chat`` of the Conversation's prompt slice, which keeps them);
     an answer whose reference calls tools is scored on its calls (``metrics.answer_quality``).
@@ -111,8 +114,8 @@ def run_evaluation(
                 reference,
                 base.result,
                 tuned.result,
-                metrics.answer_quality(base.result.text, reference),
-                metrics.answer_quality(tuned.result.text, reference),
+                metrics.answer_quality(base.result.text, reference, checks),
+                metrics.answer_quality(tuned.result.text, reference, checks),
             )
             hooks.on_example(results[index])
 
@@ -128,6 +131,8 @@ def run_evaluation(
             [generation.compute_ms for generation, _ in answers],
             [generation.completion_tokens for generation, _ in answers],
             answer_loss(loaded, examples, adapter=adapter_name),
+            answers=[generation.text for generation, _ in answers],
+            references=[r.reference for r in results],
         )
         summaries[name] = metrics.summarise(run, hourly_usd=hourly_usd)
     return EvaluationResult(budget, summaries["base"], summaries["finetuned"])

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tuna_llm import task_scores
 from tuna_llm.prompting import answer_text
 from tuna_llm.toolcalls import calls_match, calls_of, canonical_arguments, parse_tool_calls
 
@@ -36,6 +37,24 @@ _TOKEN = re.compile(TOKEN_PATTERN)
 # name -> (label, higher is better, explanation shown on the page)
 METRICS: dict[str, tuple[str, bool, str]] = {
     "exact_match": ("Exact match", True, "Share of answers identical to the reference (ignoring surrounding and repeated whitespace)."),
+    "task_score": (
+        "Task score",
+        True,
+        "The task-aware score that applies (JSON field accuracy, label accuracy or checks passed): where there is one, it decides the verdict.",
+    ),
+    "json_valid_rate": (
+        "Valid JSON",
+        True,
+        "Where the reference is a JSON object or array: the share of answers that parse as one.",
+    ),
+    "field_accuracy": (
+        "JSON field accuracy",
+        True,
+        (
+            "Where the reference is JSON: of every field in the reference or the answer (nested fields by path), the share present in "
+            "both with the same value; key order and whitespace ignored, an answer that is not JSON scores 0."
+        ),
+    ),
     "rouge_l": (
         "ROUGE-L",
         True,
@@ -154,20 +173,23 @@ def _arguments_text(arguments: Any) -> str:
         return str(arguments)
 
 
-def answer_quality(prediction: str, reference: dict[str, Any]) -> dict[str, float]:
+def answer_quality(prediction: str, reference: dict[str, Any], checks: Sequence[dict] = ()) -> dict[str, Any]:
     """Scores of a generated answer against the reference assistant message.
 
     A reference that calls tools is scored on the calls: exact match (and ``tool_calls``) is whether the answer makes
     the same calls (names and arguments as JSON, key order ignored), and ROUGE-L and BLEU compare canonical texts of
     both (``calls_text``), not the template's rendering. Any other reference is scored on its text, as ``quality``.
+    The task-aware scores that apply (``task_scores.task_scores``: JSON validity and field accuracy, the dataset's
+    ``checks``) are merged in.
     """
     expected = calls_of(reference)
+    extra = task_scores.task_scores(prediction, answer_text(reference), checks)
     if not expected:
-        return quality(prediction, answer_text(reference))
+        return {**quality(prediction, answer_text(reference)), **extra}
     content, got = parse_tool_calls(prediction)
     matched = 1.0 if calls_match(expected, got) else 0.0
     scores = quality(calls_text(content, got), calls_text(reference.get("content") or "", expected))
-    return {**scores, "exact_match": matched, "tool_calls": matched}
+    return {**scores, "exact_match": matched, "tool_calls": matched, **extra}
 
 
 def cost_at(seconds: float, hourly_usd: float) -> float:
@@ -185,17 +207,24 @@ def percentile(values: Sequence[float], pct: float) -> float:
 class ModelRun:
     """One model's measurements over the test set."""
 
-    qualities: list[dict[str, float]]
+    qualities: list[dict[str, Any]]
     latencies_ms: list[float]
     completion_tokens: list[int]
     loss: float | None
+    answers: Sequence[str] = ()  # the answers and reference texts, for the task-aware summary (labels need them all)
+    references: Sequence[str] = ()
 
 
-def summarise(run: ModelRun, *, hourly_usd: float) -> dict[str, float | None]:
+def summarise(run: ModelRun, *, hourly_usd: float) -> dict[str, Any]:
+    """A model's figures over the test set, with the task-aware ones that apply (``task_scores.summarise_task_scores``:
+    ``json_valid_rate``, ``field_accuracy``, ``labels``, ``checks``, ``task_score`` and its label)."""
     count = len(run.latencies_ms)
     mean_latency = sum(run.latencies_ms) / count
     calls = [q["tool_calls"] for q in run.qualities if "tool_calls" in q]
+    answers = list(run.answers) if len(run.answers) == len(run.qualities) else [""] * len(run.qualities)
+    references = list(run.references) if len(run.references) == len(run.qualities) else []
     return {
+        **task_scores.summarise_task_scores(run.qualities, answers, references),
         "exact_match": sum(q["exact_match"] for q in run.qualities) / count,
         "rouge_l": sum(q["rouge_l"] for q in run.qualities) / count,
         "bleu": sum(q["bleu"] for q in run.qualities) / count,
