@@ -18,9 +18,17 @@ from training_app.services import job_dir
 from tuna_llm.training import COMPLETE_MARKER, NOISE_SHARE
 from tuna_llm.training_config import RANGES
 
-# "Still improving": the last validation loss is the best and fell by more than this share since the one before
-# (and by more than the noise share of the starting loss).
+# "Still improving" (more epochs would likely help) needs all of:
+# - enough evidence: at least MIN_TREND_POINTS measurements (step 0 included); two points, before and after, show
+#   that it learned, not whether it was still learning at the end;
+# - a last improvement that counts against what was left: the last measurement is the lowest, below the best before
+#   it by more than STILL_FALLING of that best and by more than the noise share of the starting loss;
+# - something left to gain: the last loss above LITTLE_LEFT of the starting loss and above NOTHING_LEFT (a loss of
+#   0.02 nats per token is about 98% probability on each answer token; 0.007 is 99.3%: nothing left to win).
 STILL_FALLING = 0.03
+MIN_TREND_POINTS = 3
+LITTLE_LEFT = 0.05
+NOTHING_LEFT = 0.02
 LEARNED = 0.5  # best validation loss at most half the starting one
 LEARNED_SOME = 0.9
 
@@ -120,7 +128,12 @@ def settings_rows(config: dict, reasons: dict) -> list[dict]:
 
 @dataclass(frozen=True)
 class LearningVerdict:
-    """Whether a finished run learned, in plain words, from its validation (or training) loss."""
+    """Whether a finished run learned, in plain words, from its validation (or training) loss.
+
+    `still_improving` is True only when the evidence says more epochs would likely help (see the rule above); the
+    page then offers to continue the run, or to try several settings. `trend` says why, in a word: "falling",
+    "levelled" (the last fall was small against what was left), "little_left" (the loss is already near zero),
+    "rising", "too_few" (too few measurements to tell) or "" (unknown)."""
 
     kind: str  # "learned", "some", "none", "unknown"
     headline: str
@@ -128,6 +141,44 @@ class LearningVerdict:
     still_improving: bool
     start: float | None = None
     best: float | None = None
+    trend: str = ""
+
+
+def _smoothed(series: list[tuple[int, float]], buckets: int = 5) -> list[tuple[int, float]]:
+    """The training loss is measured on one batch at a time: a trend is read from the means of a few consecutive
+    stretches (each at its last step), not from the last two noisy values."""
+    if len(series) < 2 * buckets:
+        return series
+    size = len(series) / buckets
+    chunks = [series[round(i * size) : round((i + 1) * size)] for i in range(buckets)]
+    return [(chunk[-1][0], sum(value for _, value in chunk) / len(chunk)) for chunk in chunks]
+
+
+def _trend(series: list[tuple[int, float]], start: float, *, validation: bool = True) -> tuple[str, str]:
+    """(trend, sentence) of a run's last measurements: whether more epochs would likely help, and why (or why not)."""
+    last = series[-1][1]
+    best = min(value for _, value in series)
+    if last <= max(LITTLE_LEFT * start, NOTHING_LEFT):
+        share = f" ({last / start:.1%} of where it started)" if start else ""
+        return "little_left", f" At {last:.3g} the loss has little left to gain{share}: more epochs would not help much."
+    if len(series) < MIN_TREND_POINTS:
+        return "too_few", (
+            f" Measured only {len(series)} times (before and after training): too few points to tell whether it was still "
+            "improving at the end" + (" (a smaller “Validate every” measures more often)." if validation else ".")
+        )
+    previous_best = min(value for _, value in series[:-1])
+    gain = previous_best - last
+    if last > best + NOISE_SHARE * start:
+        return "rising", ""  # said with the checkpoint kept
+    if gain > STILL_FALLING * previous_best and gain > NOISE_SHARE * start:
+        return "falling", (
+            f" The loss was still falling when training stopped: its last measurement was the lowest, {gain / previous_best:.0%} "
+            f"below the best before it ({previous_best:.3g} → {last:.3g}): more epochs would likely help."
+        )
+    return "levelled", (
+        f" The loss had levelled off (last {last:.3g}, best before it {previous_best:.3g}): more epochs of the same would "
+        "likely not help much."
+    )
 
 
 def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
@@ -135,19 +186,19 @@ def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
         return None
     points = list(LossPoint.objects.filter(job=job).values_list("step", "loss", "eval_loss"))
     evals = [(step, value) for step, _, value in points if value is not None]
-    source = "validation loss"
+    source, trend_series = "validation loss", evals
     if len(evals) < 2:
         # No validation examples: judge from the training loss (a weaker sign, and said so).
         evals = [(step, value) for step, value, _ in points if value is not None]
-        source = "training loss (no validation examples)"
+        source, trend_series = "training loss (no validation examples)", _smoothed(evals)
     if len(evals) < 2:
         return LearningVerdict("unknown", "Not enough loss measurements to tell whether it learned.", "", False)
     start = evals[0][1] if job.parent_id is None else _parent_start(job, evals[0][1])
     best = min(value for _, value in evals)
     last = evals[-1][1]
-    # Still falling: the last measurement is the lowest, and the step down to it is more than noise.
-    drop = evals[-2][1] - last
-    still = last <= best and drop > STILL_FALLING * evals[-2][1] and drop > NOISE_SHARE * start
+    trend, sentence = _trend(trend_series, start, validation=source == "validation loss")
+    if trend == "rising" and job.best_step is None:
+        sentence = " The loss rose after its lowest point: more epochs would not help."
     change = f"{source} {start:.3g} → {best:.3g} ({(best - start) / start:+.0%})" if start else f"{source} {best:.3g}"
     if best <= LEARNED * start:
         kind, headline = "learned", "It learned."
@@ -155,9 +206,7 @@ def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
         kind, headline = "some", "It learned a little."
     else:
         kind, headline = "none", "It did not learn much."
-    detail = change + "."
-    if still:
-        detail += " The loss was still falling when training stopped: more epochs would likely help."
+    detail = change + "." + sentence
     if job.best_step is not None and job.best_step < job.current_step:
         detail += (
             f" It was lowest at step {job.step_offset + job.best_step} and rose clearly afterwards (over-fitting): the checkpoint of "
@@ -167,7 +216,7 @@ def learning_verdict(job: TrainingJob) -> LearningVerdict | None:
         detail += " The final weights, those with the lowest validation loss, are kept (served, evaluated, downloaded)."
     elif job.best_step is not None:
         detail += " The final weights are kept (served, evaluated, downloaded): after its lowest point the validation loss rose by no more than noise."
-    return LearningVerdict(kind, headline, detail, still, start, best)
+    return LearningVerdict(kind, headline, detail, trend == "falling", start, best, trend)
 
 
 def _parent_start(job: TrainingJob, fallback: float) -> float:
