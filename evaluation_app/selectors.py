@@ -15,6 +15,7 @@ from evaluation_app.judging import latest_completed_run
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from tuna_llm import metrics
 from tuna_llm.metrics import METRICS
+from tuna_llm.task_scores import OTHER_LABEL
 from tuna_llm.toolcalls import parse_tool_calls
 
 # Verdict thresholds: a change in exact matches of at least max(1, 10% of the examples), or in mean
@@ -23,6 +24,8 @@ from tuna_llm.toolcalls import parse_tool_calls
 VERDICT_EXACT_SHARE = 0.10
 VERDICT_ROUGE_DELTA = 0.05
 VERDICTS = {"better": "Better", "worse": "Worse", "no_difference": "No clear difference"}
+# Task-aware shares of answers: their changes read in percentage points.
+RATE_METRICS = {"json_valid_rate", "field_accuracy", "label_accuracy"}
 EXAMPLES_PER_PAGE = 10
 # Diff tokens: whitespace, the metric's words (a single character in CJK/Thai), any other character.
 _DIFF_TOKEN = re.compile(rf"\s+|{metrics.TOKEN_PATTERN}|.", re.DOTALL)
@@ -38,21 +41,66 @@ def get_evaluation_for_user(user, pk: int) -> Evaluation:
 
 
 def metric_rows(evaluation: Evaluation) -> list[dict]:
+    """The metrics table: every metric both summaries have, the task-aware ones (JSON validity and field accuracy,
+    label accuracy, each of the dataset's checks) beside exact match; ``decides`` marks what decided the verdict."""
     m = evaluation.metrics or {}
     base, tuned, diff = m.get("base_model", {}), m.get("finetuned_model", {}), m.get("improvements", {})
-    return [
-        {
-            "name": name,
-            "label": label,
-            "help": help_text,
-            "base": base.get(name),
-            "finetuned": tuned.get(name),
-            "diff": diff.get(name, {}),
-            "change": change_text(name, diff.get(name, {})),
-        }
-        for name, (label, _higher, help_text) in METRICS.items()
-        if name in base
-    ]
+    decider = task_score_key(base, tuned)
+    rows = []
+    for name, (label, _higher, help_text) in METRICS.items():
+        if name != "task_score" and name in base:  # the headline is one of the other rows, marked
+            decides = decider == name or (decider is None and name in ("exact_match", "rouge_l"))
+            rows.append(_metric_row(name, label, help_text, base.get(name), tuned.get(name), diff.get(name, {}), decides))
+        if name == "field_accuracy":  # the last task-aware entry of METRICS: the nested ones follow it
+            rows.extend(_task_rows(base, tuned, decider))
+    return rows
+
+
+def _metric_row(name: str, label: str, help_text: str, base, tuned, diff: dict, decides: bool) -> dict:
+    return {
+        "name": name,
+        "label": label,
+        "help": help_text,
+        "base": base,
+        "finetuned": tuned,
+        "diff": diff,
+        "change": change_text(name, diff),
+        "decides": decides,
+    }
+
+
+def _rate_diff(base: float | None, tuned: float | None) -> dict:
+    """A higher-is-better rate's change, as ``metrics.improvements`` writes it."""
+    if base is None or tuned is None:
+        return {}
+    delta = tuned - base
+    direction = "same" if abs(delta) < 1e-12 else ("better" if delta > 0 else "worse")
+    return {"delta": delta, "relative": delta / base if base else None, "direction": direction}
+
+
+def task_score_key(base: dict, tuned: dict) -> str | None:
+    """Which task-aware score is the headline of this evaluation ("field_accuracy", "labels", "checks"), if any."""
+    key = tuned.get("task_score_key") or base.get("task_score_key")
+    return key if key and base.get("task_score") is not None and tuned.get("task_score") is not None else None
+
+
+def _task_rows(base: dict, tuned: dict, decider: str | None) -> list[dict]:
+    """Label accuracy and each check's pass rate (nested in the summaries, so not in METRICS)."""
+    rows = []
+    if "labels" in base and "labels" in tuned:
+        b, f = base["labels"].get("accuracy"), tuned["labels"].get("accuracy")
+        help_text = (
+            "The references come from a small fixed set of labels: the share of answers that are the right label "
+            "(case, surrounding quotes and a final full stop ignored). Per label and the confusion table below."
+        )
+        rows.append(_metric_row("label_accuracy", "Label accuracy", help_text, b, f, _rate_diff(b, f), decider == "labels"))
+    checks_b, checks_f = base.get("checks") or {}, tuned.get("checks") or {}
+    for name in checks_b:
+        if name in checks_f:
+            b, f = checks_b[name], checks_f[name]
+            help_text = "Your check on this dataset: the share of answers that pass it."
+            rows.append(_metric_row(f"check:{name}", f"Check “{name}”", help_text, b, f, _rate_diff(b, f), decider == "checks"))
+    return rows
 
 
 def change_text(name: str, diff: dict) -> str:
@@ -61,6 +109,10 @@ def change_text(name: str, diff: dict) -> str:
     if delta is None:
         return ""
     sign = "+" if delta >= 0 else "−"
+    if name in RATE_METRICS or name.startswith("check:"):  # shares of answers: percentage points
+        text = f"{sign}{abs(delta) * 100:.1f} pts"
+        relative = diff.get("relative")
+        return text + (f" ({sign}{abs(relative) * 100:.0f}%)" if relative is not None and abs(relative) < 1000 else "")
     if "cost" in name:
         text = f"{sign}${abs(delta):.5f}"
     elif "latency" in name:
@@ -71,6 +123,36 @@ def change_text(name: str, diff: dict) -> str:
     if relative is not None and abs(relative) < 1000:
         text += f" ({sign}{abs(relative) * 100:.0f}%)"
     return text
+
+
+def label_tables(evaluation: Evaluation) -> dict | None:
+    """A classification task's per-label accuracy of both sides and their confusion tables, ready for the page (rows
+    and cells in the labels' order, "(other)" last when some answer was no label); None when the task is not one."""
+    m = evaluation.metrics or {}
+    base, tuned = (m.get("base_model") or {}).get("labels"), (m.get("finetuned_model") or {}).get("labels")
+    if not base or not tuned:
+        return None
+    labels = list(base.get("per_label") or {})
+    other = OTHER_LABEL if any(OTHER_LABEL in row for side in (base, tuned) for row in (side.get("confusion") or {}).values()) else None
+    columns = [*labels, *([other] if other else [])]
+    empty = {"correct": 0, "total": 0, "accuracy": None}
+    per_label = [
+        {"label": label, "base": base["per_label"].get(label, empty), "finetuned": (tuned.get("per_label") or {}).get(label, empty)}
+        for label in labels
+    ]
+    confusion = []
+    for name, side in ((evaluation.baseline_label, base), (evaluation.candidate_label, tuned)):
+        table = side.get("confusion") or {}
+        rows = [
+            {
+                "label": label,
+                "cells": [{"count": table.get(label, {}).get(col, 0), "right": col == label} for col in columns],
+                "total": sum(table.get(label, {}).values()),
+            }
+            for label in labels
+        ]
+        confusion.append({"side": name, "columns": columns, "rows": rows})
+    return {"per_label": per_label, "confusion": confusion, "accuracy": (base.get("accuracy"), tuned.get("accuracy"))}
 
 
 def chart_data(evaluation: Evaluation) -> dict:
@@ -125,11 +207,13 @@ def vote_reveal(rating: Rating) -> str:
 
 
 def comparison_verdict(evaluation: Evaluation) -> dict | None:
-    """Did fine-tuning help? "better", "worse" or "no_difference", with the figures behind it.
+    """Did fine-tuning help? "better", "worse" or "no_difference", with the figures behind it and what decided it.
 
-    Better: exact matches rise by at least max(1, 10% of n), or mean ROUGE-L rises by at least 0.05
-    with exact matches not falling. Worse: the mirror image. Held-out loss is shown, not judged: it can
-    fall while the answers stay the same.
+    Where a task-aware score applies (``task_score``: JSON field accuracy, label accuracy or checks passed) it decides:
+    better when it rises by the worth of at least max(1, 10% of n) examples (n: the examples it is measured on), worse
+    when it falls as much. Otherwise exact match and ROUGE-L decide: better when exact matches rise by at least
+    max(1, 10% of n), or mean ROUGE-L rises by at least 0.05 with exact matches not falling; worse the mirror image.
+    Held-out loss is shown, not judged: it can fall while the answers stay the same.
     """
     m = evaluation.metrics or {}
     base, tuned = m.get("base_model"), m.get("finetuned_model")
@@ -141,12 +225,25 @@ def comparison_verdict(evaluation: Evaluation) -> dict | None:
     exact_delta = exact[1] - exact[0]
     rouge_delta = rouge[1] - rouge[0] if None not in rouge else 0.0
     bar = max(1, math.ceil(VERDICT_EXACT_SHARE * n))  # exact-match counts are whole numbers
-    if exact_delta >= bar or (rouge_delta >= VERDICT_ROUGE_DELTA and exact_delta >= 0):
-        key = "better"
-    elif exact_delta <= -bar or (rouge_delta <= -VERDICT_ROUGE_DELTA and exact_delta <= 0):
-        key = "worse"
+    task = None
+    task_key = task_score_key(base, tuned)
+    if task_key is not None:
+        task_n = int(base.get("json_examples") or n) if task_key == "field_accuracy" else n
+        task_bar = max(1, math.ceil(VERDICT_EXACT_SHARE * task_n))
+        scores = (base["task_score"], tuned["task_score"])
+        worth = (scores[1] - scores[0]) * task_n  # the change in examples' worth
+        key = "better" if worth >= task_bar - 1e-9 else "worse" if worth <= -task_bar + 1e-9 else "no_difference"
+        label = tuned.get("task_score_label") or base.get("task_score_label") or "Task score"
+        task = {"key": task_key, "label": label, "scores": scores, "n": task_n, "bar": task_bar, "bar_share": task_bar / task_n}
+        decided_by = label
     else:
-        key = "no_difference"
+        if exact_delta >= bar or (rouge_delta >= VERDICT_ROUGE_DELTA and exact_delta >= 0):
+            key = "better"
+        elif exact_delta <= -bar or (rouge_delta <= -VERDICT_ROUGE_DELTA and exact_delta <= 0):
+            key = "worse"
+        else:
+            key = "no_difference"
+        decided_by = "Exact match and ROUGE-L"
     return {
         "key": key,
         "label": VERDICTS[key],
@@ -155,6 +252,9 @@ def comparison_verdict(evaluation: Evaluation) -> dict | None:
         "rouge": rouge,
         "loss": (base.get("heldout_loss"), tuned.get("heldout_loss")),
         "exact_bar": bar,
+        "task": task,
+        "decided_by": decided_by,
+        "labels": label_tables(evaluation),  # a classification task's per-label accuracy and confusion tables, for the page
     }
 
 
@@ -187,11 +287,30 @@ def readable_calls(calls: list[dict]) -> list[dict]:
 
 
 def shown_answer(example: EvaluationExample, output: str) -> dict:
-    """An answer as the voting panel shows it: as written, or, for an example with tools, its text and its calls."""
+    """An answer as the voting panel shows it: as written, or, for an example with tools, its text and its calls; with
+    its task-aware scores (``task_marks``), which the panel shows only once the names are revealed."""
+    scores = example.finetuned_scores if output == example.finetuned_output else example.base_scores
+    task = task_marks(scores or {})
     if not example.tools:
-        return {"text": output, "calls": None}
+        return {"text": output, "calls": None, "task": task}
     content, calls = parse_tool_calls(output)
-    return {"text": content, "calls": readable_calls(calls)}
+    return {"text": content, "calls": readable_calls(calls), "task": task}
+
+
+def task_marks(scores: dict) -> dict | None:
+    """One answer's task-aware scores as the page shows them: JSON validity, field accuracy and the fields that differ
+    from the reference, and each check passed or failed; None when none applies."""
+    checks = [{"name": name, "passed": value >= 1.0} for name, value in (scores.get("checks") or {}).items()]
+    json_scores = None
+    if "field_accuracy" in scores:
+        json_scores = {
+            "valid": bool(scores.get("json_valid")),
+            "accuracy": scores["field_accuracy"],
+            "differ": list(scores.get("fields_differ") or []),
+        }
+    if json_scores is None and not checks:
+        return None
+    return {"json": json_scores, "checks": checks, "failed": [c["name"] for c in checks if not c["passed"]]}
 
 
 def _answer(label: str, output: str, example: EvaluationExample, scores: dict) -> dict:
@@ -203,6 +322,7 @@ def _answer(label: str, output: str, example: EvaluationExample, scores: dict) -
         "output": output,
         "exact": bool(exact if exact is not None else metrics.exact_match(output, reference)),
         "rouge": rouge if rouge is not None else metrics.rouge_l(output, reference),
+        "task": task_marks(scores or {}),
     }
     if example.reference_calls:  # scored on its calls: show them, and diff the text around them
         content, calls = parse_tool_calls(output)
