@@ -12,6 +12,7 @@ from django.db import transaction
 from datasets_app.examples import held_out_examples
 from evaluation_app.models import Evaluation, EvaluationExample, Rating
 from training_app.models import TrainingJob
+from training_app.tracking import log_evaluation
 from tuna_core.costs import cost_usd
 from tuna_core.errors import Conflict, Invalid, NotFound
 from tuna_core.jobs import job_complete, job_enqueue, job_write
@@ -199,6 +200,7 @@ def evaluation_work(evaluation: Evaluation) -> None:
         loaded, examples, adapter, hourly_usd=price, hooks=hooks, baseline_adapter=baseline_adapter, checks=job.dataset.answer_checks or []
     )
     job_complete(evaluation, metrics=result.as_dict(price))
+    log_evaluation(job, result.as_dict(price), baseline=baseline)  # into the job's TensorBoard / MLflow / W&B runs; never raises
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
     if job.is_preference:
         _judge_against_start(evaluation)

@@ -23,6 +23,7 @@ from datasets_app.models import Dataset
 from datasets_app.services import DatasetInUse
 from training_app.limits import check_epochs, check_preference_limits, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
+from training_app.tracking import training_tracking
 from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs
@@ -541,35 +542,41 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
     def checkpoint_on_stop() -> bool:
         return TrainingJob.objects.filter(pk=job.pk, paused=True).exists()
 
-    hooks = TrainingHooks(on_progress=on_progress, should_stop=should_stop, on_start=on_start, checkpoint_on_stop=checkpoint_on_stop)
+    tracked = training_tracking(job, resume_from)  # TensorBoard, and MLflow / W&B when configured: fed each point
+    hooks = TrainingHooks(
+        on_progress=tracked.feeding(on_progress), should_stop=should_stop, on_start=on_start, checkpoint_on_stop=checkpoint_on_stop
+    )
     init_adapter = Path(job.parent.adapter_dir) if job.parent_id else None
-    if job.is_preference:
-        result = run_preference_training(
-            config,
-            spec=spec,
-            plan=plan,
-            pairs=[PreferencePair(pair["messages"], pair["chosen"], pair["rejected"], pair.get("tools")) for pair in job.preference_pairs],
-            init_adapter=init_adapter,
-            output_dir=out,
-            hooks=hooks,
-            resume_from=resume_from,
-            extra_callbacks=extra_callbacks,
-            hf_token=settings.HF_TOKEN,
-        )
-    else:
-        result = run_lora_training(
-            config,
-            spec=spec,
-            plan=plan,
-            train_examples=training_examples(job.dataset, validation=config.eval_examples),
-            eval_examples=validation_examples(job.dataset, validation=config.eval_examples),
-            output_dir=out,
-            hooks=hooks,
-            resume_from=resume_from,
-            init_adapter=init_adapter,
-            extra_callbacks=extra_callbacks,
-            hf_token=settings.HF_TOKEN,
-        )
+    with tracked:  # a run that raises ends its tracked runs as failed
+        if job.is_preference:
+            result = run_preference_training(
+                config,
+                spec=spec,
+                plan=plan,
+                pairs=[
+                    PreferencePair(pair["messages"], pair["chosen"], pair["rejected"], pair.get("tools")) for pair in job.preference_pairs
+                ],
+                init_adapter=init_adapter,
+                output_dir=out,
+                hooks=hooks,
+                resume_from=resume_from,
+                extra_callbacks=extra_callbacks,
+                hf_token=settings.HF_TOKEN,
+            )
+        else:
+            result = run_lora_training(
+                config,
+                spec=spec,
+                plan=plan,
+                train_examples=training_examples(job.dataset, validation=config.eval_examples),
+                eval_examples=validation_examples(job.dataset, validation=config.eval_examples),
+                output_dir=out,
+                hooks=hooks,
+                resume_from=resume_from,
+                init_adapter=init_adapter,
+                extra_callbacks=extra_callbacks,
+                hf_token=settings.HF_TOKEN,
+            )
     finished = timezone.now()
     fields: dict[str, Any] = {
         "current_step": result.global_step,
@@ -592,6 +599,7 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
     else:
         fields.update(status=TrainingJob.Status.COMPLETED, adapter_dir=str(result.adapter_dir), paused=False)
     job_write(TrainingJob, job.pk, **fields)  # JobLost (nothing written) if the row is not this process's any more
+    tracked.end(fields["status"])
     logger.info("Training job %s %s after %s steps", job.pk, fields["status"], result.global_step)
     if fields["status"] == TrainingJob.Status.COMPLETED:
         job_completed.send(sender=TrainingJob, job=TrainingJob.objects.get(pk=job.pk))

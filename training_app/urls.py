@@ -13,6 +13,7 @@ urlpatterns = [
     path("training/<int:pk>/delete", views.training_delete, name="training-delete"),
     path("training/estimate/<int:dataset_pk>", views.training_estimate_fragment, name="training-estimate"),
     path("training/<int:pk>/adapter.zip", views.training_adapter, name="training-adapter"),
+    path("training/<int:pk>/tensorboard.zip", views.training_tracking_files, name="training-tracking-files"),
     path("training/<int:pk>/export", views.training_export, name="training-export"),
     path("training/<int:pk>/export/status", views.training_export_fragment, name="training-export-status"),
     path("api/training", api.TrainingJobListApi.as_view(), name="api-training-list"),

@@ -15,6 +15,7 @@ from training_app.export_api import export_files
 from training_app.models import Export, TrainingJob
 from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
 from training_app.storage import job_files_bytes
+from training_app.tracking import tracking_files_download
 from tuna_core.jobs import queue_position
 from tuna_core.quotas import LimitExceeded
 from tuna_llm import gguf_export
@@ -278,3 +279,10 @@ def training_export(request: HttpRequest, pk: int) -> HttpResponse:
 def training_export_fragment(request: HttpRequest, pk: int) -> HttpResponse:
     """The export section, polled by htmx while an export runs."""
     return render(request, "training_app/_export.html", _export_context(get_job_for_user(request.user, pk)))
+
+
+@login_required
+@require_GET
+def training_tracking_files(request: HttpRequest, pk: int) -> HttpResponse:
+    """The job's TensorBoard event files as a zip."""
+    return tracking_files_download(get_job_for_user(request.user, pk))
