@@ -1,6 +1,6 @@
 from django.urls import path
 
-from evaluation_app import api, views
+from evaluation_app import api, runs_api, runs_views, views
 
 urlpatterns = [
     path("evaluations", views.evaluation_list, name="evaluation-list"),
@@ -13,6 +13,12 @@ urlpatterns = [
     path("evaluations/<int:pk>/judge", views.evaluation_judge, name="evaluation-judge"),
     path("evaluations/<int:pk>/train-on-preferences", views.evaluation_train_preferences, name="evaluation-train-preferences"),
     path("evaluations/<int:pk>/preferences.jsonl", views.evaluation_preferences, name="evaluation-preferences"),
+    path("datasets/<int:pk>/runs", runs_views.dataset_runs, name="dataset-runs"),
+    path("datasets/<int:pk>/runs/score", runs_views.dataset_runs_score, name="dataset-runs-score"),
+    path("datasets/<int:pk>/runs/compare", runs_views.dataset_runs_compare, name="dataset-runs-compare"),
+    path("api/datasets/<int:pk>/runs", runs_api.DatasetRunsApi.as_view(), name="api-dataset-runs"),
+    path("api/datasets/<int:pk>/runs/score", runs_api.DatasetRunsScoreApi.as_view(), name="api-dataset-runs-score"),
+    path("api/evaluation/compare", runs_api.EvaluationCompareApi.as_view(), name="api-evaluation-compare"),
     path("api/evaluation", api.EvaluationListApi.as_view(), name="api-evaluation-list"),
     path("api/evaluation/run", api.EvaluationRunApi.as_view(), name="api-evaluation-run"),
     path("api/evaluation/<int:pk>", api.EvaluationDetailApi.as_view(), name="api-evaluation-detail"),
