@@ -6,7 +6,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from datasets_app import services
+from datasets_app import checks, services
 from datasets_app.models import Dataset
 from datasets_app.selectors import datasets_for_user, get_dataset_for_user
 from datasets_app.uploads import too_large_message, upload_too_large
@@ -32,9 +32,23 @@ class DatasetSerializer(serializers.ModelSerializer):
             "eval_examples",
             "eval_fraction",
             "has_eval_file",
+            "answer_checks",
             "created_at",
         ]
         read_only_fields = fields
+
+
+class DatasetPatchSerializer(serializers.Serializer):
+    answer_checks = serializers.JSONField(
+        help_text='Your own checks of an answer, replacing the current ones: a list (at most 20) of {"name", "kind": "regex" | '
+        '"contains" | "not_contains" | "one_of", "value": a text, or a list of texts for one_of}; [] removes them all.'
+    )
+
+    def validate(self, attrs):
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({name: ["Only answer_checks can be changed."] for name in unknown})
+        return attrs
 
 
 class DatasetUploadSerializer(serializers.Serializer):
@@ -74,6 +88,20 @@ class DatasetDetailApi(APIView):
     @extend_schema(responses=DatasetSerializer)
     def get(self, request: Request, pk: int) -> Response:
         return Response(DatasetSerializer(get_dataset_for_user(request.user, pk)).data)
+
+    @extend_schema(
+        request=DatasetPatchSerializer,
+        responses=DatasetSerializer,
+        description="Set the dataset's own checks of an answer (answer_checks), scored per example in the evaluations started "
+        "afterwards. All or nothing: a refused check (bad regular expression, unknown kind, more than 20, a name used twice) "
+        "is a 400 naming it, and nothing changes.",
+    )
+    def patch(self, request: Request, pk: int) -> Response:
+        dataset = get_dataset_for_user(request.user, pk)
+        data = DatasetPatchSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        checks.dataset_checks_set(dataset, data.validated_data["answer_checks"])
+        return Response(DatasetSerializer(dataset).data)
 
     @extend_schema(
         parameters=[

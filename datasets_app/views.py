@@ -9,7 +9,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from datasets_app import selectors, services
+from datasets_app import checks, selectors, services
 from datasets_app.examples import SAMPLE_PATH
 from datasets_app.forms import DatasetUploadForm, EvalFileForm
 from datasets_app.selectors import EXAMPLES_PER_PAGE, dataset_examples, get_dataset_for_user
@@ -139,3 +139,40 @@ def dataset_delete(request: HttpRequest, pk: int) -> HttpResponse:
     jobs = dataset.training_jobs.order_by("pk").prefetch_related("evaluations")
     context = {"dataset": dataset, "jobs": jobs, "error": error}
     return render(request, "datasets_app/dataset_delete.html", context, status=409 if error else 200)
+
+
+# -- the user's own checks of an answer (datasets_app.checks) ----------------------------------------------------
+
+
+def _checks_answer(request: HttpRequest, dataset, *, error: str = "", form=None, status: int = 200, done: str = "") -> HttpResponse:
+    """The Checks block again (htmx), or the dataset page with the message (a plain form post)."""
+    if request.htmx:
+        context = {"dataset": dataset, "checks_error": error, "checks_form": form or {}, "checks_done": done}
+        return render(request, "datasets_app/_checks.html", context, status=status)
+    if error:
+        messages.error(request, error)
+    elif done:
+        messages.success(request, done)
+    return redirect(f"{dataset.get_absolute_url()}#checks")
+
+
+@login_required
+@require_POST
+def dataset_check_add(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_dataset_for_user(request.user, pk)
+    kind, value = request.POST.get("kind", ""), request.POST.get("value", "")
+    check = {"name": request.POST.get("name", ""), "kind": kind, "value": value.splitlines() if kind == "one_of" else value}
+    try:
+        checks.dataset_check_add(dataset, check)
+    except checks.ChecksInvalid as exc:
+        return _checks_answer(request, dataset, error=exc.message, form=request.POST, status=exc.status)
+    return _checks_answer(request, dataset, done=f"Check “{dataset.answer_checks[-1]['name']}” added.")
+
+
+@login_required
+@require_POST
+def dataset_check_remove(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_dataset_for_user(request.user, pk)
+    name = request.POST.get("name", "")
+    checks.dataset_check_remove(dataset, name)
+    return _checks_answer(request, dataset, done=f"Check “{name}” removed.")

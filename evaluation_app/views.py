@@ -5,6 +5,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRefresh
 
@@ -147,9 +148,11 @@ def _judge_context(request: HttpRequest, evaluation, *, error: str = "", rubric:
 
 
 def _preference_context(request: HttpRequest, evaluation) -> dict:
+    votes = len(selectors.training_pairs(evaluation, request.user))
+    judged = judging.latest_completed_run(evaluation) is not None  # without a judge's run, the judge adds no pair
     prefs = {
-        "votes": len(selectors.training_pairs(evaluation, request.user)),
-        "with_judge": len(selectors.training_pairs(evaluation, request.user, include_judge=True)),
+        "votes": votes,
+        "with_judge": len(selectors.training_pairs(evaluation, request.user, include_judge=True)) if judged else votes,
         "needed": settings.TUNA_MIN_PREFERENCE_PAIRS,
         "jobs": evaluation.preference_jobs.order_by("-pk").prefetch_related("evaluations"),
     }
@@ -221,6 +224,7 @@ def evaluation_example(request: HttpRequest, pk: int, index: int) -> HttpRespons
 def evaluation_vote(request: HttpRequest, pk: int, index: int) -> HttpResponse:
     """Record the vote, then show the next example not voted on yet (or the "all voted" state)."""
     evaluation = get_evaluation_for_user(request.user, pk)
+    first_vote = not Rating.objects.filter(example__evaluation=evaluation, example__index=index, user=request.user).exists()
     try:
         rating = services.rating_set_from_page(
             user=request.user, evaluation=evaluation, example_index=index, choice=request.POST.get("choice", ""), blind_mode=_blind(request)
@@ -232,10 +236,32 @@ def evaluation_vote(request: HttpRequest, pk: int, index: int) -> HttpResponse:
         return redirect(f"{evaluation.get_absolute_url()}?example={index}")
     following = selectors.next_unvoted_index(evaluation, request.user, after=index)
     if request.htmx:
-        return render(request, "evaluation_app/_example_view.html", _example_context(request, evaluation, following, last_vote=rating))
+        context = _example_context(request, evaluation, following, last_vote=rating)
+        response = render(request, "evaluation_app/_example_view.html", context)
+        response.write(_vote_figures(request, evaluation, context["summary"], first_vote=first_vote))
+        return response
     messages.success(request, selectors.vote_reveal(rating))
     where = f"&example={following}" if following is not None else ""  # none left: the page opens on "all voted"
     return redirect(f"{evaluation.get_absolute_url()}?blind={'1' if _blind(request) else '0'}{where}")
+
+
+def _vote_figures(request: HttpRequest, evaluation, summary: dict, *, first_vote: bool) -> str:
+    """Every figure outside the voting panel that a vote changes, as htmx out-of-band swaps sent with the next
+    example (the win-rate card comes with the panel itself): the pair counts of "Train on preferences", a
+    preference-tuned job's blind-vote win rate, the judge's agreement with the votes, and, while voting blind, the
+    comparison (its count of examples left, then, after the last one, every answer with its model name)."""
+    context = {"evaluation": evaluation, "summary": summary, "blind": _blind(request), "oob": True}
+    context.update(_preference_context(request, evaluation))
+    context.update(_judge_context(request, evaluation))
+    names = ["evaluation_app/_train_preferences.html"]
+    if context.get("pref"):
+        names.append("evaluation_app/_preference_result.html")
+    if context["judge"]["summary"]:
+        names.append("evaluation_app/_judge_agreement.html")
+    if context["blind"] and (summary["remaining"] or first_vote):  # a changed vote after the reveal leaves the page as it is
+        context["comparison"] = [] if summary["remaining"] else selectors.comparison_page(evaluation, None)  # hidden until then
+        names.append("evaluation_app/_comparison.html")
+    return "".join(render_to_string(name, context, request=request) for name in names)
 
 
 @login_required
