@@ -1,9 +1,9 @@
 from django.contrib import admin, messages
 from django.db import transaction
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
-from training_app import exports, services
-from training_app.models import Export, LossPoint, ThroughputMeasurement, TrainingJob
+from training_app import experiments, exports, services
+from training_app.models import Experiment, Export, LossPoint, ThroughputMeasurement, TrainingJob
 from tuna_core.quotas import LimitExceeded
 
 
@@ -118,3 +118,61 @@ class ExportAdmin(admin.ModelAdmin):
     @admin.display(description="Traceback")
     def traceback_display(self, obj: Export) -> str:
         return format_html("<pre style='max-height:30em;overflow:auto'>{}</pre>", obj.error_traceback or "-")
+
+
+class RunInline(admin.TabularInline):
+    model = TrainingJob
+    fk_name = "experiment"
+    fields = ["id", "status", "current_step", "total_steps", "best_eval_loss", "best_step", "stop_reason", "error_message"]
+    readonly_fields = fields
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = True
+    verbose_name = "run"
+    verbose_name_plural = "runs"
+
+
+@admin.register(Experiment)
+class ExperimentAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "owner", "dataset", "base_model", "status", "winner", "early_stopping", "created_at", "finished_at"]
+    list_filter = ["status", "early_stopping", "base_model", "created_at"]
+    search_fields = ["id", "name", "owner__username", "dataset__name"]
+    list_select_related = ["owner", "dataset", "winner"]
+    readonly_fields = ["pick_display", "grid_display", "estimate", "winner", "status", "created_at", "finished_at"]
+    exclude = ["pick", "grid"]
+    inlines = [RunInline]
+    actions = ["cancel_experiments"]
+
+    @admin.display(description="Pick")
+    def pick_display(self, obj: Experiment) -> str:
+        pick = obj.pick or {}
+        compared = [f"#{e['job']}: {e['eval_loss']:.4f}" for e in pick.get("compared", [])]
+        left_out = [f"#{e['job']}: {e['why']}" for e in pick.get("left_out", [])]
+        return format_html(
+            "<p>{}</p><p>Compared (lowest validation loss first): {}</p><p>Left out: {}</p>",
+            pick.get("reason", "not picked yet"),
+            ", ".join(compared) or "-",
+            "; ".join(left_out) or "-",
+        )
+
+    @admin.display(description="Grid")
+    def grid_display(self, obj: Experiment) -> str:
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((p.get("learning_rate"), p.get("num_epochs"), p.get("lora_r"), p.get("lora_layers")) for p in obj.grid),
+        )
+        return format_html("<table><tr><th>learning rate</th><th>epochs</th><th>rank</th><th>layers</th></tr>{}</table>", rows)
+
+    @admin.action(description="Cancel selected sweeps (their unfinished runs)")
+    def cancel_experiments(self, request, queryset):
+        done = 0
+        for experiment in queryset:
+            try:
+                experiments.experiment_cancel(experiment=experiment)
+                done += 1
+            except experiments.SweepConflict as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+        if done:
+            self.message_user(request, f"{done} sweep(s) cancelled.", messages.SUCCESS)

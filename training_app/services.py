@@ -21,6 +21,7 @@ from datasets_app import examples as dataset_examples
 from datasets_app.examples import training_examples, validation_examples
 from datasets_app.models import Dataset
 from datasets_app.services import DatasetInUse
+from training_app.experiments import early_stop_check, reports_to_experiment
 from training_app.limits import check_epochs, check_preference_limits, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from training_app.tracking import training_tracking
@@ -493,6 +494,7 @@ def _remove_tree(directory: Path) -> None:
 
 
 # -- the worker side --------------------------------------------------------------------------
+@reports_to_experiment  # a sweep's run tells its sweep how it ended, a failure included
 def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
     """The worker's work for a claimed training job; `extra_callbacks` go to the trainer (tests stop or
     crash a run at a given step with them)."""
@@ -535,9 +537,11 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
             )
             LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
 
+    stops_early = early_stop_check(job)  # a sweep's run, clearly losing on validation loss (training_app.experiments)
+
     def should_stop() -> bool:
         # Cancelled or paused, or no longer this process's job (reaped, or resumed elsewhere): stop at once.
-        return not job_held(TrainingJob, job.pk).filter(cancel_requested=False).exists()
+        return not job_held(TrainingJob, job.pk).filter(cancel_requested=False).exists() or stops_early()
 
     def checkpoint_on_stop() -> bool:
         return TrainingJob.objects.filter(pk=job.pk, paused=True).exists()

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from training_app import api, export_api, views
+from training_app import api, experiment_api, experiment_views, export_api, views
 
 urlpatterns = [
     path("training", views.training_list, name="training-list"),
@@ -16,6 +16,12 @@ urlpatterns = [
     path("training/<int:pk>/tensorboard.zip", views.training_tracking_files, name="training-tracking-files"),
     path("training/<int:pk>/export", views.training_export, name="training-export"),
     path("training/<int:pk>/export/status", views.training_export_fragment, name="training-export-status"),
+    path("experiments", experiment_views.experiment_list, name="experiment-list"),
+    path("experiments/<int:pk>", experiment_views.experiment_detail, name="experiment-detail"),
+    path("experiments/<int:pk>/cancel", experiment_views.experiment_cancel, name="experiment-cancel"),
+    path("api/experiments", experiment_api.ExperimentListApi.as_view(), name="api-experiment-list"),
+    path("api/experiments/<int:pk>", experiment_api.ExperimentDetailApi.as_view(), name="api-experiment-detail"),
+    path("api/experiments/<int:pk>/cancel", experiment_api.ExperimentCancelApi.as_view(), name="api-experiment-cancel"),
     path("api/training", api.TrainingJobListApi.as_view(), name="api-training-list"),
     path("api/training/start", api.TrainingJobStartApi.as_view(), name="api-training-start"),
     path("api/training/<int:pk>", api.TrainingJobDetailApi.as_view(), name="api-training-detail"),

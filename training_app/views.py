@@ -9,7 +9,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from datasets_app.examples import validation_lines
 from datasets_app.selectors import get_dataset_for_user
-from training_app import exports, services
+from training_app import experiment_views, experiments, exports, services
 from training_app.estimates import training_estimate
 from training_app.export_api import export_files
 from training_app.models import Export, TrainingJob
@@ -32,23 +32,29 @@ def training_list(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def training_new(request: HttpRequest, dataset_pk: int) -> HttpResponse:
-    """The confirmation form: every setting the job would run with and why; a change re-renders the plan."""
+    """The confirmation form: every setting the job would run with and why; a change re-renders the plan. "Try several
+    settings" starts a sweep of these settings with a grid around them instead (training_app.experiment_views)."""
     dataset = get_dataset_for_user(request.user, dataset_pk)
     if dataset.is_preference:
         return _training_new_preference(request, dataset)
-    values = {k: v for k, v in request.POST.items() if k not in ("csrfmiddlewaretoken", "preview") and v != ""}
+    values = experiment_views.job_values(request.POST)
     plan = services.training_plan(dataset=dataset, config_data=values)
-    limit_error = None
+    limit_error, sweep_errors = None, {}
     if request.method == "POST" and not request.POST.get("preview") and not plan.errors:
         try:
-            job = services.training_job_start(owner=request.user, dataset=dataset, config_data=values)
+            if request.POST.get("sweep"):
+                started = experiment_views.sweep_start(request, dataset, values)
+            else:
+                started = services.training_job_start(owner=request.user, dataset=dataset, config_data=values)
         except services.DatasetNotTrainable as exc:
             messages.error(request, str(exc))
             return redirect(dataset)
         except LimitExceeded as exc:
             limit_error = exc.message  # the form stays, with its values, until a job finishes
+        except (services.ConfigInvalid, experiments.SweepInvalid) as exc:  # a sweep's grid
+            sweep_errors = {**exc.errors, "sweep": exc.message}
         else:
-            return redirect(job)
+            return redirect(started)
     defaults = plan.config or services.training_plan(dataset=dataset, config_data={}).config
     context = {
         "dataset": dataset,
@@ -62,10 +68,12 @@ def training_new(request: HttpRequest, dataset_pk: int) -> HttpResponse:
         "errors": plan.errors,
         "limit_error": limit_error,
         **_plan_context(dataset, plan),
+        **experiment_views.sweep_context(dataset, values, request.POST, errors=sweep_errors, method=request.method),
     }
-    status = 409 if limit_error else 400 if plan.errors and not request.POST.get("preview") else 200
-    if request.htmx and request.POST.get("preview"):
-        return render(request, "training_app/_plan.html", context)
+    preview = request.POST.get("preview")
+    status = 409 if limit_error else 400 if (plan.errors or sweep_errors) and not preview else 200
+    if request.htmx and preview:
+        return render(request, "training_app/_sweep_preview.html", context)
     return render(request, "training_app/training_new.html", context, status=status)
 
 

@@ -66,6 +66,10 @@ TUNA_MAX_UPLOAD_MB = env_float("TUNA_MAX_UPLOAD_MB", 100, minimum=0.001)
 # Fair sharing (docs/configuration.md, "Limits"): what one user may hold or ask for, so no one blocks the others.
 # Training jobs and evaluations queued or running at once, per user.
 TUNA_MAX_ACTIVE_JOBS_PER_USER = int(env_float("TUNA_MAX_ACTIVE_JOBS_PER_USER", 3, minimum=1))
+# A sweep ("Try several settings"): its runs at most, and its estimated training time at most (the sum of its runs'
+# estimates). Its queued and running runs count as one job against TUNA_MAX_ACTIVE_JOBS_PER_USER.
+TUNA_MAX_SWEEP_RUNS = int(env_float("TUNA_MAX_SWEEP_RUNS", 8, minimum=2))
+TUNA_MAX_SWEEP_HOURS = env_float("TUNA_MAX_SWEEP_HOURS", 6, minimum=0.001)
 # Stored dataset files per user (invalid uploads included: they keep only their first TUNA_INVALID_UPLOAD_KEEP_KB).
 TUNA_MAX_STORAGE_MB_PER_USER = env_float("TUNA_MAX_STORAGE_MB_PER_USER", 1024, minimum=0.001)
 TUNA_INVALID_UPLOAD_KEEP_KB = env_float("TUNA_INVALID_UPLOAD_KEEP_KB", 256, minimum=1)
@@ -248,6 +252,7 @@ SPECTACULAR_SETTINGS = {
         "DatasetStatusEnum": "datasets_app.models.Dataset.Status",
         "PreferredModelEnum": "evaluation_app.models.Rating.Choice",
         "JudgeWinnerEnum": "evaluation_app.models.JudgeVerdict.Winner",
+        "ExperimentStatusEnum": "training_app.models.Experiment.Status",
     },
 }
 
