@@ -174,5 +174,6 @@ def dataset_check_add(request: HttpRequest, pk: int) -> HttpResponse:
 def dataset_check_remove(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_dataset_for_user(request.user, pk)
     name = request.POST.get("name", "")
-    checks.dataset_check_remove(dataset, name)
-    return _checks_answer(request, dataset, done=f"Check “{name}” removed.")
+    before = len(dataset.answer_checks or [])
+    kept = checks.dataset_check_remove(dataset, name)
+    return _checks_answer(request, dataset, done=f"Check “{name}” removed." if len(kept) < before else f"There is no check named “{name}”.")

@@ -256,7 +256,7 @@ def _vote_figures(request: HttpRequest, evaluation, summary: dict, *, first_vote
     names = ["evaluation_app/_train_preferences.html"]
     if context.get("pref"):
         names.append("evaluation_app/_preference_result.html")
-    if context["judge"]["summary"]:
+    if context["judge"]["configured"] and context["judge"]["summary"]:  # where the page shows the card
         names.append("evaluation_app/_judge_agreement.html")
     if context["blind"] and (summary["remaining"] or first_vote):  # a changed vote after the reveal leaves the page as it is
         context["comparison"] = [] if summary["remaining"] else selectors.comparison_page(evaluation, None)  # hidden until then

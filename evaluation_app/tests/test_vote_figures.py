@@ -60,7 +60,8 @@ def test_it_leaves_the_blind_pair_count_alone_for_a_vote_with_names_shown(alice_
     assert out_of_band(html, "comparison") is None  # nothing is hidden with the names shown
 
 
-def test_it_updates_the_judges_agreement_with_the_votes(alice, alice_client, evaluation):
+def test_it_updates_the_judges_agreement_with_the_votes(alice, alice_client, evaluation, settings):
+    settings.TUNA_JUDGE_URL, settings.TUNA_JUDGE_MODEL = "http://judge.example/v1", "judge-model"
     run = JudgeRun.objects.create(
         owner=alice, evaluation=evaluation, endpoint="http://judge/v1", judge_model="m", rubric="r", status="completed"
     )
