@@ -130,19 +130,22 @@ class JobTracking:
 
         return feed
 
-    def end(self, status: str) -> None:
-        """End the runs with the job's final status ("completed", "cancelled" or "failed")."""
+    def end(self, status: str | None, *, save: bool = True) -> None:
+        """End the runs with the job's final status ("completed", "cancelled" or "failed"; None: as they are)."""
         if self.ended:
             return
         self.ended = True
         self.tracking.close(status)
-        self._save(held=False)
+        if save:
+            self._save(held=False)
 
     def __enter__(self) -> JobTracking:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None and issubclass(exc_type, JobLost):  # another process holds the job (and its runs) now
+            self.end(None, save=False)
+        elif exc_type is not None:
             self.end("failed")
 
 

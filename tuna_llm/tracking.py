@@ -161,7 +161,8 @@ class MlflowTracker(Tracker):
 
     name = "mlflow"
 
-    def __init__(self, spec: RunSpec, env: Mapping[str, str]) -> None:
+    def __init__(self, spec: RunSpec, env: Mapping[str, str], *, reopen: bool = True) -> None:
+        """``reopen``: a continued run is set back to RUNNING (not when only adding an evaluation's metrics)."""
         uri = env["MLFLOW_TRACKING_URI"].strip()
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -177,7 +178,8 @@ class MlflowTracker(Tracker):
         previous = spec.previous.get("mlflow") or {}
         if previous.get("run_id") and previous.get("tracking_uri") == self.uri:
             self.experiment_id, self.run_id = previous["experiment_id"], previous["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
+            if reopen:
+                self.client.update_run(self.run_id, status="RUNNING")
             return
         name = env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or spec.group
         experiment = self.client.get_experiment_by_name(name)
@@ -257,7 +259,10 @@ class WandbTracker(Tracker):
         self.run.log({**values, STEP: step})
 
     def close(self, status: str | None) -> None:
+        import wandb
+
         self.run.finish(exit_code=0 if status in ("completed", None) else 1)
+        wandb.teardown()  # W&B's service process ends with the run: a worker keeps no process of its own
 
 
 class Tracking:
@@ -268,7 +273,7 @@ class Tracking:
         self.errors: dict[str, str] = {}
         self.trackers: list[Tracker] = []
         wanted: list[tuple[str, Any]] = [("tensorboard", lambda: TensorBoardTracker(spec))]
-        kinds = {"mlflow": lambda: MlflowTracker(spec, env), "wandb": lambda: WandbTracker(spec, env)}
+        kinds = {"mlflow": lambda: MlflowTracker(spec, env, reopen=not only_existing), "wandb": lambda: WandbTracker(spec, env)}
         for name in environment_trackers(env):
             if not only_existing or (spec.previous.get(name) or {}).get("run_id"):
                 wanted.append((name, kinds[name]))
