@@ -73,8 +73,12 @@ def test_it_compares_base_and_fine_tuned_on_held_out_examples(alice, sample_uplo
         assert example.base_tokens > 0 and example.finetuned_tokens > 0
         assert example.base_cost_usd == pytest.approx(example.base_latency_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
         assert example.finetuned_cost_usd == pytest.approx(example.finetuned_latency_ms / 3_600_000 * settings.TUNA_GPU_HOURLY_USD)
-        assert set(example.base_scores) == set(example.finetuned_scores) == {"exact_match", "rouge_l", "bleu"}
-        assert all(0 <= v <= 1 for v in [*example.base_scores.values(), *example.finetuned_scores.values()])
+        # The sample's references are JSON: its answers are scored on their fields too (tuna_llm.task_scores).
+        scored = {"exact_match", "rouge_l", "bleu", "json_valid", "field_accuracy", "fields_differ"}
+        assert set(example.base_scores) == set(example.finetuned_scores) == scored
+        rates = [v for scores in (example.base_scores, example.finetuned_scores) for k, v in scores.items() if k != "fields_differ"]
+        assert all(0 <= v <= 1 for v in rates)
+        assert all(isinstance(scores["fields_differ"], list) for scores in (example.base_scores, example.finetuned_scores))
         assert example.finetuned_side in ("A", "B")
 
     m = evaluation.metrics
