@@ -209,6 +209,7 @@ def _row(job: TrainingJob, evaluation: Evaluation | None, user, names: list[str]
         "experiment_id": job.experiment_id,
         "experiment_url": _experiment_url(job.experiment_id),
         "settings": {name: _setting(job, name) for name in names},
+        "setting_values": [(name, _setting(job, name)) for name in names],  # in the table's column order
         "eval_loss": job.best_eval_loss,
         "best_step": job.best_step,
         "heldout_loss": tuned.get("heldout_loss"),
