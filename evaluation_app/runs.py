@@ -124,6 +124,22 @@ def scoring_evaluations(jobs) -> dict[int, Evaluation]:
     return _evaluations_on_scoring_set(jobs, {job.pk: None for job in jobs})
 
 
+def _refuse_other_run_in_progress(job: TrainingJob, baseline: TrainingJob | None, size: int) -> None:
+    """evaluation_start returns a run of the same pair already in progress, whatever its size: one on another number of
+    examples is not on the scoring set, so say so rather than hand it back."""
+    other = (
+        Evaluation.objects.filter(training_job=job, baseline_job=baseline, status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING])
+        .exclude(test_size=size)
+        .first()
+    )
+    if other is not None:
+        against = f"job #{baseline.pk}" if baseline else "the base model"
+        raise EvaluationConflict(
+            f"Job #{job.pk} is already being evaluated against {against} on {other.test_size} examples (evaluation #{other.pk}); "
+            f"once that run has finished it can be run on the {size} examples every run of the dataset is scored on."
+        )
+
+
 def scoring_start(*, owner, job: TrainingJob) -> tuple[Evaluation, bool]:
     """The job's evaluation against the base model on its dataset's scoring set: the one already completed, queued
     or running if there is one (created False), else a new one queued (created True)."""
@@ -133,6 +149,7 @@ def scoring_start(*, owner, job: TrainingJob) -> tuple[Evaluation, bool]:
     existing = scoring_evaluations([job]).get(job.pk)
     if existing is not None:
         return existing, False
+    _refuse_other_run_in_progress(job, None, size)
     return evaluation_start(owner=owner, job=job, test_size=size, baseline=None)
 
 
@@ -294,7 +311,8 @@ def runs_score(*, owner, dataset: Dataset, job_ids: list | None = None) -> list[
     """Score runs on the dataset's scoring set: the given ones, or every run not yet scored ("Score all").
 
     Returns one entry per run: {"job", "evaluation", "created", "refused"}. Runs past the user's limit on queued
-    jobs are not started (``refused`` says why); when none could be started that refusal is raised instead.
+    jobs, or being evaluated on other examples right now, are not started (``refused`` says why); when none could be
+    started the first refusal is raised instead.
     """
     if job_ids:
         jobs = [get_run(dataset, job_id) for job_id in job_ids]
@@ -307,19 +325,21 @@ def runs_score(*, owner, dataset: Dataset, job_ids: list | None = None) -> list[
     scoring_size(dataset)
     results: list[dict[str, Any]] = []
     limit: LimitExceeded | None = None
+    first_refusal: EvaluationConflict | LimitExceeded | None = None
     for job in jobs:
-        if limit is not None:
+        if limit is not None:  # past the limit: the others would be refused the same way
             results.append({"job": job, "evaluation": None, "created": False, "refused": limit.message})
             continue
         try:
             evaluation, created = scoring_start(owner=owner, job=job)
-        except LimitExceeded as exc:
-            limit = exc
+        except (LimitExceeded, EvaluationConflict) as exc:
+            limit = exc if isinstance(exc, LimitExceeded) else None
+            first_refusal = first_refusal or exc
             results.append({"job": job, "evaluation": None, "created": False, "refused": exc.message})
             continue
         results.append({"job": job, "evaluation": evaluation, "created": created, "refused": ""})
-    if limit is not None and not any(r["evaluation"] for r in results):
-        raise limit
+    if first_refusal is not None and not any(r["evaluation"] for r in results):
+        raise first_refusal
     return results
 
 
@@ -340,4 +360,5 @@ def runs_compare(*, owner, job: TrainingJob, baseline: TrainingJob) -> tuple[Eva
     existing = _evaluations_on_scoring_set([job], {job.pk: baseline.pk}).get(job.pk)
     if existing is not None:
         return existing, False
+    _refuse_other_run_in_progress(job, baseline, size)
     return evaluation_start(owner=owner, job=job, test_size=size, baseline=baseline)

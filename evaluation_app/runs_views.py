@@ -63,9 +63,11 @@ def dataset_runs_score(request: HttpRequest, pk: int) -> HttpResponse:
         )
     elif not waiting:
         messages.info(request, "Every run is already scored or being scored.")
-    if waiting:
-        names = ", ".join(f"#{r['job'].pk}" for r in waiting)
-        messages.warning(request, f"Not started yet: job {names}. {waiting[0]['refused']}")
+    reasons: dict[str, list[int]] = {}
+    for r in waiting:
+        reasons.setdefault(r["refused"], []).append(r["job"].pk)
+    for reason, ids in reasons.items():
+        messages.warning(request, f"Not started yet: job {', '.join(f'#{pk}' for pk in ids)}. {reason}")
     return redirect(back)
 
 

@@ -78,8 +78,8 @@ def evaluation_start(
     base model; ``None``, the base model; a TrainingJob, that fine-tune (the owner's, completed, of the same dataset and
     base model; the job's own parent may be of another dataset).
 
-    An evaluation of this job against the same side and on as many examples that is already queued or running is
-    returned instead of a second one, so a double click or a second tab never starts two runs.
+    An evaluation of this job against the same side that is already queued or running is returned instead of a second
+    one, so a double click or a second tab never starts two runs.
     """
     if job.status != TrainingJob.Status.COMPLETED:
         raise EvaluationConflict(f"Job #{job.pk} is {job.get_status_display().lower()}; only a completed fine-tune can be evaluated.")
@@ -98,7 +98,7 @@ def evaluation_start(
         # Lock the job row so two concurrent requests cannot both create a run.
         TrainingJob.objects.select_for_update().get(pk=job.pk)
         active = Evaluation.objects.filter(
-            training_job=job, baseline_job=baseline, test_size=size, status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING]
+            training_job=job, baseline_job=baseline, status__in=[Evaluation.Status.QUEUED, Evaluation.Status.RUNNING]
         ).first()
         if active is not None:
             return active, False

@@ -96,6 +96,18 @@ def test_it_does_not_count_an_evaluation_on_other_examples(alice, scoring_two):
     assert created and evaluation != other
 
 
+def test_it_says_when_a_run_is_being_evaluated_on_other_examples(alice, alice_api, scoring_two):
+    busy = _run(alice, scoring_two)
+    free = _run(alice, scoring_two)
+    running = Evaluation.objects.create(owner=alice, training_job=busy, status="running", test_size=1)
+    response = alice_api.post(f"/api/datasets/{scoring_two.pk}/runs/score", {"jobs": [busy.pk]}, format="json")
+    assert response.status_code == 409
+    assert f"already being evaluated against the base model on 1 examples (evaluation #{running.pk})" in response.json()["detail"]
+    # Score all starts the others and says which one waits.
+    results = alice_api.post(f"/api/datasets/{scoring_two.pk}/runs/score", {}, format="json").json()
+    assert [(r["job_id"], r["created"], bool(r["refused"])) for r in results] == [(busy.pk, False, True), (free.pk, True, False)]
+
+
 # -- the Runs table ----------------------------------------------------------------------------------
 def test_it_shows_every_run_with_its_figures_on_identical_example_ids(alice_client, alice, alice_api, scoring_two):
     first = _run(alice, scoring_two, config={"learning_rate": 2e-4, "num_epochs": 3}, best_eval_loss=0.5, best_step=8, train_seconds=60)
