@@ -156,6 +156,11 @@ def test_it_scores_all_unscored_runs_up_to_the_users_limit(alice_client, alice, 
     queued = Evaluation.objects.filter(status="queued")
     assert {e.training_job_id for e in queued} == {waiting[0].pk, waiting[1].pk}
     assert {(e.test_size, e.baseline_job_id) for e in queued} == {(2, None)}
+    # The table follows the scoring by itself while a run is being scored (htmx polling of its own fragment).
+    fragment = alice_client.get(reverse("dataset-runs", args=[scoring_two.pk]), {"fragment": "table"}, HTTP_HX_REQUEST="true")
+    html = fragment.content.decode()
+    assert html.startswith('<div id="runs-table"') and "every 2s" in html and "<h1>" not in html
+    assert html.count('data-scoring="queued"') == 2
     # Over the limit and nothing startable: a clear refusal, not a 500.
     refused = alice_api.post(f"/api/datasets/{scoring_two.pk}/runs/score", {}, format="json")
     assert refused.status_code == 409 and "TUNA_MAX_ACTIVE_JOBS_PER_USER" in refused.json()["detail"]
