@@ -267,8 +267,9 @@ def sweep_estimate(dataset: Dataset, config_data: dict[str, Any], grid: Any) -> 
             check_sweep_size(runs=len(grid), estimated_seconds=None)
         except LimitExceeded as exc:
             return {"available": False, "reason": "", "runs": [], "steps": 0, "refused": exc.message}
-    _, plans = _run_plans(dataset, config_data, grid)
+    base, plans = _run_plans(dataset, config_data, grid)
     estimate = _estimate(dataset, plans)
+    estimate["eval_examples"] = base.config.eval_examples  # 0: nothing to pick on, experiment_start refuses it
     try:
         check_sweep_size(runs=len(plans), estimated_seconds=estimate.get("seconds"))
         estimate["refused"] = ""
@@ -541,7 +542,12 @@ def _pick(experiment: Experiment, runs: list[TrainingJob]) -> None:
 
 # -- reads ------------------------------------------------------------------------------------
 def experiments_for_user(user) -> QuerySet[Experiment]:
-    return Experiment.objects.filter(owner=user).select_related("dataset", "winner").annotate(run_count=Count("runs"))
+    return (
+        Experiment.objects.filter(owner=user)
+        .select_related("dataset", "winner")
+        .annotate(run_count=Count("runs"))
+        .order_by("-created_at", "-id")
+    )
 
 
 def get_experiment_for_user(user, pk: int) -> Experiment:

@@ -241,3 +241,18 @@ def test_it_keeps_each_users_sweeps_apart(alice, bob_api, alice_api, valid_datas
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
     assert set(experiment.runs.values_list("status", flat=True)) == {"cancelled"}
     assert alice_api.post(f"/api/experiments/{experiment.pk}/cancel").status_code == 409
+
+
+def test_it_queues_a_sweeps_runs_fairly_with_other_users_jobs(alice, bob, valid_dataset):
+    from django.utils import timezone
+
+    from datasets_app.services import dataset_create
+    from tests.support import jsonl_file, pc_rows
+    from training_app.services import training_job_start
+    from tuna_core.jobs import job_pick_order
+
+    experiment = start(alice, valid_dataset, [{"learning_rate": 1e-3}, {"learning_rate": 2e-3}, {"learning_rate": 5e-4}])
+    first, second, third = experiment.runs.order_by("pk")
+    TrainingJob.objects.filter(pk=first.pk).update(status="completed", claimed_at=timezone.now())  # the worker ran alice's first run
+    bobs = training_job_start(owner=bob, dataset=dataset_create(owner=bob, upload=jsonl_file(pc_rows(20)), name="Bob's"), config_data={})
+    assert [pk for _, pk in job_pick_order()] == [bobs.pk, second.pk, third.pk]
