@@ -12,6 +12,8 @@ from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import TrainerCallback
 
+from datasets_app.services import dataset_create
+from tests.support import jsonl_file, pc_rows
 from training_app import services
 from training_app.models import TrainingJob
 from training_app.selectors import loss_chart_data
@@ -31,6 +33,13 @@ def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     events = EventAccumulator(str(folder))
     events.Reload()
     return [(event.step, event.value) for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def same_series(found: list[tuple[int, float]], expected: list[tuple[int, float]]) -> bool:
+    """Same steps, same values (an event file holds float32)."""
+    assert [step for step, _ in found] == [step for step, _ in expected]
+    assert [value for _, value in found] == pytest.approx([value for _, value in expected], rel=1e-6)
+    return True
 
 
 def database_series(job: TrainingJob, field: str) -> list[tuple[int, float]]:
@@ -122,21 +131,29 @@ def test_it_flattens_metrics_and_hides_credentials():
 # -- jobs on the real model -------------------------------------------------------------------------
 @pytest.mark.django_db
 @pytest.mark.model
-def test_it_writes_tensorboard_files_that_tensorboard_reads_as_the_database_has_them(alice, alice_client, client, bob, valid_dataset):
+def test_it_writes_tensorboard_files_that_tensorboard_reads_as_the_database_has_them(
+    alice, alice_client, client, bob, valid_dataset, monkeypatch
+):
+    # MLflow configured but its server down: the job trains on, TensorBoard's files are written, the page says so.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     job = start(alice, valid_dataset)
     run_next_job()
     job.refresh_from_db()
     assert job.status == "completed", job.error_message
+    assert "mlflow" in job.tracking["errors"] and "mlflow" not in job.tracking
     assert job.tracking["tensorboard"] == f"jobs/{job.pk}/tensorboard"
     folder = tensorboard_dir(job)
     train = scalars(folder, LOSS)
     assert [step for step, _ in train] == [1, 2, 3, 4]
-    assert train == pytest.approx(database_series(job, "loss"))  # float32 in the event file
-    assert scalars(folder, EVAL_LOSS) == pytest.approx(database_series(job, "eval_loss"))
-    assert scalars(folder, LEARNING_RATE) == pytest.approx(database_series(job, "learning_rate"))
+    assert same_series(train, database_series(job, "loss"))
+    assert same_series(scalars(folder, EVAL_LOSS), database_series(job, "eval_loss"))
+    assert same_series(scalars(folder, LEARNING_RATE), database_series(job, "learning_rate"))
 
     page = alice_client.get(job.get_absolute_url()).content.decode()
     assert f"tensorboard --logdir {folder}" in page and "Download (.zip)" in page
+    assert "MLflow stopped recording this job (the training went on)" in page
     response = alice_client.get(f"/training/{job.pk}/tensorboard.zip")
     assert response.status_code == 200
     names = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).namelist()
@@ -159,9 +176,9 @@ def test_it_records_settings_with_reasons_and_every_point_in_an_mlflow_run(alice
     assert params["learning_rate"] == "0.0003" and params["reason/learning_rate"] == job.config_reasons["learning_rate"]
     assert params["max_steps"] == "4" and params["lora_r"] == str(job.config["lora_r"])
     assert set(job.config) <= set(params)
-    assert mlflow_series(mlflow_store, run.info.run_id, LOSS) == pytest.approx(database_series(job, "loss"))
-    assert mlflow_series(mlflow_store, run.info.run_id, EVAL_LOSS) == pytest.approx(database_series(job, "eval_loss"))
-    assert mlflow_series(mlflow_store, run.info.run_id, LEARNING_RATE) == pytest.approx(database_series(job, "learning_rate"))
+    assert same_series(mlflow_series(mlflow_store, run.info.run_id, LOSS), database_series(job, "loss"))
+    assert same_series(mlflow_series(mlflow_store, run.info.run_id, EVAL_LOSS), database_series(job, "eval_loss"))
+    assert same_series(mlflow_series(mlflow_store, run.info.run_id, LEARNING_RATE), database_series(job, "learning_rate"))
 
     # The evaluation's metrics at the end, at the job's last step (what evaluation_work hands over).
     log_evaluation(job, {"base_model": {"exact_match": 0.25}, "finetuned_model": {"exact_match": 0.75, "task_score": 0.9}})
@@ -196,15 +213,16 @@ def test_it_continues_the_same_runs_when_a_job_is_resumed(alice, valid_dataset, 
     assert run.info.status == "FINISHED"
     assert len(mlflow_store.search_runs([run.info.experiment_id])) == 1
     # TensorBoard drops the lost run's step 3, as the database did; MLflow keeps every point it was sent.
-    assert scalars(tensorboard_dir(job), LOSS) == pytest.approx(database_series(job, "loss"))
+    assert same_series(scalars(tensorboard_dir(job), LOSS), database_series(job, "loss"))
     assert [step for step, _ in database_series(job, "loss")] == [1, 2, 3, 4, 5, 6]
     assert {step for step, _ in mlflow_series(mlflow_store, run.info.run_id, LOSS)} == {1, 2, 3, 4, 5, 6}
 
 
 @pytest.mark.django_db
 @pytest.mark.model
-def test_it_continues_the_history_when_a_job_is_trained_further(alice, valid_dataset, mlflow_store):
-    parent = start(alice, valid_dataset)
+def test_it_continues_the_history_when_a_job_is_trained_further(alice, mlflow_store):
+    small = dataset_create(owner=alice, upload=jsonl_file(pc_rows(10)), name="Orders")  # one epoch: 3 steps
+    parent = start(alice, small, max_steps=2)
     run_next_job()
     parent.refresh_from_db()
     assert parent.status == "completed", parent.error_message
@@ -215,25 +233,30 @@ def test_it_continues_the_history_when_a_job_is_trained_further(alice, valid_dat
 
     chart = loss_chart_data(child)  # the parent's points up to the step it took over from, then the child's
     expected = [(point["x"], point["y"]) for point in chart["train"]]
-    assert scalars(tensorboard_dir(child), LOSS) == pytest.approx(expected)
+    assert same_series(scalars(tensorboard_dir(child), LOSS), expected)
     run = mlflow_store.get_run(child.tracking["mlflow"]["run_id"])
     assert run.info.run_name == f"tuna-job-{child.pk}"
     assert run.data.tags["mlflow.parentRunId"] == parent.tracking["mlflow"]["run_id"]
-    assert mlflow_series(mlflow_store, run.info.run_id, LOSS) == pytest.approx(expected)
+    assert same_series(mlflow_series(mlflow_store, run.info.run_id, LOSS), expected)
     assert run.data.params["num_epochs"] == "1"
 
 
-@pytest.mark.django_db
-@pytest.mark.model
-def test_it_trains_on_when_the_tracking_server_is_down_and_says_so(alice, alice_client, valid_dataset, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    job = start(alice, valid_dataset)
-    run_next_job()
-    job.refresh_from_db()
-    assert job.status == "completed", job.error_message
-    assert "mlflow" in job.tracking["errors"] and "mlflow" not in job.tracking
-    assert [step for step, _ in scalars(tensorboard_dir(job), LOSS)] == [1, 2, 3, 4]
-    page = alice_client.get(job.get_absolute_url()).content.decode()
-    assert "MLflow stopped recording this job (the training went on)" in page
+def test_it_logs_to_weights_and_biases_offline_and_continues_the_run_on_resume(tmp_path, monkeypatch):
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    env = {"WANDB_MODE": "offline"}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = Tracking(spec(tmp_path), env=env)
+    first.log_point(Point(1, 0.5, loss=1.5, learning_rate=1e-4))
+    state = first.state()
+    first.close("failed")
+    assert not first.errors, first.errors
+    run = state["wandb"]
+    assert run["project"] == "llm-tuna" and run["url"] is None and Path(run["offline_dir"]).is_dir()
+    assert Path(run["offline_dir"]).is_relative_to(tmp_path)  # under the job's folder
+
+    resumed = Tracking(spec(tmp_path, previous=state, resumed_at=1), env=env)
+    resumed.log_point(Point(2, 1.0, loss=1.2))
+    assert resumed.state()["wandb"]["run_id"] == run["run_id"]
+    resumed.close("completed")
+    assert not resumed.errors, resumed.errors
