@@ -40,6 +40,12 @@ class Evaluation(WorkerJob):
         return self.done, self.test_size
 
     @property
+    def against_start(self) -> bool:
+        """A preference-tuned job compared with where it started: its parent fine-tune, or the base model when it was
+        tuned from the base (not any other comparison of that job, such as a run's score against the base)."""
+        return self.training_job.is_preference and self.baseline_job_id == self.training_job.parent_id
+
+    @property
     def baseline_label(self) -> str:
         """How pages name the side the fine-tune is compared with."""
         return f"Job #{self.baseline_job_id}" if self.baseline_job_id else "Base"

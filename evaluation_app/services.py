@@ -202,7 +202,7 @@ def evaluation_work(evaluation: Evaluation) -> None:
     job_complete(evaluation, metrics=result.as_dict(price))
     log_evaluation(job, result.as_dict(price), baseline=baseline)  # into the job's TensorBoard / MLflow / W&B runs; never raises
     logger.info("Evaluation %s completed on %s examples", evaluation.pk, len(examples))
-    if job.is_preference:
+    if evaluation.against_start:  # not a run's score against the base, nor a chosen comparison
         _judge_against_start(evaluation)
 
 

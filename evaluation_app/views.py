@@ -45,12 +45,15 @@ def evaluation_start(request: HttpRequest, job_pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def evaluation_rerun(request: HttpRequest, pk: int) -> HttpResponse:
-    """Start a new evaluation of the same fine-tune, on as many examples as this one."""
+    """Start a new evaluation of the same fine-tune against the same side (the base model or that fine-tune), on as many
+    examples as this one."""
     evaluation = get_evaluation_for_user(request.user, pk)
     size = min(evaluation.test_size, settings.TUNA_MAX_EVAL_EXAMPLES) or None  # the limit may have been lowered since
     try:
-        fresh, _ = services.evaluation_start(owner=request.user, job=evaluation.training_job, test_size=size)
-    except (services.EvaluationConflict, LimitExceeded) as exc:
+        fresh, _ = services.evaluation_start(
+            owner=request.user, job=evaluation.training_job, test_size=size, baseline=evaluation.baseline_job
+        )
+    except (services.EvaluationConflict, services.EvaluationInvalid, LimitExceeded) as exc:
         messages.error(request, str(exc))
         return redirect(evaluation)
     return redirect(fresh)
@@ -157,7 +160,7 @@ def _preference_context(request: HttpRequest, evaluation) -> dict:
         "jobs": evaluation.preference_jobs.order_by("-pk").prefetch_related("evaluations"),
     }
     context = {"prefs": prefs}
-    if evaluation.training_job.is_preference:
+    if evaluation.against_start:
         job = evaluation.training_job
         completed = judging.latest_completed_run(evaluation)
         summary = services.vote_summary(evaluation, request.user)
