@@ -256,3 +256,22 @@ def test_it_queues_a_sweeps_runs_fairly_with_other_users_jobs(alice, bob, valid_
     TrainingJob.objects.filter(pk=first.pk).update(status="completed", claimed_at=timezone.now())  # the worker ran alice's first run
     bobs = training_job_start(owner=bob, dataset=dataset_create(owner=bob, upload=jsonl_file(pc_rows(20)), name="Bob's"), config_data={})
     assert [pk for _, pk in job_pick_order()] == [bobs.pk, second.pk, third.pk]
+
+
+def test_it_keeps_the_grid_following_the_settings_until_it_is_edited(alice_client, valid_dataset):
+    import json
+
+    url = reverse("training-new", args=[valid_dataset.pk])
+    htmx = {"HX-Request": "true"}
+    default = experiments.default_grid(valid_dataset, {})
+    typed = {f"grid-{i}-{key}": str(point[key]) for i, point in enumerate(default) for key in experiments.GRID_KEYS}
+    # The learning rate above changes while the grid is still the default one: the grid is made again around it.
+    preview = alice_client.post(url, {"learning_rate": "0.0004", "preview": "1", "grid_base": json.dumps({}), **typed}, headers=htmx)
+    content = preview.content.decode()
+    assert preview.status_code == 200 and 'id="sweep-grid" hx-swap-oob="true"' in content
+    assert 'name="grid-1-learning_rate" value="0.0002"' in content and 'id="sweep-estimate" hx-swap-oob="true"' in content
+    # An edited grid stays as typed: only the estimate comes back.
+    edited = {**typed, "grid-1-learning_rate": "0.0007"}
+    preview = alice_client.post(url, {"learning_rate": "0.0004", "preview": "1", "grid_base": json.dumps({}), **edited}, headers=htmx)
+    content = preview.content.decode()
+    assert 'id="sweep-grid"' not in content and 'id="sweep-estimate" hx-swap-oob="true"' in content
