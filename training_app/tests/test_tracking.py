@@ -13,11 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import TrainerCallback
 
 from datasets_app.services import dataset_create
+from evaluation_app.services import evaluation_start
 from tests.support import jsonl_file, pc_rows
 from training_app import services
 from training_app.models import TrainingJob
 from training_app.selectors import loss_chart_data
-from training_app.tracking import log_evaluation, tensorboard_dir
+from training_app.tracking import tensorboard_dir
 from tuna_core.jobs import job_run, jobs_reap, run_next_job
 from tuna_llm.tracking import EVAL_LOSS, LEARNING_RATE, LOSS, Point, RunSpec, Tracking, flat_metrics, public_uri
 
@@ -180,13 +181,19 @@ def test_it_records_settings_with_reasons_and_every_point_in_an_mlflow_run(alice
     assert same_series(mlflow_series(mlflow_store, run.info.run_id, EVAL_LOSS), database_series(job, "eval_loss"))
     assert same_series(mlflow_series(mlflow_store, run.info.run_id, LEARNING_RATE), database_series(job, "learning_rate"))
 
-    # The evaluation's metrics at the end, at the job's last step (what evaluation_work hands over).
-    log_evaluation(job, {"base_model": {"exact_match": 0.25}, "finetuned_model": {"exact_match": 0.75, "task_score": 0.9}})
+    # The evaluation's metrics at the end, at the job's last step: a real evaluation (evaluation_work).
+    evaluation, _ = evaluation_start(owner=alice, job=job, test_size=1)
+    run_next_job()
+    evaluation.refresh_from_db()
+    assert evaluation.status == "completed", evaluation.error_message
     metrics = mlflow_store.get_run(run.info.run_id).data.metrics
-    assert metrics["evaluation_vs_base/finetuned_model/exact_match"] == 0.75
-    assert metrics["evaluation_vs_base/base_model/exact_match"] == 0.25
-    assert mlflow_store.get_metric_history(run.info.run_id, "evaluation_vs_base/finetuned_model/task_score")[0].step == 4
-    assert scalars(tensorboard_dir(job), "evaluation_vs_base/finetuned_model/exact_match") == [(4, 0.75)]
+    for side in ("base_model", "finetuned_model"):
+        assert metrics[f"evaluation_vs_base/{side}/exact_match"] == evaluation.metrics[side]["exact_match"]
+    assert mlflow_store.get_run(run.info.run_id).info.status == "FINISHED"
+    assert mlflow_store.get_metric_history(run.info.run_id, "evaluation_vs_base/finetuned_model/exact_match")[0].step == 4
+    assert scalars(tensorboard_dir(job), "evaluation_vs_base/finetuned_model/exact_match") == [
+        (4, evaluation.metrics["finetuned_model"]["exact_match"])
+    ]
 
 
 @pytest.mark.django_db
