@@ -15,6 +15,7 @@ from rest_framework.test import APIClient
 
 from datasets_app.services import dataset_create
 from evaluation_app.models import Evaluation
+from training_app.models import Experiment
 from tests.support import job_row, jsonl_file, pc_rows
 from tuna_core import errors as tuna_errors
 from tuna_core.errors import UserError
@@ -95,11 +96,13 @@ def objects(alice, bob, valid_dataset):
             "datasets": valid_dataset.pk,
             "training": own_job.pk,
             "evaluation": Evaluation.objects.create(owner=alice, training_job=own_job, status="completed", test_size=2).pk,
+            "experiments": Experiment.objects.create(owner=alice, dataset=valid_dataset, base_model=own_job.base_model).pk,
         },
         "bob": {
             "datasets": bobs_dataset.pk,
             "training": bobs_job.pk,
             "evaluation": Evaluation.objects.create(owner=bob, training_job=bobs_job, status="completed", test_size=2).pk,
+            "experiments": Experiment.objects.create(owner=bob, dataset=bobs_dataset, base_model=bobs_job.base_model).pk,
         },
     }
 
