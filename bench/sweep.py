@@ -13,6 +13,7 @@ the sweep took against the default run's.
     .venv/bin/python bench/sweep.py                                  # sample + meetings, tickets, invoices (long: hours on 2 cores)
     .venv/bin/python bench/sweep.py --tasks tickets                  # one task
     .venv/bin/python bench/sweep.py --no-early-stopping              # every run to its end
+    .venv/bin/python bench/sweep.py --runs 4                         # the default grid's first 4 points (chosen, half and twice the rate, more epochs)
     .venv/bin/python bench/sweep.py --smoke                          # does the bench work: tiny runs, a 2-row grid, 2 scored examples
 """
 
@@ -77,13 +78,15 @@ def settings_text(point: dict) -> str:
     return f"lr {point['learning_rate']:g}, {point['num_epochs']} ep, r {point['lora_r']}, {point['lora_layers']}"
 
 
-def run_task(owner, task: str, config: dict, grid, early_stopping: bool) -> dict:
+def run_task(owner, task: str, config: dict, grid, early_stopping: bool, points: int = 0) -> dict:
     from django.core.files.base import ContentFile
 
     from datasets_app.services import dataset_create
-    from training_app.experiments import experiment_start, grid_point
+    from training_app.experiments import default_grid, experiment_start, grid_point
 
     dataset = dataset_create(owner=owner, upload=ContentFile(task_data(task), name=f"{task}.jsonl"))
+    if grid is None and points:
+        grid = default_grid(dataset, config)[:points]
     experiment = experiment_start(owner=owner, dataset=dataset, config_data=config, grid=grid, early_stopping=early_stopping)
     wall = run_until_done(experiment)
     runs = list(experiment.runs.order_by("pk"))
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="settings for every run, as JSON (default: none, as a new user would)")
     parser.add_argument("--grid", default="", help="the grid as JSON (default: the training form's default grid)")
     parser.add_argument("--no-early-stopping", action="store_true")
+    parser.add_argument("--runs", type=int, default=0, help="only the default grid's first N points (the chosen settings first)")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny runs, a 2-row grid and 2 scored examples: checks the bench, measures nothing"
     )
@@ -150,10 +154,11 @@ def main() -> None:
         settings.TUNA_MAX_SWEEP_HOURS = 1e6  # the bench measures; the deployment's limit is for users
         owner = User.objects.create(username="bench")
         print(
-            f"settings for every run: {config or 'none (chosen from the data)'}; grid: {grid or 'default'}; early stopping "
+            f"settings for every run: {config or 'none (chosen from the data)'}; grid: {grid or 'default'}"
+            f"{f' (its first {args.runs} points)' if args.runs and not grid else ''}; early stopping "
             f"{'off' if args.no_early_stopping else 'on'}"
         )
-        rows = [run_task(owner, task, config, grid, not args.no_early_stopping) for task in tasks]
+        rows = [run_task(owner, task, config, grid, not args.no_early_stopping, args.runs) for task in tasks]
         print()
         print(
             f"{'task':<9} {'runs':>4} {'early':>5}  {'default: exact score':<22} {'pick: exact score':<20} {'pick settings':<36} "
