@@ -43,6 +43,11 @@ class TrainingJobSerializer(serializers.ModelSerializer):
         allow_null=True, help_text="For a preference-tuned run (method dpo): the evaluation whose votes it learned from."
     )
     preference_pairs = serializers.SerializerMethodField(help_text="For method dpo: the number of chosen/rejected pairs trained on.")
+    experiment_id = serializers.IntegerField(allow_null=True, help_text="The sweep this job is a run of, if any (GET /api/experiments/{id}).")
+    tracking = serializers.JSONField(
+        help_text="Where this job's metrics are tracked: its TensorBoard folder (relative to TUNA_DATA_DIR), its MLflow and W&B runs, "
+        "and why a tracker stopped, if one did (docs/tracking.md)."
+    )
 
     class Meta:
         model = TrainingJob
@@ -74,6 +79,9 @@ class TrainingJobSerializer(serializers.ModelSerializer):
             "device",
             "cancel_requested",
             "resume_count",
+            "experiment_id",
+            "stop_reason",
+            "tracking",
             "training_logs",
             "eval_logs",
             "error_message",
