@@ -7,8 +7,6 @@ class TrainingAppConfig(AppConfig):
 
     def ready(self) -> None:
         from datasets_app.services import dataset_deleting
-        from training_app.experiments import dataset_experiments_delete
         from training_app.services import dataset_jobs_delete
 
         dataset_deleting.connect(dataset_jobs_delete, dispatch_uid="training_app.dataset_jobs_delete")
-        dataset_deleting.connect(dataset_experiments_delete, dispatch_uid="training_app.dataset_experiments_delete")

@@ -581,8 +581,3 @@ def experiment_runs(experiment: Experiment) -> list[dict[str, Any]]:
         )
     return rows
 
-
-def dataset_experiments_delete(sender, *, dataset: Dataset, **kwargs) -> None:
-    """datasets_app.services.dataset_deleting receiver: the dataset's sweeps go with it (their runs go with its jobs, in
-    the same transaction: all or none)."""
-    Experiment.objects.filter(dataset=dataset).delete()

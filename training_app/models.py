@@ -175,7 +175,7 @@ class Experiment(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="experiments")
-    dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.PROTECT, related_name="experiments")
+    dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.CASCADE, related_name="experiments")
     name = models.CharField(max_length=200, blank=True)
     base_model = models.CharField(max_length=200)
     # The settings the user chose (as on the training form); each run is these with its grid point's values.

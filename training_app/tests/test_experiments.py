@@ -275,3 +275,18 @@ def test_it_keeps_the_grid_following_the_settings_until_it_is_edited(alice_clien
     preview = alice_client.post(url, {"learning_rate": "0.0004", "preview": "1", "grid_base": json.dumps({}), **edited}, headers=htmx)
     content = preview.content.decode()
     assert 'id="sweep-grid"' not in content and 'id="sweep-estimate" hx-swap-oob="true"' in content
+
+
+def test_it_deletes_a_datasets_sweeps_with_the_dataset(alice, valid_dataset):
+    from datasets_app.services import dataset_delete
+
+    emptied = Experiment.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct")  # its runs deleted before
+    with_run = Experiment.objects.create(owner=alice, dataset=valid_dataset, base_model="smollm2-135m-instruct")
+    run = job_row(alice, valid_dataset, status="completed")
+    TrainingJob.objects.filter(pk=run.pk).update(experiment=with_run)
+
+    dataset_delete(dataset=valid_dataset, with_jobs=True)
+
+    assert not Dataset.objects.filter(pk=valid_dataset.pk).exists()
+    assert not Experiment.objects.filter(pk__in=[emptied.pk, with_run.pk]).exists()
+    assert not TrainingJob.objects.filter(pk=run.pk).exists()
