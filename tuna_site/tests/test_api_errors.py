@@ -15,8 +15,8 @@ from rest_framework.test import APIClient
 
 from datasets_app.services import dataset_create
 from evaluation_app.models import Evaluation
-from training_app.models import Experiment
 from tests.support import job_row, jsonl_file, pc_rows
+from training_app.models import Experiment
 from tuna_core import errors as tuna_errors
 from tuna_core.errors import UserError
 
