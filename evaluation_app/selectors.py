@@ -132,7 +132,7 @@ def label_tables(evaluation: Evaluation) -> dict | None:
     base, tuned = (m.get("base_model") or {}).get("labels"), (m.get("finetuned_model") or {}).get("labels")
     if not base or not tuned:
         return None
-    labels = list(base.get("per_label") or {})
+    labels = base.get("order") or sorted(base.get("per_label") or {})
     other = OTHER_LABEL if any(OTHER_LABEL in row for side in (base, tuned) for row in (side.get("confusion") or {}).values()) else None
     columns = [*labels, *([other] if other else [])]
     empty = {"correct": 0, "total": 0, "accuracy": None}

@@ -219,6 +219,9 @@ def label_scores(answers: Sequence[str], references: Sequence[str], labels: dict
         row["accuracy"] = row["correct"] / row["total"] if row["total"] else None
     return {
         "accuracy": correct / len(references),
+        # The labels in the order they first appear among the references: the pages' order (an object's keys keep no
+        # order in PostgreSQL's jsonb).
+        "order": list(labels.values()),
         "per_label": per_label,
         "confusion": {label: dict(counts) for label, counts in confusion.items()},
     }
