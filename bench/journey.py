@@ -45,7 +45,9 @@ def main() -> None:
         m = evaluation.metrics
         print(f"{'metric':<18}{'base':>12}{'fine-tuned':>12}  change")
         for name in METRICS:
-            b, f = m["base_model"][name], m["finetuned_model"][name]
+            b, f = m["base_model"].get(name), m["finetuned_model"].get(name)
+            if not isinstance(b, (int, float)) or not isinstance(f, (int, float)):
+                continue  # a metric that does not apply to this task (tool calls, labels)
             print(f"{name:<18}{b:>12.4f}{f:>12.4f}  {m['improvements'].get(name, {}).get('direction', '')}")
         misses = [e for e in evaluation.examples.all() if e.finetuned_scores.get("exact_match") != 1.0]
         print(f"fine-tuned answers that differ from the reference: {len(misses)} of {evaluation.test_size}")
