@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import TrainerCallback
 
 from datasets_app.services import dataset_create
 from evaluation_app.services import evaluation_start
@@ -18,6 +17,7 @@ from tests.support import jsonl_file, pc_rows
 from training_app import services
 from training_app.models import TrainingJob
 from training_app.selectors import loss_chart_data
+from training_app.tests.test_training import AtStep, SimulatedCrash
 from training_app.tracking import tensorboard_dir
 from tuna_core.jobs import job_run, jobs_reap, run_next_job
 from tuna_llm.tracking import EVAL_LOSS, LEARNING_RATE, LOSS, Point, RunSpec, Tracking, flat_metrics, public_uri
@@ -64,19 +64,6 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return MlflowClient(tracking_uri=uri)
-
-
-class AtStep(TrainerCallback):
-    def __init__(self, step, action):
-        self.step, self.action = step, action
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            self.action()
-
-
-class SimulatedCrash(BaseException):
-    """Escapes like a killed process would."""
 
 
 # -- the trackers alone (no model) ----------------------------------------------------------------
