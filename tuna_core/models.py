@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 
@@ -73,3 +74,24 @@ class WorkerJob(models.Model):
             return 100.0
         done, total = self.progress_counts()
         return min(100.0, 100.0 * done / total) if total else 0.0
+
+
+class ApiToken(models.Model):
+    """An API key of one user, stored as a digest only: a copy of the database yields no usable key.
+
+    Keys are random (256 bits), so a fast digest is the right one (a slow password hasher guards guessable
+    secrets, and would cost every API call); `prefix` finds the row and is what pages show. A user has
+    several, each named, shown once at creation, and revoked by deleting the row."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, db_index=True, help_text="The key's first characters, to recognise it.")
+    digest = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the key (hex); the key itself is never stored.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
