@@ -73,6 +73,32 @@ TUNA_MAX_SWEEP_HOURS = env_float("TUNA_MAX_SWEEP_HOURS", 6, minimum=0.001)
 # Stored dataset files per user (invalid uploads included: they keep only their first TUNA_INVALID_UPLOAD_KEEP_KB).
 TUNA_MAX_STORAGE_MB_PER_USER = env_float("TUNA_MAX_STORAGE_MB_PER_USER", 1024, minimum=0.001)
 TUNA_INVALID_UPLOAD_KEEP_KB = env_float("TUNA_INVALID_UPLOAD_KEEP_KB", 256, minimum=1)
+# Issue 32, hostile users (docs/configuration.md, "Limits"). Each block is read by one part of the code.
+# Disk: TUNA_MAX_STORAGE_MB_PER_USER counts everything a user's rows keep (dataset files, checkpoints, adapters,
+# exports); a job keeps at most TUNA_MAX_CHECKPOINTS_PER_JOB checkpoints (save_total_limit is capped by it).
+TUNA_MAX_CHECKPOINTS_PER_JOB = int(env_float("TUNA_MAX_CHECKPOINTS_PER_JOB", 3, minimum=1))
+# Inference: calls of one user in (or waiting for) generation in one web process, streams included (the rest of
+# TUNA_MAX_INFERENCE_QUEUE stays for others); downloads of one user at once, and of everyone at once (below the
+# server's 32 threads, so pages stay served while files are sent).
+TUNA_MAX_INFERENCE_PER_USER = int(env_float("TUNA_MAX_INFERENCE_PER_USER", 4, minimum=1))
+TUNA_MAX_DOWNLOADS_PER_USER = int(env_float("TUNA_MAX_DOWNLOADS_PER_USER", 2, minimum=1))
+TUNA_MAX_DOWNLOADS = int(env_float("TUNA_MAX_DOWNLOADS", 8, minimum=1))
+# A chat request: messages at most (checked before anything is rendered) and prompt tokens at most (also capped by
+# the model's context).
+TUNA_MAX_CHAT_MESSAGES = int(env_float("TUNA_MAX_CHAT_MESSAGES", 512, minimum=1))
+TUNA_MAX_PROMPT_TOKENS = int(env_float("TUNA_MAX_PROMPT_TOKENS", 8192, minimum=16))
+# Form posts on pages (uploads, playground, starts) per user; beyond it 429 with Retry-After.
+TUNA_PAGE_RATE = env_rate("TUNA_PAGE_RATE", "60/min")
+# A judge run: its whole time at most, and the characters of one example (prompt + answers) it sends at most.
+TUNA_JUDGE_RUN_MAX_S = env_float("TUNA_JUDGE_RUN_MAX_S", 1800, minimum=1)
+TUNA_JUDGE_MAX_EXAMPLE_CHARS = int(env_float("TUNA_JUDGE_MAX_EXAMPLE_CHARS", 16000, minimum=100))
+# Log-in: the header a trusted proxy puts the client's address in ("X-Forwarded-For": its last address is the
+# client as that proxy saw it); empty: the connection's own address (no proxy, or one that hides every client).
+TUNA_CLIENT_IP_HEADER = env_str("TUNA_CLIENT_IP_HEADER", "").strip()
+# Database outage: how long a running job's writes (and the worker's loop) retry on a fresh connection before the
+# job fails (and is resumed once from its checkpoint by the worker).
+TUNA_DB_RETRY_S = env_float("TUNA_DB_RETRY_S", 120, minimum=1)
+
 # What one training job may ask for (max_seq_length is also capped by the base model's context).
 TUNA_MAX_EPOCHS = int(env_float("TUNA_MAX_EPOCHS", 20, minimum=1))
 TUNA_MAX_BATCH_SIZE = int(env_float("TUNA_MAX_BATCH_SIZE", 32, minimum=1))
