@@ -5,10 +5,13 @@ from django.utils.html import format_html
 
 from datasets_app.models import Dataset
 from datasets_app.services import DatasetInUse, dataset_delete
+from tuna_core.admin_readonly import ReadOnlyFieldsAdmin
 
 
 @admin.register(Dataset)
-class DatasetAdmin(admin.ModelAdmin):
+class DatasetAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
+    # Files, sizes and reports are the services' (a file swapped here would skip validation and the quota).
+    editable_fields = ("name",)
     list_display = ["name", "owner", "validation_status", "format", "num_examples", "num_train", "num_eval", "created_at"]
     list_filter = ["validation_status", "format", "created_at"]
     search_fields = ["name", "original_filename", "owner__username"]

@@ -5,10 +5,11 @@ from django.utils.html import format_html
 
 from evaluation_app.models import Evaluation, EvaluationExample, JudgeRun, JudgeVerdict, Rating
 from evaluation_app.services import EvaluationConflict, evaluation_delete
+from tuna_core.admin_readonly import ReadOnlyFieldsAdmin
 
 
 @admin.register(Evaluation)
-class EvaluationAdmin(admin.ModelAdmin):
+class EvaluationAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = ["id", "owner", "training_job", "baseline_job", "status", "done", "test_size", "created_at"]
     list_filter = ["status", "created_at"]
     search_fields = ["id", "owner__username", "error_message"]
@@ -44,14 +45,14 @@ class EvaluationAdmin(admin.ModelAdmin):
 
 
 @admin.register(EvaluationExample)
-class EvaluationExampleAdmin(admin.ModelAdmin):
+class EvaluationExampleAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = ["evaluation", "index", "base_latency_ms", "finetuned_latency_ms", "finetuned_side"]
     list_filter = ["evaluation"]
     list_select_related = ["evaluation"]
 
 
 @admin.register(Rating)
-class RatingAdmin(admin.ModelAdmin):
+class RatingAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = ["example", "user", "preferred_model", "blind", "updated_at"]
     list_filter = ["preferred_model", "blind"]
     list_select_related = ["example", "user"]
@@ -69,7 +70,7 @@ class JudgeVerdictInline(admin.TabularInline):
 
 
 @admin.register(JudgeRun)
-class JudgeRunAdmin(admin.ModelAdmin):
+class JudgeRunAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = ["id", "owner", "evaluation", "status", "judge_model", "endpoint", "done", "total", "requests", "created_at"]
     list_filter = ["status", "judge_model"]
     search_fields = ["id", "owner__username", "error_message", "judge_model"]
@@ -84,7 +85,7 @@ class JudgeRunAdmin(admin.ModelAdmin):
 
 
 @admin.register(JudgeVerdict)
-class JudgeVerdictAdmin(admin.ModelAdmin):
+class JudgeVerdictAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = ["run", "example", "winner", "consistent", "base_first", "finetuned_first"]
     list_filter = ["winner", "consistent"]
     list_select_related = ["run", "example"]

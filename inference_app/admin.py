@@ -1,10 +1,11 @@
 from django.contrib import admin
 
 from inference_app.models import UsageLog
+from tuna_core.admin_readonly import ReadOnlyFieldsAdmin
 
 
 @admin.register(UsageLog)
-class UsageLogAdmin(admin.ModelAdmin):
+class UsageLogAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = [
         "created_at",
         "user",

@@ -4,6 +4,7 @@ from django.utils.html import format_html, format_html_join
 
 from training_app import experiments, exports, services
 from training_app.models import Experiment, Export, LossPoint, ThroughputMeasurement, TrainingJob
+from tuna_core.admin_readonly import ReadOnlyFieldsAdmin
 from tuna_core.quotas import LimitExceeded
 
 
@@ -16,7 +17,7 @@ class LossPointInline(admin.TabularInline):
 
 
 @admin.register(TrainingJob)
-class TrainingJobAdmin(admin.ModelAdmin):
+class TrainingJobAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = ["id", "owner", "dataset", "base_model", "method", "status", "progress", "tokens_per_second", "created_at"]
     list_filter = ["status", "method", "base_model", "device", "created_at"]
     search_fields = ["id", "owner__username", "dataset__name", "error_message"]
@@ -103,7 +104,7 @@ class ThroughputMeasurementAdmin(admin.ModelAdmin):
 
 
 @admin.register(Export)
-class ExportAdmin(admin.ModelAdmin):
+class ExportAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     list_display = ["id", "training_job", "owner", "status", "stage", "parity_passed", "llama_cpp_version", "created_at"]
     list_filter = ["status", "created_at"]
     search_fields = ["id", "training_job__id", "owner__username", "error_message"]
@@ -134,7 +135,8 @@ class RunInline(admin.TabularInline):
 
 
 @admin.register(Experiment)
-class ExperimentAdmin(admin.ModelAdmin):
+class ExperimentAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
+    editable_fields = ("name",)
     list_display = ["id", "name", "owner", "dataset", "base_model", "status", "winner", "early_stopping", "created_at", "finished_at"]
     list_filter = ["status", "early_stopping", "base_model", "created_at"]
     search_fields = ["id", "name", "owner__username", "dataset__name"]
