@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from tests.support import job_row, jsonl_file, pc_rows
+from tests.support import api_key, job_row, jsonl_file, pc_rows
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "orders_to_json.jsonl"
 
@@ -81,16 +80,14 @@ def alice_client(client, alice):
 @pytest.fixture
 def alice_api(alice):
     api = APIClient()
-    token, _ = Token.objects.get_or_create(user=alice)
-    api.credentials(HTTP_AUTHORIZATION=f"Bearer {token.key}")
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key(alice)}")
     return api
 
 
 @pytest.fixture
 def bob_api(bob):
     api = APIClient()
-    token, _ = Token.objects.get_or_create(user=bob)
-    api.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    api.credentials(HTTP_AUTHORIZATION=f"Token {api_key(bob)}")
     return api
 
 

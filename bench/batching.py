@@ -60,8 +60,8 @@ def main() -> None:
                     *manage,
                     "shell",
                     "-c",
-                    "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
-                    "u = User.objects.create_user('bench', password='x'); print(Token.objects.create(user=u).key)",
+                    "from django.contrib.auth.models import User; from tuna_core.tokens import api_token_create; "
+                    "u = User.objects.create_user('bench', password='x'); print(api_token_create(user=u, name='bench')[1])",
                 ],
                 check=True,
                 env=env,

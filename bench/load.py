@@ -75,8 +75,8 @@ def main() -> None:
             env,
             "shell",
             "-c",
-            "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token\n"
-            "print('token', Token.objects.create(user=User.objects.create_user('load', password='load-pass-123')).key)",
+            "from django.contrib.auth.models import User; from tuna_core.tokens import api_token_create\n"
+            "print('token', api_token_create(user=User.objects.create_user('load', password='load-pass-123'), name='load')[1])",
         )
         token = next(line.split()[1] for line in output.splitlines() if line.startswith("token "))
         port = free_port()

@@ -53,12 +53,11 @@ def main() -> None:
     with temporary_site() as data:
         job, user = fine_tune(args)
         export = export_gguf(user, job)
-        from rest_framework.authtoken.models import Token
-
         from datasets_app.examples import held_out_examples
+        from tuna_core.tokens import api_token_create
 
         prompts = [messages[:-1] for messages in held_out_examples(job.dataset)[: args.prompts]]
-        token = Token.objects.create(user=user).key
+        token = api_token_create(user=user, name="bench")[1]
         print(f"{job.model_id}: {len(prompts)} held-out prompts, max_tokens {args.tokens}, {args.clients} clients x {args.rounds} calls\n")
 
         rows = {"llama.cpp direct (in-process)": direct(export, prompts, args)}

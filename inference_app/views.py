@@ -5,7 +5,6 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
-from rest_framework.authtoken.models import Token
 
 from inference_app import services
 from inference_app.selectors import usage_summary
@@ -25,7 +24,6 @@ def playground(request: HttpRequest) -> HttpResponse:
         "models": models,
         "selected": selected,
         "prompt": prompt,
-        "token": Token.objects.get_or_create(user=request.user)[0],
         "api_base": request.build_absolute_uri("/v1"),
         "default_base": settings.TUNA_DEFAULT_BASE_MODEL,
         "max_tokens": max_tokens,

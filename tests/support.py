@@ -35,6 +35,13 @@ def pc_rows(count: int, start: int = 0) -> list[dict]:
     ]
 
 
+def api_key(user, name: str = "Test key") -> str:
+    """A new API key for `user` (the key itself: the database keeps only its digest)."""
+    from tuna_core.tokens import api_token_create
+
+    return api_token_create(user=user, name=name)[1]
+
+
 def job_row(owner, dataset, **fields):
     """A training job row in any state, for tests that need one without training: the embedded model and
     an empty config unless ``fields`` say otherwise."""

@@ -10,14 +10,20 @@ import hashlib
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.utils import timezone
 
+from tuna_core.errors import LimitReached
 from tuna_core.models import ApiToken
 
 KEY_PREFIX = "tuna_"
 PREFIX_CHARS = 12  # what pages show of a key: "tuna_" and its first 7 random characters
 # last_used_at is written at most this often per key, so busy clients do not write on every call.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
+# Keys a user may hold at once, unless settings.TUNA_MAX_API_KEYS_PER_USER says otherwise.
+DEFAULT_MAX_KEYS_PER_USER = 20
 
 
 def key_digest(key: str) -> str:
@@ -43,3 +49,34 @@ def api_token_find(key: str) -> ApiToken | None:
         ApiToken.objects.filter(pk=row.pk).update(last_used_at=now)
         row.last_used_at = now
     return row
+
+
+def max_keys_per_user() -> int:
+    return int(getattr(settings, "TUNA_MAX_API_KEYS_PER_USER", DEFAULT_MAX_KEYS_PER_USER))
+
+
+def api_tokens_for(user):
+    """The user's keys, newest first (rows only: the keys themselves are not stored)."""
+    return ApiToken.objects.filter(user=user)
+
+
+@transaction.atomic
+def api_token_issue(*, user, name: str) -> tuple[ApiToken, str]:
+    """A new key made on the user's request: like api_token_create, within the per-user limit."""
+    get_user_model().objects.select_for_update().filter(pk=user.pk).first()  # one key made at a time per user
+    limit = max_keys_per_user()
+    if ApiToken.objects.filter(user=user).count() >= limit:
+        raise LimitReached(f"You have {limit} API keys, the most allowed (TUNA_MAX_API_KEYS_PER_USER): revoke one you no longer use first.")
+    return api_token_create(user=user, name=name)
+
+
+@transaction.atomic
+def api_token_rotate(*, token: ApiToken) -> tuple[ApiToken, str]:
+    """A new key under the same name for `token`'s user; the old key stops working at once."""
+    ApiToken.objects.filter(pk=token.pk).delete()
+    return api_token_create(user=token.user, name=token.name)
+
+
+def api_token_revoke(*, token: ApiToken) -> None:
+    """The key stops working at once (its row is deleted)."""
+    ApiToken.objects.filter(pk=token.pk).delete()

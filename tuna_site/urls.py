@@ -4,7 +4,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from tuna_core.errors import NotFoundApi
-from tuna_site import views
+from tuna_site import token_views, views
 from tuna_site.throttles import RateLimitedAdminAuthenticationForm
 
 admin.site.login_form = RateLimitedAdminAuthenticationForm  # the admin's log-in is rate-limited like the site's
@@ -13,7 +13,10 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("login/", views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("account/", views.account, name="account"),
+    path("account/", token_views.account, name="account"),
+    path("account/keys/", token_views.api_key_create, name="api-key-create"),
+    path("account/keys/<int:pk>/rotate/", token_views.api_key_rotate, name="api-key-rotate"),
+    path("account/keys/<int:pk>/revoke/", token_views.api_key_revoke, name="api-key-revoke"),
     path("admin/", admin.site.urls),
     path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

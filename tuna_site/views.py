@@ -2,7 +2,6 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
-from rest_framework.authtoken.models import Token
 
 from datasets_app.selectors import datasets_for_user
 from evaluation_app.selectors import evaluations_for_user
@@ -32,12 +31,6 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "storage": storage_use(user),
     }
     return render(request, "dashboard.html", context)
-
-
-@login_required
-def account(request: HttpRequest) -> HttpResponse:
-    token, _ = Token.objects.get_or_create(user=request.user)
-    return render(request, "account.html", {"token": token})
 
 
 class LoginView(auth_views.LoginView):

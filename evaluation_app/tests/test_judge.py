@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.urls import reverse
-from rest_framework.authtoken.models import Token
 
 from evaluation_app import judging
 from evaluation_app.models import JudgeRun, JudgeVerdict, Rating
+from tests.support import api_key
 from tuna_core.jobs import job_run
 
 pytestmark = pytest.mark.django_db
@@ -32,7 +32,7 @@ def run_judge(owner, evaluation, rubric: str | None = None) -> JudgeRun:
 def test_it_stores_verdicts_for_both_orders_from_this_servers_own_v1(settings, live_server, alice, evaluation):
     settings.TUNA_JUDGE_URL = f"{live_server.url}/v1"
     settings.TUNA_JUDGE_MODEL = "base:smollm2-135m-instruct"
-    settings.TUNA_JUDGE_API_KEY = Token.objects.create(user=alice).key
+    settings.TUNA_JUDGE_API_KEY = api_key(alice)
     settings.TUNA_JUDGE_MAX_TOKENS = 6  # the verdict comes first; a short reply keeps the test quick
 
     run = run_judge(alice, evaluation, rubric="Prefer the answer closest to the reference.")

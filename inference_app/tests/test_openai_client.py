@@ -3,14 +3,15 @@
 import openai
 import pytest
 from openai import OpenAI
-from rest_framework.authtoken.models import Token
+
+from tests.support import api_key
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model]
 
 
 @pytest.fixture
 def openai_client(live_server, alice):
-    key = Token.objects.create(user=alice).key
+    key = api_key(alice)
     return OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=120)
 
 

@@ -7,10 +7,10 @@ import shutil
 import openai
 import pytest
 from openai import OpenAI
-from rest_framework.authtoken.models import Token
 
 from inference_app.api.openai import ChatCompletionsApi, StreamedAnswer
 from inference_app.conversation import FieldError, chat_request
+from tests.support import api_key
 from training_app.services import job_dir
 from tuna_llm.training import COMPLETE_MARKER
 
@@ -51,7 +51,7 @@ ASK_BERLIN = {"role": "user", "content": "What is the weather in Berlin?"}
 
 @pytest.fixture
 def openai_client(live_server, alice):
-    key = Token.objects.create(user=alice).key
+    key = api_key(alice)
     return OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=120)
 
 

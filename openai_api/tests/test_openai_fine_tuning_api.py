@@ -7,10 +7,9 @@ import json
 import openai
 import pytest
 from openai import OpenAI
-from rest_framework.authtoken.models import Token
 
 from openai_api.models import JobFiles
-from tests.support import job_row
+from tests.support import api_key, job_row
 from training_app.models import TrainingJob
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -36,7 +35,7 @@ def jsonl(rows: list) -> bytes:
 
 
 def client_for(live_server, user) -> OpenAI:
-    key = Token.objects.get_or_create(user=user)[0].key
+    key = api_key(user)
     return OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 

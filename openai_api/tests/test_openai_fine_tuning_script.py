@@ -10,8 +10,8 @@ import pytest
 from django.db import connections
 from django.utils.module_loading import import_string
 from openai import OpenAI
-from rest_framework.authtoken.models import Token
 
+from tests.support import api_key
 from training_app.models import TrainingJob
 from tuna_core.jobs import job_run
 
@@ -60,7 +60,7 @@ def sample(tmp_path):
 
 @pytest.fixture
 def client(live_server, alice):
-    return OpenAI(base_url=f"{live_server.url}/v1", api_key=Token.objects.create(user=alice).key, max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{live_server.url}/v1", api_key=api_key(alice), max_retries=0, timeout=120)
 
 
 def wait(client: OpenAI, job_id: str, timeout: float = 300):

@@ -64,10 +64,10 @@ def live_site(tmp_path_factory):
     site.manage("migrate", "-v0")
     site.manage("tuna_models")
     script = (
-        "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token\n"
+        "from django.contrib.auth.models import User; from tuna_core.tokens import api_token_create\n"
         "for name in ('alice', 'bob'):\n"
         "    u = User.objects.create_user(name, password=name + '-pass-123')\n"
-        "    print('token', name, Token.objects.create(user=u).key)\n"
+        "    print('token', name, api_token_create(user=u, name='e2e')[1])\n"
     )
     for line in site.manage("shell", "-c", script).splitlines():
         if line.startswith("token "):

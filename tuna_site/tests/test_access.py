@@ -115,10 +115,11 @@ def test_it_answers_404_for_another_users_api_objects(bob_api, alice_objects):
 
 @pytest.mark.django_db
 def test_it_accepts_bearer_and_token_headers(alice, valid_dataset):
-    from rest_framework.authtoken.models import Token
     from rest_framework.test import APIClient
 
-    key = Token.objects.create(user=alice).key
+    from tests.support import api_key
+
+    key = api_key(alice)
     for scheme in ("Bearer", "Token", "bearer"):
         api = APIClient()
         api.credentials(HTTP_AUTHORIZATION=f"{scheme} {key}")

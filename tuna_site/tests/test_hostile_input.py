@@ -15,13 +15,12 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.signals import got_request_exception
 from django.db import connection
 from django.test import Client
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from datasets_app.models import Dataset
 from evaluation_app.models import Evaluation, EvaluationExample
 from inference_app.models import UsageLog
-from tests.support import job_row
+from tests.support import api_key, job_row
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model, pytest.mark.postgres]
 
@@ -93,7 +92,7 @@ def world(alice, bob, valid_dataset, settings):
     clients = {}
     for name, user in (("alice", alice), ("bob", bob)):
         api = APIClient(raise_request_exception=False)
-        api.credentials(HTTP_AUTHORIZATION=f"Bearer {Token.objects.get_or_create(user=user)[0].key}")
+        api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key(user)}")
         page = Client(raise_request_exception=False)
         page.force_login(user)
         clients[name] = (api, page)

@@ -40,11 +40,14 @@ def test_it_logs_out_with_a_post(alice_client):
 
 
 @pytest.mark.django_db
-def test_it_shows_the_api_token_on_the_account_page(alice_client, alice):
-    from rest_framework.authtoken.models import Token
+def test_it_shows_a_new_api_key_on_the_account_page_once(alice_client, alice):
+    from tuna_core.tokens import KEY_PREFIX
 
+    made = alice_client.post(reverse("api-key-create"), {"name": "laptop"})
+    key = made.context["new_key"]
+    assert made.status_code == 200 and key.startswith(KEY_PREFIX) and key in made.content.decode()
     page = alice_client.get(reverse("account")).content.decode()
-    assert Token.objects.get(user=alice).key in page
+    assert key not in page and key[:12] in page and "laptop" in page
 
 
 @pytest.mark.django_db
