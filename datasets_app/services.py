@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile, File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
@@ -15,10 +14,10 @@ from django.dispatch import Signal
 
 from datasets_app.formats import PREFERENCE
 from datasets_app.models import Dataset
-from datasets_app.selectors import dataset_storage_bytes
 from datasets_app.uploads import max_upload_bytes, too_large_message
 from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
-from tuna_core.errors import Conflict, Invalid, LimitReached, NotFound, TooLarge
+from tuna_core import quotas
+from tuna_core.errors import Conflict, Invalid, NotFound, TooLarge
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
 
@@ -43,8 +42,8 @@ class UploadTooLarge(TooLarge, UploadRejected):
     """Larger than TUNA_MAX_UPLOAD_MB."""
 
 
-class StorageFull(LimitReached, UploadRejected):
-    """The user's datasets would take more than TUNA_MAX_STORAGE_MB_PER_USER."""
+class StorageFull(quotas.StorageFull, UploadRejected):
+    """The user's files (datasets, jobs, exports) would take more than TUNA_MAX_STORAGE_MB_PER_USER."""
 
 
 class DatasetInUse(Conflict):
@@ -83,11 +82,36 @@ def _check_upload(upload: UploadedFile | None) -> UploadedFile:
     return upload
 
 
+# An invalid file cannot be trained whatever the rest holds: validation goes on this many lines past its first error,
+# or to this many errors, then stops (the request thread is not held for minutes by a file that is invalid anyway).
+LINES_AFTER_FIRST_ERROR = 5_000
+MAX_ERRORS_VALIDATED = 1_000
+
+
 def _validate(upload: UploadedFile, *, max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH) -> _Validated:
     counter = token_counter_for(get_base_model_spec())
     validator = JsonlValidator(counter, max_seq_length=max_seq_length)
     upload.seek(0)
-    validator.feed(upload)  # File.__iter__ yields lines across chunk boundaries: streamed
+    stopped_at = None
+
+    def lines():  # File.__iter__ yields lines across chunk boundaries: streamed
+        nonlocal stopped_at
+        first_error = None
+        for number, line in enumerate(upload, start=1):
+            if first_error is None and validator.errors.count:
+                first_error = number
+            if first_error is not None and (number - first_error >= LINES_AFTER_FIRST_ERROR or validator.errors.count >= MAX_ERRORS_VALIDATED):
+                stopped_at = number
+                return
+            yield line
+
+    validator.feed(lines())
+    if stopped_at is not None:
+        validator.errors.add(
+            None,
+            f"Validation stopped at line {stopped_at} ({validator.errors.count} errors by then): the file cannot be trained "
+            "as it is. Fix the errors shown and upload it again to check the rest.",
+        )
     return _Validated(validator.report(), validator.total_lens.tolist(), validator.fingerprints)
 
 
@@ -120,12 +144,7 @@ def _check_eval_fraction(eval_fraction: float) -> float:
     return eval_fraction
 
 
-def _mb(size: int) -> str:
-    return f"{size / 1024 / 1024:.1f} MB" if size >= 102_400 else f"{size / 1024:.0f} KB"
-
-
-def storage_limit_bytes() -> int:
-    return int(settings.TUNA_MAX_STORAGE_MB_PER_USER * 1024 * 1024)
+storage_limit_bytes = quotas.storage_limit_bytes
 
 
 def invalid_keep_bytes() -> int:
@@ -133,12 +152,9 @@ def invalid_keep_bytes() -> int:
 
 
 def _check_storage(owner, adding: int) -> None:
-    used, limit = dataset_storage_bytes(owner), storage_limit_bytes()
-    if used + adding > limit:
-        raise StorageFull(
-            f"Your datasets use {_mb(used)} of your {_mb(limit)} (TUNA_MAX_STORAGE_MB_PER_USER) and this file needs {_mb(adding)}. "
-            "Delete datasets you no longer need (with their jobs), then upload it again."
-        )
+    """Everything the user keeps (datasets, checkpoints, adapters, exports) plus `adding` within their quota; takes the
+    user's row lock (inside a transaction, two uploads count in turn)."""
+    quotas.check_storage(owner, adding=adding, action="This file", error=StorageFull)
 
 
 def _store(dataset: Dataset, field: str, name: str, content, *, adding: int) -> None:
@@ -149,12 +165,28 @@ def _store(dataset: Dataset, field: str, name: str, content, *, adding: int) -> 
     getattr(dataset, field).save(name, content, save=False)
     try:
         with transaction.atomic():
-            get_user_model().objects.select_for_update().filter(pk=dataset.owner_id).first()
             _check_storage(dataset.owner_id, adding)
             dataset.save()
     except BaseException:
         getattr(dataset, field).delete(save=False)  # no orphaned file when the row is not written
         raise
+
+
+def _stored_size(field) -> int:
+    """The size of a stored file; 0 for none (or one removed behind the database's back)."""
+    if not field:
+        return 0
+    try:
+        return field.storage.size(field.name)
+    except OSError:
+        return 0
+
+
+def dataset_files_remove(sender, *, instance: Dataset, **kwargs) -> None:
+    """post_delete receiver: a deleted dataset's files go once the deletion is committed, whoever deleted it (a page, the
+    admin, or the deletion of its owner)."""
+    files = [(f.storage, f.name) for f in (instance.file, instance.eval_file) if f]
+    transaction.on_commit(lambda: [storage.delete(name) for storage, name in files])
 
 
 def _invalid_head(upload: UploadedFile) -> tuple[ContentFile | UploadedFile, dict[str, int] | None]:
@@ -175,7 +207,8 @@ def dataset_create(*, owner, upload: UploadedFile | None, name: str = "", eval_f
     first TUNA_INVALID_UPLOAD_KEEP_KB of the file); the user's stored datasets stay within their quota."""
     eval_fraction = _check_eval_fraction(eval_fraction)
     upload = _check_upload(upload)
-    _check_storage(owner, min(upload.size, invalid_keep_bytes()))  # refused before validating when it cannot fit
+    # Charged its whole size before it is read: a user at the quota cannot make the server validate file after file.
+    _check_storage(owner, upload.size)
     validated = _validate(upload)
     report = validated.report
     valid = report["errors"]["count"] == 0
@@ -223,6 +256,7 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
     if not dataset.is_valid:
         raise UploadRejected("This dataset is invalid; fix the training file first.")
     upload = _check_upload(upload)
+    _check_storage(dataset.owner_id, upload.size - _stored_size(dataset.eval_file))  # charged before it is read
     validated = _validate(upload)
     report = validated.report
     if report["errors"]["count"]:
@@ -238,27 +272,41 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
             f"Every example of {upload.name!r} also occurs in the training file. Held-out examples must be ones the model "
             "was not trained on, or the comparison flatters the fine-tune: upload examples that are not in the training file."
         )
-    old_file = dataset.eval_file.name if dataset.eval_file else None
-    old_size = dataset.eval_file.size if old_file and dataset.eval_file.storage.exists(old_file) else 0
-    dataset.eval_original_filename = upload.name[:255]
-    dataset.num_eval = report["valid_examples"] - len(overlap)
-    dataset.num_train = dataset.num_examples
-    split = dict(dataset.validation_report.get("split", {}))
-    stats = dataset.validation_report.get("stats", {})
-    split.update(
-        train=dataset.num_train,
-        eval=dataset.num_eval,
-        source="file",
-        train_tokens=stats.get("total_tokens", split.get("train_tokens", 0)),
-        train_length_counts=length_counts(validated.total_lens),
-        overlap=len(overlap),
-        overlap_indexes=overlap,
-    )
-    dataset.validation_report = {**dataset.validation_report, "split": split}
     upload.seek(0)
-    _store(dataset, "eval_file", upload.name, upload, adding=upload.size - old_size)
-    if old_file:
-        dataset.eval_file.storage.delete(old_file)
+    # The row is locked while the file is stored and the reference replaced: concurrent uploads to one dataset go in
+    # turn, each removing the file it replaced, so exactly one held-out file is left and it is the one the row names.
+    with transaction.atomic():
+        locked = Dataset.objects.select_for_update().get(pk=dataset.pk)
+        field = locked.eval_file
+        old_name = field.name or None
+        old_size = _stored_size(field) if old_name else 0
+        field.save(upload.name, upload, save=False)
+        new_name = field.name
+        try:
+            _check_storage(locked.owner_id, upload.size - old_size)
+            locked.eval_original_filename = upload.name[:255]
+            locked.num_eval = report["valid_examples"] - len(overlap)
+            locked.num_train = locked.num_examples
+            split = dict(locked.validation_report.get("split", {}))
+            stats = locked.validation_report.get("stats", {})
+            split.update(
+                train=locked.num_train,
+                eval=locked.num_eval,
+                source="file",
+                train_tokens=stats.get("total_tokens", split.get("train_tokens", 0)),
+                train_length_counts=length_counts(validated.total_lens),
+                overlap=len(overlap),
+                overlap_indexes=overlap,
+            )
+            locked.validation_report = {**locked.validation_report, "split": split}
+            locked.save(update_fields=["eval_file", "eval_original_filename", "num_eval", "num_train", "validation_report"])
+        except BaseException:
+            field.storage.delete(new_name)  # the row keeps its file; the new one goes
+            raise
+        if old_name and old_name != new_name:
+            transaction.on_commit(lambda: field.storage.delete(old_name))
+    for name in ("eval_file", "eval_original_filename", "num_eval", "num_train", "validation_report"):
+        setattr(dataset, name, getattr(locked, name))
     return report
 
 

@@ -315,6 +315,7 @@ def experiment_start(
     chosen = grid_point(base.config)
     with transaction.atomic():
         check_active_jobs(owner)
+        _services().check_job_storage(owner, "A sweep")
         experiment = Experiment.objects.create(
             owner=owner,
             dataset=dataset,

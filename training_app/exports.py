@@ -6,6 +6,10 @@ Layout under TUNA_DATA_DIR:
     jobs/<id>/export/merged/                              merged weights (safetensors + tokenizer)
     jobs/<id>/export/adapter-f16.gguf, merged-q8_0.gguf, Modelfile, Modelfile.merged, README.md
 The bundle (README, Modelfiles and the GGUF files) is a tar streamed from those files, never built.
+
+An export is written into jobs/<id>/export.next/ and takes the place of export/ only once it has succeeded: a
+re-export (fewer formats, or one that fails, e.g. on a full disk) never costs the previous export's files. A job
+deleted while its export runs loses its folder when the export stops (nothing it wrote outlives the job).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from django.db import transaction
 
 from datasets_app.examples import held_out_examples
 from training_app.models import Export, TrainingJob
+from training_app.services import check_job_storage, job_dir
+from training_app.storage import remove_tree
 from tuna_core.errors import Conflict, Invalid, Unavailable
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
@@ -58,6 +64,11 @@ def export_dir(job: TrainingJob) -> Path:
     return Path(settings.TUNA_DATA_DIR) / "jobs" / str(job.pk) / "export"
 
 
+def staging_dir(job: TrainingJob) -> Path:
+    """Where an export is written until it has succeeded (then it becomes export_dir)."""
+    return export_dir(job).with_name("export.next")
+
+
 def base_gguf_dir(base_model: str) -> Path:
     return Path(settings.TUNA_GGUF_DIR) / base_model
 
@@ -86,6 +97,7 @@ def export_start(*, owner, job: TrainingJob, formats: list[str] | None = None) -
         if running is not None:
             return running
         check_active_jobs(owner)
+        check_job_storage(owner, "An export")
         export = Export.objects.create(owner=owner, training_job=job, formats=formats)
         job_enqueue(export)
     logger.info("Export %s of job %s queued by %s (%s)", export.pk, job.pk, owner, ", ".join(formats))
@@ -123,26 +135,42 @@ def export_work(export: Export) -> None:
     """The worker's work for a claimed export (tuna_core.jobs keeps its run time however it ends)."""
     started = time.monotonic()
     job = export.training_job
-    out = export_dir(job)
-    out.mkdir(parents=True, exist_ok=True)
-    gguf_export.remove_partials(out)
+    final, out = export_dir(job), staging_dir(job)
     try:
-        files, parity = _export(export, job, out)
-    except Exception:
-        gguf_export.remove_partials(out)
-        raise
-    job_complete(
-        export,
-        stage="Done",
-        progress=1.0,
-        files=files,
-        parity=parity,
-        llama_cpp_version=gguf_export.llama_cpp_version() or "",
-    )
+        shutil.rmtree(out, ignore_errors=True)  # what a killed export left
+        out.mkdir(parents=True)
+        try:
+            files, parity = _export(export, job, out, final)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # a failed export leaves the previous export's files as they were
+            raise
+        _replace(final, out)
+        job_complete(
+            export,
+            stage="Done",
+            progress=1.0,
+            files=files,
+            parity=parity,
+            llama_cpp_version=gguf_export.llama_cpp_version() or "",
+        )
+    finally:
+        if not TrainingJob.objects.filter(pk=job.pk).exists():  # deleted while exporting: its folder goes, again
+            remove_tree(job_dir(job))
     logger.info("Export %s of job %s completed in %.0f s", export.pk, job.pk, time.monotonic() - started)
 
 
-def _export(export: Export, job: TrainingJob, out: Path) -> tuple[list[dict], dict]:
+def _replace(final: Path, staged: Path) -> None:
+    """The new export's folder takes the place of the previous one (two renames on one file system)."""
+    old = final.with_name("export.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staged.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export(export: Export, job: TrainingJob, out: Path, final: Path) -> tuple[list[dict], dict]:
+    """Write the export into `out`; the files are listed where they will be once `out` has become `final`."""
     spec = get_base_model_spec(job.base_model)
     # fp32 whatever the deployment's precision: the files are made from the weights as trained, and the
     # parity check compares llama.cpp with them (bf16 rounds differently from f16 and q8_0 alike).
@@ -163,8 +191,9 @@ def _export(export: Export, job: TrainingJob, out: Path) -> tuple[list[dict], di
     files: list[dict] = []
 
     def add(path: Path, kind: str) -> None:
-        name = str(path.relative_to(out)) if path.is_relative_to(out) else path.name  # "merged/config.json", "base-f16.gguf"
-        files.append({"name": name, "kind": kind, "size_bytes": path.stat().st_size, "path": _relative(path)})
+        inside = path.is_relative_to(out)
+        name = str(path.relative_to(out)) if inside else path.name  # "merged/config.json", "base-f16.gguf"
+        files.append({"name": name, "kind": kind, "size_bytes": path.stat().st_size, "path": _relative(final / name if inside else path)})
 
     merged = out / "merged"
     if Export.Format.MERGED_SAFETENSORS in formats or merged_gguf:

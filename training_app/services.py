@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -27,7 +28,7 @@ from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from training_app.tracking import training_tracking
 from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_write
-from tuna_core.quotas import check_active_jobs
+from tuna_core.quotas import check_active_jobs, check_storage
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
@@ -138,8 +139,34 @@ def training_plan(*, dataset: Dataset, config_data: dict[str, Any], parent: Trai
         return TrainingPlan(None, {}, errors)
     if "dpo_beta" in explicit:
         return TrainingPlan(None, {}, {"dpo_beta": "DPO's beta applies to preference tuning only, not to supervised fine-tuning."})
+    errors = checkpoint_errors(explicit)
+    if errors:
+        return TrainingPlan(None, {}, errors)
     config, reasons, errors = _limited(dataset, explicit, dataset.num_train)
+    if config is not None and config.save_total_limit > settings.TUNA_MAX_CHECKPOINTS_PER_JOB:
+        config = bounded_checkpoints(config)
+        reasons = {**reasons, "save_total_limit": "the most checkpoints a job keeps on this server (TUNA_MAX_CHECKPOINTS_PER_JOB)"}
     return TrainingPlan(config, {**reasons, **fixed}, errors)
+
+
+def checkpoint_errors(explicit: dict[str, Any]) -> dict[str, str]:
+    """A checkpoint count asked for above the server's bound, by field."""
+    asked, limit = explicit.get("save_total_limit"), settings.TUNA_MAX_CHECKPOINTS_PER_JOB
+    if isinstance(asked, int) and asked > limit:
+        return {"save_total_limit": f"At most {limit} checkpoints are kept per job on this server (TUNA_MAX_CHECKPOINTS_PER_JOB); got {asked}."}
+    return {}
+
+
+def bounded_checkpoints(config: TrainingConfig) -> TrainingConfig:
+    """The config with at most TUNA_MAX_CHECKPOINTS_PER_JOB checkpoints kept (Trainer's save_total_limit)."""
+    limit = settings.TUNA_MAX_CHECKPOINTS_PER_JOB
+    return config if config.save_total_limit <= limit else dataclasses.replace(config, save_total_limit=limit)
+
+
+def check_job_storage(owner, action: str) -> None:
+    """Refuse work that writes files (a run, an export) while the user's files fill their quota; inside the transaction
+    that queues it."""
+    check_storage(owner, action=action)
 
 
 def _limited(dataset: Dataset, explicit: dict[str, Any], train_pool: int) -> tuple[TrainingConfig | None, dict[str, str], dict[str, str]]:
@@ -226,6 +253,7 @@ def training_job_start(
     config = plan.config
     with transaction.atomic():
         check_active_jobs(owner)
+        check_job_storage(owner, "A training job")
         job = TrainingJob.objects.create(
             owner=owner,
             dataset=dataset,
@@ -286,12 +314,14 @@ def preference_file_job_start(
         if errors:
             raise ConfigInvalid(errors)
     config, reasons = preference_settings(start, len(pairs), epochs=explicit.get("num_epochs"), explicit=explicit)
-    errors = check_preference_limits(config, len(pairs), explicit)
+    config = bounded_checkpoints(config)
+    errors = check_preference_limits(config, len(pairs), explicit) or checkpoint_errors(explicit)
     if errors:
         raise ConfigInvalid(errors)
     reasons = {**{k: v for k, v in start_reasons.items() if k in LORA_SHAPE or k == "max_seq_length"}, **reasons}
     with transaction.atomic():
         check_active_jobs(owner)
+        check_job_storage(owner, "A preference-tuning job")
         job = TrainingJob.objects.create(
             owner=owner,
             dataset=dataset,
@@ -399,6 +429,7 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
     if errors:
         raise ConfigInvalid(errors)
     check_active_jobs(job.owner)
+    check_job_storage(job.owner, "Training further")
     # The parent's settings, with the validation and checkpoint intervals chosen again for the new length.
     same = {k: v for k, v in parent.to_dict().items() if k not in ("base_model", "eval_steps", "save_steps")}
     config, _ = choose_settings(
@@ -409,7 +440,7 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
         owner=job.owner,
         dataset=job.dataset,
         base_model=job.base_model,
-        config=config.to_dict(),
+        config=bounded_checkpoints(config).to_dict(),
         config_reasons=reasons,
         parent=job,
         step_offset=job.step_offset + (job.best_step if job.best_step is not None else job.current_step),
@@ -431,6 +462,9 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
         raise JobConflict(f"Job #{job.pk} saved no checkpoint to resume from; start a new job instead.")
     if not job.is_active:  # a stuck "training" job is counted already
         check_active_jobs(job.owner)
+    check_job_storage(job.owner, "Resuming the job")
+    if job.config.get("save_total_limit", 0) > settings.TUNA_MAX_CHECKPOINTS_PER_JOB:  # a row from before the bound
+        job.config = {**job.config, "save_total_limit": settings.TUNA_MAX_CHECKPOINTS_PER_JOB}
     job.status = TrainingJob.Status.QUEUED
     job.cancel_requested = False
     job.paused = False
@@ -478,6 +512,8 @@ def training_jobs_delete(*, jobs: list[TrainingJob]) -> None:
         evaluating = job.evaluations.filter(status=job.evaluations.model.Status.RUNNING).first()
         if evaluating is not None:
             raise JobConflict(f"Evaluation #{evaluating.pk} of job #{job.pk} is running; delete the job once it has finished.")
+    # A running export is cancelled by its row going: its next write finds no row (JobLost), it stops and removes the
+    # job's folder itself (training_app.exports.export_work), so nothing it writes after this outlives the job.
     directories = [job_dir(job) for job in locked]
     for job in locked:  # newest first: a continuation goes before the run it continues (on_delete=PROTECT)
         job.delete()

@@ -1,5 +1,5 @@
-"""Fair sharing as a mechanism: how many jobs one user may have queued or running, whatever their kind, and how big
-one sweep may be.
+"""Fair sharing as a mechanism: how many jobs one user may have queued or running, whatever their kind, how big
+one sweep may be, and how much disk one user's files may take (every app registers what it keeps).
 
 The limits are settings (docs/configuration.md); the services call these checks, so pages, API and admin
 obey them alike. What one training job may ask for is training's own rule (training_app.limits).
@@ -7,8 +7,12 @@ obey them alike. What one training job may ask for is training's own rule (train
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import transaction
 
 from tuna_core.errors import LimitReached
 from tuna_core.jobs import job_kinds
@@ -66,4 +70,56 @@ def check_sweep_size(*, runs: int, estimated_seconds: float | None) -> None:
             f"This sweep's {runs} runs are estimated at {hours:.2f} hours of training in all; the limit is {limit:g} hours per "
             "sweep (TUNA_MAX_SWEEP_HOURS). Remove rows from the grid or lower their epochs.",
             errors={"grid": f"Estimated {hours:.2f} hours; at most {limit:g} (TUNA_MAX_SWEEP_HOURS)."},
+        )
+
+
+# -- storage ------------------------------------------------------------------------------------
+# Every app that keeps files for a user registers a counter here (in its AppConfig.ready): owner -> {kind: bytes}.
+# The quota is the sum of them all, so the ground app needs no knowledge of the apps above it.
+StorageCounter = Callable[[Any], dict[str, int]]
+_storage_counters: dict[str, StorageCounter] = {}
+
+
+def register_storage(name: str, counter: StorageCounter) -> None:
+    """Count what `counter(owner)` returns (bytes by kind, e.g. {"datasets": ...}) against the user's storage quota."""
+    _storage_counters[name] = counter
+
+
+def storage_limit_bytes() -> int:
+    return int(settings.TUNA_MAX_STORAGE_MB_PER_USER * 1024 * 1024)
+
+
+def storage_used(owner) -> dict[str, int]:
+    """Bytes the user keeps on disk, by kind (datasets, checkpoints, adapters, exports, ...)."""
+    used: dict[str, int] = {}
+    for counter in _storage_counters.values():
+        for kind, size in counter(owner).items():
+            used[kind] = used.get(kind, 0) + size
+    return used
+
+
+def size_text(size: int) -> str:
+    return f"{size / 1024 / 1024:.1f} MB" if size >= 102_400 else f"{size / 1024:.0f} KB"
+
+
+class StorageFull(LimitExceeded):
+    """The user's files would take more than TUNA_MAX_STORAGE_MB_PER_USER."""
+
+
+def check_storage(owner, *, adding: int | None = None, action: str = "This", error: type[StorageFull] = StorageFull) -> None:
+    """Refuse (`error`, naming the limit) when the user's files plus `adding` bytes pass the quota, or, with `adding`
+    unknown (None: a job whose files are not written yet), when they are at it already. Call inside the transaction that writes:
+    the user's row lock makes two requests count in turn."""
+    owner_id = getattr(owner, "pk", owner)
+    with transaction.atomic():  # a savepoint inside the caller's transaction; alone, a check before anything is read
+        get_user_model().objects.select_for_update().filter(pk=owner_id).first()
+        used = storage_used(owner_id)
+    total, limit = sum(used.values()), storage_limit_bytes()
+    if (total >= limit) if adding is None else (adding > 0 and total + adding > limit):
+        parts = ", ".join(f"{kind} {size_text(size)}" for kind, size in used.items() if size)
+        what = action[:1].lower() + action[1:]
+        needs = f"{what} writes more" if adding is None else f"{what} needs {size_text(adding)}"
+        raise error(
+            f"Your files use {size_text(total)} of your {size_text(limit)} storage quota (TUNA_MAX_STORAGE_MB_PER_USER)"
+            f"{': ' + parts if parts else ''}; {needs}. Delete datasets, jobs or exports you no longer need, then try again."
         )
