@@ -37,9 +37,10 @@ def hash_old_tokens(apps, schema_editor):
     from django.apps import apps as installed
 
     with connection.cursor() as cursor:
-        if installed.is_installed("rest_framework.authtoken"):
-            cursor.execute(f"DELETE FROM {table}")
-        else:
+        if connection.vendor == "sqlite":
+            cursor.execute("PRAGMA secure_delete = ON")  # the freed pages are zeroed, not left in the file
+        cursor.execute(f"DELETE FROM {table}")
+        if not installed.is_installed("rest_framework.authtoken"):
             # The app is gone: its table and its migration records go too, so adding it back starts clean.
             cursor.execute(f"DROP TABLE {table}")
             cursor.execute("DELETE FROM django_migrations WHERE app = %s", ["authtoken"])
