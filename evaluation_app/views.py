@@ -233,8 +233,10 @@ def evaluation_vote(request: HttpRequest, pk: int, index: int) -> HttpResponse:
             user=request.user, evaluation=evaluation, example_index=index, choice=request.POST.get("choice", ""), blind_mode=_blind(request)
         )
     except services.VoteInvalid as exc:
-        if request.htmx:
-            return HttpResponse(str(exc), status=400)
+        if request.htmx:  # the panel again with the refusal in it, escaped like every value a template shows
+            shown = index if selectors.example_at(evaluation, index) else selectors.next_unvoted_index(evaluation, request.user)
+            context = {**_example_context(request, evaluation, shown), "vote_error": str(exc)}
+            return render(request, "evaluation_app/_example_view.html", context, status=400)
         messages.error(request, str(exc))
         return redirect(f"{evaluation.get_absolute_url()}?example={index}")
     following = selectors.next_unvoted_index(evaluation, request.user, after=index)
