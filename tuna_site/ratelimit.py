@@ -1,0 +1,48 @@
+"""Page rate limit: form posts (and every other unsafe method) to the pages, TUNA_PAGE_RATE per user.
+
+The API (/api, /v1) has its own limit (TUNA_API_RATE, a DRF throttle) and the log-in pages theirs (failed
+log-ins, tuna_site.throttles); everything else a browser posts (uploads, the playground, starting jobs) is
+counted here, per signed-in user (per address before signing in). Beyond the rate: 429 with Retry-After and a
+readable page (a fragment for htmx, which swaps 4xx answers into the page).
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.shortcuts import render
+from django.urls import reverse
+
+from tuna_site.throttles import client_ip, parse_rate, rate_hit, wait_text
+
+_SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
+_API_PREFIXES = ("/api/", "/v1/")
+
+
+def page_rate_middleware(get_response):
+    login_paths: set[str] = set()
+
+    def middleware(request):
+        rate = settings.TUNA_PAGE_RATE
+        if rate is None or request.method in _SAFE_METHODS or request.path_info.startswith(_API_PREFIXES):
+            return get_response(request)
+        if not login_paths:
+            login_paths.update({reverse("login"), reverse("admin:login")})
+        if request.path_info in login_paths:
+            return get_response(request)
+        user = getattr(request, "user", None)
+        ident = f"user:{user.pk}" if user is not None and user.is_authenticated else f"ip:{client_ip(request)}"
+        retry_after = rate_hit(f"page:{ident}", rate)
+        if not retry_after:
+            return get_response(request)
+        count, _, period = parse_rate(rate)
+        message = (
+            f"Too many form posts: the limit is {count} per {period} per user (TUNA_PAGE_RATE). "
+            f"Try again in {wait_text(retry_after)}."
+        )
+        htmx = request.headers.get("HX-Request") == "true"
+        template = "rate_limited_fragment.html" if htmx else "rate_limited.html"
+        response = render(request, template, {"message": message, "retry_after": retry_after}, status=429)
+        response["Retry-After"] = str(retry_after)
+        return response
+
+    return middleware
