@@ -44,9 +44,16 @@ def hash_old_tokens(apps, schema_editor):
             # The app is gone: its table and its migration records go too, so adding it back starts clean.
             cursor.execute(f"DROP TABLE {table}")
             cursor.execute("DELETE FROM django_migrations WHERE app = %s", ["authtoken"])
+    if not installed.is_installed("rest_framework.authtoken"):
+        # Nor do its content type and permissions linger in the admin's permission lists.
+        apps.get_model("contenttypes", "ContentType").objects.filter(app_label="authtoken").delete()
 
 
 class Migration(migrations.Migration):
-    dependencies = [("tuna_core", "0001_api_tokens")]
+    dependencies = [
+        ("tuna_core", "0001_api_tokens"),
+        ("contenttypes", "0002_remove_content_type_name"),
+        ("auth", "0012_alter_user_first_name_max_length"),
+    ]
 
     operations = [migrations.RunPython(hash_old_tokens, migrations.RunPython.noop, elidable=True)]

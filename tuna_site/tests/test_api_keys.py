@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import pytest
+from django.contrib.auth.models import Permission
+from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from django.urls import reverse
 from rest_framework.test import APIClient
@@ -166,6 +168,9 @@ def test_it_turns_keys_from_before_the_upgrade_into_digests_that_still_work(alic
                 [old[user.username], datetime(2025, 1, 2, tzinfo=UTC), user.pk],
             )
 
+    token_type = ContentType.objects.get_or_create(app_label="authtoken", model="token")[0]
+    Permission.objects.get_or_create(content_type=token_type, codename="view_token", defaults={"name": "Can view Token"})
+
     editor = SimpleNamespace(connection=connection, quote_name=connection.ops.quote_name)
     migration.hash_old_tokens(django_apps(), editor)
 
@@ -177,6 +182,8 @@ def test_it_turns_keys_from_before_the_upgrade_into_digests_that_still_work(alic
         assert api_status(old[user.username], "Token") == 200
         assert api_status(old[user.username], "Bearer") == 200
     assert "authtoken_token" not in connection.introspection.table_names()  # the plaintext table is gone
+    assert not ContentType.objects.filter(app_label="authtoken").exists()
+    assert not Permission.objects.filter(codename="view_token").exists()
     dump = database_text()
     assert old["alice"] not in dump and old["bob"] not in dump
 
