@@ -13,6 +13,8 @@ class TrainingJob(WorkerJob):
     # The running state is stored, shown and answered by the API as "training" (the seed's name).
     Status = job_statuses("training", qualname="TrainingJob.Status")
     WORK_FUNCTION = "training_app.services.training_job_work"
+    # Called by tuna_core.jobs.job_fail with the pk of a job that failed because the database stayed away: resumes it once.
+    AUTO_RESUME_FUNCTION = "training_app.services.training_job_auto_resume"
     WORK = "Training"
     WORKER_STOPPED = (
         "The worker stopped while this job was running (it was restarted or crashed). Resume the job to continue from its last checkpoint."

@@ -27,7 +27,7 @@ from training_app.limits import check_epochs, check_preference_limits, limited_s
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from training_app.tracking import training_tracking
 from tuna_core.errors import Conflict, Invalid
-from tuna_core.jobs import job_enqueue, job_held, job_is_stuck, job_write
+from tuna_core.jobs import MAX_AUTO_RESUMES, db_retry, job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs, check_storage
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
@@ -543,8 +543,11 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
         step = int(resume_from.name.split("-")[-1])
         # The resumed run logs these steps again: keep the history identical to an unbroken run.
         LossPoint.objects.filter(job=job, step__gt=step).delete()
-    elif out.exists():
-        shutil.rmtree(out)
+    else:
+        # A run from the start (a resumed job that saved no checkpoint starts over): its history starts over too.
+        LossPoint.objects.filter(job=job).delete()
+        if out.exists():
+            shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     previous_seconds = job.train_seconds
     previous_eval_seconds = job.eval_seconds if resume_from else 0.0
@@ -555,32 +558,49 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
         job_write(TrainingJob, job.pk, total_steps=total, device=plan.device)
 
     def on_progress(p: Progress) -> None:
+        tries = 0
+
+        def write() -> None:
+            nonlocal tries
+            tries += 1
+            with transaction.atomic():  # progress and its loss point land together, and only while this process holds the job
+                _write_progress(p, again=tries > 1)
+
+        # The database away (a restart, a failover): the whole transaction is tried again on a fresh connection.
+        db_retry(write, f"Training job #{job.pk}'s step {p.step}")
+
+    def _write_progress(p: Progress, *, again: bool) -> None:
         run_tokens = p.tokens_seen - tokens_at_start
-        with transaction.atomic():  # progress and its loss point land together, and only while this process holds the job
-            job_write(
-                TrainingJob,
-                job.pk,
-                current_step=p.step,
-                total_steps=p.total_steps,
-                epoch=p.epoch,
-                tokens_seen=p.tokens_seen,
-                tokens_per_second=run_tokens / (p.train_seconds - p.eval_seconds)
-                if p.train_seconds > p.eval_seconds and run_tokens > 0
-                else F("tokens_per_second"),
-                train_seconds=previous_seconds + (time.monotonic() - run_started),
-                eta_seconds=p.eta_seconds,
-                eval_seconds=previous_eval_seconds + p.eval_seconds,
-            )
-            LossPoint.objects.create(job=job, step=p.step, epoch=p.epoch, loss=p.loss, eval_loss=p.eval_loss, learning_rate=p.learning_rate)
+        job_write(
+            TrainingJob,
+            job.pk,
+            current_step=p.step,
+            total_steps=p.total_steps,
+            epoch=p.epoch,
+            tokens_seen=p.tokens_seen,
+            tokens_per_second=run_tokens / (p.train_seconds - p.eval_seconds)
+            if p.train_seconds > p.eval_seconds and run_tokens > 0
+            else F("tokens_per_second"),
+            train_seconds=previous_seconds + (time.monotonic() - run_started),
+            eta_seconds=p.eta_seconds,
+            eval_seconds=previous_eval_seconds + p.eval_seconds,
+        )
+        point = {"step": p.step, "epoch": p.epoch, "loss": p.loss, "eval_loss": p.eval_loss, "learning_rate": p.learning_rate}
+        # A try whose commit landed although its answer was lost must not add the point twice: one loss per step.
+        if not (again and LossPoint.objects.filter(job=job, **point).exists()):
+            LossPoint.objects.create(job=job, **point)
 
     stops_early = early_stop_check(job)  # a sweep's run, clearly losing on validation loss (training_app.experiments)
 
     def should_stop() -> bool:
         # Cancelled or paused, or no longer this process's job (reaped, or resumed elsewhere): stop at once.
-        return not job_held(TrainingJob, job.pk).filter(cancel_requested=False).exists() or stops_early()
+        return db_retry(
+            lambda: not job_held(TrainingJob, job.pk).filter(cancel_requested=False).exists() or stops_early(),
+            f"Training job #{job.pk}'s stop check",
+        )
 
     def checkpoint_on_stop() -> bool:
-        return TrainingJob.objects.filter(pk=job.pk, paused=True).exists()
+        return db_retry(lambda: TrainingJob.objects.filter(pk=job.pk, paused=True).exists(), f"Training job #{job.pk}'s pause check")
 
     tracked = training_tracking(job, resume_from)  # TensorBoard, and MLflow / W&B when configured: fed each point
     hooks = TrainingHooks(
@@ -642,11 +662,41 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
     tracked.end(fields["status"])
     logger.info("Training job %s %s after %s steps", job.pk, fields["status"], result.global_step)
     if fields["status"] == TrainingJob.Status.COMPLETED:
-        job_completed.send(sender=TrainingJob, job=TrainingJob.objects.get(pk=job.pk))
+        job_completed.send(sender=TrainingJob, job=db_retry(lambda: TrainingJob.objects.get(pk=job.pk), f"Reading training job #{job.pk}"))
     if fields["status"] == TrainingJob.Status.COMPLETED and "tokens_per_second" in fields and not job.is_preference:
-        ThroughputMeasurement.objects.create(
-            base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
+        db_retry(
+            lambda: ThroughputMeasurement.objects.create(
+                base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
+            ),
+            f"Training job #{job.pk}'s measured speed",
         )
+
+
+@transaction.atomic
+def training_job_auto_resume(pk: int) -> bool:
+    """TrainingJob.AUTO_RESUME_FUNCTION: a job that failed because the database stayed away longer than
+    TUNA_DB_RETRY_S is queued again by the worker, at most MAX_AUTO_RESUMES times, from its last checkpoint (from
+    the start when it saved none; training_job_work keeps one loss per step either way). False when it is not
+    resumed: it was resumed so already, or its owner cancelled, paused or resumed it meanwhile. The job takes back
+    its own place: the active-jobs limit counted it while it ran."""
+    job = TrainingJob.objects.select_for_update().filter(pk=pk).first()
+    if job is None or job.status != TrainingJob.Status.FAILED or job.cancel_requested or job.auto_resumes >= MAX_AUTO_RESUMES:
+        return False
+    checkpoint = resumable_checkpoint(job)
+    job.status = TrainingJob.Status.QUEUED
+    job.paused = False
+    job.error_message = ""
+    job.error_traceback = ""
+    job.completed_at = None
+    job.eta_seconds = None
+    job.resume_count += 1
+    job.auto_resumes += 1
+    job.save()
+    job_enqueue(job)
+    logger.warning(
+        "Training job %s resumed by the worker after a database outage, from %s", pk, checkpoint.name if checkpoint else "the start"
+    )
+    return True
 
 
 def dataset_jobs_delete(sender, *, dataset: Dataset, **kwargs) -> None:

@@ -13,6 +13,10 @@
   (loading the model, training, evaluating, saving), so a long model load never looks like a dead worker.
 - The worker's supervisor (tuna_core.supervisor) reaps: rows of its machine whose process is gone, and
   rows of any machine whose heartbeat stopped for TUNA_HEARTBEAT_TIMEOUT_S.
+- A database that goes away for a while (a restart, a failover) costs a running job nothing: its writes
+  (progress, loss points, final status) and its stop checks retry on a fresh connection for up to
+  TUNA_DB_RETRY_S (`db_retry`, each try logged), the heartbeat closes its broken connection and beats again.
+  Past the bound the job fails, and a kind that names an AUTO_RESUME_FUNCTION is resumed by it once.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from django.apps import apps
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Count, F, Max, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -44,10 +49,70 @@ from tuna_llm.loading import ModelUnavailable
 logger = logging.getLogger("tuna.jobs")
 
 RUN_NEXT_TASK = "tuna_core.jobs.run_next_job"
+# What a database that is not there (restarting, failing over, refusing connections) raises through Django.
+DATABASE_UNREACHABLE = (OperationalError, InterfaceError)
+# Pauses between the tries of a write while the database is away (the last one repeats up to TUNA_DB_RETRY_S).
+RETRY_DELAYS = (0.2, 0.5, 1, 2, 3)
+# A job that failed because the database stayed away is resumed by the worker this many times at most.
+MAX_AUTO_RESUMES = 1
+
+T = TypeVar("T")
 
 
 class JobLost(Exception):
     """This process no longer holds the row: it was reaped, cancelled without it, or taken elsewhere."""
+
+
+def database_unreachable(exc: BaseException | None) -> bool:
+    """The exception (or the one it was raised from) says the database could not be reached."""
+    while exc is not None:
+        if isinstance(exc, DATABASE_UNREACHABLE):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def connection_drop() -> None:
+    """Forget this thread's connection (a broken one cannot be used again); the next query opens a fresh one."""
+    try:
+        connection.close()
+    except DatabaseError:  # closing a connection the server already dropped may complain: it is gone either way
+        connection.connection = None
+
+
+def db_retry(attempt: Callable[[], T], what: str, *, bound: float | None = None) -> T:
+    """Run `attempt` (a write or a read of the database) until it succeeds, for at most `bound` seconds
+    (TUNA_DB_RETRY_S): after each OperationalError/InterfaceError the broken connection is closed and the next
+    try opens a fresh one. Each try is logged; past the bound the last error is raised.
+
+    Inside a transaction (the caller's atomic block) nothing can be retried halfway: the error goes up to the
+    code that opened the transaction, which retries it whole."""
+    if connection.in_atomic_block:
+        return attempt()
+    bound = settings.TUNA_DB_RETRY_S if bound is None else bound
+    started = time.monotonic()
+    tries = 0
+    while True:
+        try:
+            result = attempt()
+        except DATABASE_UNREACHABLE as exc:
+            connection_drop()
+            waited = time.monotonic() - started
+            left = bound - waited
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if left <= 0:
+                logger.error("%s: the database is still unreachable after %.0f s (TUNA_DB_RETRY_S=%s): %s", what, waited, bound, reason)
+                raise
+            delay = min(RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)], left)
+            tries += 1
+            logger.warning(
+                "%s: the database is unreachable (%s); try %s again in %.1f s on a fresh connection", what, reason, tries + 1, delay
+            )
+            time.sleep(delay)
+            continue
+        if tries:
+            logger.warning("%s: done on try %s, after %.1f s without the database", what, tries + 1, time.monotonic() - started)
+        return result
 
 
 def job_kinds() -> list[type[WorkerJob]]:
@@ -140,7 +205,7 @@ def job_work(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None])
 
     The row's run time is kept however the work ends: `job_complete` and `job_fail` write it with the final
     status (after JobLost nothing is written: the row is not this process's any more)."""
-    job = model.objects.get(pk=pk)
+    job = db_retry(lambda: model.objects.get(pk=pk), f"Reading {model.__name__} #{pk}")
     job.work_started = time.monotonic()
     # Another connection cannot see (or write) the row until the caller's transaction commits: inside
     # one (a test's transaction), the work's own writes are the heartbeat.
@@ -155,7 +220,16 @@ def job_work(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None])
         )
     except Exception as exc:  # every failure ends as `failed` with a readable reason
         logger.exception("%s #%s failed", model.__name__, pk)
-        job_fail(job, exc)
+        try:
+            job_fail(job, exc)
+        except DATABASE_UNREACHABLE as lost:  # still away after a second TUNA_DB_RETRY_S: the watchdog fails the row later
+            logger.error(
+                "%s #%s: its failure could not be recorded (the database is unreachable: %s); once the database is back, the "
+                "worker's watchdog fails the row, whose heartbeat has stopped",
+                model.__name__,
+                pk,
+                lost,
+            )
     finally:
         if heartbeat:
             heartbeat.stop()
@@ -168,8 +242,11 @@ def job_held(model: type[WorkerJob], pk: int) -> QuerySet:
 
 
 def job_write(model: type[WorkerJob], pk: int, **fields) -> None:
-    """Write progress (or the final status) of a row this process holds; JobLost when it holds it no more."""
-    if not job_held(model, pk).update(heartbeat_at=timezone.now(), **fields):
+    """Write progress (or the final status) of a row this process holds; JobLost when it holds it no more.
+
+    Retried on a fresh connection while the database is away (db_retry); inside the caller's transaction the
+    caller retries the whole transaction."""
+    if not db_retry(lambda: job_held(model, pk).update(heartbeat_at=timezone.now(), **fields), f"Writing {model.__name__} #{pk}"):
         raise JobLost(f"{model.__name__} #{pk}")
 
 
@@ -187,18 +264,34 @@ def job_complete(job: WorkerJob, **fields) -> None:
 
 
 def job_fail(job: WorkerJob, exc: BaseException, **fields) -> None:
-    """End a running job as failed with a readable reason (the traceback goes to the admin) and its run time."""
-    written = job_held(type(job), job.pk).update(
-        status=job.Status.FAILED,
-        error_message=readable_error(exc, job.WORK),
-        error_traceback=traceback.format_exc(),
-        completed_at=timezone.now(),
+    """End a running job as failed with a readable reason (the traceback goes to the admin) and its run time.
+
+    A job that failed because the database stayed away longer than TUNA_DB_RETRY_S is then resumed once by its
+    kind's AUTO_RESUME_FUNCTION (from its last checkpoint), when the kind names one."""
+    model = type(job)
+    failure = {
+        "status": job.Status.FAILED,
+        "error_message": readable_error(exc, job.WORK),
+        "error_traceback": "".join(traceback.format_exception(exc)),
+        "completed_at": timezone.now(),
         **job.stop_fields(),
         **job_run_time(job),
         **fields,
-    )
+    }
+    written = db_retry(lambda: job_held(model, job.pk).update(**failure), f"Recording the failure of {model.__name__} #{job.pk}")
     if not written:
-        logger.warning("%s #%s failed after this process lost it; the failure is not recorded", type(job).__name__, job.pk)
+        logger.warning("%s #%s failed after this process lost it; the failure is not recorded", model.__name__, job.pk)
+        return
+    resume = getattr(model, "AUTO_RESUME_FUNCTION", None)
+    if resume and database_unreachable(exc):
+        if db_retry(lambda: import_string(resume)(job.pk), f"Resuming {model.__name__} #{job.pk}"):
+            logger.warning(
+                "%s #%s failed while the database was away; resumed from its last checkpoint by the worker", model.__name__, job.pk
+            )
+        else:
+            logger.warning(
+                "%s #%s failed while the database was away; not resumed again (it was resumed once already)", model.__name__, job.pk
+            )
 
 
 class Heartbeat(threading.Thread):
@@ -226,8 +319,10 @@ class Heartbeat(threading.Thread):
                     self.model.objects.filter(
                         pk=self.pk, status=self.model.Status.RUNNING, worker_host=self.host, worker_pid=self.pid
                     ).update(heartbeat_at=timezone.now())
-                except DatabaseError as exc:  # a busy or unreachable database: the next beat tries again
+                except DatabaseError as exc:  # a busy or unreachable database: the next beat tries again, on a fresh connection
                     logger.warning("Heartbeat of %s #%s not written: %s", self.model.__name__, self.pk, exc)
+                    if database_unreachable(exc):
+                        connection_drop()
         finally:
             connection.close()
 
@@ -246,15 +341,18 @@ def job_is_stuck(job: WorkerJob) -> bool:
     return job.status == job.Status.RUNNING and (job.heartbeat_at is None or job.heartbeat_at < heartbeat_stale_before())
 
 
-def jobs_reap(process_alive: Callable[[int], bool] = lambda pid: False) -> dict[str, int]:
+def jobs_reap(process_alive: Callable[[int], bool] = lambda pid: False, *, stale_heartbeats: bool = True) -> dict[str, int]:
     """Fail the running rows nobody runs any more; counts per kind.
 
     On this machine: rows whose process is not alive (at a worker's start-up, every row of the machine).
-    On any machine: rows whose heartbeat is older than TUNA_HEARTBEAT_TIMEOUT_S.
+    On any machine: rows whose heartbeat is older than TUNA_HEARTBEAT_TIMEOUT_S (unless `stale_heartbeats` is
+    False: just after a database outage no heartbeat could land, so an old one says nothing yet).
     """
     reaped = {}
     me = worker_host()
     stale = Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=heartbeat_stale_before()) | Q(worker_host="")
+    if not stale_heartbeats:
+        stale = Q(pk__in=[])
     for model in job_kinds():
         running = model.objects.filter(status=model.Status.RUNNING)
         gone = Q(pk__in=[])
@@ -278,8 +376,17 @@ def queue_position(job: WorkerJob) -> int:
 def readable_error(exc: BaseException, work: str = "The job") -> str:
     name = type(exc).__name__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    from tuna_core.disk import disk_full, disk_full_message  # a full disk is named, whatever wrapped it
+
+    if disk_full(exc):
+        return disk_full_message(work)
     if "OutOfMemory" in name or "out of memory" in text.lower():
         return "The machine ran out of memory. Lower batch_size or max_seq_length (or raise gradient_accumulation_steps) and start again."
+    if database_unreachable(exc):
+        return (
+            f"{work} stopped: the database could not be reached for longer than TUNA_DB_RETRY_S "
+            f"({settings.TUNA_DB_RETRY_S:g} s) ({name}{': ' + text[:200] if text else ''})."
+        )
     if isinstance(exc, (ValueError, ModelUnavailable)) and text:
         return text
     return f"{work} stopped with an error ({name}{': ' + text[:300] if text else ''}). The full traceback is in the admin."

@@ -14,6 +14,10 @@
   for TUNA_HEARTBEAT_TIMEOUT_S (a hung process) has its process killed first. Rows of other machines
   are failed once their heartbeat is that old, so a worker recreated under a new name frees them.
 - A cluster that dies on its own is cleaned up and started again.
+- A database that goes away does not stop the supervisor: a pass that cannot reach it is logged and skipped,
+  and the next one uses a fresh connection. Once it is back, heartbeats get TUNA_HEARTBEAT_TIMEOUT_S to land
+  again before a silent job counts as hung (none could be written meanwhile), and queued rows whose task was
+  lost with the outage are given one (jobs_requeue).
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import time
 from pathlib import Path
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections
 
-from tuna_core.jobs import heartbeat_stale_before, job_kinds, jobs_reap, jobs_requeue
+from tuna_core.jobs import connection_drop, db_retry, heartbeat_stale_before, job_kinds, jobs_reap, jobs_requeue
 from tuna_core.workers import SUPERVISOR_ENV, process_exists, worker_host
 
 logger = logging.getLogger("tuna.worker")
@@ -46,30 +50,68 @@ class Supervisor:
         self.stop_requested = False
         self.cluster: subprocess.Popen | None = None
         self.restarts = 0
+        # The database: since when (time.monotonic()) a pass could not reach it, and when it was reached again.
+        self.database_lost_at: float | None = None
+        self.database_back_at: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-        self._report(jobs_reap(), "left running by a stopped worker")  # nothing of this machine runs yet
-        if added := jobs_requeue():
+        # Nothing of this machine runs yet. A database not reachable yet (starting with the worker) is waited for.
+        self._report(db_retry(jobs_reap, "Failing the jobs a stopped worker left running"), "left running by a stopped worker")
+        if added := db_retry(jobs_requeue, "Queueing tasks for queued jobs"):
             self.write(f"Queued {added} task(s) for queued jobs that had none.")
         self.write(f"Worker {worker_host()} (supervisor pid {os.getpid()}) starting; jobs run in a supervised cluster.")
         self._start_cluster()
         try:
             while not self._sleep(settings.TUNA_WATCHDOG_SECONDS):
-                close_old_connections()
-                if self.cluster.poll() is not None:
-                    self._restart_cluster()
-                self.watch()
+                self.tick()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_IGN)  # more signals must not interrupt the clean-up
             self._stop_cluster()
             # Every process of the cluster is gone: whatever this machine was running stopped with it.
-            self._report(jobs_reap(), "stopped with the worker")
+            try:
+                self._report(jobs_reap(), "stopped with the worker")
+            except DatabaseError as exc:
+                logger.error("The database is unreachable: the jobs this worker ran stay marked running until a worker starts (%s)", exc)
             self.write("Worker stopped.")
         return 0
+
+    def tick(self) -> None:
+        """One watchdog pass: restart a cluster that exited, then watch the jobs. A pass that cannot reach the
+        database is logged and skipped (the cluster keeps running); the next one opens a fresh connection."""
+        try:
+            close_old_connections()
+            if self.cluster is not None and self.cluster.poll() is not None:
+                self._restart_cluster()
+            self.watch()
+        except DatabaseError as exc:
+            connection_drop()
+            if self.database_lost_at is None:
+                self.database_lost_at = time.monotonic()
+                self.write(
+                    f"The database is unreachable ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                    "the watchdog waits for it, running jobs retry their writes."
+                )
+            return
+        if self.database_lost_at is not None:
+            self.write(f"The database is back after {time.monotonic() - self.database_lost_at:.0f} s.")
+            self.database_lost_at = None
+            self.database_back_at = time.monotonic()
+            try:
+                if added := jobs_requeue():  # a task the cluster could not take while the database was away
+                    self.write(f"Queued {added} task(s) for queued jobs that had none.")
+            except DatabaseError as exc:
+                logger.warning("Queueing tasks after the outage failed (the next start does it): %s", exc)
+
+    def heartbeats_due(self) -> bool:
+        """Whether a silent heartbeat means a hung job: not while the database is away, nor for
+        TUNA_HEARTBEAT_TIMEOUT_S after it came back (no heartbeat could land meanwhile)."""
+        if self.database_lost_at is not None:
+            return False
+        return self.database_back_at is None or time.monotonic() - self.database_back_at >= settings.TUNA_HEARTBEAT_TIMEOUT_S
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
@@ -90,7 +132,7 @@ class Supervisor:
     def _restart_cluster(self) -> None:
         code = self.cluster.returncode
         self._stop_cluster()
-        self._report(jobs_reap(self.cluster_process), "stopped with the cluster")
+        self._report(jobs_reap(self.cluster_process, stale_heartbeats=self.heartbeats_due()), "stopped with the cluster")
         delay = RESTART_DELAYS[min(self.restarts, len(RESTART_DELAYS) - 1)]
         self.restarts += 1
         self.write(f"The job cluster exited (code {code}); starting it again in {delay} s.")
@@ -126,8 +168,9 @@ class Supervisor:
 
     def watch(self) -> None:
         """Kill this machine's hung job processes, then fail every running row nobody runs any more."""
+        heartbeats_due = self.heartbeats_due()
         stale_before = heartbeat_stale_before()
-        for model in job_kinds():
+        for model in job_kinds() if heartbeats_due else []:
             hung = model.objects.filter(status=model.Status.RUNNING, worker_host=worker_host(), heartbeat_at__lt=stale_before)
             for pk, pid in hung.values_list("pk", "worker_pid"):
                 if pid and self.cluster_process(pid):
@@ -140,7 +183,7 @@ class Supervisor:
                     )
                     os.kill(pid, signal.SIGKILL)
                     _wait_gone(pid)
-        self._report(jobs_reap(self.cluster_process), "whose process stopped or hung")
+        self._report(jobs_reap(self.cluster_process, stale_heartbeats=heartbeats_due), "whose process stopped or hung")
 
     def _report(self, reaped: dict[str, int], why: str) -> None:
         counts = " and ".join(f"{count} {kind}" for kind, count in reaped.items() if count)
