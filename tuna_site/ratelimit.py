@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.shortcuts import render
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 
 from tuna_site.throttles import client_ip, parse_rate, rate_hit, wait_text
 
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS", "TRACE"}
 _API_PREFIXES = ("/api/", "/v1/")
+
+
+def _login_paths() -> set[str]:
+    found = set()
+    for name in ("login", "admin:login"):
+        try:
+            found.add(reverse(name))
+        except NoReverseMatch:  # a site without the admin
+            pass
+    return found
 
 
 def page_rate_middleware(get_response):
@@ -26,7 +36,7 @@ def page_rate_middleware(get_response):
         if rate is None or request.method in _SAFE_METHODS or request.path_info.startswith(_API_PREFIXES):
             return get_response(request)
         if not login_paths:
-            login_paths.update({reverse("login"), reverse("admin:login")})
+            login_paths.update(_login_paths())
         if request.path_info in login_paths:
             return get_response(request)
         user = getattr(request, "user", None)
