@@ -151,6 +151,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "tuna_core.outage.DatabaseOutageMiddleware",  # 503 + Retry-After, not 500, while the database is away; outside the rest
     "datasets_app.uploads.upload_cleanup_middleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
