@@ -51,12 +51,13 @@ def data_dir(settings, tmp_path, shared_gguf_dir):
 
 @pytest.fixture(autouse=True)
 def rate_limits(settings):
-    """Counters never carry from one test to the next, and the API rate is generous (a test of the throttle
-    lowers it with `settings`); the other limits keep their defaults."""
+    """Counters never carry from one test to the next, and the API and page rates are generous (a test of a
+    rate lowers it with `settings`); the other limits keep their defaults."""
     from django.core.cache import cache
 
     cache.clear()
     settings.TUNA_API_RATE = "100000/min"
+    settings.TUNA_PAGE_RATE = "100000/min"
     yield
     cache.clear()
 

@@ -57,6 +57,7 @@ def live_site(tmp_path_factory):
         "TUNA_PARITY_EXAMPLES": "4",
         # The fuzzer sends thousands of calls a minute: the API rate limit (tested on its own) stays out of its way.
         "TUNA_API_RATE": "off",
+        "TUNA_PAGE_RATE": "off",  # the browser tests post pages faster than a person (the limit: test_page_rate.py)
         "TUNA_MIN_PREFERENCE_PAIRS": "2",
     }
     port = _free_port()
