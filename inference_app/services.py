@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from inference_app.engines import TRANSFORMERS
 from inference_app.models import UsageLog
 from training_app import selectors as training_selectors
 from training_app.models import TrainingJob
+from tuna_core.admission import Slots, Ticket, TooManyAtOnce
 from tuna_core.costs import cost_usd
 from tuna_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
@@ -174,6 +174,7 @@ class Call:
     precision: str = ""  # "bf16" / "fp32" on transformers (the deployment's), "gguf" on llama.cpp
     result: Generation | None = None
     chat: object | None = None  # a chat call's request (inference_app.conversation.ChatRequest): how its answer is read
+    admission: Ticket | None = None  # a stream's slot, taken by `admit` before its 200 and given back when the stream ends
 
 
 def prepare_call(
@@ -270,42 +271,64 @@ def run_call(call: Call):
     return run_calls([call])[0]
 
 
+class InferenceTooMany(InferenceRefused, TooManyAtOnce, RuntimeError):
+    """One user already has TUNA_MAX_INFERENCE_PER_USER calls waiting for (or in) generation in this process."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class _Admissions:
-    """Calls of this process waiting for (or in) generation. Each holds a server thread, so beyond
-    TUNA_MAX_INFERENCE_QUEUE a call is refused at once (503 with Retry-After) instead of queueing: the
-    queue cannot grow without bound, and threads stay free for every other page."""
+    """Calls of this process waiting for (or in) generation, streams included. Each holds a server thread, so
+    beyond TUNA_MAX_INFERENCE_QUEUE a call is refused at once (503 with Retry-After) instead of queueing: the
+    queue cannot grow without bound, and threads stay free for every other page. One user holds at most
+    TUNA_MAX_INFERENCE_PER_USER of them (429 beyond), so the rest of the queue stays for the others."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
+        self.slots = Slots()
+
+    @property
+    def count(self) -> int:
+        return self.slots.total
 
     @contextmanager
-    def admitted(self, engine, rows: int) -> Iterator[None]:
-        limit = settings.TUNA_MAX_INFERENCE_QUEUE
-        with self._lock:
-            if self.count + rows > limit:
-                retry = max(1, math.ceil(engine.wait_estimate_s(rows)))
-                raise InferenceBusy(
-                    f"The model is busy: {self.count} calls are waiting for generation and the limit is {limit} "
-                    f"(TUNA_MAX_INFERENCE_QUEUE). Try again in about {retry} s.",
-                    retry_after=retry,
-                )
-            self.count += rows
+    def admitted(self, engine, rows: int, user=None) -> Iterator[None]:
+        """`rows` calls of `user` (None: no user's share, e.g. the server's own calls) admitted while inside."""
+        ticket = self.take(engine, rows, user)
         try:
             yield
         finally:
-            with self._lock:
-                self.count -= rows
+            ticket.release()
+
+    def take(self, engine, rows: int, user=None) -> Ticket:
+        """Slots for `rows` calls of `user`, held until the ticket is released (or dropped); refused at once."""
+        limit, per_user = settings.TUNA_MAX_INFERENCE_QUEUE, settings.TUNA_MAX_INFERENCE_PER_USER
+        key = getattr(user, "pk", None)
+        refusal = self.slots.take(key, rows, per_key=per_user if key is not None else limit, total=limit)
+        if refusal is not None:
+            retry = max(1, math.ceil(engine.wait_estimate_s(rows)))
+            if refusal.scope == "user":
+                raise InferenceTooMany(
+                    f"You already have {refusal.held} calls waiting for generation and the limit is {per_user} per user "
+                    f"(TUNA_MAX_INFERENCE_PER_USER). Let one finish (or close a stream), then try again in about {retry} s.",
+                    retry_after=retry,
+                )
+            raise InferenceBusy(
+                f"The model is busy: {refusal.held} calls are waiting for generation and the limit is {limit} "
+                f"(TUNA_MAX_INFERENCE_QUEUE). Try again in about {retry} s.",
+                retry_after=retry,
+            )
+        return Ticket(self.slots, key, rows)
 
 
 admissions = _Admissions()
 
 
 def admit(call: Call) -> None:
-    """Refuse a call now (InferenceBusy, logged) if it could not be admitted; for streams, before their 200 goes out."""
+    """Take a stream's slot now, before its 200 goes out (refused: InferenceBusy / InferenceTooMany, logged); the
+    stream gives it back when it ends or is closed (or, never started, when the call is dropped)."""
     try:
-        with admissions.admitted(_runner(call), 1):
-            pass
+        call.admission = admissions.take(_runner(call), 1, call.user)
     except InferenceRefused as exc:
         log_refused(call, exc)
         raise
@@ -317,7 +340,7 @@ def run_calls(calls: list[Call]) -> list[Generation]:
     by_runner: dict[Engine, list[Call]] = {}
     for call in calls:
         by_runner.setdefault(_runner(call), []).append(call)
-    with _refusals_logged_for(calls), admissions.admitted(next(iter(by_runner)), len(calls)):
+    with _refusals_logged_for(calls), admissions.admitted(next(iter(by_runner)), len(calls), calls[0].user):
         return _run_admitted(calls, by_runner)
 
 
@@ -325,7 +348,7 @@ def run_calls(calls: list[Call]) -> list[Generation]:
 def _refusals_logged_for(calls: list[Call]) -> Iterator[None]:
     try:
         yield
-    except InferenceBusy as exc:
+    except (InferenceBusy, InferenceTooMany) as exc:
         for call in calls:
             _log_error(call, exc)
         raise
@@ -355,7 +378,7 @@ def stream_call(call: Call) -> Iterator[str]:
     early (the client went away): its generation is then stopped and logged with finish_reason "cancelled"."""
     runner = _runner(call)
     try:
-        with admissions.admitted(runner, 1):
+        with _stream_slot(call, runner):
             yield from _pieces(call, runner)
     except GeneratorExit:
         if call.result is not None:
@@ -365,6 +388,17 @@ def stream_call(call: Call) -> Iterator[str]:
         _log_error(call, exc)
         raise
     _log(call, call.result)
+
+
+@contextmanager
+def _stream_slot(call: Call, runner: Engine) -> Iterator[None]:
+    """The slot `admit` took for the stream, or one taken now."""
+    ticket, call.admission = call.admission, None
+    ticket = ticket or admissions.take(runner, 1, call.user)
+    try:
+        yield
+    finally:
+        ticket.release()
 
 
 def _pieces(call: Call, runner: Engine) -> Iterator[str]:

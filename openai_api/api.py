@@ -19,6 +19,7 @@ from openai_api.models import JobFiles
 from training_app import services as training
 from training_app.models import TrainingJob
 from training_app.selectors import job_checkpoints
+from tuna_core import admission
 from tuna_llm.training_config import POSITIVE, RANGES
 
 
@@ -263,7 +264,10 @@ class FileContentApi(OpenAIView):
     @extend_schema(summary="A file's content (OpenAI-compatible)", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY})
     def get(self, request: Request, file_id: str) -> FileResponse:
         dataset = selectors.get_file_for_user(request.user, file_id)
-        return FileResponse(dataset.file.open("rb"), content_type="application/octet-stream", filename=dataset.original_filename)
+        with admission.download_slot(request.user) as ticket:  # 429 / 503 beyond the download limits
+            return admission.file_response(
+                dataset.file.open("rb"), ticket, content_type="application/octet-stream", filename=dataset.original_filename
+            )
 
 
 # -- jobs ------------------------------------------------------------------------------------------

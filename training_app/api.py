@@ -10,7 +10,7 @@ from datasets_app.models import Dataset
 from datasets_app.selectors import get_dataset_for_user
 from training_app import services
 from training_app.models import TrainingJob
-from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, training_logs
+from training_app.selectors import adapter_download, base_model_download, get_job_for_user, jobs_for_user, training_logs
 
 
 class TrainingLogSerializer(serializers.Serializer):
@@ -220,3 +220,13 @@ class TrainingJobAdapterApi(APIView):
     @extend_schema(responses={(200, "application/zip"): OpenApiTypes.BINARY})
     def get(self, request: Request, pk: int):
         return adapter_download(get_job_for_user(request.user, pk))
+
+
+class TrainingJobBaseModelApi(APIView):
+    @extend_schema(
+        responses={(200, "application/zip"): OpenApiTypes.BINARY},
+        description="The exact base weights the job was trained on (the embedded base is dequantized from a Q4_1 GGUF, not the "
+        "hub's weights), as a zip of one folder named as the adapter's config names its base. 404 for a hub model.",
+    )
+    def get(self, request: Request, pk: int):
+        return base_model_download(get_job_for_user(request.user, pk))

@@ -3,7 +3,6 @@ Downloads are streamed from disk (never read into memory) with the same token (o
 
 from __future__ import annotations
 
-from django.http import FileResponse, StreamingHttpResponse
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema, extend_schema_field
@@ -15,6 +14,7 @@ from rest_framework.views import APIView
 from training_app import exports
 from training_app.models import Export
 from training_app.selectors import get_job_for_user
+from tuna_core import admission
 from tuna_core.errors import Conflict, NotFound
 from tuna_core.jobs import queue_position
 
@@ -162,7 +162,8 @@ class TrainingJobExportFileApi(APIView):
         path = exports.export_file(export, name)
         if path is None:
             raise NotFound(f"Export #{export.pk} has no file named {name!r}.")
-        return FileResponse(path.open("rb"), as_attachment=True, filename=path.name)
+        with admission.download_slot(request.user) as ticket:  # 429 / 503 beyond the download limits
+            return admission.file_response(path.open("rb"), ticket, as_attachment=True, filename=path.name)
 
 
 class TrainingJobExportBundleApi(APIView):
@@ -171,7 +172,8 @@ class TrainingJobExportBundleApi(APIView):
         export = _completed_or_409(get_job_for_user(request.user, pk))
         if not exports.bundle_members(export):
             raise NotFound(f"Export #{export.pk} has no GGUF files to bundle (it exported {', '.join(export.formats)}).")
-        response = StreamingHttpResponse(exports.stream_bundle(export), content_type="application/x-tar")
-        response["Content-Length"] = str(exports.bundle_size(export))
-        response["Content-Disposition"] = f'attachment; filename="tuna-job-{pk}-{exports.BUNDLE_NAME}"'
-        return response
+        with admission.download_slot(request.user) as ticket:  # 429 / 503 beyond the download limits
+            response = admission.streaming_response(exports.stream_bundle(export), ticket, content_type="application/x-tar")
+            response["Content-Length"] = str(exports.bundle_size(export))
+            response["Content-Disposition"] = f'attachment; filename="tuna-job-{pk}-{exports.BUNDLE_NAME}"'
+            return response

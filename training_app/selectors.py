@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from django.db.models import QuerySet
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 
 from training_app.models import LossPoint, TrainingJob
 from training_app.services import job_dir
-from tuna_llm.training import COMPLETE_MARKER, NOISE_SHARE
+from tuna_core import admission
+from tuna_llm.catalog import EMBEDDED_GGUF, UnknownBaseModel, get_base_model_spec
+from tuna_llm.training import COMPLETE_MARKER, CONFIG_FILENAME, NOISE_SHARE
 from tuna_llm.training_config import RANGES
 
 # "Still improving" (more epochs would likely help) needs all of:
@@ -42,23 +48,163 @@ def get_job_for_user(user, pk: int) -> TrainingJob:
     return get_object_or_404(TrainingJob.objects.select_related("dataset", "parent"), pk=pk, owner=user)
 
 
-def adapter_archive(job: TrainingJob) -> tuple[io.BytesIO, str]:
-    """The job's adapter directory as a zip (in memory) and its file name; Http404 when there is none."""
+# Weights go into a zip as they are (deflating them saves little and costs the server's time); text is deflated.
+STORED_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+BASE_INFO_FILENAME = "tuna_base_model.json"
+ZIP_CHUNK = 1 << 20
+
+
+def _compression(path: Path) -> int:
+    return zipfile.ZIP_STORED if path.suffix in STORED_SUFFIXES else zipfile.ZIP_DEFLATED
+
+
+def _regular_files(root: Path) -> list[Path]:
+    """The plain files under root, sorted; links are left out (nothing outside the folder is sent through one)."""
+    found = []
+    for folder, _dirs, names in os.walk(root):  # does not descend into linked folders
+        found += [path for name in names if (path := Path(folder) / name).is_file() and not path.is_symlink()]
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """The base a job was trained on, told without the server's paths: its catalog name, where it comes from, and
+    the folder of its exact weights on this server (None where none is offered: a hub model, or not there)."""
+
+    name: str
+    source: str  # "embedded:<package>", a hub id, or "local" (a folder on the server: not named)
+    kind: str
+    folder: Path | None
+
+    @property
+    def note(self) -> str:
+        if self.kind == "embedded":
+            return (
+                f"{self.name} as LLM Tuna trained on it: dequantized from the Q4_1 GGUF embedded in LLM Tuna "
+                f"({EMBEDDED_GGUF}), not the hub's original weights. Download it from the job's page (base-model.zip)."
+            )
+        if self.kind == "hub":
+            return f"The Hugging Face hub model {self.source}."
+        return f"{self.name}: a model folder on the LLM Tuna server; download it from the job's page (base-model.zip)."
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "kind": self.kind, "weights": self.note}
+
+    @property
+    def peft_name(self) -> str:
+        """What adapter_config.json names as the base: the hub id, or the folder base-model.zip unpacks to."""
+        return self.source if self.kind == "hub" else self.name
+
+
+def base_weights(job: TrainingJob) -> BaseWeights | None:
+    """The job's base model from the catalog (None when the catalog no longer has it)."""
+    try:
+        spec = get_base_model_spec(job.base_model)
+    except UnknownBaseModel:
+        return None
+    folder = Path(spec.load_path) if spec.kind != "hub" else None
+    if folder is not None and not (folder / "config.json").is_file():
+        folder = None  # not prepared yet (converted on first use) or gone
+    return BaseWeights(spec.name, spec.source if spec.kind != "local" else "local", spec.kind, folder)
+
+
+def _public_json(path: Path, base: BaseWeights | None) -> bytes:
+    """adapter_config.json and the resolved settings with the base named by catalog name and source, not by a
+    path on the server."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if base is not None:
+        if "base_model_name_or_path" in data:
+            data["base_model_name_or_path"] = base.peft_name
+        if "base_model_source" in data:
+            data["base_model_source"] = base.source
+    return json.dumps(data, indent=2).encode("utf-8")
+
+
+def adapter_archive(job: TrainingJob) -> tuple[IO[bytes], str]:
+    """The job's adapter directory as a zip in a temporary file (gone once closed) and its file name; Http404 when
+    there is none. The base is named by its catalog name and source (BASE_INFO_FILENAME says which weights)."""
     if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir or not Path(job.adapter_dir).is_dir():
         raise Http404("This job has no adapter to download.")
-    buffer = io.BytesIO()
     root = Path(job.adapter_dir)
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                archive.write(path, Path(f"tuna-job-{job.pk}-adapter") / path.relative_to(root))
-    buffer.seek(0)
-    return buffer, f"tuna-job-{job.pk}-adapter.zip"
+    folder = Path(f"tuna-job-{job.pk}-adapter")
+    base = base_weights(job)
+    file = tempfile.TemporaryFile()  # noqa: SIM115 (handed to the response, which closes it)
+    try:
+        with zipfile.ZipFile(file, "w") as archive:
+            for path in _regular_files(root):
+                name = str(folder / path.relative_to(root))
+                if path.name in ("adapter_config.json", CONFIG_FILENAME) and path.parent == root:
+                    archive.writestr(name, _public_json(path, base), compress_type=zipfile.ZIP_DEFLATED)
+                else:
+                    archive.write(path, name, compress_type=_compression(path))
+            if base is not None:
+                archive.writestr(
+                    str(folder / BASE_INFO_FILENAME), json.dumps(base.describe(), indent=2), compress_type=zipfile.ZIP_DEFLATED
+                )
+        file.seek(0)
+    except BaseException:
+        file.close()
+        raise
+    return file, f"{folder}.zip"
 
 
 def adapter_download(job: TrainingJob) -> FileResponse:
-    buffer, filename = adapter_archive(job)
-    return FileResponse(buffer, as_attachment=True, filename=filename, content_type="application/zip")
+    """The adapter zip, sent from its temporary file inside one of the owner's download slots (tuna_core.admission)."""
+    if job.status != TrainingJob.Status.COMPLETED or not job.adapter_dir or not Path(job.adapter_dir).is_dir():
+        raise Http404("This job has no adapter to download.")
+    with admission.download_slot(job.owner) as ticket:
+        file, filename = adapter_archive(job)
+        return admission.file_response(file, ticket, as_attachment=True, filename=filename, content_type="application/zip")
+
+
+class _Sink(io.RawIOBase):
+    """Where a zip is written while it is sent: what was written since the last `take`, never the whole archive."""
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._chunks.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
+
+def zip_chunks(members: list[tuple[Path, str]]) -> Iterator[bytes]:
+    """A zip of `members` (file, name in the archive) made while it is sent, a block at a time."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", allowZip64=True) as archive:
+        for path, name in members:
+            info = zipfile.ZipInfo.from_file(path, name)
+            info.compress_type = _compression(path)
+            with path.open("rb") as source, archive.open(info, "w") as target:
+                while block := source.read(ZIP_CHUNK):
+                    target.write(block)
+                    if chunk := sink.take():
+                        yield chunk
+            if chunk := sink.take():
+                yield chunk
+    yield sink.take()
+
+
+def base_model_download(job: TrainingJob) -> StreamingHttpResponse:
+    """The exact base weights the job was trained on as a zip of one folder named by the catalog name (what the
+    adapter's config names), made while it is sent, inside one of the owner's download slots; Http404 for a hub
+    model (the hub has them) or a base not on this server."""
+    base = base_weights(job)
+    if base is None or base.folder is None:
+        raise Http404("This job's base model has no weights on this server to download.")
+    members = [(path, str(Path(base.name) / path.relative_to(base.folder))) for path in _regular_files(base.folder)]
+    with admission.download_slot(job.owner) as ticket:
+        response = admission.streaming_response(zip_chunks(members), ticket, content_type="application/zip")
+        response["Content-Disposition"] = f'attachment; filename="{base.name}.zip"'
+        return response
 
 
 def _lineage(job: TrainingJob) -> list[TrainingJob]:

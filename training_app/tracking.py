@@ -16,9 +16,9 @@ run per job when configured (``tuna_llm.tracking.environment_trackers``). ``Trai
 
 from __future__ import annotations
 
-import io
 import logging
 import shlex
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from django.conf import settings
 from django.http import FileResponse, Http404
 
 from training_app.models import LossPoint, TrainingJob
+from tuna_core import admission
 from tuna_core.jobs import JobLost, job_write
 from tuna_llm.tracking import Point, RunSpec, Tracking, environment_trackers, flat_metrics
 
@@ -202,14 +203,20 @@ def tracking_view(job: TrainingJob) -> dict[str, Any]:
 
 
 def tracking_files_download(job: TrainingJob) -> FileResponse:
-    """The job's TensorBoard event files as one zip (``tensorboard --logdir`` on the unpacked folder)."""
+    """The job's TensorBoard event files as one zip (``tensorboard --logdir`` on the unpacked folder), written to a
+    temporary file and sent from it inside one of the owner's download slots (tuna_core.admission)."""
     files = _event_files(job)
     if not files:
         raise Http404("This job has no TensorBoard files yet.")
-    buffer = io.BytesIO()
     name = f"tuna-job-{job.pk}-tensorboard"
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in files:
-            archive.write(path, Path(name) / path.name)
-    buffer.seek(0)
-    return FileResponse(buffer, as_attachment=True, filename=f"{name}.zip", content_type="application/zip")
+    with admission.download_slot(job.owner) as ticket:
+        archive_file = tempfile.TemporaryFile()  # noqa: SIM115 (the response closes it)
+        try:
+            with zipfile.ZipFile(archive_file, "w", zipfile.ZIP_DEFLATED) as archive:
+                for path in files:
+                    archive.write(path, Path(name) / path.name)
+            archive_file.seek(0)
+        except BaseException:
+            archive_file.close()
+            raise
+        return admission.file_response(archive_file, ticket, as_attachment=True, filename=f"{name}.zip", content_type="application/zip")

@@ -13,7 +13,15 @@ from training_app import experiment_views, experiments, exports, services
 from training_app.estimates import training_estimate
 from training_app.export_api import export_files
 from training_app.models import Export, TrainingJob
-from training_app.selectors import adapter_download, get_job_for_user, jobs_for_user, learning_verdict, loss_chart_data, settings_rows
+from training_app.selectors import (
+    adapter_download,
+    base_model_download,
+    get_job_for_user,
+    jobs_for_user,
+    learning_verdict,
+    loss_chart_data,
+    settings_rows,
+)
 from training_app.storage import job_files_bytes
 from training_app.tracking import tracking_files_download
 from tuna_core.jobs import queue_position
@@ -229,6 +237,13 @@ def _epochs(raw: str | None) -> int | str | None:
 @require_GET
 def training_adapter(request: HttpRequest, pk: int) -> HttpResponse:
     return adapter_download(get_job_for_user(request.user, pk))
+
+
+@login_required
+@require_GET
+def training_base_model(request: HttpRequest, pk: int) -> HttpResponse:
+    """The exact base weights the job was trained on (what its adapter's config names), as a zip."""
+    return base_model_download(get_job_for_user(request.user, pk))
 
 
 @login_required

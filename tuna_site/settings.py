@@ -161,6 +161,7 @@ MIDDLEWARE = [
     "tuna_site.ratelimit.page_rate_middleware",  # form posts per user (TUNA_PAGE_RATE); needs the user
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "tuna_core.admission.RefusalMiddleware",  # a page view's 429/503 download refusal as a readable page (process_exception)
 ]
 
 ROOT_URLCONF = "tuna_site.urls"
