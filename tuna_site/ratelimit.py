@@ -3,7 +3,7 @@
 The API (/api, /v1) has its own limit (TUNA_API_RATE, a DRF throttle) and the log-in pages theirs (failed
 log-ins, tuna_site.throttles); everything else a browser posts (uploads, the playground, starting jobs) is
 counted here, per signed-in user (per address before signing in). Beyond the rate: 429 with Retry-After and a
-readable page (a fragment for htmx, which swaps 4xx answers into the page).
+readable page (for htmx, which swaps 4xx answers, a fragment put at the top of the page's main element).
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def page_rate_middleware(get_response):
         template = "rate_limited_fragment.html" if htmx else "rate_limited.html"
         response = render(request, template, {"message": message, "retry_after": retry_after}, status=429)
         response["Retry-After"] = str(retry_after)
+        if htmx:  # shown at the top of the page, whatever the form's target was (a preview's plan stays in place)
+            response["HX-Retarget"] = "main"
+            response["HX-Reswap"] = "afterbegin"
         return response
 
     return middleware

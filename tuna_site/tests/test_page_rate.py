@@ -51,6 +51,7 @@ def test_it_answers_htmx_with_a_fragment(alice_client, settings):
     assert response.status_code == 429 and response["Retry-After"]
     html = response.content.decode()
     assert "<html" not in html and 'id="rate-limited"' in html and "TUNA_PAGE_RATE" in html
+    assert (response["HX-Retarget"], response["HX-Reswap"]) == ("main", "afterbegin")  # the form's own target stays
 
 
 def test_it_counts_each_user_apart(alice_client, bob_client, settings):
