@@ -100,7 +100,9 @@ def _validate(upload: UploadedFile, *, max_seq_length: int = DEFAULT_MAX_SEQ_LEN
         for number, line in enumerate(upload, start=1):
             if first_error is None and validator.errors.count:
                 first_error = number
-            if first_error is not None and (number - first_error >= LINES_AFTER_FIRST_ERROR or validator.errors.count >= MAX_ERRORS_VALIDATED):
+            if first_error is not None and (
+                number - first_error >= LINES_AFTER_FIRST_ERROR or validator.errors.count >= MAX_ERRORS_VALIDATED
+            ):
                 stopped_at = number
                 return
             yield line
@@ -109,7 +111,7 @@ def _validate(upload: UploadedFile, *, max_seq_length: int = DEFAULT_MAX_SEQ_LEN
     if stopped_at is not None:
         validator.errors.add(
             None,
-            f"Validation stopped at line {stopped_at} ({validator.errors.count} errors by then): the file cannot be trained "
+            f"Validation stopped after line {stopped_at - 1} ({validator.errors.count} errors by then): the file cannot be trained "
             "as it is. Fix the errors shown and upload it again to check the rest.",
         )
     return _Validated(validator.report(), validator.total_lens.tolist(), validator.fingerprints)

@@ -469,7 +469,11 @@ def run_lora_training(
     started = time.perf_counter()
     if eval_rows and resume_from is None and init_adapter is None:
         trainer.evaluate()  # the validation loss before any update: where "did it learn?" starts from
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:
+        discard_incomplete_checkpoints(output_dir)  # a save cut short (a full disk, a kill) leaves nothing half-written
+        raise
     train_seconds = time.perf_counter() - started
     state = trainer.state
     stopped_early = hooks.should_stop()
@@ -480,7 +484,11 @@ def run_lora_training(
     adapter_dir = None
     if not stopped_early:
         adapter_dir = output_dir / "adapter"
-        save_adapter(model, tokenizer, config, spec, adapter_dir)
+        try:
+            save_adapter(model, tokenizer, config, spec, adapter_dir)
+        except BaseException:
+            shutil.rmtree(adapter_dir, ignore_errors=True)  # no half-written adapter is ever served
+            raise
     return TrainingResult(
         stopped_early=stopped_early,
         global_step=state.global_step,
