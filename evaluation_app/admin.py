@@ -6,6 +6,7 @@ from django.utils.html import format_html
 from evaluation_app.models import Evaluation, EvaluationExample, JudgeRun, JudgeVerdict, Rating
 from evaluation_app.services import EvaluationConflict, evaluation_delete
 from tuna_core.admin_readonly import ReadOnlyFieldsAdmin
+from tuna_llm.judge import redact_url
 
 
 @admin.register(Evaluation)
@@ -71,13 +72,17 @@ class JudgeVerdictInline(admin.TabularInline):
 
 @admin.register(JudgeRun)
 class JudgeRunAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
-    list_display = ["id", "owner", "evaluation", "status", "judge_model", "endpoint", "done", "total", "requests", "created_at"]
+    list_display = ["id", "owner", "evaluation", "status", "judge_model", "shown_endpoint", "done", "total", "requests", "created_at"]
     list_filter = ["status", "judge_model"]
     search_fields = ["id", "owner__username", "error_message", "judge_model"]
     list_select_related = ["owner", "evaluation"]
-    readonly_fields = ["traceback_display"]
-    exclude = ["error_traceback"]
+    readonly_fields = ["shown_endpoint", "traceback_display"]
+    exclude = ["error_traceback", "endpoint"]
     inlines = [JudgeVerdictInline]
+
+    @admin.display(description="Endpoint")
+    def shown_endpoint(self, obj):
+        return redact_url(obj.endpoint)  # rows stored before URLs were stored redacted too
 
     @admin.display(description="Traceback")
     def traceback_display(self, obj):

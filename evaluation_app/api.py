@@ -13,6 +13,7 @@ from evaluation_app.preference import preference_job_start
 from evaluation_app.selectors import evaluations_for_user, get_evaluation_for_user
 from training_app.api import TrainingJobSerializer
 from training_app.selectors import get_job_for_user
+from tuna_llm.judge import redact_url
 
 
 class TestResultSerializer(serializers.ModelSerializer):
@@ -162,6 +163,7 @@ class JudgeVerdictSerializer(serializers.ModelSerializer):
 
 class JudgeRunSerializer(serializers.ModelSerializer):
     evaluation_id = serializers.IntegerField()
+    endpoint = serializers.SerializerMethodField(help_text="The judge's base URL, without credentials.")
     progress = serializers.SerializerMethodField()
 
     class Meta:
@@ -181,6 +183,9 @@ class JudgeRunSerializer(serializers.ModelSerializer):
             "started_at",
             "completed_at",
         ]
+
+    def get_endpoint(self, obj: JudgeRun) -> str:
+        return redact_url(obj.endpoint)  # rows stored before URLs were stored redacted too
 
     def get_progress(self, obj: JudgeRun) -> dict:
         return {"done": obj.done, "total": obj.total, "percent": round(obj.progress_percent, 1)}

@@ -3,12 +3,18 @@
 A run asks the configured OpenAI-compatible endpoint about every example, in both orders (tuna_llm.judge).
 Its verdicts are stored together when the run completes, or not at all: a run that fails (the endpoint
 refused, timed out or gave no verdict after its retries) keeps no verdicts, only the reason.
+
+A run is bounded: TUNA_JUDGE_RUN_MAX_S in all (past it, the examples left are skipped and the run completes with
+the verdicts it has), and TUNA_JUDGE_MAX_EXAMPLE_CHARS per example (a longer one is cut). What was skipped or cut
+is said in the completed run's `error_message`, which the page shows as a note. The judge's URL is stored and
+shown without its credentials (`redact_url`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from django.conf import settings
@@ -19,7 +25,7 @@ from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm import metrics
-from tuna_llm.judge import DEFAULT_RUBRIC, JudgeEndpoint, JudgeError, compare
+from tuna_llm.judge import DEFAULT_RUBRIC, JudgeEndpoint, JudgeError, JudgeTimeUp, compare, fit_example
 from tuna_llm.prompting import answer_text
 
 logger = logging.getLogger("tuna.judge")
@@ -89,7 +95,7 @@ def judge_start(*, owner, evaluation: Evaluation, rubric: str | None = None) -> 
         run = JudgeRun.objects.create(
             owner=owner,
             evaluation=evaluation,
-            endpoint=endpoint.url,
+            endpoint=endpoint.shown_url,
             judge_model=endpoint.model,
             rubric=rubric,
             total=evaluation.examples.count(),
@@ -105,20 +111,25 @@ def judge_work(run: JudgeRun) -> None:
         raise JudgeError(NOT_CONFIGURED)
     examples = list(run.evaluation.examples.all())
     job_write(JudgeRun, run.pk, total=len(examples), done=0)
-    verdicts, requests = [], 0
+    limit_s, max_chars = settings.TUNA_JUDGE_RUN_MAX_S, settings.TUNA_JUDGE_MAX_EXAMPLE_CHARS
+    deadline = time.monotonic() + limit_s
+    verdicts, requests, cut = [], 0, 0
     for position, example in enumerate(examples, start=1):
+        texts = [judged_prompt(example.messages, example.tools), example.reference, example.base_output, example.finetuned_output]
+        (prompt, reference, base, finetuned), shortened = fit_example(texts, max_chars)
+        cut += bool(shortened)
         try:
-            pair = compare(
-                endpoint,
-                run.rubric,
-                judged_prompt(example.messages, example.tools),
-                example.reference,
-                example.base_output,
-                example.finetuned_output,
-            )
+            pair = compare(endpoint, run.rubric, prompt, reference, base, finetuned, deadline=deadline)
+        except JudgeTimeUp:
+            if not verdicts:
+                raise JudgeError(
+                    f"The judge run reached its time limit ({limit_s:g} s, TUNA_JUDGE_RUN_MAX_S) before it judged any example; "
+                    f"the judge ({endpoint.model} at {endpoint.shown_url}) answers too slowly for it."
+                ) from None
+            break
         except JudgeError as exc:
             raise JudgeError(
-                f"The judge ({endpoint.model} at {endpoint.url}) failed on example {example.index + 1}: {exc}. "
+                f"The judge ({endpoint.model} at {endpoint.shown_url}) failed on example {example.index + 1}: {exc}. "
                 "No verdicts were stored; ask again once it answers."
             ) from None
         requests += pair.tries
@@ -135,10 +146,23 @@ def judge_work(run: JudgeRun) -> None:
             )
         )
         job_write(JudgeRun, run.pk, done=position, requests=requests)
+    notes = []
+    if len(verdicts) < len(examples):
+        notes.append(
+            f"Stopped at the run's time limit ({limit_s:g} s, TUNA_JUDGE_RUN_MAX_S): {len(verdicts)} of {len(examples)} examples "
+            f"judged, the other {len(examples) - len(verdicts)} skipped."
+        )
+    if cut:
+        notes.append(
+            f"{cut} example{'s were' if cut != 1 else ' was'} longer than {max_chars:,} characters (TUNA_JUDGE_MAX_EXAMPLE_CHARS): "
+            "the judge read the request, the reference and the answers cut to fit, each marked where it was cut."
+        )
     with transaction.atomic():  # every verdict and the completed status land together, or nothing does
         JudgeVerdict.objects.bulk_create(verdicts)
-        job_complete(run)
-    logger.info("Judge run %s completed: %s verdicts in %s requests", run.pk, len(verdicts), requests)
+        job_complete(run, error_message=" ".join(notes))
+    logger.info(
+        "Judge run %s completed: %s verdicts in %s requests%s", run.pk, len(verdicts), requests, f" ({' '.join(notes)})" if notes else ""
+    )
 
 
 def judged_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:

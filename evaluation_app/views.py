@@ -137,7 +137,7 @@ def _judge_context(request: HttpRequest, evaluation, *, error: str = "", rubric:
         "judge": {
             "configured": endpoint is not None,
             "not_configured": judging.NOT_CONFIGURED,
-            "url": endpoint.url if endpoint else "",
+            "url": endpoint.shown_url if endpoint else "",  # never its credentials
             "model": endpoint.model if endpoint else "",
             "run": judging.latest_run(evaluation),
             "completed": completed,

@@ -5,14 +5,21 @@ that a judge that prefers whatever comes first cancels out: the two verdicts agr
 comparison counts as a tie and is marked inconsistent. The endpoint's failures (refused connections,
 timeouts, HTTP errors, replies that are not JSON, replies without a verdict) are retried a bounded number
 of times and then raised as `JudgeError` with what went wrong; a verdict is never guessed.
+
+The key is only ever sent to the configured URL: a redirect is refused, not followed (urllib would carry the
+Authorization header to wherever it points). The URL is only ever shown through `redact_url` (no user:password@,
+no query values), in messages too. A caller can bound a whole run with a deadline (`JudgeTimeUp`) and bound what
+one example sends with `fit_example`.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -34,6 +41,49 @@ class JudgeError(ValueError):
     """The judge endpoint did not give a usable verdict; the message says why, for the user."""
 
 
+class JudgeTimeUp(Exception):
+    """The run's deadline passed before this question could be asked (or answered)."""
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be shown or stored: without user:password@, query values or fragment."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:  # not a URL we can take apart: show its scheme and host at most
+        return re.sub(r"^([a-z][a-z0-9+.-]*://)?(?:[^/@]*@)?([^/?#]*).*$", r"\1\2/...", url.strip(), flags=re.IGNORECASE | re.DOTALL)
+    query = urllib.parse.urlencode([(key, "***") for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    shown = urllib.parse.urlunsplit((parts.scheme, host + port, parts.path, query, ""))
+    return re.sub(r"[^/?#@]*@", "", shown)  # "user:pass@host" without a scheme parses as a path
+
+
+def fit_example(texts: list[str], max_chars: int) -> tuple[list[str], int]:
+    """``texts`` (the request, the reference, the two answers) cut so that together they hold at most ``max_chars``
+    characters: the short ones whole, the long ones cut to an equal share each, marked where they were cut. Returns
+    (the texts, how many were cut). Both orders of a comparison read the same cut texts."""
+    if sum(len(text) for text in texts) <= max_chars:
+        return list(texts), 0
+    shares = {}
+    budget, left = max_chars, sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    while left:
+        share = budget // len(left)
+        index = left.pop(0)
+        shares[index] = min(len(texts[index]), share)
+        budget -= shares[index]
+    out, cut = [], 0
+    for index, text in enumerate(texts):
+        if len(text) <= shares[index]:
+            out.append(text)
+            continue
+        marker = f" [... {len(text) - shares[index]:,} characters cut]"
+        out.append(text[: max(0, shares[index] - len(marker))] + marker[: shares[index]])
+        cut += 1
+    return out, cut
+
+
 @dataclass(frozen=True)
 class JudgeEndpoint:
     """Where the judge lives: an OpenAI-compatible base URL (ending in /v1), the model name and an API key."""
@@ -47,7 +97,14 @@ class JudgeEndpoint:
 
     @property
     def chat_url(self) -> str:
-        return self.url.rstrip("/") + "/chat/completions"
+        """The base URL's path + /chat/completions (its query, e.g. an api-version, kept after it)."""
+        parts = urllib.parse.urlsplit(self.url.strip())
+        return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/chat/completions", fragment=""))
+
+    @property
+    def shown_url(self) -> str:
+        """The base URL without its credentials: what pages, messages and rows hold."""
+        return redact_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -109,29 +166,41 @@ def parse_verdict(text: str) -> tuple[str, str]:
     raise JudgeError(f'the reply holds no verdict (a JSON object with "winner": "A", "B" or "tie"): {shown!r}')
 
 
-def ask(endpoint: JudgeEndpoint, messages: list[dict[str, str]]) -> Verdict:
-    """One verdict, retried up to ``endpoint.retries`` times; the last failure is raised as JudgeError."""
+def ask(endpoint: JudgeEndpoint, messages: list[dict[str, str]], *, deadline: float | None = None) -> Verdict:
+    """One verdict, retried up to ``endpoint.retries`` times; the last failure is raised as JudgeError. With a
+    ``deadline`` (time.monotonic()), no request waits past it, and JudgeTimeUp is raised once it has passed."""
     last: JudgeError | None = None
     for attempt in range(1 + max(0, endpoint.retries)):
         if attempt:
-            time.sleep(min(2.0, 0.25 * 2**attempt))
+            time.sleep(min(2.0, 0.25 * 2**attempt, _remaining(deadline)))
+        timeout = min(endpoint.timeout_s, _remaining(deadline))
+        if timeout <= 0:
+            raise JudgeTimeUp()
         try:
             # First try greedy; a retry samples, so a judge that gave no verdict can give one.
-            text = _chat(endpoint, messages, temperature=0.0 if attempt == 0 else 0.7)
+            text = _chat(endpoint, messages, temperature=0.0 if attempt == 0 else 0.7, timeout_s=timeout)
             winner, reason = parse_verdict(text)
             return Verdict(winner, reason, attempt + 1)
         except _Final as exc:
             raise JudgeError(str(exc)) from None
         except JudgeError as exc:
             last = exc
+    if _remaining(deadline) <= 0:
+        raise JudgeTimeUp()
     tries = 1 + max(0, endpoint.retries)
     raise JudgeError(f"{last} (after {tries} tr{'ies' if tries != 1 else 'y'})")
 
 
-def compare(endpoint: JudgeEndpoint, rubric: str, prompt: str, reference: str, first: str, second: str) -> PairVerdict:
-    """Judge ``first`` against ``second`` in both orders."""
-    forward = ask(endpoint, judge_messages(rubric, prompt, reference, first, second))
-    backward = ask(endpoint, judge_messages(rubric, prompt, reference, second, first))
+def _remaining(deadline: float | None) -> float:
+    return float("inf") if deadline is None else deadline - time.monotonic()
+
+
+def compare(
+    endpoint: JudgeEndpoint, rubric: str, prompt: str, reference: str, first: str, second: str, *, deadline: float | None = None
+) -> PairVerdict:
+    """Judge ``first`` against ``second`` in both orders (JudgeTimeUp when ``deadline`` passes first)."""
+    forward = ask(endpoint, judge_messages(rubric, prompt, reference, first, second), deadline=deadline)
+    backward = ask(endpoint, judge_messages(rubric, prompt, reference, second, first), deadline=deadline)
     as_first = {"A": "first", "B": "second", "tie": "tie"}[forward.winner]
     as_second = {"A": "second", "B": "first", "tie": "tie"}[backward.winner]
     consistent = as_first == as_second
@@ -147,33 +216,65 @@ def compare(endpoint: JudgeEndpoint, rubric: str, prompt: str, reference: str, f
 
 
 class _Final(Exception):
-    """A failure another try cannot mend (a wrong URL, a refused key)."""
+    """A failure another try cannot mend (a wrong URL, a refused key, a redirect)."""
 
 
-def _chat(endpoint: JudgeEndpoint, messages: list[dict[str, str]], *, temperature: float) -> str:
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx stays an HTTPError: following it would send the Authorization header to another address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
+def _request(endpoint: JudgeEndpoint) -> tuple[str, dict[str, str]]:
+    """The URL to call (credentials taken out of it) and the headers: the API key as a Bearer token, or the URL's
+    user:password as Basic authentication (urllib sends neither by itself)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    parts = urllib.parse.urlsplit(endpoint.chat_url)
+    url = endpoint.chat_url
+    if "@" in parts.netloc:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        url = urllib.parse.urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+        user, _, password = userinfo.partition(":")
+        pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    if endpoint.api_key:
+        headers["Authorization"] = f"Bearer {endpoint.api_key}"
+    return url, headers
+
+
+def _chat(endpoint: JudgeEndpoint, messages: list[dict[str, str]], *, temperature: float, timeout_s: float | None = None) -> str:
     body = json.dumps(
         {"model": endpoint.model, "messages": messages, "temperature": temperature, "max_tokens": endpoint.max_tokens}
     ).encode()
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if endpoint.api_key:
-        headers["Authorization"] = f"Bearer {endpoint.api_key}"
-    request = urllib.request.Request(endpoint.chat_url, data=body, headers=headers, method="POST")
-    where = endpoint.chat_url
+    url, headers = _request(endpoint)
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    where = redact_url(endpoint.chat_url)
+    timeout_s = endpoint.timeout_s if timeout_s is None else timeout_s
     try:
-        with urllib.request.urlopen(request, timeout=endpoint.timeout_s) as response:
+        with _OPENER.open(request, timeout=timeout_s) as response:
             raw = response.read(2_000_000)
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            target = redact_url(exc.headers.get("Location", "") or "") or "elsewhere"
+            raise _Final(
+                f"{where} answered HTTP {exc.code}, a redirect to {target}: not followed, so that the key is only sent to "
+                "TUNA_JUDGE_URL (set TUNA_JUDGE_URL to the address it redirects to)"
+            ) from None
         detail = _error_detail(exc)
         message = f"{where} answered HTTP {exc.code}{': ' + detail if detail else ''}"
         if exc.code in RETRY_STATUSES:
             raise JudgeError(message) from None
         raise _Final(message) from None
     except TimeoutError:
-        raise JudgeError(f"{where} did not answer within {endpoint.timeout_s:g} s (TUNA_JUDGE_TIMEOUT_S)") from None
+        raise JudgeError(f"{where} did not answer within {timeout_s:g} s (TUNA_JUDGE_TIMEOUT_S)") from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, TimeoutError):
-            raise JudgeError(f"{where} did not answer within {endpoint.timeout_s:g} s (TUNA_JUDGE_TIMEOUT_S)") from None
+            raise JudgeError(f"{where} did not answer within {timeout_s:g} s (TUNA_JUDGE_TIMEOUT_S)") from None
         raise JudgeError(f"could not reach {where}: {getattr(reason, 'strerror', None) or reason}") from None
     except (ConnectionError, OSError) as exc:
         raise JudgeError(f"could not reach {where}: {exc.strerror or exc}") from None
