@@ -177,10 +177,10 @@ class LoginAttempt:
     def begin(cls, request, username: str) -> LoginAttempt:
         now = _now()
         counters = _login_counters(request, username)
-        for counter in counters:
-            until = cache.get(f"{counter.key}:lock")
-            if until is not None and until > now:
-                return cls([], counter.refusal, max(1, math.ceil(until - now)))
+        locks = [(cache.get(f"{counter.key}:lock") or 0, counter) for counter in counters]
+        until, counter = max(locks, key=lambda lock: lock[0])
+        if until > now:  # the longest lock is the one to wait for
+            return cls([], counter.refusal, max(1, math.ceil(until - now)))
         # Counted in fixed windows of TUNA_LOGIN_WINDOW_S; a lock lasts at least one, so each starts afresh.
         window = settings.TUNA_LOGIN_WINDOW_S
         suffix = f":n:{int(now // window)}"

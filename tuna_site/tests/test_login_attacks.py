@@ -200,3 +200,18 @@ def test_it_does_not_count_a_post_without_a_password(client, alice, settings):
     for _ in range(5):
         assert client.post(reverse("login"), {"username": "alice"}).status_code == 200
     assert login(client, "alice", "alice-pass-123").status_code == 302
+
+
+def test_it_names_the_longest_lock_when_both_hold(client, alice, settings, fake_now):
+    settings.TUNA_LOGIN_FAILURES = 1  # per name; the address: 3
+    settings.TUNA_LOGIN_WINDOW_S = 60
+    fake_now[0] = 60 * 16_667.0  # the start of a window
+    for name in ("carol", "dave"):
+        login(client, name, "guess")
+    login(client, "alice", "wrong")
+    assert login(client, "alice", "wrong").status_code == 429  # (address, alice) locked for 60 s
+    fake_now[0] += 30
+    response = login(client, "erin", "guess")  # the address's 4th failure: the address locked for 60 s
+    assert response.status_code == 429 and int(response["Retry-After"]) == 60
+    response = login(client, "alice", "alice-pass-123")
+    assert int(response["Retry-After"]) == 60 and "from your address (more than 3" in response.content.decode()
