@@ -1,3 +1,5 @@
+import os
+
 from django.apps import AppConfig
 from django.conf import settings
 
@@ -11,6 +13,13 @@ class TunaSiteConfig(AppConfig):
     def ready(self) -> None:
         # The model layer reads the live Django settings through this provider (it never imports Django).
         llm_settings.configure(model_layer_settings)
+        # Owner-only data: every file and folder this process (and what it starts) creates is 0600/0700 (the
+        # SQLite file and its WAL, uploads, adapters, checkpoints, exports); what an older version left open is
+        # closed now, and a path that cannot be closed is a system check error (tuna_site.checks).
+        from tuna_site import checks
+
+        os.umask(checks.OWNER_ONLY_UMASK)
+        checks.data_dir_close()
 
 
 def model_layer_settings() -> llm_settings.LlmSettings:

@@ -150,6 +150,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "tuna_core.outage.DatabaseOutageMiddleware",  # 503 + Retry-After, not 500, while the database is away; outside the rest
     "datasets_app.uploads.upload_cleanup_middleware",
@@ -235,6 +236,27 @@ FILE_UPLOAD_HANDLERS = [
     "datasets_app.uploads.TemporaryFileUploadHandler",  # Django's, with every temporary file removed at the request's end
 ]
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
+# The data directory is owner-only (tuna_site.checks): uploaded files 0600 in 0700 folders, whatever the umask.
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
+
+# Content-Security-Policy (django-csp, docs/security.md): scripts, styles, images and calls from this site only, no
+# inline script and no eval (htmx's allowEval is off); style="" attributes stay allowed (they cannot run code).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "style-src-attr": ["'unsafe-inline'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
 
 # Trust X-Forwarded-Proto only when a proxy that sets it (and strips the client's) is the one way in.
 TUNA_BEHIND_PROXY = env_bool("TUNA_BEHIND_PROXY", False)

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from tuna_core.errors import NotFoundApi
 from tuna_site import token_views, views
@@ -19,7 +19,8 @@ urlpatterns = [
     path("account/keys/<int:pk>/revoke/", token_views.api_key_revoke, name="api-key-revoke"),
     path("admin/", admin.site.urls),
     path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
-    path("docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # The split view serves its init script from a URL (?script): the CSP allows no inline script.
+    path("docs", SpectacularSwaggerSplitView.as_view(url_name="api-schema"), name="api-docs"),
     path("", include("datasets_app.urls")),
     path("", include("training_app.urls")),
     path("", include("evaluation_app.urls")),

@@ -123,6 +123,13 @@
     document.querySelectorAll("[data-snippet-model]").forEach(function (el) { el.textContent = e.target.value; });
   });
 
+  // -- Polling ("every 2s") pauses while the tab is hidden. Done here rather than with an hx-trigger filter
+  // ("[document.visibilityState === 'visible']"), which htmx evaluates with eval: the CSP allows no eval.
+  document.addEventListener("htmx:beforeRequest", function (e) {
+    var trigger = e.detail.elt.getAttribute("hx-trigger") || "";
+    if (document.visibilityState !== "visible" && /^\s*every\s/.test(trigger)) e.preventDefault();
+  });
+
   document.addEventListener("DOMContentLoaded", function () {
     htmx.onLoad(function (root) {
       initCharts(root);
