@@ -1,0 +1,125 @@
+"""PostgreSQL restarted under a real worker while a job trains (issue 32, point 6): the job rides through with no
+manual resume and one loss per step, and pages and the API answer 503 (not 500) while the database is away.
+
+Runs in CI's PostgreSQL stage (marked `postgres`), as root on the machine whose cluster holds the test database
+(`pg_ctlcluster`, as .ci/run starts it); skipped anywhere else."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from rest_framework.test import APIClient
+
+from tests.support import api_key, subprocess_database_url, wait_for
+from training_app import services
+from training_app.models import TrainingJob
+from tuna_site.tests.test_supervision import Worker
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model, pytest.mark.process, pytest.mark.postgres]
+
+STEPS = 24
+CONFIG = {"max_steps": STEPS, "batch_size": 1, "max_seq_length": 64, "save_steps": 4, "eval_examples": 0}
+HEARTBEAT_TIMEOUT = 5  # shorter than the outage: the watchdog must not take the waiting job for hung
+OUTAGE_S = 9
+
+
+def local_cluster() -> str:
+    """The version of this machine's PostgreSQL cluster that holds the test database (skips the test otherwise)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("restarts PostgreSQL: runs in CI's PostgreSQL stage (DATABASE_URL=postgres://...)")
+    db = connection.settings_dict
+    if (db["HOST"] or "localhost") not in ("127.0.0.1", "localhost") or str(db["PORT"] or 5432) != "5432":
+        pytest.skip("the test database is not on this machine's cluster")
+    versions = sorted(Path("/etc/postgresql").glob("*/main")) if Path("/etc/postgresql").is_dir() else []
+    if not versions or not shutil.which("pg_ctlcluster") or os.geteuid() != 0:
+        pytest.skip("restarting PostgreSQL needs pg_ctlcluster and root, as in CI")
+    return versions[0].parent.name
+
+
+def cluster(version: str, action: str) -> None:
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True, timeout=120)
+    if action in ("start", "restart"):
+        wait_for(lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"]).returncode == 0, 60, "PostgreSQL")
+    connection.close()  # this test's own connection went with the server
+
+
+@pytest.fixture
+def worker(data_dir, tmp_path):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tuna_site.settings",
+        "DATABASE_URL": subprocess_database_url(),
+        "DEBUG": "1",
+        "SECRET_KEY": settings.SECRET_KEY,
+        "TUNA_DATA_DIR": str(data_dir),
+        "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR),
+        "TUNA_WORKER_NAME": f"test-worker-{uuid.uuid4().hex[:8]}",
+        "TUNA_HEARTBEAT_SECONDS": "0.5",
+        "TUNA_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT),
+        "TUNA_WATCHDOG_SECONDS": "0.5",
+        "TUNA_DB_RETRY_S": "60",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "worker.log"
+    started = Worker(env, log)
+    yield started, log
+    started.stop()
+    text = log.read_text(errors="replace")
+    print("\n".join(line for line in text.splitlines() if "database" in line.lower() or "reincarnated" in line))
+    print(text[-3000:])
+
+
+def row(pk: int) -> TrainingJob:
+    return TrainingJob.objects.get(pk=pk)
+
+
+def test_it_rides_through_postgresql_restarts_while_a_job_trains(worker, alice, valid_dataset, client):
+    version = local_cluster()
+    queued = services.training_job_start(owner=alice, dataset=valid_dataset, config_data=CONFIG)
+    client.force_login(alice)
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key(alice)}")
+    _, log = worker
+    wait_for(lambda: (job := row(queued.pk)).status == "training" and job.current_step >= 3, 300, "the job to train past step 3")
+
+    # A restart with the server away long enough to look at the pages meanwhile (stop, then start).
+    cluster(version, "stop")
+    down_at = time.monotonic()
+    try:
+        page = client.get(queued.get_absolute_url())  # a fresh connection is refused
+        listing = api.get("/api/training")
+        models = api.get("/v1/models")
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_at)))  # longer than the heartbeat timeout
+    finally:
+        cluster(version, "start")
+    assert page.status_code == 503 and page["Retry-After"], page.content[:300]
+    assert "The database is unreachable for a moment" in page.content.decode()
+    assert listing.status_code == 503 and listing.json()["detail"].startswith("The database is unreachable")
+    assert models.status_code == 503 and models.json()["error"]["code"] == "database_unavailable"
+    assert client.get(queued.get_absolute_url()).status_code == 200  # back
+    first = wait_for(lambda: "done on try" in (text := log.read_text(errors="replace")) and text, 120, "the job's write to land")
+    assert f"Training job #{queued.pk}" in first and "the database is unreachable" in first  # the job waited, and said so
+    assert "The database is unreachable" in first and "The database is back after" in first  # the supervisor rode through
+    assert row(queued.pk).status == "training"  # nobody took the waiting job for hung
+
+    # Then a plain restart (what an upgrade or a managed database's maintenance does), a few steps later.
+    resumed_at = row(queued.pk).current_step
+    wait_for(lambda: row(queued.pk).current_step >= resumed_at + 2, 300, "the job to train on after the outage")
+    cluster(version, "restart")
+
+    done = wait_for(lambda: (job := row(queued.pk)).is_finished and job, 600, "the job to finish")
+    assert done.status == "completed", (done.error_message, log.read_text(errors="replace")[-3000:])
+    assert (done.claims, done.resume_count, done.auto_resumes) == (1, 0, 0)  # it never stopped: no resume, manual or automatic
+    losses = list(done.loss_points.exclude(loss=None).values_list("step", flat=True))
+    assert losses == list(range(1, STEPS + 1))  # one loss per step, none lost, none twice
+    assert Path(done.adapter_dir, "adapter_model.safetensors").is_file()
+    after_restart = log.read_text(errors="replace")[len(first) :]
+    assert "the database is unreachable" in after_restart and "done on try" in after_restart
