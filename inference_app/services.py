@@ -6,6 +6,7 @@ interface (tuna_llm.serving.engine): every call is checked, admitted, logged and
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from tuna_core.admission import Slots, Ticket, TooManyAtOnce
 from tuna_core.costs import cost_usd
 from tuna_core.errors import Conflict, Invalid, NotFound, Unavailable, UserError
 from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
-from tuna_llm.prompting import Message, ToolsUnsupported, prompt_messages
+from tuna_llm.prompting import ChatTemplateRefused, Message, ToolsUnsupported, prompt_messages
 from tuna_llm.serving.batching import MAX_SEED, MIN_SEED
 from tuna_llm.serving.engine import CallSpec, Engine, Generation, Handle, RequestInvalid, result_of
 
@@ -35,6 +36,10 @@ DEFAULT_MAX_TOKENS = 256
 MAX_JOB_ID_DIGITS = 18  # "tuna-job-<id>": ids beyond this cannot exist (64-bit keys)
 MIN_SAMPLING_TEMPERATURE = 1e-3
 MODEL_ID_LENGTH = UsageLog._meta.get_field("model_id").max_length  # a long ft: name is logged cut to fit
+# Before a prompt is rendered and tokenized, its text is refused when it holds more than this many characters per
+# allowed prompt token (TUNA_MAX_PROMPT_TOKENS): tokenizing megabytes takes seconds, and no ordinary text comes near
+# it (English is about 4 characters a token, code about 3). Under it, the exact count decides.
+MAX_CHARS_PER_TOKEN = 16
 
 
 class InferenceRefused(UserError):
@@ -177,6 +182,39 @@ class Call:
     admission: Ticket | None = None  # a stream's slot, taken by `admit` before its 200 and given back when the stream ends
 
 
+def check_prompt_size(*, messages: list[Message] | None = None, text: str | None = None) -> None:
+    """Refuse a prompt the limits do not allow before anything is rendered or tokenized (each check costs at most one
+    pass over the request): more than TUNA_MAX_CHAT_MESSAGES messages, or more text than TUNA_MAX_PROMPT_TOKENS
+    tokens could hold at MAX_CHARS_PER_TOKEN characters each. The exact token count is checked once it is rendered."""
+    limit = settings.TUNA_MAX_PROMPT_TOKENS
+    if messages is not None:
+        most = settings.TUNA_MAX_CHAT_MESSAGES
+        if len(messages) > most:
+            raise InferenceInvalid(
+                f"A chat takes at most {most} messages (TUNA_MAX_CHAT_MESSAGES); this one has {len(messages)}.", "messages"
+            )
+        chars = sum(_message_chars(m) for m in messages)
+        tools = getattr(messages, "tools", None)
+        chars += len(json.dumps(tools)) if tools else 0
+        param = "messages"
+    else:
+        chars, param = len(text or ""), "prompt"
+    if chars > limit * MAX_CHARS_PER_TOKEN:
+        raise InferenceInvalid(
+            f"The prompt holds {chars:,} characters; this server takes at most {limit} prompt tokens (TUNA_MAX_PROMPT_TOKENS), "
+            f"and text over {limit * MAX_CHARS_PER_TOKEN:,} characters ({MAX_CHARS_PER_TOKEN} per token) is refused before "
+            "it is read. Send a shorter prompt.",
+            param,
+        )
+
+
+def _message_chars(message: Message) -> int:
+    content = message.get("content")
+    size = len(content) if isinstance(content, str) else len(json.dumps(content)) if content else 0
+    calls = message.get("tool_calls")
+    return size + (len(json.dumps(calls)) if calls else 0)
+
+
 def prepare_call(
     *,
     user,
@@ -190,8 +228,10 @@ def prepare_call(
     seed: int | None = None,
     stop: list[str] | tuple[str, ...] = (),
 ) -> Call:
-    """Choose the engine, render the prompt (chat template for messages, raw for text) and check it fits the context."""
+    """Check the prompt's size (before the engine is even chosen), choose the engine, render the prompt (chat
+    template for messages, raw for text) and check its tokens fit TUNA_MAX_PROMPT_TOKENS and the context."""
 
+    check_prompt_size(messages=messages, text=text if messages is None else None)
     if max_tokens is None:
         max_tokens = min(DEFAULT_MAX_TOKENS, settings.TUNA_MAX_TOKENS_LIMIT)
     check_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -211,11 +251,14 @@ def prepare_call(
         seed=seed,
         stop=tuple(stop),
         adapter=chosen.adapter,
+        max_prompt_tokens=settings.TUNA_MAX_PROMPT_TOKENS,
     )
     try:
         request = chosen.engine.prepare(spec)
     except RequestInvalid as exc:
         raise InferenceInvalid(str(exc), exc.param) from None
+    except ChatTemplateRefused as exc:  # the model's own rule (e.g. roles must alternate): the request's to fix
+        raise InferenceInvalid(str(exc), "messages") from None
     except ToolsUnsupported as exc:  # tool content this model's chat cannot render: refused, never a garbled prompt
         raise InferenceInvalid(str(exc), "tools" if getattr(messages, "tools", None) else "messages") from None
     info = chosen.engine.describe()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from rest_framework import exceptions as drf
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
@@ -104,6 +106,31 @@ def _model_layer_error(exc: Exception) -> UserError | None:
     return None
 
 
+# A refused body is read (and dropped) up to this size before the 413 goes out, so that a client still sending it
+# reads the answer instead of a reset connection; a larger one is left unread (the server closes the connection).
+BODY_DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+def _body_too_large(context) -> TooLarge:
+    """A JSON or form body over DATA_UPLOAD_MAX_MEMORY_SIZE (DRF reads it through ``request.body``, which refuses it
+    before reading a byte): a 413 naming the limit, its unread body drained first (up to BODY_DRAIN_LIMIT)."""
+    request = getattr(context.get("request"), "_request", context.get("request"))
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    try:
+        size = int(request.META.get("CONTENT_LENGTH") or 0) if request is not None else 0
+    except ValueError:
+        size = 0
+    if request is not None and not request._read_started and 0 < size <= BODY_DRAIN_LIMIT:
+        while request.read(65536):
+            pass
+    sent = f"{size:,} bytes" if size else "larger than that"
+    return TooLarge(
+        f"The request body is {sent}; this server takes at most {limit:,} bytes ({limit / 1048576:.1f} MB, "
+        "DATA_UPLOAD_MAX_MEMORY_SIZE) in one JSON or form body. Send less at once (fewer or shorter messages); "
+        "files go to the upload endpoints as multipart."
+    )
+
+
 def _flat(errors, prefix: str = "") -> dict[str, list[str]]:
     """DRF's nested field errors as ``{"messages[0].content": ["..."]}``: one level, lists of strings."""
     if isinstance(errors, Mapping):
@@ -148,12 +175,14 @@ _OPENAI_TYPE = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     503: "overloaded_error",
 }
 # Codes that follow from the status alone; a refusal of another status names its own (UserError.code).
 _OPENAI_CODE = {
     401: "invalid_api_key",
+    413: "request_too_large",
     429: "rate_limit_exceeded",
     503: "engine_overloaded",
 }
@@ -176,6 +205,8 @@ def _speaks_openai(context) -> bool:
 def exception_handler(exc, context):
     """Every API error in one shape (see the module docstring); None lets anything else be a 500. A view may
     add what its callers can do about a refusal with ``error_hint(exc) -> str | None`` (appended to detail)."""
+    if isinstance(exc, RequestDataTooBig):  # a SuspiciousOperation DRF leaves to Django: no answer the client reads
+        exc = _body_too_large(context)
     if not isinstance(exc, (UserError, drf.APIException)):
         exc = _model_layer_error(exc) or exc
     if isinstance(exc, UserError):
@@ -236,7 +267,7 @@ _ERROR_CODES = {
     "404": "No such object (or it belongs to another user).",
     "405": "Method not allowed.",
     "409": "The object is not in a state that allows this, or one of the server's limits is reached; `detail` says which.",
-    "413": "The upload is larger than TUNA_MAX_UPLOAD_MB.",
+    "413": "The upload is larger than TUNA_MAX_UPLOAD_MB, or a JSON body larger than DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB).",
     "429": "Too many calls (TUNA_API_RATE); Retry-After says when to try again.",
 }
 # These POSTs also answer 503: generation (with Retry-After) when TUNA_MAX_INFERENCE_QUEUE calls are waiting;

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from jinja2 import TemplateError
+
 from tuna_llm.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, tool_call_text
 
 Message = dict[str, Any]
@@ -52,6 +54,26 @@ class ToolsUnsupported(ValueError):
     """The base model's chat template cannot render tools or tool calls; the message says why."""
 
 
+class ChatTemplateRefused(TemplateError, ValueError):
+    """The model's chat template refuses these messages by a rule of its own (``raise_exception``: e.g. Mistral's and
+    Gemma's "roles must alternate user/assistant"), or fails on them; ``rule`` is what the template said."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+        super().__init__(
+            f"This model's chat template refuses these messages: {rule.rstrip('.')}. It is the model's own rule; "
+            "change the messages to follow it."
+        )
+
+
+def apply_template(render, *args: Any, **kwargs: Any) -> Any:
+    """``render(*args, **kwargs)`` (a chat template's renderer), its template errors as ChatTemplateRefused."""
+    try:
+        return render(*args, **kwargs)
+    except TemplateError as exc:
+        raise ChatTemplateRefused(str(exc) or type(exc).__name__) from None
+
+
 def has_tool_content(messages: Any) -> bool:
     """Tools offered, an assistant message that calls tools, or a tool result."""
     if getattr(messages, "tools", None):
@@ -64,7 +86,8 @@ def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_promp
 
     ``tools`` default to ``messages.tools``. The embedded model's template adds a default system message when
     none is given; because every caller goes through here, training and inference add it the same way. Raises
-    ToolsUnsupported for tool content the base model's chat cannot render.
+    ToolsUnsupported for tool content the base model's chat cannot render, ChatTemplateRefused for messages its
+    template refuses.
     """
     tools = template_tools(messages, tools)
     plain = list(messages)
@@ -76,12 +99,17 @@ def render_chat(tokenizer: Any, messages: list[Message], *, add_generation_promp
         text = "".join(f"{m['role']}: {m['content']}\n" for m in plain)
         return text + ("assistant: " if add_generation_prompt else "")
     if not with_tools:
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return apply_template(tokenizer.apply_chat_template, plain, tokenize=False, add_generation_prompt=add_generation_prompt)
     template, reason = _analysis(tokenizer)
     if reason:
         raise ToolsUnsupported(reason)
-    return tokenizer.apply_chat_template(
-        plain, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    return apply_template(
+        tokenizer.apply_chat_template,
+        plain,
+        tools=tools,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
 
 

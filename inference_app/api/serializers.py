@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from inference_app.conversation import MAX_TOOLS, ROLES, TOOL_CHOICES, TOOL_NAME, FieldError, chat_request
 from inference_app.engines import ENGINES
+from inference_app.services import InferenceInvalid, check_prompt_size
 from tuna_llm.serving.batching import MAX_SEED, MIN_SEED
 
 SEED_RANGE = f"seed must be a whole number from {MIN_SEED} to {MAX_SEED} (a signed 64-bit integer)."
@@ -23,6 +25,21 @@ class StopField(serializers.Field):
         return [s for s in items if s]
 
     def to_representation(self, value):
+        return value
+
+
+class PromptField(serializers.CharField):
+    """A raw prompt: refused when it holds more text than TUNA_MAX_PROMPT_TOKENS allows, before it is tokenized."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(trim_whitespace=False, **kwargs)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        try:
+            check_prompt_size(text=value)
+        except InferenceInvalid as exc:
+            raise serializers.ValidationError(exc.message) from None
         return value
 
 
@@ -55,7 +72,7 @@ class InferenceSerializer(SamplingSerializer):
         help_text='A training job id (12 or "tuna-job-12"), its "ft:<base>:<user>:<suffix>:ftjob-12" name (with ":ckpt-step-<n>": '
         'a kept checkpoint of it) or "base:<name>".'
     )
-    prompt = serializers.CharField(trim_whitespace=False)
+    prompt = PromptField()
 
 
 class InferenceResultSerializer(serializers.Serializer):
@@ -124,9 +141,17 @@ TOOL = {
 }
 
 
-@extend_schema_field({"type": "array", "items": MESSAGE, "minItems": 1})
+@extend_schema_field({"type": "array", "items": MESSAGE, "minItems": 1, "description": "At most TUNA_MAX_CHAT_MESSAGES (512)."})
 class MessagesField(serializers.JSONField):
-    """Checked as a whole in ChatCompletionSerializer.validate (inference_app.conversation)."""
+    """Counted here, before anything reads them (TUNA_MAX_CHAT_MESSAGES); checked as a whole in
+    ChatCompletionSerializer.validate (inference_app.conversation). The body came from the JSON parser, so it is
+    not encoded again to be checked as JSON (JSONField's default), which would cost a pass over every message."""
+
+    def to_internal_value(self, data):
+        most = settings.TUNA_MAX_CHAT_MESSAGES
+        if isinstance(data, list) and len(data) > most:
+            raise serializers.ValidationError(f"A chat takes at most {most} messages (TUNA_MAX_CHAT_MESSAGES); this one has {len(data)}.")
+        return data
 
 
 @extend_schema_field({"type": "array", "items": TOOL, "maxItems": MAX_TOOLS, "nullable": True})
@@ -185,7 +210,7 @@ class ChatCompletionSerializer(OpenAISamplingSerializer):
 
 
 class CompletionSerializer(OpenAISamplingSerializer):
-    prompt = serializers.CharField(trim_whitespace=False)
+    prompt = PromptField()
 
 
 class UsageSerializer(serializers.Serializer):

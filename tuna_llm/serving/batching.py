@@ -434,7 +434,7 @@ class BatchingEngine:
         prompt = render_chat(loaded.tokenizer, spec.messages, add_generation_prompt=True) if spec.messages is not None else spec.text
         check_prompt_text(prompt)
         context = getattr(loaded.base_model.config, "max_position_embeddings", None)
-        check_fits(len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]), context)
+        check_fits(len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]), context, spec.max_prompt_tokens)
         request = GenerationRequest(
             text=prompt,
             max_new_tokens=spec.max_tokens,

@@ -62,6 +62,7 @@ class CallSpec:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     adapter: Adapter | None = None
+    max_prompt_tokens: int | None = None  # the server's limit on prompt tokens (TUNA_MAX_PROMPT_TOKENS), below the context
 
 
 class RequestInvalid(ValueError):
@@ -142,6 +143,12 @@ def check_unicode(text: str) -> None:
         raise RequestInvalid(SURROGATE, "prompt") from None
 
 
-def check_fits(prompt_tokens: int, context: int | None) -> None:
+def check_fits(prompt_tokens: int, context: int | None, limit: int | None = None) -> None:
+    """Refuse a prompt that leaves the context no room, or one over the server's limit (``limit``: TUNA_MAX_PROMPT_TOKENS)."""
     if context and prompt_tokens >= context:
         raise RequestInvalid(f"The prompt is {prompt_tokens} tokens; this model's context holds {context}.", "prompt")
+    if limit and prompt_tokens > limit:
+        raise RequestInvalid(
+            f"The prompt is {prompt_tokens} tokens; this server takes at most {limit} prompt tokens (TUNA_MAX_PROMPT_TOKENS).",
+            "prompt",
+        )
