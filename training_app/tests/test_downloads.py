@@ -4,8 +4,15 @@ temporary file that names its base by catalog name and source, and the exact bas
 from __future__ import annotations
 
 import gc
+import http.client
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -13,13 +20,14 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from tests.support import job_row
+from tests.support import job_row, subprocess_database_url, wait_for
 from training_app import selectors
 from tuna_core import admission
 
 pytestmark = pytest.mark.django_db
 
 WEIGHTS_MB = 24
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -227,3 +235,120 @@ def test_it_counts_tensorboard_and_export_downloads_in_the_same_share(alice, ali
     ]
     content = alice_api.get(f"/v1/files/file-{done_job.dataset_id}/content")
     assert content.status_code == 200 and body(content) == done_job.dataset.file.open("rb").read()
+
+
+# -- a real server: gunicorn as deployed (one process, 32 threads), clients that stop reading ----------------------
+STALLED = 32
+STALLED_MB = 24  # more than the kernel buffers a stalled connection can absorb, so the server's thread blocks on it
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(port: int, path: str, cookie: str = "", timeout: float = 10) -> tuple[int, dict, bytes, float]:
+    """Status, headers, body and seconds taken of one GET (a fresh connection)."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Cookie": f"sessionid={cookie}"} if cookie else {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read(), time.monotonic() - started
+    finally:
+        connection.close()
+
+
+def _stalled(port: int, path: str, cookie: str) -> socket.socket:
+    """A download asked for and then never read: the server's writes block once the buffers are full."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: sessionid={cookie}\r\n\r\n".encode())
+    return sock
+
+
+@pytest.mark.process
+@pytest.mark.django_db(transaction=True)
+def test_it_keeps_the_pages_answering_while_32_downloads_stall(
+    django_user_model, valid_dataset, data_dir, server_cache, tmp_path, settings
+):
+    from django.test import Client
+
+    users, jobs, cookies = [], [], []
+    weights = os.urandom(STALLED_MB * 2**20)
+    for index in range(5):
+        user = django_user_model.objects.create_user(username=f"user{index}", password="pass-123-pass")
+        job = job_row(user, valid_dataset, status="completed", completed_at=timezone.now())
+        job.adapter_dir = str(adapter_folder(data_dir / "jobs" / str(job.pk) / "adapter", server_cache, weights))
+        job.save(update_fields=["adapter_dir"])
+        client = Client()
+        client.force_login(user)
+        users.append(user), jobs.append(job), cookies.append(client.cookies["sessionid"].value)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tuna_site.settings",
+        "DATABASE_URL": subprocess_database_url(),
+        "SECRET_KEY": settings.SECRET_KEY,
+        "TUNA_DATA_DIR": str(data_dir),
+        "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR),
+        "DEBUG": "1",  # as `make run` serves (static files from the app folders, plain HTTP)
+    }
+    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115
+    command = [str(Path(sys.executable).parent / "gunicorn"), "tuna_site.wsgi:application", "--bind", f"127.0.0.1:{port}"]
+    command += ["--worker-class", "gthread", "--workers", "1", "--threads", "32", "--timeout", "300", "--graceful-timeout", "2"]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    stalled: list[socket.socket] = []
+    try:
+        wait_for(lambda: _get_or_none(port, "/login/") == 200, 60, "gunicorn to serve")
+        # 32 downloads that are never read: 8 of them from each of four users
+        for index in range(STALLED):
+            owner = index % 4
+            stalled.append(_stalled(port, f"/training/{jobs[owner].pk}/adapter.zip", cookies[owner]))
+        time.sleep(3)  # the admitted ones are sending (and blocked); the rest were refused at once
+
+        timings = {}
+        status, _, page, timings["login page"] = _get(port, "/login/")
+        assert status == 200 and b"<form" in page
+        status, _, page, timings["dashboard"] = _get(port, "/", cookies[4])
+        assert status == 200 and b"user4" in page
+        status, _, page, timings["job page"] = _get(port, f"/training/{jobs[4].pk}", cookies[4])
+        assert status == 200 and b'id="adapter-download"' in page
+        # every download slot is held by the stalled ones: a fifth user is told to come back (503), not left hanging
+        status, headers, page, timings["refused download"] = _get(port, f"/training/{jobs[4].pk}/adapter.zip", cookies[4])
+        assert status == 503 and headers["Retry-After"] == str(admission.DOWNLOAD_RETRY_S) and b"TUNA_MAX_DOWNLOADS" in page
+        status, headers, page, _ = _get(port, f"/training/{jobs[0].pk}/adapter.zip", cookies[0])
+        assert status == 429 and b"TUNA_MAX_DOWNLOADS_PER_USER" in page
+        assert max(timings.values()) < 5, timings
+        print(f"\nwith {STALLED} stalled downloads: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
+
+        for sock in stalled:  # the stalled clients go away: their slots come back
+            sock.close()
+        stalled.clear()
+        downloaded = wait_for(lambda: _download_or_none(port, f"/training/{jobs[4].pk}/adapter.zip", cookies[4]), 30, "a free slot")
+        archive = zipfile.ZipFile(io.BytesIO(downloaded))
+        assert archive.read(f"tuna-job-{jobs[4].pk}-adapter/adapter_model.safetensors") == weights
+    finally:
+        for sock in stalled:
+            sock.close()
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+        print((tmp_path / "gunicorn.log").read_text(errors="replace")[-2000:])
+
+
+def _get_or_none(port: int, path: str) -> int | None:
+    try:
+        return _get(port, path, timeout=5)[0]
+    except OSError:
+        return None
+
+
+def _download_or_none(port: int, path: str, cookie: str) -> bytes | None:
+    status, _, data, _ = _get(port, path, cookie, timeout=60)
+    return data if status == 200 else None
