@@ -55,6 +55,10 @@ DATABASE_UNREACHABLE = (OperationalError, InterfaceError)
 RETRY_DELAYS = (0.2, 0.5, 1, 2, 3)
 # A job that failed because the database stayed away is resumed by the worker this many times at most.
 MAX_AUTO_RESUMES = 1
+# A job that failed because the database stayed away waits this many times TUNA_DB_RETRY_S for it to record its failure
+# (and resume): without a database the worker has nothing else it could run, and its heartbeat goes on meanwhile, so
+# the watchdog does not take it for hung. Past that the row stays for the watchdog (failed as a stopped worker).
+FAILURE_RECORD_BOUNDS = 10
 
 T = TypeVar("T")
 
@@ -222,7 +226,7 @@ def job_work(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None])
         logger.exception("%s #%s failed", model.__name__, pk)
         try:
             job_fail(job, exc)
-        except DATABASE_UNREACHABLE as lost:  # still away after a second TUNA_DB_RETRY_S: the watchdog fails the row later
+        except DATABASE_UNREACHABLE as lost:  # still away after FAILURE_RECORD_BOUNDS x TUNA_DB_RETRY_S: the watchdog fails the row
             logger.error(
                 "%s #%s: its failure could not be recorded (the database is unreachable: %s); once the database is back, the "
                 "worker's watchdog fails the row, whose heartbeat has stopped",
@@ -278,7 +282,10 @@ def job_fail(job: WorkerJob, exc: BaseException, **fields) -> None:
         **job_run_time(job),
         **fields,
     }
-    written = db_retry(lambda: job_held(model, job.pk).update(**failure), f"Recording the failure of {model.__name__} #{job.pk}")
+    bound = settings.TUNA_DB_RETRY_S * (FAILURE_RECORD_BOUNDS if database_unreachable(exc) else 1)
+    written = db_retry(
+        lambda: job_held(model, job.pk).update(**failure), f"Recording the failure of {model.__name__} #{job.pk}", bound=bound
+    )
     if not written:
         logger.warning("%s #%s failed after this process lost it; the failure is not recorded", model.__name__, job.pk)
         return

@@ -1,5 +1,6 @@
 """PostgreSQL restarted under a real worker while a job trains (issue 32, point 6): the job rides through with no
-manual resume and one loss per step, and pages and the API answer 503 (not 500) while the database is away.
+manual resume and one loss per step, and pages and the API answer 503 (not 500) while the database is away; a
+database away for longer than TUNA_DB_RETRY_S fails the job, which the worker resumes once from its checkpoint.
 
 Runs in CI's PostgreSQL stage (marked `postgres`), as root on the machine whose cluster holds the test database
 (`pg_ctlcluster`, as .ci/run starts it); skipped anywhere else."""
@@ -52,7 +53,7 @@ def cluster(version: str, action: str) -> None:
 
 
 @pytest.fixture
-def worker(data_dir, tmp_path):
+def start_worker(data_dir, tmp_path):
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tuna_site.settings",
@@ -65,14 +66,19 @@ def worker(data_dir, tmp_path):
         "TUNA_HEARTBEAT_SECONDS": "0.5",
         "TUNA_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT),
         "TUNA_WATCHDOG_SECONDS": "0.5",
-        "TUNA_DB_RETRY_S": "60",
         "PYTHONUNBUFFERED": "1",
     }
     log = tmp_path / "worker.log"
-    started = Worker(env, log)
-    yield started, log
-    started.stop()
-    text = log.read_text(errors="replace")
+    started = []
+
+    def start(retry_s: float) -> Path:
+        started.append(Worker({**env, "TUNA_DB_RETRY_S": str(retry_s)}, log))
+        return log
+
+    yield start
+    for one in started:
+        one.stop()
+    text = log.read_text(errors="replace") if log.exists() else ""
     print("\n".join(line for line in text.splitlines() if "database" in line.lower() or "reincarnated" in line))
     print(text[-3000:])
 
@@ -81,13 +87,13 @@ def row(pk: int) -> TrainingJob:
     return TrainingJob.objects.get(pk=pk)
 
 
-def test_it_rides_through_postgresql_restarts_while_a_job_trains(worker, alice, valid_dataset, client):
+def test_it_rides_through_postgresql_restarts_while_a_job_trains(start_worker, alice, valid_dataset, client):
     version = local_cluster()
     queued = services.training_job_start(owner=alice, dataset=valid_dataset, config_data=CONFIG)
     client.force_login(alice)
     api = APIClient()
     api.credentials(HTTP_AUTHORIZATION=f"Bearer {api_key(alice)}")
-    _, log = worker
+    log = start_worker(retry_s=60)
     wait_for(lambda: (job := row(queued.pk)).status == "training" and job.current_step >= 3, 300, "the job to train past step 3")
 
     # A restart with the server away long enough to look at the pages meanwhile (stop, then start).
@@ -123,3 +129,26 @@ def test_it_rides_through_postgresql_restarts_while_a_job_trains(worker, alice, 
     assert Path(done.adapter_dir, "adapter_model.safetensors").is_file()
     after_restart = log.read_text(errors="replace")[len(first) :]
     assert "the database is unreachable" in after_restart and "done on try" in after_restart
+
+
+def test_it_resumes_a_job_once_from_its_checkpoint_when_the_database_stays_away_past_the_bound(start_worker, alice, valid_dataset):
+    version = local_cluster()
+    queued = services.training_job_start(owner=alice, dataset=valid_dataset, config_data=CONFIG)
+    log = start_worker(retry_s=2)
+    # Past the first checkpoint (step 4), so that the resumed run has one to start from.
+    wait_for(lambda: (job := row(queued.pk)).status == "training" and job.current_step >= 6, 300, "the job to train past step 6")
+
+    cluster(version, "stop")
+    time.sleep(OUTAGE_S)  # longer than TUNA_DB_RETRY_S: the step's write gives up, the failure waits for the database
+    cluster(version, "start")
+
+    resumed = wait_for(lambda: (job := row(queued.pk)).claims == 2 and job, 120, "the worker to resume the job by itself")
+    assert (resumed.auto_resumes, resumed.resume_count) == (1, 1)
+    done = wait_for(lambda: (job := row(queued.pk)).is_finished and job, 600, "the resumed job to finish")
+    assert done.status == "completed", (done.error_message, log.read_text(errors="replace")[-3000:])
+    assert (done.claims, done.resume_count, done.auto_resumes) == (2, 1, 1)
+    losses = list(done.loss_points.exclude(loss=None).values_list("step", flat=True))
+    assert losses == list(range(1, STEPS + 1))  # the history joined: one loss per step across both runs
+    text = log.read_text(errors="replace")
+    assert "still unreachable after" in text and "resumed from its last checkpoint by the worker" in text
+    assert "resumed by the worker after a database outage, from checkpoint-" in text

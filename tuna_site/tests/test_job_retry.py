@@ -40,6 +40,9 @@ class Outage:
     def end(self) -> None:
         self.ended = True
 
+    def begin(self, seconds: float) -> None:
+        self.until, self.ended = time.monotonic() + seconds, False
+
     def down(self) -> bool:
         return not self.ended and (self.until is None or time.monotonic() < self.until)
 
@@ -132,8 +135,9 @@ def test_it_gives_up_after_tuna_db_retry_s_with_the_last_error(alice, valid_data
 
 @pytest.mark.django_db(transaction=True)
 def test_it_fails_a_job_past_the_bound_and_resumes_it_once_by_itself(alice, valid_dataset, settings, data_dir, caplog):
-    """The database stays away longer than TUNA_DB_RETRY_S during a step: the job fails naming the setting, and the
-    worker queues it again on its own (a task to run it, auto_resumes 1). The second time it stays failed."""
+    """The database stays away longer than TUNA_DB_RETRY_S during a step: the job fails naming the setting once the
+    database is back to record it, and the worker queues it again on its own (a task to run it, auto_resumes 1). The
+    second time it stays failed."""
     settings.TUNA_DB_RETRY_S = 0.5
     settings.TUNA_HEARTBEAT_SECONDS = 0.1
     row = job_row(alice, valid_dataset)
@@ -141,14 +145,20 @@ def test_it_fails_a_job_past_the_bound_and_resumes_it_once_by_itself(alice, vali
     checkpoint.mkdir(parents=True)
     (checkpoint / "tuna-checkpoint-complete").write_text("complete\n")
 
+    outage = Outage()
+    outage.end()  # not yet
+
     def work_during_a_long_outage(job) -> None:
         jobs.job_write(TrainingJob, job.pk, current_step=4)
-        with Outage(seconds=0.8):  # past the bound for the step; back before the failure's own retries end
-            jobs.job_write(TrainingJob, job.pk, current_step=5)
+        outage.begin(1.5)  # past the bound (0.5 s) for the step; the failure waits for the database to be recorded
+        jobs.job_write(TrainingJob, job.pk, current_step=5)
 
     tasks_before = OrmQ.objects.count()
     caplog.set_level(logging.WARNING, logger="tuna")
-    assert jobs.job_run(TrainingJob, row.pk, work_during_a_long_outage)
+    started = time.monotonic()
+    with outage:
+        assert jobs.job_run(TrainingJob, row.pk, work_during_a_long_outage)
+    assert time.monotonic() - started >= 1.5
     resumed = TrainingJob.objects.get(pk=row.pk)
     assert resumed.status == "queued", resumed.error_message
     assert (resumed.auto_resumes, resumed.resume_count, resumed.current_step) == (1, 1, 4)
@@ -156,7 +166,8 @@ def test_it_fails_a_job_past_the_bound_and_resumes_it_once_by_itself(alice, vali
     assert OrmQ.objects.count() == tasks_before + 1  # its task is queued: nobody has to press Resume
     assert any("resumed from its last checkpoint by the worker" in r.getMessage() for r in caplog.records)
 
-    assert jobs.job_run(TrainingJob, row.pk, work_during_a_long_outage)  # the same again: it is not resumed twice
+    with outage:
+        assert jobs.job_run(TrainingJob, row.pk, work_during_a_long_outage)  # the same again: it is not resumed twice
     failed = TrainingJob.objects.get(pk=row.pk)
     assert failed.status == "failed" and failed.auto_resumes == 1 and failed.resume_count == 1
     assert "the database could not be reached for longer than TUNA_DB_RETRY_S (0.5 s)" in failed.error_message
