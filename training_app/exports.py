@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from datasets_app.examples import held_out_examples
 from training_app.models import Export, TrainingJob
@@ -154,9 +154,17 @@ def export_work(export: Export) -> None:
             llama_cpp_version=gguf_export.llama_cpp_version() or "",
         )
     finally:
-        if not TrainingJob.objects.filter(pk=job.pk).exists():  # deleted while exporting: its folder goes, again
+        if _deleted(job):  # deleted while exporting: its folder goes, again
             remove_tree(job_dir(job))
     logger.info("Export %s of job %s completed in %.0f s", export.pk, job.pk, time.monotonic() - started)
+
+
+def _deleted(job: TrainingJob) -> bool:
+    """The job's row is gone (False when that cannot be known now: the database away keeps the files)."""
+    try:
+        return not TrainingJob.objects.filter(pk=job.pk).exists()
+    except DatabaseError:
+        return False
 
 
 def _replace(final: Path, staged: Path) -> None:
