@@ -27,13 +27,16 @@ class TrainingJobAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     inlines = [LossPointInline]
     actions = ["cancel_jobs", "resume_jobs", "export_jobs"]
 
+    class Media:
+        css = {"all": ["css/admin.css"]}  # the scrolling report box (the CSP allows no style="")
+
     @admin.display(description="Progress")
     def progress(self, obj: TrainingJob) -> str:
         return f"{obj.current_step}/{obj.total_steps} ({obj.progress_percent:.0f}%)"
 
     @admin.display(description="Traceback")
     def traceback_display(self, obj: TrainingJob) -> str:
-        return format_html("<pre style='max-height:30em;overflow:auto'>{}</pre>", obj.error_traceback or "-")
+        return format_html('<pre class="readonly-scroll">{}</pre>', obj.error_traceback or "-")
 
     @admin.action(description="Cancel selected jobs")
     def cancel_jobs(self, request, queryset):
@@ -112,13 +115,16 @@ class ExportAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
     readonly_fields = ["traceback_display", "files", "parity", "created_at", "started_at", "completed_at", "heartbeat_at"]
     exclude = ["error_traceback"]
 
+    class Media:
+        css = {"all": ["css/admin.css"]}  # the scrolling report box (the CSP allows no style="")
+
     @admin.display(boolean=True, description="Parity passed")
     def parity_passed(self, obj: Export) -> bool:
         return obj.parity_passed
 
     @admin.display(description="Traceback")
     def traceback_display(self, obj: Export) -> str:
-        return format_html("<pre style='max-height:30em;overflow:auto'>{}</pre>", obj.error_traceback or "-")
+        return format_html('<pre class="readonly-scroll">{}</pre>', obj.error_traceback or "-")
 
 
 class RunInline(admin.TabularInline):

@@ -241,13 +241,12 @@ FILE_UPLOAD_PERMISSIONS = 0o600
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 
 # Content-Security-Policy (django-csp, docs/security.md): scripts, styles, images and calls from this site only, no
-# inline script and no eval (htmx's allowEval is off); style="" attributes stay allowed (they cannot run code).
+# inline script or style (not even a style="" attribute) and no eval (htmx's allowEval is off).
 CONTENT_SECURITY_POLICY = {
     "DIRECTIVES": {
         "default-src": ["'self'"],
         "script-src": ["'self'"],
         "style-src": ["'self'"],
-        "style-src-attr": ["'unsafe-inline'"],
         "img-src": ["'self'", "data:"],
         "font-src": ["'self'"],
         "connect-src": ["'self'"],

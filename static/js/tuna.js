@@ -130,8 +130,16 @@
     if (document.visibilityState !== "visible" && /^\s*every\s/.test(trigger)) e.preventDefault();
   });
 
+  // -- Progress bars: <div class="progress"><span data-width="42.5"> (a percentage; no style="": the CSP) --
+  function initWidths(root) {
+    var bars = Array.prototype.slice.call(root.querySelectorAll("[data-width]"));
+    if (root.matches && root.matches("[data-width]")) bars.push(root);
+    bars.forEach(function (bar) { bar.style.width = Math.max(0, Math.min(100, parseFloat(bar.dataset.width) || 0)) + "%"; });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     htmx.onLoad(function (root) {
+      initWidths(root);
       initCharts(root);
       initDropzone(root);
     });
