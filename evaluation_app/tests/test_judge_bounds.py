@@ -133,13 +133,13 @@ def test_it_never_follows_a_redirect_with_the_key(judge_servers, judge_settings,
 def test_it_stops_a_run_at_its_time_limit_and_keeps_what_it_judged(judge_servers, judge_settings, alice, alice_client, evaluation):
     server = judge_servers(delay=0.3)  # 2 requests per example: about 0.6 s each
     judge_settings.TUNA_JUDGE_URL = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    judge_settings.TUNA_JUDGE_RUN_MAX_S = 1.5
+    judge_settings.TUNA_JUDGE_RUN_MAX_S = 2.0  # room for 1 to 3 of the 4 examples, even on a loaded machine
 
     started = time.monotonic()
     run = run_judge(alice, evaluation)
     took = time.monotonic() - started
 
-    assert took < 1.5 + 1.0, took  # no request waited past the limit
+    assert took < 2.0 + 1.0, took  # no request waited past the limit
     assert run.status == "completed", run.error_message
     judged = JudgeVerdict.objects.filter(run=run).count()
     assert 1 <= judged < 4 and run.done == judged and run.total == 4
