@@ -1,7 +1,8 @@
 """The llama.cpp runtime (the pinned llama-cpp-python) for exported GGUF models. Django-free.
 
 One `LlamaCppModel` holds one GGUF base model in a process; LoRA GGUF adapters are loaded once and
-applied per call, so every fine-tune of a base shares one copy of its weights. One llama.cpp context
+applied per call, so every fine-tune of a base shares one copy of its weights. At most TUNA_ADAPTER_CACHE_SIZE
+adapters stay loaded (the least recently used is freed first; a freed one is loaded again when next asked for). One llama.cpp context
 decodes one call at a time: a call waits for it (its queue time), then is billed its own decoding time.
 Prompts are rendered by the GGUF's own chat template (what llama.cpp and Ollama users get); temperature
 0 decodes greedily; a call ends at an end-of-generation token, a stop string or its token limit.
@@ -16,12 +17,12 @@ import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuna_llm.prompting import Message, ToolsUnsupported, has_tool_content, template_tools
+from tuna_llm.prompting import Message, ToolsUnsupported, apply_template, has_tool_content, template_tools
 from tuna_llm.serving.compute import ComputeThread, compute_thread
 from tuna_llm.serving.engine import (
     CallSpec,
@@ -33,6 +34,7 @@ from tuna_llm.serving.engine import (
     result_of,
     stream_pieces,
 )
+from tuna_llm.settings import current
 
 ENGINE_NAME = "llama.cpp"
 
@@ -73,7 +75,9 @@ def _renders_tools(formatter) -> bool:
 
 
 class LlamaCppModel:
-    def __init__(self, gguf: Path, *, n_ctx: int = 4096, n_threads: int | None = None) -> None:
+    """``adapter_cache_size``: LoRAs kept loaded at most (None: the site's TUNA_ADAPTER_CACHE_SIZE, read at each load)."""
+
+    def __init__(self, gguf: Path, *, n_ctx: int = 4096, n_threads: int | None = None, adapter_cache_size: int | None = None) -> None:
         try:
             import llama_cpp
             from llama_cpp import Llama
@@ -97,7 +101,8 @@ class LlamaCppModel:
         )
         self.renders_tools = _renders_tools(self.formatter)
         self.lock = threading.Lock()
-        self._adapters: dict[Path, object] = {}
+        self.adapter_cache_size = adapter_cache_size
+        self._adapters: OrderedDict[Path, object] = OrderedDict()  # loaded LoRAs, least recently used first
         self._active: Path | None = None
 
     def prompt_tokens(self, messages: list[Message]) -> list[int]:
@@ -109,7 +114,8 @@ class LlamaCppModel:
                 f"The chat template in {self.path.name} does not render tools or tool calls; export the fine-tune again "
                 "so that its GGUF carries LLM Tuna's tools-capable template."
             )
-        rendered = self.formatter(messages=list(messages), tools=template_tools(messages))  # as render_chat gives them
+        # As render_chat gives them; a template's own refusal (raise_exception) is a ChatTemplateRefused.
+        rendered = apply_template(self.formatter, messages=list(messages), tools=template_tools(messages))
         check_unicode(rendered.prompt)  # tools and call arguments too, not only the messages' content
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 
@@ -120,23 +126,49 @@ class LlamaCppModel:
         return self.llm.tokenize(call.text.encode("utf-8"), add_bos=False, special=True)
 
     # -- adapters -------------------------------------------------------------------------------
+    @property
+    def loaded_adapters(self) -> list[Path]:
+        """The LoRA GGUFs loaded now, least recently used first."""
+        return list(self._adapters)
+
+    def _cache_size(self) -> int:
+        size = self.adapter_cache_size if self.adapter_cache_size is not None else current().adapter_cache_size
+        return max(1, size)
+
     def _adapter(self, path: Path):
+        """The loaded LoRA at ``path`` (loaded now if it is not), marked most recently used."""
         import llama_cpp
 
-        if path not in self._adapters:
-            if not path.is_file():
-                raise FileNotFoundError(f"The LoRA GGUF {path} does not exist.")
-            adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode("utf-8"))
-            if not adapter:
-                raise ValueError(f"llama.cpp could not load the LoRA GGUF {path.name}.")
-            self._adapters[path] = adapter
-        return self._adapters[path]
+        if path in self._adapters:
+            self._adapters.move_to_end(path)
+            return self._adapters[path]
+        if not path.is_file():
+            raise FileNotFoundError(f"The LoRA GGUF {path} does not exist.")
+        adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode("utf-8"))
+        if not adapter:
+            raise ValueError(f"llama.cpp could not load the LoRA GGUF {path.name}.")
+        self._adapters[path] = adapter
+        return adapter
+
+    def _evict(self) -> None:
+        """Free the least recently used LoRAs beyond the cache size. Only the active one is applied to the context
+        (``_activate`` applies before it evicts), and it is the most recently used, so none freed is in use."""
+        import llama_cpp
+
+        while len(self._adapters) > self._cache_size():
+            path, adapter = next(iter(self._adapters.items()))
+            if path == self._active:
+                break
+            del self._adapters[path]
+            llama_cpp.llama_adapter_lora_free(adapter)
 
     def _activate(self, lora: Path | None) -> None:
         """Apply `lora` (or none) to the context; prompt state cached under another adapter is dropped."""
         import llama_cpp
 
         if lora == self._active:
+            if lora is not None:
+                self._adapters.move_to_end(lora)
             return
         if lora is None:
             failed = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
@@ -151,6 +183,7 @@ class LlamaCppModel:
         if memory is not None:
             llama_cpp.llama_memory_clear(memory, True)
         self._active = lora
+        self._evict()
 
     # -- calls ----------------------------------------------------------------------------------
     def chat(self, call: LlamaCall) -> Generation:
@@ -281,7 +314,7 @@ class LlamaCppEngine:
         if spec.messages is None:
             check_prompt_text(spec.text)
         else:
-            check_unicode("".join(m["content"] for m in spec.messages))
+            check_unicode("".join(m.get("content") or "" for m in spec.messages))
         call = LlamaCall(
             messages=spec.messages or [],
             text=spec.text if spec.messages is None else None,
@@ -294,7 +327,7 @@ class LlamaCppEngine:
         )
         context = self.model.llm.n_ctx()
         prompt_tokens = len(self.model.call_tokens(call))
-        check_fits(prompt_tokens, context)
+        check_fits(prompt_tokens, context, spec.max_prompt_tokens)
         # The answer ends where the context does (finish_reason "length"): llama.cpp cannot decode past it.
         call.max_tokens = min(call.max_tokens, context - prompt_tokens)
         return call
