@@ -1,5 +1,3 @@
-import os
-
 from django.apps import AppConfig
 from django.conf import settings
 
@@ -13,12 +11,11 @@ class TunaSiteConfig(AppConfig):
     def ready(self) -> None:
         # The model layer reads the live Django settings through this provider (it never imports Django).
         llm_settings.configure(model_layer_settings)
-        # Owner-only data: every file and folder this process (and what it starts) creates is 0600/0700 (the
-        # SQLite file and its WAL, uploads, adapters, checkpoints, exports); what an older version left open is
-        # closed now, and a path that cannot be closed is a system check error (tuna_site.checks).
+        # Owner-only data: the settings set an owner-only umask (files 0600, folders 0700: the SQLite file and its
+        # WAL, uploads, adapters, checkpoints, exports); what an older version left open is closed now, and a path
+        # that cannot be closed is a system check error (tuna_site.checks).
         from tuna_site import checks
 
-        os.umask(checks.OWNER_ONLY_UMASK)
         checks.data_dir_close()
 
 

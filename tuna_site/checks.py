@@ -1,8 +1,8 @@
 """The data directory is owner-only: its folders 0700, its files 0600.
 
 It holds the database (password hashes, API key digests), the secret key, every user's datasets and models.
-Everything this site's processes create there is made owner-only by the umask `tuna_site.apps` sets; what an
-older version (or a copy, or a restore) left open is closed at start-up by `data_dir_close`. A path this process
+Everything this site's processes create there is made owner-only by the umask the settings set
+(`tuna_site.env.owner_only_umask`); what an older version (or a copy, or a restore) left open is closed at start-up by `data_dir_close`. A path this process
 cannot close (another user's file) is a system check error: `manage.py` commands, the worker and runserver
 refuse to start until the operator fixes it.
 """
@@ -19,7 +19,6 @@ from django.core import checks
 
 logger = logging.getLogger("tuna.security")
 
-OWNER_ONLY_UMASK = 0o077
 DIR_MODE = 0o700
 
 

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
+# Group and others get no bit of what this process creates: the data directory is its owner's only.
+OWNER_ONLY_UMASK = 0o077
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -71,6 +74,11 @@ def parse_base_models(raw: str) -> dict[str, str]:
             raise ImproperlyConfigured(f"TUNA_BASE_MODELS entries look like name=huggingface/id or name=/local/dir, got {item!r}")
         catalog[name] = source
     return catalog
+
+
+def owner_only_umask() -> None:
+    """Files and folders this process (and every process it starts) creates from now on are 0600 / 0700."""
+    os.umask(OWNER_ONLY_UMASK)
 
 
 def installation_secret_key(path: Path) -> str:

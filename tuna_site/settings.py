@@ -5,7 +5,16 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from tuna_site.env import env_bool, env_float, env_list, env_rate, env_str, installation_secret_key, parse_base_models
+from tuna_site.env import (
+    env_bool,
+    env_float,
+    env_list,
+    env_rate,
+    env_str,
+    installation_secret_key,
+    owner_only_umask,
+    parse_base_models,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -17,7 +26,9 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 # Uploads, adapters, checkpoints and the converted model cache live here.
 TUNA_DATA_DIR = Path(env_str("TUNA_DATA_DIR", str(BASE_DIR / "media"))).resolve()
-# Created up front: the default SQLite database lives here too.
+# Created up front: the default SQLite database lives here too. Like everything this process (and what it starts)
+# creates from here on, owner-only: 0700 folders, 0600 files (tuna_site.checks closes what an older version left open).
+owner_only_umask()
 (TUNA_DATA_DIR / "staticfiles").mkdir(parents=True, exist_ok=True)
 # SECRET_KEY from the environment; otherwise one made for this installation on first start and kept
 # (readable by its owner only) in the data directory, so sessions survive restarts and no key is shared.

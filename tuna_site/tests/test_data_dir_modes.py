@@ -18,6 +18,7 @@ from django.urls import reverse
 
 from tests.support import jsonl_file, pc_rows
 from tuna_site import checks
+from tuna_site.env import OWNER_ONLY_UMASK
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +45,7 @@ def fresh_env(data: Path) -> dict:
 
 @pytest.mark.django_db
 def test_it_stores_uploads_owner_only(alice, alice_client, data_dir):
-    assert os.umask(os.umask(0o077)) == checks.OWNER_ONLY_UMASK  # set by tuna_site.apps for the whole process
+    assert os.umask(os.umask(0o077)) == OWNER_ONLY_UMASK  # set by the settings for the whole process
 
     response = alice_client.post(reverse("dataset-upload"), {"file": jsonl_file(pc_rows(20)), "name": "Orders"})
     dataset = alice.datasets.get()
