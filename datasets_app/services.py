@@ -17,6 +17,7 @@ from datasets_app.models import Dataset
 from datasets_app.uploads import max_upload_bytes, too_large_message
 from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
 from tuna_core import quotas
+from tuna_core.disk import DiskFull, disk_full
 from tuna_core.errors import Conflict, Invalid, NotFound, TooLarge
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
@@ -44,6 +45,10 @@ class UploadTooLarge(TooLarge, UploadRejected):
 
 class StorageFull(quotas.StorageFull, UploadRejected):
     """The user's files (datasets, jobs, exports) would take more than TUNA_MAX_STORAGE_MB_PER_USER."""
+
+
+class StorageDiskFull(DiskFull, UploadRejected):
+    """The server's disk filled while the file was stored (503): nothing was kept."""
 
 
 class DatasetInUse(Conflict):
@@ -159,12 +164,30 @@ def _check_storage(owner, adding: int) -> None:
     quotas.check_storage(owner, adding=adding, action="This file", error=StorageFull)
 
 
+def _save_file(dataset: Dataset, field: str, filename: str, content) -> str:
+    """FieldFile.save without the row, except that a write cut short (a full disk) leaves no partial file behind: the
+    partial file goes and the user is told the disk is full (503), whatever the storage left."""
+    model_field = dataset._meta.get_field(field)
+    storage, target = model_field.storage, model_field.generate_filename(dataset, filename)
+    existed = storage.exists(target)  # never true with its random name; never removed if it were
+    try:
+        saved = storage.save(target, content, max_length=model_field.max_length)
+    except OSError as exc:
+        if not existed:
+            storage.delete(target)
+        if disk_full(exc):
+            raise StorageDiskFull(f"The file {filename!r}") from exc
+        raise
+    setattr(dataset, field, saved)
+    return saved
+
+
 def _store(dataset: Dataset, field: str, name: str, content, *, adding: int) -> None:
     """Store the file, then write the row if the user's storage allows it; on any failure the file goes again.
 
     The row is written under the user's row lock, so two concurrent uploads cannot both squeeze under the limit.
     """
-    getattr(dataset, field).save(name, content, save=False)
+    _save_file(dataset, field, name, content)
     try:
         with transaction.atomic():
             _check_storage(dataset.owner_id, adding)
@@ -282,8 +305,8 @@ def dataset_attach_eval_file(*, dataset: Dataset, upload: UploadedFile | None) -
         field = locked.eval_file
         old_name = field.name or None
         old_size = _stored_size(field) if old_name else 0
-        field.save(upload.name, upload, save=False)
-        new_name = field.name
+        new_name = _save_file(locked, "eval_file", upload.name, upload)
+        field = locked.eval_file
         try:
             _check_storage(locked.owner_id, upload.size - old_size)
             locked.eval_original_filename = upload.name[:255]
@@ -362,7 +385,7 @@ def dataset_with_held_out(*, owner, training: Dataset, held_out: Dataset) -> Dat
         eval_original_filename=held_out.original_filename,
     )
     with training.file.open("rb") as train_handle, held_out.file.open("rb") as held_handle:
-        dataset.file.save(training.original_filename, File(train_handle), save=False)
+        _save_file(dataset, "file", training.original_filename, File(train_handle))
         try:
             _store(dataset, "eval_file", held_out.original_filename, File(held_handle), adding=training.size_bytes + held_out.file.size)
         except BaseException:

@@ -4,6 +4,8 @@ from django.conf import settings
 from django.core.files import uploadhandler
 from django.core.files.uploadhandler import FileUploadHandler, StopUpload
 
+from tuna_core.disk import DiskFull, disk_full
+
 
 def max_upload_bytes() -> int:
     return int(settings.TUNA_MAX_UPLOAD_MB * 1024 * 1024)
@@ -49,8 +51,11 @@ class MaxSizeUploadHandler(FileUploadHandler):
 
 
 def upload_too_large(request) -> bool:
+    """Parse the upload; True when it passed TUNA_MAX_UPLOAD_MB. DiskFull (503) when the disk filled while it came in."""
     request.FILES  # noqa: B018 - parsing the body is what runs the upload handlers
     raw = getattr(request, "_request", request)  # DRF wraps the Django request
+    if getattr(raw, "tuna_upload_disk_full", False):
+        raise DiskFull("The upload")
     return getattr(raw, "tuna_upload_too_large", False)
 
 
@@ -67,6 +72,15 @@ class TemporaryFileUploadHandler(uploadhandler.TemporaryFileUploadHandler):
         super().new_file(*args, **kwargs)
         files = self.request.__dict__.setdefault("tuna_upload_files", [])
         files.append(self.file)
+
+    def receive_data_chunk(self, raw_data, start):
+        try:
+            return super().receive_data_chunk(raw_data, start)
+        except OSError as exc:  # the temporary directory's disk is full: stop reading, answer 503 (upload_too_large)
+            if not disk_full(exc):
+                raise
+            self.request.tuna_upload_disk_full = True
+            raise StopUpload(connection_reset=False) from exc
 
 
 def upload_cleanup_middleware(get_response):

@@ -14,6 +14,7 @@ from datasets_app.examples import SAMPLE_PATH
 from datasets_app.forms import DatasetUploadForm, EvalFileForm
 from datasets_app.selectors import EXAMPLES_PER_PAGE, dataset_examples, get_dataset_for_user
 from datasets_app.uploads import too_large_message, upload_too_large
+from tuna_core.disk import DiskFull
 from tuna_core.pages import refused
 
 
@@ -31,8 +32,11 @@ def dataset_list(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def dataset_upload(request: HttpRequest) -> HttpResponse:
-    if upload_too_large(request):
-        return _upload_error(request, services.UploadTooLarge(too_large_message()))
+    try:
+        if upload_too_large(request):
+            return _upload_error(request, services.UploadTooLarge(too_large_message()))
+    except DiskFull as exc:
+        return _upload_error(request, exc)
     form = DatasetUploadForm(request.POST, request.FILES)
     if not form.is_valid():
         return _upload_error(request, services.UploadRejected(" ".join(m for errs in form.errors.values() for m in errs)))
@@ -110,12 +114,12 @@ def dataset_examples_page(request: HttpRequest, pk: int) -> HttpResponse:
 @require_POST
 def dataset_eval_file(request: HttpRequest, pk: int) -> HttpResponse:
     dataset = get_dataset_for_user(request.user, pk)
-    if upload_too_large(request):
-        messages.error(request, too_large_message())
-        return redirect(dataset)
     try:
+        if upload_too_large(request):
+            messages.error(request, too_large_message())
+            return redirect(dataset)
         report = services.dataset_attach_eval_file(dataset=dataset, upload=request.FILES.get("file"))
-    except services.UploadRejected as exc:
+    except (services.UploadRejected, DiskFull) as exc:
         messages.error(request, exc.message)
     else:
         messages.success(request, f"Held-out file attached: {report['valid_examples']} examples kept for evaluation.")

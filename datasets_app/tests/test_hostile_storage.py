@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -207,3 +208,39 @@ def test_it_shows_the_whole_storage_on_the_dashboard_and_says_when_it_is_full(al
     settings.TUNA_MAX_STORAGE_MB_PER_USER = 0.05
     html = alice_client.get(reverse("dashboard")).content.decode()
     assert "You are at your storage quota (TUNA_MAX_STORAGE_MB_PER_USER)" in html and "(100%)" in html
+
+
+# -- a full disk, for real: a small tmpfs (mounting needs root, as CI runs) -------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB file system of its own."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small file system needs mount (root): {mounted.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_it_refuses_an_upload_that_fills_the_disk_and_keeps_no_partial_file(alice, alice_api, alice_client, small_disk, settings):
+    settings.MEDIA_ROOT = settings.TUNA_DATA_DIR = small_disk  # the datasets' disk has 64 KB; the database lives elsewhere
+    body = b"".join(json.dumps(row).encode() + b"\n" for row in pc_rows(600))
+    assert len(body) > 100_000
+    response = alice_api.post("/api/datasets", {"file": SimpleUploadedFile("big.jsonl", body)}, format="multipart")
+    assert response.status_code == 503 and response["Retry-After"] == "300"
+    assert "the server's disk is full (no space left on device). Nothing was kept" in response.json()["detail"]
+    assert not Dataset.objects.exists() and files_under(small_disk) == []
+    page = alice_client.post(reverse("dataset-upload"), {"file": SimpleUploadedFile("big.jsonl", body)}, follow=True)
+    assert "disk is full" in page.content.decode() and files_under(small_disk) == []
+    # The disk, the database and the next upload are fine.
+    small = alice_api.post("/api/datasets", {"file": jsonl_file(pc_rows(20))}, format="multipart")
+    assert small.status_code == 201 and Dataset.objects.count() == 1 and len(files_under(small_disk)) == 1
+
+
+def test_it_refuses_an_upload_whose_temporary_file_fills_the_disk(alice, alice_api, small_disk, settings, data_dir):
+    settings.FILE_UPLOAD_TEMP_DIR = str(small_disk)
+    body = b"".join(json.dumps(row).encode() + b"\n" for row in pc_rows(600))
+    response = alice_api.post("/api/datasets", {"file": SimpleUploadedFile("big.jsonl", body)}, format="multipart")
+    assert response.status_code == 503 and "The upload could not be stored: the server's disk is full" in response.json()["detail"]
+    assert not Dataset.objects.exists() and os.listdir(small_disk) == [] and files_under(data_dir) == []

@@ -156,7 +156,12 @@ def test_it_shows_each_users_storage_on_the_dashboard(alice_client, alice, bob, 
     section = html[html.index('id="storage"') :]
     size_kb, total_kb = f"{valid_dataset.size_bytes / 1024:.1f}", f"{(valid_dataset.size_bytes + 7000) / 1024:.1f}"
     assert f"Your files: <strong>{total_kb}\xa0KB</strong> of your 1.0\xa0MB quota" in section  # everything alice keeps, not bob
-    assert f"datasets {size_kb}\xa0KB" in section and "adapters 2.0\xa0KB" in section and "checkpoints 4.9\xa0KB" in section and "exports 0\xa0bytes" in section
+    assert (
+        f"datasets {size_kb}\xa0KB" in section
+        and "adapters 2.0\xa0KB" in section
+        and "checkpoints 4.9\xa0KB" in section
+        and "exports 0\xa0bytes" in section
+    )
 
 
 def test_it_offers_to_delete_a_dataset_with_its_jobs(alice_client, alice, valid_dataset, data_dir, django_capture_on_commit_callbacks):
