@@ -437,7 +437,4 @@ def dataset_delete(*, dataset: Dataset, with_jobs: bool = False) -> None:
         )
     if jobs:
         dataset_deleting.send(sender=Dataset, dataset=dataset)
-    files = [f for f in (dataset.file, dataset.eval_file) if f]
-    storage_names = [(f.storage, f.name) for f in files]
-    dataset.delete()
-    transaction.on_commit(lambda: [storage.delete(name) for storage, name in storage_names])
+    dataset.delete()  # its files go once committed (dataset_files_remove, however a dataset is deleted)
