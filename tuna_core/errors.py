@@ -92,10 +92,12 @@ def _model_layer_error(exc: Exception) -> UserError | None:
     from tuna_llm.catalog import UnknownBaseModel
     from tuna_llm.judge import JudgeError
     from tuna_llm.loading import ModelUnavailable
+    from tuna_llm.prompting import ChatTemplateRefused
     from tuna_llm.serving.batching import RequestInvalid
 
     table: list[tuple[type[Exception], type[UserError]]] = [
         (RequestInvalid, Invalid),
+        (ChatTemplateRefused, Invalid),
         (UnknownBaseModel, NotFound),
         (ModelUnavailable, Unavailable),
         (JudgeError, Unavailable),

@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuna_llm.prompting import Message, ToolsUnsupported, apply_template, has_tool_content, template_tools
+from jinja2 import TemplateError
+
+from tuna_llm.prompting import ChatTemplateRefused, Message, ToolsUnsupported, has_tool_content, template_tools
 from tuna_llm.serving.compute import ComputeThread, compute_thread
 from tuna_llm.serving.engine import (
     CallSpec,
@@ -114,8 +116,10 @@ class LlamaCppModel:
                 f"The chat template in {self.path.name} does not render tools or tool calls; export the fine-tune again "
                 "so that its GGUF carries LLM Tuna's tools-capable template."
             )
-        # As render_chat gives them; a template's own refusal (raise_exception) is a ChatTemplateRefused.
-        rendered = apply_template(self.formatter, messages=list(messages), tools=template_tools(messages))
+        try:  # the tools as render_chat gives them
+            rendered = self.formatter(messages=list(messages), tools=template_tools(messages))
+        except (TemplateError, ValueError) as exc:  # llama-cpp-python's raise_exception raises a ValueError
+            raise ChatTemplateRefused(str(exc) or type(exc).__name__) from None
         check_unicode(rendered.prompt)  # tools and call arguments too, not only the messages' content
         return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
 

@@ -116,3 +116,25 @@ def test_it_frees_the_memory_of_the_loras_it_drops(settings, base_gguf, lora_ggu
     assert model.loaded_adapters == [lora_ggufs[-1]]
     # Not freed, 8 loads would hold 8 more adapters (about 8 x size_mb); freed, memory stays where it was.
     assert grown < size_mb, f"resident memory grew {grown:.0f} MB over 8 loads of {size_mb:.0f} MB adapters"
+
+
+ALTERNATING = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ message['content'] }}{% endfor %}"
+)
+
+
+def test_it_refuses_messages_a_gguf_s_chat_template_refuses_naming_its_rule(base_gguf):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from tuna_llm.prompting import ChatTemplateRefused
+
+    model = LlamaCppModel(base_gguf, n_ctx=256)
+    model.formatter = Jinja2ChatFormatter(template=ALTERNATING, eos_token="</s>", bos_token="<s>")  # a Mistral-style rule
+
+    assert model.prompt_tokens([{"role": "user", "content": "Hi"}])
+    with pytest.raises(ChatTemplateRefused) as refused:
+        model.prompt_tokens([{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"}])
+    assert refused.value.rule == "Conversation roles must alternate user/assistant/user/assistant/..."
