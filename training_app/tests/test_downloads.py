@@ -352,3 +352,33 @@ def _get_or_none(port: int, path: str) -> int | None:
 def _download_or_none(port: int, path: str, cookie: str) -> bytes | None:
     status, _, data, _ = _get(port, path, cookie, timeout=60)
     return data if status == 200 else None
+
+
+@pytest.mark.model
+def test_it_loads_the_downloaded_adapter_on_the_downloaded_base_as_the_server_has_it(alice_api, finetuned_job, tmp_path, monkeypatch):
+    """What a user gets is enough: unpack both zips side by side, and plain PEFT loads the fine-tune on the exact base
+    weights it was trained on, with the server's very logits."""
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuna_llm.catalog import get_base_model_spec
+
+    unpacked = tmp_path / "unpacked"
+    for path in (f"/api/training/{finetuned_job.pk}/adapter", f"/api/training/{finetuned_job.pk}/base-model"):
+        response = alice_api.get(path)
+        assert response.status_code == 200, path
+        zipfile.ZipFile(io.BytesIO(body(response))).extractall(unpacked)
+    adapter = unpacked / f"tuna-job-{finetuned_job.pk}-adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert (unpacked / "smollm2-135m-instruct" / "config.json").is_file()
+
+    monkeypatch.chdir(unpacked)  # the config names the base by the folder base-model.zip unpacks to
+    theirs = AutoPeftModelForCausalLM.from_pretrained(adapter.name, dtype=torch.float32).eval()
+    spec = get_base_model_spec(finetuned_job.base_model)
+    ours = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(spec.load_path, dtype=torch.float32), finetuned_job.adapter_dir
+    ).eval()
+    tokens = AutoTokenizer.from_pretrained(adapter.name)("Summarise order number 7: two blue shirts.", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(theirs(**tokens).logits, ours(**tokens).logits)
