@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import tracemalloc
 import zipfile
@@ -235,6 +236,34 @@ def test_it_counts_tensorboard_and_export_downloads_in_the_same_share(alice, ali
     ]
     content = alice_api.get(f"/v1/files/file-{done_job.dataset_id}/content")
     assert content.status_code == 200 and body(content) == done_job.dataset.file.open("rb").read()
+
+
+def test_it_admits_export_files_and_the_bundle_and_frees_them_when_sent(alice, alice_api, done_job, data_dir, settings):
+    from training_app.models import Export
+
+    folder = data_dir / "jobs" / str(done_job.pk) / "export"
+    folder.mkdir(parents=True)
+    (folder / "Modelfile").write_text("FROM ./base.gguf\n")
+    (folder / "lora.gguf").write_bytes(b"GGUF" + b"\x00" * 5000)
+    files = [
+        {"name": name, "kind": kind, "size_bytes": (folder / name).stat().st_size, "path": f"jobs/{done_job.pk}/export/{name}"}
+        for name, kind in (("Modelfile", "modelfile"), ("lora.gguf", "gguf_lora"))
+    ]
+    Export.objects.create(owner=alice, training_job=done_job, formats=["gguf"], status="completed", files=files)
+    settings.TUNA_MAX_DOWNLOADS_PER_USER = 2
+    held = [
+        alice_api.get(f"/api/training/{done_job.pk}/export/files/lora.gguf"),
+        alice_api.get(f"/api/training/{done_job.pk}/export/bundle.tar"),
+    ]
+    assert [r.status_code for r in held] == [200, 200] and admission.downloads.held_by(alice.pk) == 2
+    refused = alice_api.get(f"/api/training/{done_job.pk}/export/files/Modelfile")
+    assert refused.status_code == 429 and "TUNA_MAX_DOWNLOADS_PER_USER" in refused.json()["detail"]
+    assert body(held[0]) == (folder / "lora.gguf").read_bytes()
+    bundle = body(held[1])
+    assert len(bundle) == int(held[1]["Content-Length"])
+    with tarfile.open(fileobj=io.BytesIO(bundle)) as tar:
+        assert sorted(tar.getnames()) == [f"tuna-job-{done_job.pk}/Modelfile", f"tuna-job-{done_job.pk}/lora.gguf"]
+    assert admission.downloads.total == 0
 
 
 # -- a real server: gunicorn as deployed (one process, 32 threads), clients that stop reading ----------------------
