@@ -306,11 +306,10 @@ def test_it_keeps_the_pages_answering_while_32_downloads_stall(
 
     users, jobs, cookies = [], [], []
     weights = os.urandom(STALLED_MB * 2**20)
+    adapter = adapter_folder(data_dir / "shared-adapter", server_cache, weights)  # one folder on disk for the five jobs
     for index in range(5):
         user = django_user_model.objects.create_user(username=f"user{index}", password="pass-123-pass")
-        job = job_row(user, valid_dataset, status="completed", completed_at=timezone.now())
-        job.adapter_dir = str(adapter_folder(data_dir / "jobs" / str(job.pk) / "adapter", server_cache, weights))
-        job.save(update_fields=["adapter_dir"])
+        job = job_row(user, valid_dataset, status="completed", completed_at=timezone.now(), adapter_dir=str(adapter))
         client = Client()
         client.force_login(user)
         users.append(user), jobs.append(job), cookies.append(client.cookies["sessionid"].value)
