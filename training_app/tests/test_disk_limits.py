@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import threading
 import time
 from functools import partial
@@ -229,3 +230,55 @@ def test_it_leaves_no_file_of_a_job_deleted_while_its_export_runs(alice, alice_a
     assert not worker.is_alive()
     time.sleep(0.1)
     assert not (data_dir / "jobs" / str(job.pk)).exists(), files_under(data_dir / "jobs")
+
+
+@pytest.fixture
+def real_disk(tmp_path, settings):
+    """The data directory on a 768 MB file system of its own (mounting needs root, as CI runs); the database lives
+    elsewhere, as the secret key would on a server whose data disk is apart."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small file system needs mount (root): {mounted.stderr.decode().strip()}")
+    settings.TUNA_DATA_DIR = settings.MEDIA_ROOT = folder
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+class FillTheDisk(TrainerCallback):
+    """At step `step`, something else (another upload, a log) takes all but 64 KB of the disk: the next checkpoint
+    save meets the kernel's ENOSPC wherever it happens to write."""
+
+    def __init__(self, disk: Path, step: int) -> None:
+        self.disk, self.step = disk, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            free = os.statvfs(self.disk).f_bavail * os.statvfs(self.disk).f_frsize
+            with open(self.disk / "filler", "wb") as handle:
+                handle.write(b"\0" * max(0, free - 64 * 1024))
+
+
+@pytest.mark.model
+def test_it_fails_a_job_on_a_really_full_disk_resumably_and_the_worker_goes_on(alice, real_disk, settings):
+    dataset = dataset_create(owner=alice, upload=jsonl_file(pc_rows(20)), name="Orders")
+    config = {"max_steps": 5, "batch_size": 2, "max_seq_length": 96, "save_steps": 1, "eval_examples": 0}
+    job = services.training_job_start(owner=alice, dataset=dataset, config_data=config)
+    job_run(TrainingJob, job.pk, partial(services.training_job_work, extra_callbacks=(FillTheDisk(real_disk, 3),)))
+    job.refresh_from_db()
+    assert job.status == "failed" and "the disk is full (no space left on device)" in job.error_message, job.error_message
+    checkpoints = real_disk / "jobs" / str(job.pk) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert all((p / COMPLETE_MARKER).is_file() for p in checkpoints.iterdir())
+
+    (real_disk / "filler").unlink()  # space freed: the next job runs, and the failed one resumes from step 2
+    other = services.training_job_start(owner=alice, dataset=dataset, config_data={**config, "max_steps": 2})
+    assert run_next_job()
+    other.refresh_from_db()
+    assert other.status == "completed", other.error_message
+    services.training_job_resume(job=job)
+    assert run_next_job()
+    job.refresh_from_db()
+    assert job.status == "completed" and job.current_step == 5, job.error_message
+    assert list(job.loss_points.exclude(loss=None).values_list("step", flat=True)) == [1, 2, 3, 4, 5]
