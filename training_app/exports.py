@@ -7,9 +7,10 @@ Layout under TUNA_DATA_DIR:
     jobs/<id>/export/adapter-f16.gguf, merged-q8_0.gguf, Modelfile, Modelfile.merged, README.md
 The bundle (README, Modelfiles and the GGUF files) is a tar streamed from those files, never built.
 
-An export is written into jobs/<id>/export.next/ and takes the place of export/ only once it has succeeded: a
-re-export (fewer formats, or one that fails, e.g. on a full disk) never costs the previous export's files. A job
-deleted while its export runs loses its folder when the export stops (nothing it wrote outlives the job).
+An export is written into jobs/<id>/export.next/ and takes the place of export/ only once it has succeeded: while a
+re-export runs, and when it fails (e.g. on a full disk), the previous export's files stay as they were; once it has
+succeeded, export/ holds exactly its formats. A job deleted while its export runs loses its folder when the export
+stops (nothing it wrote outlives the job).
 """
 
 from __future__ import annotations
