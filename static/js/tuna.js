@@ -131,15 +131,22 @@
   });
 
   // -- Progress bars: <div class="progress"><span data-width="42.5"> (a percentage; no style="": the CSP) --
+  // Set as soon as a bar enters the page (a MutationObserver runs before the next paint), so a polled fragment's
+  // bar never shows at 0 in between.
   function initWidths(root) {
     var bars = Array.prototype.slice.call(root.querySelectorAll("[data-width]"));
     if (root.matches && root.matches("[data-width]")) bars.push(root);
     bars.forEach(function (bar) { bar.style.width = Math.max(0, Math.min(100, parseFloat(bar.dataset.width) || 0)) + "%"; });
   }
+  initWidths(document);
+  new MutationObserver(function (mutations) {
+    mutations.forEach(function (m) {
+      m.addedNodes.forEach(function (node) { if (node.nodeType === 1) initWidths(node); });
+    });
+  }).observe(document.documentElement, { childList: true, subtree: true });
 
   document.addEventListener("DOMContentLoaded", function () {
     htmx.onLoad(function (root) {
-      initWidths(root);
       initCharts(root);
       initDropzone(root);
     });

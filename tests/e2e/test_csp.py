@@ -59,6 +59,20 @@ def site_rows(alice, valid_dataset, settings):
     return {"dataset": valid_dataset, "done": done, "running": running, "evaluation": evaluation}
 
 
+# Marks the bar now on the page, then records on each animation frame (before the browser paints it) the width of
+# the first new bar a poll swaps in: it must already have its width, or the bar would flash at 0 between polls.
+WATCH_NEXT_BAR = """() => {
+  document.querySelector(".progress > span").dataset.old = "1";
+  window.__bars = [];
+  const look = () => {
+    const bar = document.querySelector(".progress > span");
+    if (bar && !bar.dataset.old) window.__bars.push(bar.style.width || "unset");
+    else requestAnimationFrame(look);
+  };
+  requestAnimationFrame(look);
+}"""
+
+
 def visit(url: str, paths: list[str], marks: dict) -> dict:
     """Log in as alice and open each page in chromium; what the browser saw, per page. Runs in its own thread:
     Playwright's sync API keeps an event loop running where it is used, and the ORM refuses such a thread."""
@@ -100,7 +114,14 @@ def visit(url: str, paths: list[str], marks: dict) -> dict:
                 seen["chart"] = page.evaluate("!!(window.Chart && Chart.getChart(document.querySelector('canvas[data-chart]')))")
             if path == marks["running"]:
                 # Its progress bar's width comes from data-width through static/js/tuna.js (no style="" in the page).
-                seen["bar"] = page.evaluate("document.querySelector('.progress > span').style.width")
+                # Read on the first animation frame after the next poll swaps a new bar in: its width is set at once,
+                # so the bar never shows at 0 between two polls.
+                page.evaluate(WATCH_NEXT_BAR)
+                for _ in range(100):
+                    if page.evaluate("window.__bars.length"):
+                        break
+                    page.wait_for_timeout(100)
+                seen["bar"] = page.evaluate("window.__bars[0]")
             if path == marks["judge"]:
                 seen["judge_page"] = page.content()
             seen["violations"][path] = page.evaluate("window.__csp")
@@ -154,10 +175,19 @@ def test_it_runs_the_main_pages_and_docs_without_a_policy_violation(live_server,
         reverse("admin:django_q_failure_changelist"),
     ]
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(visit(live_server.url, paths, marks)))
+
+    def run() -> None:
+        try:
+            result.update(visit(live_server.url, paths, marks))
+        except Exception as exc:  # noqa: BLE001 - raised again in the test's own thread
+            result["raised"] = exc
+
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join(timeout=240)
     assert not thread.is_alive() and result, "the browser run did not finish"
+    if "raised" in result:
+        raise result["raised"]
 
     for path, header in result["headers"].items():
         assert "script-src 'self'" in header and "default-src 'self'" in header and "style-src 'self'" in header, (path, header)
