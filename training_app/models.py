@@ -21,7 +21,7 @@ class TrainingJob(WorkerJob):
     )
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="training_jobs")
-    dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.PROTECT, related_name="training_jobs")
+    dataset = models.ForeignKey("datasets_app.Dataset", on_delete=models.RESTRICT, related_name="training_jobs")
     base_model = models.CharField(max_length=200)
     config = models.JSONField(default=dict)
     # Why each setting has its value: "set by you" or the reason it was chosen from the data and model.
@@ -45,7 +45,7 @@ class TrainingJob(WorkerJob):
     preference_pairs = models.JSONField(default=list, blank=True)
     # A "continue training" run, a preference-tuning run and a fine-tune started from a fine-tune all start from
     # their parent's adapter; only a continued run's steps follow the parent's (step_offset > 0).
-    parent = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="continuations")
+    parent = models.ForeignKey("self", on_delete=models.RESTRICT, null=True, blank=True, related_name="continuations")
     step_offset = models.PositiveIntegerField(default=0, help_text="Updates before this run (its parent's, for a continued run).")
     status = status_field(Status)
     cancel_requested = models.BooleanField(default=False)

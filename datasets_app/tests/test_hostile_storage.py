@@ -183,10 +183,8 @@ def test_it_removes_a_users_dataset_files_when_the_user_is_deleted_by_the_orm_or
     assert files_under(data_dir / "datasets") == sorted([str(data_dir / kept.file.name), str(data_dir / kept.eval_file.name)])
 
 
-# TrainingJob.dataset and TrainingJob.parent are on_delete=PROTECT: a user who has a training job cannot be deleted at all
-# (ProtectedError; the admin lists the jobs as protected). RESTRICT (the same refusal when a dataset or a parent job is
-# deleted alone, but allowed when the owner's deletion takes them all) needs a migration: the lead makes it.
-@pytest.mark.xfail(strict=True, reason="needs TrainingJob.dataset/parent on_delete=RESTRICT (a migration, left to the lead)")
+# TrainingJob.dataset and TrainingJob.parent are on_delete=RESTRICT: deleting a dataset or a parent job alone is refused,
+# but the owner's deletion takes them all.
 @pytest.mark.django_db(transaction=True)
 def test_it_removes_a_users_jobs_folders_when_the_user_is_deleted_by_the_orm_or_the_admin(data_dir, client):
     alice, bob, carol = users_with_files(data_dir, jobs=True)
