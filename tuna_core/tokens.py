@@ -22,8 +22,6 @@ KEY_PREFIX = "tuna_"
 PREFIX_CHARS = 12  # what pages show of a key: "tuna_" and its first 7 random characters
 # last_used_at is written at most this often per key, so busy clients do not write on every call.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-# Keys a user may hold at once, unless settings.TUNA_MAX_API_KEYS_PER_USER says otherwise.
-DEFAULT_MAX_KEYS_PER_USER = 20
 
 
 def key_digest(key: str) -> str:
@@ -52,7 +50,7 @@ def api_token_find(key: str) -> ApiToken | None:
 
 
 def max_keys_per_user() -> int:
-    return int(getattr(settings, "TUNA_MAX_API_KEYS_PER_USER", DEFAULT_MAX_KEYS_PER_USER))
+    return settings.TUNA_MAX_API_KEYS_PER_USER
 
 
 def api_tokens_for(user):

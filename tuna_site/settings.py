@@ -109,6 +109,8 @@ TUNA_CLIENT_IP_HEADER = env_str("TUNA_CLIENT_IP_HEADER", "").strip()
 # Database outage: how long a running job's writes (and the worker's loop) retry on a fresh connection before the
 # job fails (and is resumed once from its checkpoint by the worker).
 TUNA_DB_RETRY_S = env_float("TUNA_DB_RETRY_S", 120, minimum=1)
+# API keys one user may hold at once (made, rotated and revoked on the Account page).
+TUNA_MAX_API_KEYS_PER_USER = int(env_float("TUNA_MAX_API_KEYS_PER_USER", 20, minimum=1))
 
 # What one training job may ask for (max_seq_length is also capped by the base model's context).
 TUNA_MAX_EPOCHS = int(env_float("TUNA_MAX_EPOCHS", 20, minimum=1))
