@@ -273,9 +273,14 @@ def job_fail(job: WorkerJob, exc: BaseException, **fields) -> None:
     A job that failed because the database stayed away longer than TUNA_DB_RETRY_S is then resumed once by its
     kind's AUTO_RESUME_FUNCTION (from its last checkpoint), when the kind names one."""
     model = type(job)
+    try:
+        message = readable_error(exc, job.WORK)
+    except Exception:  # a failure is recorded whatever happens while its reason is put into words
+        logger.exception("%s #%s: the reason of its failure could not be put into words", model.__name__, job.pk)
+        message = f"{job.WORK} stopped with an error ({type(exc).__name__}). The full traceback is in the admin."
     failure = {
         "status": job.Status.FAILED,
-        "error_message": readable_error(exc, job.WORK),
+        "error_message": message,
         "error_traceback": "".join(traceback.format_exception(exc)),
         "completed_at": timezone.now(),
         **job.stop_fields(),

@@ -79,8 +79,7 @@ def start_worker(data_dir, tmp_path):
     for one in started:
         one.stop()
     text = log.read_text(errors="replace") if log.exists() else ""
-    print("\n".join(line for line in text.splitlines() if "database" in line.lower() or "reincarnated" in line))
-    print(text[-3000:])
+    print("\n".join(line for line in text.splitlines() if not line.startswith("{'")))  # all but the trainer's dicts
 
 
 def row(pk: int) -> TrainingJob:
