@@ -23,7 +23,6 @@ MAX_JSON_DEPTH = 64
 _NUL = re.compile(rb"\\u0000")
 _HIGH = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 _LOW = re.compile(rb"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
-_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 class StrictJSONParser(JSONParser):
@@ -66,9 +65,12 @@ def _plainly_fine(raw: bytes, data, encoding: str) -> bool:
     bodies only) and no nesting deeper than MAX_JSON_DEPTH."""
     if codecs.lookup(encoding).name != "utf-8" or _NUL.search(raw):
         return False
-    if b"\\u" in raw and (_HIGH.search(raw) or _LOW.search(raw)):  # every surrogate escape must be half of a pair
-        pairs = len(_PAIR.findall(raw))
-        if len(_HIGH.findall(raw)) != pairs or len(_LOW.findall(raw)) != pairs:
+    if b"\\u" in raw and (_HIGH.search(raw) or _LOW.search(raw)):
+        # Counting escapes in the raw text is fooled by an escaped backslash before a first half (then a backslash, text
+        # and a lone second half): ask the parsed value. Encoding its dump (a C loop) fails on any lone surrogate.
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
             return False
     if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
         return True

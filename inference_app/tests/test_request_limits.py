@@ -134,6 +134,8 @@ def raw_chat(content_json: str, extra: str = "") -> bytes:
         (raw_chat('"a\\ud800b"'), 400, "messages[0].content: This text contains a lone UTF-16 surrogate (\\ud800)"),
         (raw_chat('"a\\udc00"'), 400, "lone UTF-16 surrogate (\\udc00)"),
         (raw_chat('"\\ud83d\\ude00 \\udc00"'), 400, "lone UTF-16 surrogate (\\udc00)"),  # a pair, then a lone half
+        # an escaped backslash, the text uD800, then a lone second half: escapes counted in the raw text pair up
+        (raw_chat('"\\\\uD800\\uDC00"'), 400, "lone UTF-16 surrogate (\\udc00)"),
         (raw_chat('"hi"', ', "temperature": 1e309'), 400, "temperature: This number is too large"),
         (raw_chat('"hi"', ', "temperature": 1' + "0" * 320 + ".5"), 400, "temperature: This number is too large"),
         (raw_chat('"hi"', ', "metadata": ' + "[" * 64 + "]" * 64), 400, "nested more than 64 levels deep"),
