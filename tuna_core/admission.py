@@ -56,7 +56,8 @@ class Slots:
     """Counters of work in progress, per key (a user) and in all, taken and given back under one lock."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a dropped Ticket's __del__ may give slots back from a garbage collection that runs inside take().
+        self._lock = threading.RLock()
         self._held: Counter = Counter()
         self.total = 0
 

@@ -25,6 +25,7 @@ from inference_app.api.serializers import (
     ModelListSerializer,
 )
 from inference_app.conversation import ChatRequest
+from tuna_core import admission
 from tuna_llm.catalog import get_catalog
 from tuna_llm.toolcalls import TOOL_CALL_OPEN, openai_tool_calls, parse_tool_calls
 
@@ -166,7 +167,9 @@ class _GenerationApi(OpenAIView):
         if values["stream"]:
             services.admit(call)  # a refusal here is still answered with its status: no byte has gone out
             include_usage = bool(values["stream_options"].get("include_usage"))
-            response = StreamingHttpResponse(self.events(call, ident, created, include_usage), content_type="text/event-stream")
+            # The slot goes back when the server closes the response, even one closed before its first piece.
+            events = admission.HeldStream(self.events(call, ident, created, include_usage), call.admission)
+            response = StreamingHttpResponse(events, content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             return response
