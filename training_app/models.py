@@ -67,8 +67,8 @@ class TrainingJob(WorkerJob):
     device = models.CharField(max_length=32, blank=True)
     adapter_dir = models.CharField(max_length=500, blank=True)
     resume_count = models.PositiveIntegerField(default=0)
-    # Resumes the worker made on its own (a run that failed because the database or the disk went away); at most one per
-    # failure cause, so a job that keeps failing waits for its owner.
+    # Resumes the worker made on its own (a run that failed because the database stayed unreachable past TUNA_DB_RETRY_S;
+    # a full disk is not resumed by itself); at most MAX_AUTO_RESUMES, so a job that keeps failing waits for its owner.
     auto_resumes = models.PositiveIntegerField(default=0)
     # Added to the fine-tune's name (fine_tuned_model); letters, digits, "-", "_" and "." only.
     suffix = models.CharField(max_length=64, blank=True)
