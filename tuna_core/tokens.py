@@ -15,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
-from tuna_core.errors import LimitReached
+from tuna_core.errors import LimitReached, NotFound
 from tuna_core.models import ApiToken
 
 KEY_PREFIX = "tuna_"
@@ -70,8 +70,15 @@ def api_token_issue(*, user, name: str) -> tuple[ApiToken, str]:
 
 @transaction.atomic
 def api_token_rotate(*, token: ApiToken) -> tuple[ApiToken, str]:
-    """A new key under the same name for `token`'s user; the old key stops working at once."""
-    ApiToken.objects.filter(pk=token.pk).delete()
+    """A new key under the same name for `token`'s user; the old key stops working at once.
+
+    Only the call whose delete removed the row makes the new key: a second rotation of the same key racing
+    with this one (it read the row before this delete) finds it gone and is refused, so no key is made that
+    nobody is shown. The delete takes the row's lock, so a concurrent delete waits for this commit.
+    """
+    deleted, _ = ApiToken.objects.filter(pk=token.pk, user_id=token.user_id).delete()
+    if not deleted:
+        raise NotFound("This API key no longer exists (it was rotated or revoked meanwhile): reload the Account page.")
     return api_token_create(user=token.user, name=token.name)
 
 

@@ -59,7 +59,10 @@ def api_key_create(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def api_key_rotate(request: HttpRequest, pk: int) -> HttpResponse:
-    token, key = api_token_rotate(token=_get_token_for_user(request, pk))
+    try:
+        token, key = api_token_rotate(token=_get_token_for_user(request, pk))
+    except UserError as exc:
+        return _account_page(request, error=exc.message, status=exc.status)
     return _account_page(request, new_key=key, new_token=token)
 
 

@@ -117,6 +117,34 @@ def test_it_rotates_a_key_old_refused_new_accepted(alice_client, alice):
     assert not ApiToken.objects.filter(pk=token.pk).exists()
 
 
+def test_it_lets_only_one_of_two_concurrent_rotations_of_a_key_make_a_new_one(alice_client, alice, monkeypatch):
+    """Two posts of the same rotate, both past the key's lookup before either deletes it: one 200, one 404."""
+    from tuna_site import token_views
+
+    make_key(alice_client, "CI")
+    token = ApiToken.objects.get(user=alice)
+    url = reverse("api-key-rotate", args=[token.pk])
+    lookup = token_views._get_token_for_user
+    answers = []
+
+    def lookup_then_let_the_other_post_run(request, pk):
+        row = lookup(request, pk)  # this post has read the row ...
+        if not answers:
+            answers.append(None)
+            answers.append(alice_client.post(url))  # ... and the other post runs to its end meanwhile
+        return row
+
+    monkeypatch.setattr(token_views, "_get_token_for_user", lookup_then_let_the_other_post_run)
+    first = alice_client.post(url)
+    second = answers[1]
+    assert sorted([first.status_code, second.status_code]) == [200, 404]
+    assert "no longer exists" in (first if first.status_code == 404 else second).content.decode()
+    rows = list(ApiToken.objects.filter(user=alice))
+    assert len(rows) == 1
+    shown = (first if first.status_code == 200 else second).context["new_key"]
+    assert api_status(shown) == 200
+
+
 def test_it_answers_404_for_another_users_key_ids(alice, bob, client):
     row, key = api_token_create(user=alice, name="alice's")
     client.force_login(bob)
