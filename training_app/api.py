@@ -226,7 +226,8 @@ class TrainingJobBaseModelApi(APIView):
     @extend_schema(
         responses={(200, "application/zip"): OpenApiTypes.BINARY},
         description="The exact base weights the job was trained on (the embedded base is dequantized from a Q4_1 GGUF, not the "
-        "hub's weights), as a zip of one folder named as the adapter's config names its base. 404 for a hub model.",
+        "hub's weights), as a zip of one folder named as the adapter's config names its base (model files only). The embedded "
+        "base only: 404 for a hub model or an operator's local folder, its message saying where the base comes from.",
     )
     def get(self, request: Request, pk: int):
         return base_model_download(get_job_for_user(request.user, pk))

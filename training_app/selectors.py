@@ -20,6 +20,7 @@ from django.shortcuts import get_object_or_404
 from training_app.models import LossPoint, TrainingJob
 from training_app.services import job_dir
 from tuna_core import admission
+from tuna_core.errors import NotFound
 from tuna_llm.catalog import EMBEDDED_GGUF, UnknownBaseModel, get_base_model_spec
 from tuna_llm.training import COMPLETE_MARKER, CONFIG_FILENAME, NOISE_SHARE
 from tuna_llm.training_config import RANGES
@@ -74,7 +75,7 @@ class BaseWeights:
     name: str
     source: str  # "embedded:<package>", a hub id, or "local" (a folder on the server: not named)
     kind: str
-    folder: Path | None
+    folder: Path | None  # only for the embedded base: the operator's own folders (kind "local") are not offered
 
     @property
     def note(self) -> str:
@@ -85,7 +86,10 @@ class BaseWeights:
             )
         if self.kind == "hub":
             return f"The Hugging Face hub model {self.source}."
-        return f"{self.name}: a model folder on the LLM Tuna server; download it from the job's page (base-model.zip)."
+        return (
+            f"{self.name}: a model folder the operator of this LLM Tuna server provided (TUNA_BASE_MODELS); it is not "
+            "offered for download: ask the operator where it comes from."
+        )
 
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "kind": self.kind, "weights": self.note}
@@ -102,7 +106,7 @@ def base_weights(job: TrainingJob) -> BaseWeights | None:
         spec = get_base_model_spec(job.base_model)
     except UnknownBaseModel:
         return None
-    folder = Path(spec.load_path) if spec.kind != "hub" else None
+    folder = Path(spec.load_path) if spec.kind == "embedded" else None
     if folder is not None and not (folder / "config.json").is_file():
         folder = None  # not prepared yet (converted on first use) or gone
     return BaseWeights(spec.name, spec.source if spec.kind != "local" else "local", spec.kind, folder)
@@ -193,14 +197,60 @@ def zip_chunks(members: list[tuple[Path, str]]) -> Iterator[bytes]:
     yield sink.take()
 
 
+# What base-model.zip holds of the embedded base's folder: its weights, configs, tokenizer and chat template; nothing
+# else that may lie there (the folder's top level only, plain files, no links).
+BASE_MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
+def base_model_files(folder: Path) -> list[Path]:
+    """The model files of a base's folder (BASE_MODEL_FILES and *.safetensors), sorted."""
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if (path.name in BASE_MODEL_FILES or path.suffix == ".safetensors") and path.is_file() and not path.is_symlink()
+    )
+
+
+def _base_not_offered(base: BaseWeights | None) -> str:
+    if base is None:
+        return "This job's base model is no longer in this server's catalog (TUNA_BASE_MODELS): no weights to download."
+    if base.kind == "hub":
+        return f"This job's base model {base.name} comes from the Hugging Face hub: download {base.source} from there."
+    if base.kind == "local":
+        return (
+            f"This job's base model {base.name} is a model folder the operator of this server provided (TUNA_BASE_MODELS); "
+            "LLM Tuna offers only its embedded base for download: ask the operator where this one comes from."
+        )
+    return (
+        f"This job's base model {base.name} is embedded in LLM Tuna, but its prepared weights are not on this server now "
+        "(they are made from the embedded GGUF on first use): try again after a job or a chat has used it."
+    )
+
+
 def base_model_download(job: TrainingJob) -> StreamingHttpResponse:
-    """The exact base weights the job was trained on as a zip of one folder named by the catalog name (what the
-    adapter's config names), made while it is sent, inside one of the owner's download slots; Http404 for a hub
-    model (the hub has them) or a base not on this server."""
+    """The embedded base's exact weights the job was trained on (dequantized from its Q4_1 GGUF) as a zip of one
+    folder named by the catalog name (what the adapter's config names), model files only, made while it is sent,
+    inside one of the owner's download slots. Any other base is NotFound, its message saying where it comes from:
+    a hub model (the hub has it), or an operator's local folder (not offered: the operator's whole folder is theirs)."""
     base = base_weights(job)
-    if base is None or base.folder is None:
-        raise Http404("This job's base model has no weights on this server to download.")
-    members = [(path, str(Path(base.name) / path.relative_to(base.folder))) for path in _regular_files(base.folder)]
+    if base is None or base.kind != "embedded" or base.folder is None:
+        raise NotFound(_base_not_offered(base))
+    members = [(path, str(Path(base.name) / path.name)) for path in base_model_files(base.folder)]
     with admission.download_slot(job.owner) as ticket:
         response = admission.streaming_response(zip_chunks(members), ticket, content_type="application/zip")
         response["Content-Disposition"] = f'attachment; filename="{base.name}.zip"'

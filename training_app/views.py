@@ -24,6 +24,7 @@ from training_app.selectors import (
 )
 from training_app.storage import job_files_bytes
 from training_app.tracking import tracking_files_download
+from tuna_core.errors import NotFound
 from tuna_core.jobs import queue_position
 from tuna_core.quotas import LimitExceeded
 from tuna_llm import gguf_export
@@ -242,8 +243,12 @@ def training_adapter(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_GET
 def training_base_model(request: HttpRequest, pk: int) -> HttpResponse:
-    """The exact base weights the job was trained on (what its adapter's config names), as a zip."""
-    return base_model_download(get_job_for_user(request.user, pk))
+    """The exact base weights the job was trained on (what its adapter's config names), as a zip: the embedded base
+    only; for any other, a 404 page saying where its base comes from."""
+    try:
+        return base_model_download(get_job_for_user(request.user, pk))
+    except NotFound as exc:
+        return render(request, "tuna_core/refused.html", {"message": exc.message, "heading": "No download"}, status=exc.status)
 
 
 @login_required

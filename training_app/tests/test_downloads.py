@@ -206,6 +206,50 @@ def test_it_offers_the_exact_base_weights_beside_the_adapter_as_a_streamed_zip(
     body(api)
 
 
+def test_it_zips_only_the_embedded_bases_model_files(alice_client, done_job, server_cache):
+    (server_cache / "generation_config.json").write_text("{}")
+    (server_cache / "chat_template.jinja").write_text("{{ messages }}")
+    (server_cache / "notes.txt").write_text("the operator's notes")
+    (server_cache / "private").mkdir()
+    (server_cache / "private" / "model.safetensors").write_bytes(b"\x02" * 10)
+    response = alice_client.get(f"/training/{done_job.pk}/base-model.zip")
+    assert response.status_code == 200
+    assert sorted(zipfile.ZipFile(io.BytesIO(body(response))).namelist()) == [
+        "smollm2-135m-instruct/chat_template.jinja",
+        "smollm2-135m-instruct/config.json",
+        "smollm2-135m-instruct/generation_config.json",
+        "smollm2-135m-instruct/model.safetensors",
+        "smollm2-135m-instruct/tokenizer.json",
+    ]
+
+
+def test_it_offers_no_download_of_an_operators_local_base_folder(alice_api, alice_client, done_job, settings, tmp_path):
+    local = tmp_path / "operator" / "house-model"
+    local.mkdir(parents=True)
+    (local / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (local / "model.safetensors").write_bytes(b"\x03" * 100)
+    (local / "id_rsa").write_text("not for download")
+    settings.TUNA_BASE_MODELS = {**settings.TUNA_BASE_MODELS, "house": str(local)}
+    done_job.base_model = "house"
+    done_job.save(update_fields=["base_model"])
+
+    api = alice_api.get(f"/api/training/{done_job.pk}/base-model")
+    assert api.status_code == 404
+    assert "house" in api.json()["detail"] and "operator" in api.json()["detail"] and "TUNA_BASE_MODELS" in api.json()["detail"]
+    page = alice_client.get(f"/training/{done_job.pk}/base-model.zip")
+    assert page.status_code == 404 and page["Content-Type"].startswith("text/html")
+    assert b'id="refused-message"' in page.content and b"operator" in page.content
+    assert str(local).encode() not in page.content
+    detail = alice_client.get(f"/training/{done_job.pk}").content.decode()
+    assert 'id="base-model-download"' not in detail and 'id="base-model-source"' in detail and str(local) not in detail
+    hub_settings = {**settings.TUNA_BASE_MODELS, "hubby": "example-org/hubby-1b"}
+    settings.TUNA_BASE_MODELS = hub_settings
+    done_job.base_model = "hubby"
+    done_job.save(update_fields=["base_model"])
+    hub = alice_api.get(f"/api/training/{done_job.pk}/base-model")
+    assert hub.status_code == 404 and "Hugging Face hub" in hub.json()["detail"] and "example-org/hubby-1b" in hub.json()["detail"]
+
+
 def test_it_says_404_for_a_base_that_is_not_on_this_server(alice_api, done_job, server_cache):
     (server_cache / "config.json").unlink()  # not prepared (yet): converted on first use
     assert alice_api.get(f"/api/training/{done_job.pk}/base-model").status_code == 404
