@@ -101,7 +101,10 @@ class TrainingJobAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
 
 
 @admin.register(ThroughputMeasurement)
-class ThroughputMeasurementAdmin(admin.ModelAdmin):
+class ThroughputMeasurementAdmin(ReadOnlyFieldsAdmin, admin.ModelAdmin):
+    """Measured speeds feed every time and cost estimate: shown, never edited or added by hand (deleting a wrong one
+    is allowed; the next measurement replaces it)."""
+
     list_display = ["base_model", "device", "tokens_per_second", "source", "measured_at"]
     list_filter = ["base_model", "device"]
 

@@ -9,7 +9,7 @@ from django.utils import timezone
 from django_q.models import Failure, OrmQ, Schedule, Success
 
 from tests.support import job_row
-from training_app.models import Export, TrainingJob
+from training_app.models import Export, ThroughputMeasurement, TrainingJob
 
 pytestmark = pytest.mark.django_db
 
@@ -116,3 +116,30 @@ def test_it_shows_every_worker_owned_field_read_only(staff_client, alice, valid_
     assert page.status_code == 302
     valid_dataset.refresh_from_db()
     assert valid_dataset.name == "Renamed"
+
+
+def test_it_keeps_measured_speeds_read_only(staff_client):
+    """Every estimate is computed from these rows: the admin shows them but neither edits nor adds one."""
+    row = ThroughputMeasurement.objects.create(base_model="smollm2-135m-instruct", device="cpu", tokens_per_second=900.0, source="bench")
+    change = reverse("admin:training_app_throughputmeasurement_change", args=[row.pk])
+    form = staff_client.get(change)
+    assert form.status_code == 200 and 'name="tokens_per_second"' not in form.content.decode()
+    response = staff_client.post(
+        change,
+        {
+            "base_model": "other",
+            "device": "cuda",
+            "tokens_per_second": "1",
+            "source": "typed",
+            "measured_at_0": "2020-01-01",
+            "measured_at_1": "00:00:00",
+            "_save": "Save",
+        },
+    )
+    assert response.status_code in (200, 302, 403)
+    row.refresh_from_db()
+    assert (row.base_model, row.device, row.tokens_per_second, row.source) == ("smollm2-135m-instruct", "cpu", 900.0, "bench")
+    add = reverse("admin:training_app_throughputmeasurement_add")
+    assert staff_client.get(add).status_code == 403
+    staff_client.post(add, {"base_model": "x", "device": "cpu", "tokens_per_second": "1e9", "source": "typed"})
+    assert ThroughputMeasurement.objects.count() == 1
