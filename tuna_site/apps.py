@@ -12,8 +12,9 @@ class TunaSiteConfig(AppConfig):
         # The model layer reads the live Django settings through this provider (it never imports Django).
         llm_settings.configure(model_layer_settings)
         # Owner-only data: the settings set an owner-only umask (files 0600, folders 0700: the SQLite file and its
-        # WAL, uploads, adapters, checkpoints, exports); what an older version left open is closed now, and a path
-        # that cannot be closed is a system check error (tuna_site.checks).
+        # WAL, uploads, adapters, checkpoints, exports); what an older version left open in what LLM Tuna makes
+        # there (tuna_site.checks.own_paths, no links followed) is closed now, and a path that cannot be closed is
+        # a system check error (tuna_site.checks).
         from tuna_site import checks
 
         checks.data_dir_close()

@@ -100,9 +100,16 @@ def test_it_creates_the_database_and_secret_key_owner_only_on_a_first_start(tmp_
 
 
 @pytest.mark.django_db
-def test_it_closes_what_an_older_version_left_open_at_start_up(data_dir):
+def test_it_closes_what_an_older_version_left_open_at_start_up(data_dir, tmp_path):
     (data_dir / "datasets" / "1").mkdir(parents=True)
-    for name, mode in (("tuna.sqlite3", 0o644), ("secret_key", 0o640), ("datasets/1/data.jsonl", 0o666), ("run.sh", 0o755)):
+    (data_dir / "jobs" / "1").mkdir(parents=True)
+    for name, mode in (
+        ("tuna.sqlite3", 0o644),
+        ("secret_key", 0o640),
+        ("first-admin.txt", 0o644),
+        ("datasets/1/data.jsonl", 0o666),
+        ("jobs/1/run.sh", 0o755),
+    ):
         (data_dir / name).write_text("x")
         os.chmod(data_dir / name, mode)
     os.chmod(data_dir / "datasets", 0o755)
@@ -110,14 +117,51 @@ def test_it_closes_what_an_older_version_left_open_at_start_up(data_dir):
     os.chmod(data_dir, 0o755)
     os.symlink("/etc/hostname", data_dir / "link")  # a link is not followed (its target is not the site's)
     before = stat.S_IMODE(Path("/etc/hostname").stat().st_mode)
+    elsewhere = tmp_path / "elsewhere"  # a folder outside, linked into a folder the site walks: not followed
+    elsewhere.mkdir()
+    os.chmod(elsewhere, 0o755)  # (mkdir's mode is masked by the site's umask)
+    (elsewhere / "shared.txt").write_text("x")
+    os.chmod(elsewhere / "shared.txt", 0o644)
+    os.symlink(elsewhere, data_dir / "jobs" / "1" / "linked")
+    # What the operator keeps beside LLM Tuna's own files is theirs: not walked, not changed.
+    (data_dir / "operator" / "deep").mkdir(parents=True)
+    os.chmod(data_dir / "operator", 0o755)
+    (data_dir / "operator" / "deep" / "notes.txt").write_text("x")
+    os.chmod(data_dir / "operator" / "deep" / "notes.txt", 0o644)
+    (data_dir / "README.txt").write_text("x")
+    os.chmod(data_dir / "README.txt", 0o644)
 
     call_command("check")  # the system check closes them (and finds nothing left to refuse)
 
-    assert open_paths(data_dir, exact=False) == []
-    assert stat.S_IMODE((data_dir / "tuna.sqlite3").stat().st_mode) == 0o600
-    assert stat.S_IMODE((data_dir / "run.sh").stat().st_mode) == 0o700  # the owner keeps its own bits
+    assert open_paths(data_dir / "datasets", exact=False) == [] and open_paths(data_dir / "jobs", exact=False) == []
+    for name in ("tuna.sqlite3", "secret_key", "first-admin.txt"):
+        assert stat.S_IMODE((data_dir / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data_dir / "jobs" / "1" / "run.sh").stat().st_mode) == 0o700  # the owner keeps its own bits
     assert stat.S_IMODE(Path("/etc/hostname").stat().st_mode) == before
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755 and stat.S_IMODE((elsewhere / "shared.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((data_dir / "operator" / "deep" / "notes.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((data_dir / "operator").stat().st_mode) == 0o755
+    assert stat.S_IMODE((data_dir / "README.txt").stat().st_mode) == 0o644
     assert checks.data_dir_owner_only() == []
+
+
+@pytest.mark.django_db
+def test_it_closes_the_model_cache_and_gguf_folders_where_the_settings_put_them_in_the_data_dir(data_dir, settings):
+    settings.TUNA_MODEL_CACHE_DIR = data_dir / "cache" / "models"
+    settings.TUNA_GGUF_DIR = data_dir / "converted"
+    for folder in (settings.TUNA_MODEL_CACHE_DIR / "base", settings.TUNA_GGUF_DIR / "base"):
+        folder.mkdir(parents=True)
+        os.chmod(folder, 0o755)
+        (folder / "config.json").write_text("{}")
+        os.chmod(folder / "config.json", 0o644)
+    (data_dir / "models").mkdir()  # the default name, not where the settings say: not LLM Tuna's here
+    os.chmod(data_dir / "models", 0o755)
+
+    checks.data_dir_close()
+
+    assert open_paths(settings.TUNA_MODEL_CACHE_DIR) == [] and open_paths(settings.TUNA_GGUF_DIR) == []
+    assert stat.S_IMODE((data_dir / "models").stat().st_mode) == 0o755
 
 
 @pytest.mark.process
@@ -127,7 +171,9 @@ def test_it_refuses_to_start_when_a_file_cannot_be_closed():
     try:
         os.chmod(data, 0o700)
         os.chown(data, 65534, 65534)  # the data directory belongs to the site's user (nobody)...
-        foreign = data / "left-by-root.jsonl"
+        (data / "datasets").mkdir(mode=0o700)
+        os.chown(data / "datasets", 65534, 65534)
+        foreign = data / "datasets" / "left-by-root.jsonl"
         foreign.write_text("x")
         os.chmod(foreign, 0o644)  # ...but this file belongs to root, readable by all
         result = subprocess.run(
