@@ -11,8 +11,10 @@ connection is opened first (it would be for the session anyway; CONN_MAX_AGE=0 o
 connection lost later reaches `process_exception` from a view; from another middleware (reading the session or
 the user, saving the session) Django's own handler has already made it a 500 (and logged it): the
 `got_request_exception` signal marks such a request, and this middleware, placed outside the others, answers
-503 instead. Nothing is half-written: the request's writes ran in autocommit or in a transaction the error rolled
-back, and the connection is closed when the request ends (CONN_MAX_AGE=0; a broken one is never reused).
+503 instead. The answer does not claim that nothing was changed: a write the request made in a transaction is rolled
+back, but one made in autocommit before the connection was lost stays, so the request may have been saved in part
+(the messages say to check before trying again). The connection is closed when the request ends (CONN_MAX_AGE=0;
+a broken one is never reused).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _reason(exc: BaseException) -> str:
 def outage_response(request: HttpRequest) -> HttpResponse:
     """The 503 for this request: the API's error object under /api/ and /v1/, a readable page elsewhere."""
     message = (
-        f"The database is unreachable for a moment (restarting or failing over); nothing was changed. Try again in {RETRY_AFTER_S} seconds."
+        "The database is unreachable for a moment (restarting or failing over). What this request did may not have been "
+        f"saved, or only in part: check before trying again, in {RETRY_AFTER_S} seconds."
     )
     path = request.path_info
     if path.startswith("/v1/"):

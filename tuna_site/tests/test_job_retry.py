@@ -239,8 +239,12 @@ def test_pages_and_the_api_answer_503_with_retry_after_while_the_database_is_awa
     assert page.status_code == 503 and page["Retry-After"] == "10"
     text = page.content.decode()
     assert "The database is unreachable for a moment" in text and "TUNA_DB_RETRY_S" in text
+    # Writes made in autocommit before the failure may stay: no answer claims that nothing was changed.
+    assert "may not have been saved" in text and "check" in text and "nothing was changed" not in text.lower()
     assert listing.status_code == 503 and listing["Retry-After"] == "10"
     assert listing.json()["detail"].startswith("The database is unreachable") and listing.json()["errors"] == {}
+    for detail in (listing.json()["detail"], models.json()["error"]["message"]):
+        assert "may not have been saved" in detail and "check before trying again" in detail and "nothing was changed" not in detail
     assert models.status_code == 503
     assert models.json()["error"]["code"] == "database_unavailable" and models.json()["error"]["type"] == "overloaded_error"
     assert posted.status_code == 503 and posted["Retry-After"] == "10"
