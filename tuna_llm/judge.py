@@ -15,8 +15,12 @@ one example sends with `fit_example`.
 from __future__ import annotations
 
 import base64
+import functools
+import http.client
 import json
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -168,11 +172,12 @@ def parse_verdict(text: str) -> tuple[str, str]:
 
 def ask(endpoint: JudgeEndpoint, messages: list[dict[str, str]], *, deadline: float | None = None) -> Verdict:
     """One verdict, retried up to ``endpoint.retries`` times; the last failure is raised as JudgeError. With a
-    ``deadline`` (time.monotonic()), no request waits past it, and JudgeTimeUp is raised once it has passed."""
+    ``deadline`` (time.monotonic()), no request runs past it (each is cut at min(timeout_s, the time left) in all,
+    not per socket read), and JudgeTimeUp is raised once it has passed."""
     last: JudgeError | None = None
     for attempt in range(1 + max(0, endpoint.retries)):
         if attempt:
-            time.sleep(min(2.0, 0.25 * 2**attempt, _remaining(deadline)))
+            time.sleep(max(0.0, min(2.0, 0.25 * 2**attempt, _remaining(deadline))))
         timeout = min(endpoint.timeout_s, _remaining(deadline))
         if timeout <= 0:
             raise JudgeTimeUp()
@@ -226,7 +231,78 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_RefuseRedirects)
+class _Cutoff:
+    """A request's limit in all: urllib's timeout bounds each socket operation, so a judge that sends a byte now and
+    then would hold a request for ever. At the limit this shuts the request's socket (the read blocked on it ends)."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.passed = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(limit_s, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.passed:
+                self._shut()
+
+    def _cut(self) -> None:
+        with self._lock:
+            self.passed = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
+def _cut_off(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+    class Connection(base):
+        def __init__(self, *args, cutoff: _Cutoff, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._cutoff = cutoff
+
+        def connect(self) -> None:
+            super().connect()  # bounded by the per-operation timeout, which is at most the limit
+            self._cutoff.watch(self.sock)
+
+    return Connection
+
+
+_HTTP, _HTTPS = _cut_off(http.client.HTTPConnection), _cut_off(http.client.HTTPSConnection)
+
+
+class _CutOffHTTP(urllib.request.HTTPHandler):
+    def __init__(self, cutoff: _Cutoff) -> None:
+        super().__init__()
+        self._cutoff = cutoff
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_HTTP, cutoff=self._cutoff), req)
+
+
+class _CutOffHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, cutoff: _Cutoff) -> None:
+        super().__init__()
+        self._cutoff = cutoff
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_HTTPS, cutoff=self._cutoff), req, context=self._context)
+
+
+def _opener(cutoff: _Cutoff) -> urllib.request.OpenerDirector:
+    """urllib's opener for one request: no redirects followed, the request cut at `cutoff`'s limit."""
+    return urllib.request.build_opener(_RefuseRedirects, _CutOffHTTP(cutoff), _CutOffHTTPS(cutoff))
 
 
 def _request(endpoint: JudgeEndpoint) -> tuple[str, dict[str, str]]:
@@ -254,9 +330,13 @@ def _chat(endpoint: JudgeEndpoint, messages: list[dict[str, str]], *, temperatur
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     where = redact_url(endpoint.chat_url)
     timeout_s = endpoint.timeout_s if timeout_s is None else timeout_s
+    too_slow = f"{where} did not answer within {timeout_s:g} s (TUNA_JUDGE_TIMEOUT_S, or what was left of the run's time)"
+    cutoff = _Cutoff(timeout_s)
     try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
+        with _opener(cutoff).open(request, timeout=timeout_s) as response:
             raw = response.read(2_000_000)
+        if cutoff.passed:  # cut while it was read: what came is not the whole answer
+            raise JudgeError(too_slow)
     except urllib.error.HTTPError as exc:
         if 300 <= exc.code < 400:
             target = redact_url(exc.headers.get("Location", "") or "") or "elsewhere"
@@ -270,14 +350,18 @@ def _chat(endpoint: JudgeEndpoint, messages: list[dict[str, str]], *, temperatur
             raise JudgeError(message) from None
         raise _Final(message) from None
     except TimeoutError:
-        raise JudgeError(f"{where} did not answer within {timeout_s:g} s (TUNA_JUDGE_TIMEOUT_S)") from None
+        raise JudgeError(too_slow) from None
     except urllib.error.URLError as exc:
         reason = exc.reason
-        if isinstance(reason, TimeoutError):
-            raise JudgeError(f"{where} did not answer within {timeout_s:g} s (TUNA_JUDGE_TIMEOUT_S)") from None
+        if isinstance(reason, TimeoutError) or cutoff.passed:
+            raise JudgeError(too_slow) from None
         raise JudgeError(f"could not reach {where}: {getattr(reason, 'strerror', None) or reason}") from None
-    except (ConnectionError, OSError) as exc:
-        raise JudgeError(f"could not reach {where}: {exc.strerror or exc}") from None
+    except (ConnectionError, OSError, http.client.HTTPException) as exc:
+        if cutoff.passed:
+            raise JudgeError(too_slow) from None
+        raise JudgeError(f"could not reach {where}: {getattr(exc, 'strerror', None) or exc}") from None
+    finally:
+        cutoff.stop()
     try:
         data = json.loads(raw)
         content = data["choices"][0]["message"]["content"]
