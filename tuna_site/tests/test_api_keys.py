@@ -239,3 +239,12 @@ def test_it_shows_staff_the_prefix_only_and_no_add_form(admin_client, alice):
 def test_it_describes_the_bearer_key_in_the_schema(alice_client):
     schema = alice_client.get("/api/schema").content.decode()
     assert "bearerAuth" in schema and "scheme: bearer" in schema
+
+
+def test_it_calls_them_api_keys_made_on_the_account_page_wherever_pages_mention_them(alice_client):
+    """Keys are made on the Account page and shown once: no page says a token is waiting there to be copied."""
+    menu = alice_client.get(reverse("account")).content.decode()
+    assert "Account &amp; API keys" in menu and "API token" not in menu
+    openai = alice_client.get(reverse("coming-from-openai")).content.decode()
+    assert "Your token is on" not in openai and "API token" not in openai and "LLM Tuna token" not in openai
+    assert "Make an API key on the" in openai and "shown once" in openai
