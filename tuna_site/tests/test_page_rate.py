@@ -110,3 +110,51 @@ def test_it_lets_exactly_the_rate_through_when_posts_arrive_at_once(alice, setti
     with ThreadPoolExecutor(max_workers=20) as pool:
         statuses = list(pool.map(post, range(20)))
     assert sorted(statuses) == [200] * 5 + [429] * 15
+
+
+def vote_on(alice, valid_dataset):
+    """A completed evaluation of four examples to vote on, and a function that votes on one as the page does."""
+    from django.utils import timezone
+
+    from evaluation_app.models import Evaluation, EvaluationExample
+    from tests.support import job_row
+
+    job = job_row(alice, valid_dataset, status="completed", adapter_dir="/nonexistent")
+    evaluation = Evaluation.objects.create(
+        owner=alice, training_job=job, status="completed", test_size=4, done=4, completed_at=timezone.now(), metrics={}
+    )
+    for i, side in enumerate("ABBA"):
+        EvaluationExample.objects.create(
+            evaluation=evaluation,
+            index=i,
+            messages=[{"role": "user", "content": f"q{i}"}],
+            reference=f"r{i}",
+            base_output=f"b{i}",
+            finetuned_output=f"f{i}",
+            finetuned_side=side,
+        )
+
+    def vote(client, index: int):
+        url = reverse("evaluation-vote", args=[evaluation.pk, index % 4])
+        return client.post(f"{url}?blind=1", {"choice": "AB"[index % 2]}, HTTP_HX_REQUEST="true")
+
+    return vote
+
+
+def test_it_counts_blind_votes_in_their_own_generous_bucket(alice_client, alice, valid_dataset, settings):
+    """Voting by keyboard is many quick posts: they never meet the page rate nor use up the user's form posts."""
+    from evaluation_app.models import Rating
+
+    VOTE_RATE_FACTOR = 10  # noqa: N806 - tuna_site.ratelimit's: votes get 10 x TUNA_PAGE_RATE
+    settings.TUNA_PAGE_RATE = "1/min"
+    vote = vote_on(alice, valid_dataset)
+    assert [vote(alice_client, i).status_code for i in range(VOTE_RATE_FACTOR)] == [200] * VOTE_RATE_FACTOR
+    assert Rating.objects.filter(user=alice).count() == 4
+    assert upload(alice_client).status_code == 302  # the page rate's one form post is still there
+    assert upload(alice_client).status_code == 429
+
+    refused = vote(alice_client, 0)  # the votes' own bound holds too
+    assert refused.status_code == 429 and refused["Retry-After"]
+    assert f"Too many votes: the limit is {VOTE_RATE_FACTOR} per minute per user ({VOTE_RATE_FACTOR} × TUNA_PAGE_RATE)" in (
+        refused.content.decode()
+    )
