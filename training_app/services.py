@@ -512,21 +512,12 @@ def training_jobs_delete(*, jobs: list[TrainingJob]) -> None:
         evaluating = job.evaluations.filter(status=job.evaluations.model.Status.RUNNING).first()
         if evaluating is not None:
             raise JobConflict(f"Evaluation #{evaluating.pk} of job #{job.pk} is running; delete the job once it has finished.")
+    # Each job's folder goes once this is committed (the post_delete receiver, training_app.storage.job_files_remove).
     # A running export is cancelled by its row going: its next write finds no row (JobLost), it stops and removes the
     # job's folder itself (training_app.exports.export_work), so nothing it writes after this outlives the job.
-    directories = [job_dir(job) for job in locked]
     for job in locked:  # newest first: a continuation goes before the run it continues (on_delete=PROTECT)
         job.delete()
-    transaction.on_commit(lambda: [_remove_tree(directory) for directory in directories])
     logger.info("Training jobs %s deleted", ", ".join(f"#{pk}" for pk in ids))
-
-
-def _remove_tree(directory: Path) -> None:
-    def report(function, path, exc_info) -> None:
-        logger.warning("Could not remove %s: %s", path, exc_info[1])
-
-    if directory.exists():
-        shutil.rmtree(directory, onerror=report)
 
 
 # -- the worker side --------------------------------------------------------------------------
