@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import transaction
 
 from datasets_app.examples import held_out_examples
 from training_app.models import Export, TrainingJob
-from training_app.services import check_job_storage, job_dir
-from training_app.storage import remove_tree
+from training_app.services import check_job_storage
+from training_app.storage import job_files_remove_if_deleted
 from tuna_core.errors import Conflict, Invalid, Unavailable
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
@@ -155,17 +155,8 @@ def export_work(export: Export) -> None:
             llama_cpp_version=gguf_export.llama_cpp_version() or "",
         )
     finally:
-        if _deleted(job):  # deleted while exporting: its folder goes, again
-            remove_tree(job_dir(job))
+        job_files_remove_if_deleted(job)  # deleted while exporting: its folder goes, again
     logger.info("Export %s of job %s completed in %.0f s", export.pk, job.pk, time.monotonic() - started)
-
-
-def _deleted(job: TrainingJob) -> bool:
-    """The job's row is gone (False when that cannot be known now: the database away keeps the files)."""
-    try:
-        return not TrainingJob.objects.filter(pk=job.pk).exists()
-    except DatabaseError:
-        return False
 
 
 def _replace(final: Path, staged: Path) -> None:

@@ -27,7 +27,7 @@ from training_app.limits import check_epochs, check_preference_limits, limited_s
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from training_app.tracking import training_tracking
 from tuna_core.errors import Conflict, Invalid
-from tuna_core.jobs import MAX_AUTO_RESUMES, db_retry, job_enqueue, job_held, job_is_stuck, job_write
+from tuna_core.jobs import MAX_AUTO_RESUMES, JobLost, db_retry, job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs, check_storage
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
@@ -525,6 +525,18 @@ def training_jobs_delete(*, jobs: list[TrainingJob]) -> None:
 def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
     """The worker's work for a claimed training job; `extra_callbacks` go to the trainer (tests stop or
     crash a run at a given step with them)."""
+    try:
+        _training_run(job, extra_callbacks)
+    except JobLost:
+        # Deleted while it trained (the job, or its owner): the trainer went on writing checkpoints after the post_delete
+        # receiver removed the folder, so the folder goes again now that the run has stopped.
+        from training_app.storage import job_files_remove_if_deleted  # storage imports this module (job_dir)
+
+        job_files_remove_if_deleted(job)
+        raise
+
+
+def _training_run(job: TrainingJob, extra_callbacks: tuple) -> None:
     config = TrainingConfig.from_dict(job.config)
     spec = get_base_model_spec(config.base_model)
     plan = pick_device()

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from training_app.models import TrainingJob
 from training_app.services import job_dir
@@ -96,6 +96,19 @@ def remove_tree(directory: Path) -> None:
 
     if directory.exists():
         shutil.rmtree(directory, onerror=report)
+
+
+def job_files_remove_if_deleted(job: TrainingJob) -> bool:
+    """For work that stops writing into a job's folder (a run or an export that lost its row): remove the folder when
+    the job's row is gone, since what it wrote after the post_delete receiver ran would outlive the job. True when
+    removed; a database that cannot say (an outage) keeps the files."""
+    try:
+        if TrainingJob.objects.filter(pk=job.pk).exists():
+            return False
+    except DatabaseError:
+        return False
+    remove_tree(job_dir(job))
+    return True
 
 
 def job_files_remove(sender, *, instance: TrainingJob, **kwargs) -> None:
