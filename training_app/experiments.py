@@ -315,7 +315,7 @@ def experiment_start(
     chosen = grid_point(base.config)
     with transaction.atomic():
         check_active_jobs(owner)
-        _services().check_job_storage(owner, "A sweep")
+        _services().check_job_storage(owner, "A sweep", _services().runs_storage_estimate([run.config for _, run in plans]))
         experiment = Experiment.objects.create(
             owner=owner,
             dataset=dataset,

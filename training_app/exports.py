@@ -35,7 +35,7 @@ from training_app.storage import job_files_remove_if_deleted
 from tuna_core.errors import Conflict, Invalid, Unavailable
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
-from tuna_llm import gguf_export, ollama
+from tuna_llm import gguf_export, ollama, sizes
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.evaluation import decoding_budget
 from tuna_llm.loading import load_tokenizer_and_model, pick_device
@@ -98,11 +98,17 @@ def export_start(*, owner, job: TrainingJob, formats: list[str] | None = None) -
         if running is not None:
             return running
         check_active_jobs(owner)
-        check_job_storage(owner, "An export")
+        check_job_storage(owner, "An export", export_storage_estimate(job, formats))
         export = Export.objects.create(owner=owner, training_job=job, formats=formats)
         job_enqueue(export)
     logger.info("Export %s of job %s queued by %s (%s)", export.pk, job.pk, owner, ", ".join(formats))
     return export
+
+
+def export_storage_estimate(job: TrainingJob, formats: list[str]) -> int | None:
+    """Bytes an export of `job` in `formats` writes, from its base model's weights and config.json (tuna_llm.sizes);
+    None when the base's files are not on this server."""
+    return sizes.export_estimate(get_base_model_spec(job.base_model).config_dir(), formats)
 
 
 def latest_export(job: TrainingJob) -> Export | None:

@@ -29,6 +29,7 @@ from training_app.tracking import training_tracking
 from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import MAX_AUTO_RESUMES, JobLost, db_retry, job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs, check_storage
+from tuna_llm import sizes
 from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
@@ -163,10 +164,26 @@ def bounded_checkpoints(config: TrainingConfig) -> TrainingConfig:
     return config if config.save_total_limit <= limit else dataclasses.replace(config, save_total_limit=limit)
 
 
-def check_job_storage(owner, action: str) -> None:
-    """Refuse work that writes files (a run, an export) while the user's files fill their quota; inside the transaction
-    that queues it."""
-    check_storage(owner, action=action)
+def check_job_storage(owner, action: str, adding: int | None = None) -> None:
+    """Refuse work that writes files (a run, an export) when the user's files plus `adding` (an estimate of what it
+    writes; None where the base model's files are not on this server yet: refused only at the quota) would pass their
+    quota; inside the transaction that queues it."""
+    check_storage(owner, adding=adding, action=action, estimated=adding is not None)
+
+
+def run_storage_estimate(config: TrainingConfig) -> int | None:
+    """Bytes a run with `config` writes (its adapter and kept checkpoints), from its base model's config.json; None when
+    that model's files are not on this server yet."""
+    spec = get_base_model_spec(config.base_model)
+    return sizes.run_estimate(
+        spec.config_dir(), r=config.lora_r, target_modules=config.target_modules, kept_checkpoints=config.save_total_limit
+    )
+
+
+def runs_storage_estimate(configs: list[TrainingConfig]) -> int | None:
+    """What several runs (a sweep's) write in all; None when one of them cannot be estimated."""
+    estimates = [run_storage_estimate(config) for config in configs]
+    return None if any(e is None for e in estimates) else sum(estimates)
 
 
 def _limited(dataset: Dataset, explicit: dict[str, Any], train_pool: int) -> tuple[TrainingConfig | None, dict[str, str], dict[str, str]]:
@@ -253,7 +270,7 @@ def training_job_start(
     config = plan.config
     with transaction.atomic():
         check_active_jobs(owner)
-        check_job_storage(owner, "A training job")
+        check_job_storage(owner, "A training job", run_storage_estimate(config))
         job = TrainingJob.objects.create(
             owner=owner,
             dataset=dataset,
@@ -321,7 +338,7 @@ def preference_file_job_start(
     reasons = {**{k: v for k, v in start_reasons.items() if k in LORA_SHAPE or k == "max_seq_length"}, **reasons}
     with transaction.atomic():
         check_active_jobs(owner)
-        check_job_storage(owner, "A preference-tuning job")
+        check_job_storage(owner, "A preference-tuning job", run_storage_estimate(config))
         job = TrainingJob.objects.create(
             owner=owner,
             dataset=dataset,
@@ -429,18 +446,19 @@ def training_job_continue(*, job: TrainingJob, epochs: int | None = None) -> Tra
     if errors:
         raise ConfigInvalid(errors)
     check_active_jobs(job.owner)
-    check_job_storage(job.owner, "Training further")
     # The parent's settings, with the validation and checkpoint intervals chosen again for the new length.
     same = {k: v for k, v in parent.to_dict().items() if k not in ("base_model", "eval_steps", "save_steps")}
     config, _ = choose_settings(
         {**same, "num_epochs": epochs, "max_steps": 0}, DataFacts(train_pool=job.dataset.num_train), base_model=parent.base_model
     )
+    config = bounded_checkpoints(config)
+    check_job_storage(job.owner, "Training further", run_storage_estimate(config))
     reasons = {**job.config_reasons, "num_epochs": f"{epochs} more epoch{'s' if epochs != 1 else ''} from job #{job.pk}'s adapter"}
     child = TrainingJob.objects.create(
         owner=job.owner,
         dataset=job.dataset,
         base_model=job.base_model,
-        config=bounded_checkpoints(config).to_dict(),
+        config=config.to_dict(),
         config_reasons=reasons,
         parent=job,
         step_offset=job.step_offset + (job.best_step if job.best_step is not None else job.current_step),
@@ -462,9 +480,9 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
         raise JobConflict(f"Job #{job.pk} saved no checkpoint to resume from; start a new job instead.")
     if not job.is_active:  # a stuck "training" job is counted already
         check_active_jobs(job.owner)
-    check_job_storage(job.owner, "Resuming the job")
     if job.config.get("save_total_limit", 0) > settings.TUNA_MAX_CHECKPOINTS_PER_JOB:  # a row from before the bound
         job.config = {**job.config, "save_total_limit": settings.TUNA_MAX_CHECKPOINTS_PER_JOB}
+    check_job_storage(job.owner, "Resuming the job", run_storage_estimate(TrainingConfig.from_dict(job.config)))
     job.status = TrainingJob.Status.QUEUED
     job.cancel_requested = False
     job.paused = False

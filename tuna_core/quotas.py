@@ -106,10 +106,13 @@ class StorageFull(LimitExceeded):
     """The user's files would take more than TUNA_MAX_STORAGE_MB_PER_USER."""
 
 
-def check_storage(owner, *, adding: int | None = None, action: str = "This", error: type[StorageFull] = StorageFull) -> None:
+def check_storage(
+    owner, *, adding: int | None = None, action: str = "This", error: type[StorageFull] = StorageFull, estimated: bool = False
+) -> None:
     """Refuse (`error`, naming the limit) when the user's files plus `adding` bytes pass the quota, or, with `adding`
-    unknown (None: a job whose files are not written yet), when they are at it already. Call inside the transaction that writes:
-    the user's row lock makes two requests count in turn."""
+    unknown (None: a job whose size cannot be estimated here), when they are at it already. `estimated`: `adding` is an
+    estimate of what the work will write (said so in the message). Call inside the transaction that writes: the user's
+    row lock makes two requests count in turn."""
     owner_id = getattr(owner, "pk", owner)
     with transaction.atomic():  # a savepoint inside the caller's transaction; alone, a check before anything is read
         get_user_model().objects.select_for_update().filter(pk=owner_id).first()
@@ -118,7 +121,13 @@ def check_storage(owner, *, adding: int | None = None, action: str = "This", err
     if (total >= limit) if adding is None else (adding > 0 and total + adding > limit):
         parts = ", ".join(f"{kind} {size_text(size)}" for kind, size in used.items() if size)
         what = action[:1].lower() + action[1:]
-        needs = f"{what} writes more" if adding is None else f"{what} needs {size_text(adding)}"
+        needs = (
+            f"{what} writes more"
+            if adding is None
+            else f"{what} needs about {size_text(adding)} (an estimate of the files it writes)"
+            if estimated
+            else f"{what} needs {size_text(adding)}"
+        )
         raise error(
             f"Your files use {size_text(total)} of your {size_text(limit)} storage quota (TUNA_MAX_STORAGE_MB_PER_USER)"
             f"{': ' + parts if parts else ''}; {needs}. Delete datasets, jobs or exports you no longer need, then try again."

@@ -74,8 +74,9 @@ def test_it_refuses_to_start_continue_resume_sweep_or_export_at_the_quota_and_wr
         assert response.status_code == 409, (action, response.content)
         detail = response.json()["detail"]
         assert "storage quota (TUNA_MAX_STORAGE_MB_PER_USER)" in detail and "adapters 29 KB" in detail, (action, detail)
-    assert "a training job writes more" in answers["start"].json()["detail"]
-    assert "an export writes more" in answers["export"].json()["detail"]
+    # Each names what it would write, estimated from the base model's files (tuna_llm.sizes).
+    assert "a training job needs about" in answers["start"].json()["detail"]
+    assert "an export needs about" in answers["export"].json()["detail"]
     page = alice_client.post(f"/training/{completed.pk}/continue", {"epochs": 1}, follow=True)
     assert page.status_code in (200, 409) and "TUNA_MAX_STORAGE_MB_PER_USER" in page.content.decode()
 
@@ -84,15 +85,17 @@ def test_it_refuses_to_start_continue_resume_sweep_or_export_at_the_quota_and_wr
     assert failed.status == "failed" and failed.resume_count == 0
     assert files_under(data_dir) == before
 
-    settings.TUNA_MAX_STORAGE_MB_PER_USER = 1  # room again: the same requests go through
+    settings.TUNA_MAX_STORAGE_MB_PER_USER = 2048  # room again (for their estimates too): the same requests go through
     assert alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": TINY}, format="json").status_code == 201
     assert alice_api.post(f"/api/training/{failed.pk}/resume", {}, format="json").status_code == 202
 
 
 def test_it_counts_only_the_users_own_files(alice, alice_api, bob, valid_dataset, data_dir, settings):
     bobs = dataset_create(owner=bob, upload=jsonl_file(pc_rows(20)), name="Bob's")
-    write(data_dir / "jobs" / str(job_row(bob, bobs, status="completed").pk) / "checkpoints" / "checkpoint-9" / "optimizer.pt", 900_000)
-    settings.TUNA_MAX_STORAGE_MB_PER_USER = 0.5
+    optimizer = data_dir / "jobs" / str(job_row(bob, bobs, status="completed").pk) / "checkpoints" / "checkpoint-9" / "optimizer.pt"
+    write(optimizer, 0)
+    os.truncate(optimizer, 400 * 1024 * 1024)  # sparse: counted at its size, costs no disk
+    settings.TUNA_MAX_STORAGE_MB_PER_USER = 300  # room for alice's run (estimated ~190 MB), not with bob's files counted
     response = alice_api.post("/api/training/start", {"dataset_id": valid_dataset.pk, "config": TINY}, format="json")
     assert response.status_code == 201
 
