@@ -17,7 +17,7 @@ from datasets_app.models import Dataset
 from datasets_app.uploads import max_upload_bytes, too_large_message
 from datasets_app.validation import DEFAULT_MAX_SEQ_LENGTH, JsonlValidator, fingerprint, iter_examples
 from tuna_core import quotas
-from tuna_core.disk import DiskFull, disk_full
+from tuna_core.disk import DiskFull, DiskLow, check_free_space, disk_full
 from tuna_core.errors import Conflict, Invalid, NotFound, TooLarge
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.tokencount import token_counter_for
@@ -51,6 +51,10 @@ class StorageDiskFull(DiskFull, UploadRejected):
     """The server's disk filled while the file was stored (503): nothing was kept."""
 
 
+class StorageDiskLow(DiskLow, UploadRejected):
+    """The server's disk keeps less free than TUNA_MIN_FREE_DISK_MB plus the upload (503): refused before it is read."""
+
+
 class DatasetInUse(Conflict):
     """A dataset that training jobs use, deleted without them (or with one that cannot go yet)."""
 
@@ -77,6 +81,7 @@ def _check_upload(upload: UploadedFile | None) -> UploadedFile:
         raise UploadTooLarge(too_large_message())
     if upload.size == 0:
         raise UploadRejected(f'"{upload.name}" is empty. Add one JSON object per line.')
+    check_free_space(upload.size, "This file", error=StorageDiskLow)
     upload.seek(0)
     head = upload.read(8192)
     upload.seek(0)

@@ -26,6 +26,7 @@ from training_app.experiments import early_stop_check, reports_to_experiment
 from training_app.limits import check_epochs, check_preference_limits, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
 from training_app.tracking import training_tracking
+from tuna_core.disk import check_free_space
 from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import MAX_AUTO_RESUMES, JobLost, db_retry, job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs, check_storage
@@ -167,8 +168,9 @@ def bounded_checkpoints(config: TrainingConfig) -> TrainingConfig:
 def check_job_storage(owner, action: str, adding: int | None = None) -> None:
     """Refuse work that writes files (a run, an export) when the user's files plus `adding` (an estimate of what it
     writes; None where the base model's files are not on this server yet: refused only at the quota) would pass their
-    quota; inside the transaction that queues it."""
+    quota, or when the data disk would keep less than TUNA_MIN_FREE_DISK_MB free; inside the transaction that queues it."""
     check_storage(owner, adding=adding, action=action, estimated=adding is not None)
+    check_free_space(adding, action)
 
 
 def run_storage_estimate(config: TrainingConfig) -> int | None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
+
+from django.conf import settings
 
 from tuna_core.errors import Unavailable
 
@@ -40,3 +44,35 @@ class DiskFull(Unavailable):
             "once space is freed (the operator, or deleting datasets, jobs or exports you no longer need).",
             retry_after=RETRY_AFTER_S,
         )
+
+
+class DiskLow(Unavailable):
+    """Work refused before it writes: the data directory's disk has less free than TUNA_MIN_FREE_DISK_MB plus what the
+    work would write (the database and the secret key live there by default, so the disk is never let fill)."""
+
+
+def free_bytes(folder) -> int:
+    """Bytes free to an unprivileged writer on the disk holding `folder`."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def check_free_space(adding: int | None, what: str = "This", *, error: type[DiskLow] = DiskLow) -> None:
+    """Refuse (`error`, 503 with Retry-After) when the data directory's disk has less free than the reserve
+    (TUNA_MIN_FREE_DISK_MB) plus `adding` bytes (None or 0: the reserve alone)."""
+    folder = Path(settings.TUNA_DATA_DIR)
+    while not folder.exists() and folder != folder.parent:  # the data directory is made on first use
+        folder = folder.parent
+    free, reserve, needed = free_bytes(folder), int(settings.TUNA_MIN_FREE_DISK_MB * 1024 * 1024), max(0, adding or 0)
+    if free < reserve + needed:
+        needs = f"{what[:1].lower() + what[1:]} needs about {_mb(needed)} and " if needed else ""
+        raise error(
+            f"The server's disk is nearly full: {_mb(free)} free, and {needs}{_mb(reserve)} are kept free for the database "
+            "(TUNA_MIN_FREE_DISK_MB). Nothing was written; try again once space is freed (the operator, or deleting "
+            "datasets, jobs or exports you no longer need).",
+            retry_after=RETRY_AFTER_S,
+        )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1024 / 1024:.1f} MB"

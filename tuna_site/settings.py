@@ -88,6 +88,9 @@ TUNA_INVALID_UPLOAD_KEEP_KB = env_float("TUNA_INVALID_UPLOAD_KEEP_KB", 256, mini
 # Disk: TUNA_MAX_STORAGE_MB_PER_USER counts everything a user's rows keep (dataset files, checkpoints, adapters,
 # exports); a job keeps at most TUNA_MAX_CHECKPOINTS_PER_JOB checkpoints (save_total_limit is capped by it).
 TUNA_MAX_CHECKPOINTS_PER_JOB = int(env_float("TUNA_MAX_CHECKPOINTS_PER_JOB", 3, minimum=1))
+# Free space kept on the data directory's disk (the SQLite database and secret_key live there by default): uploads,
+# runs and exports are refused (503) when less than this plus what they will write is free.
+TUNA_MIN_FREE_DISK_MB = env_float("TUNA_MIN_FREE_DISK_MB", 512, minimum=0)
 # Inference: calls of one user in (or waiting for) generation in one web process, streams included (the rest of
 # TUNA_MAX_INFERENCE_QUEUE stays for others); downloads of one user at once, and of everyone at once (below the
 # server's 32 threads, so pages stay served while files are sent).

@@ -223,17 +223,50 @@ def small_disk(tmp_path):
 
 def test_it_refuses_an_upload_that_fills_the_disk_and_keeps_no_partial_file(alice, alice_api, alice_client, small_disk, settings):
     settings.MEDIA_ROOT = settings.TUNA_DATA_DIR = small_disk  # the datasets' disk has 64 KB; the database lives elsewhere
+    settings.TUNA_MIN_FREE_DISK_MB = 0  # no reserve: the file alone does not fit, and is refused before it is written
     body = b"".join(json.dumps(row).encode() + b"\n" for row in pc_rows(600))
     assert len(body) > 100_000
     response = alice_api.post("/api/datasets", {"file": SimpleUploadedFile("big.jsonl", body)}, format="multipart")
     assert response.status_code == 503 and response["Retry-After"] == "300"
-    assert "the server's disk is full (no space left on device). Nothing was kept" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert detail.startswith("The server's disk is nearly full: 0.1 MB free, and this file needs about 0.1 MB")
+    assert "Nothing was written" in detail
     assert not Dataset.objects.exists() and files_under(small_disk) == []
     page = alice_client.post(reverse("dataset-upload"), {"file": SimpleUploadedFile("big.jsonl", body)}, follow=True)
-    assert "disk is full" in page.content.decode() and files_under(small_disk) == []
+    assert "disk is nearly full" in page.content.decode() and files_under(small_disk) == []
     # The disk, the database and the next upload are fine.
     small = alice_api.post("/api/datasets", {"file": jsonl_file(pc_rows(20))}, format="multipart")
     assert small.status_code == 201 and Dataset.objects.count() == 1 and len(files_under(small_disk)) == 1
+
+
+def test_it_refuses_an_upload_that_meets_a_full_disk_while_stored_and_keeps_no_partial_file(alice, alice_api, tmp_path, settings):
+    """Free space is checked before the file is read, but the disk can still fill while it is written (another writer):
+    a file system out of inodes gives the kernel's ENOSPC at the write although its free space looked enough."""
+    disk = tmp_path / "no-inodes"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small file system needs mount (root): {mounted.stderr.decode().strip()}")
+    try:
+        settings.MEDIA_ROOT = settings.TUNA_DATA_DIR = disk
+        settings.TUNA_MIN_FREE_DISK_MB = 0.5
+        fillers = []
+        while True:
+            try:
+                (disk / f"filler-{len(fillers)}").touch()
+            except OSError:
+                break
+            fillers.append(disk / f"filler-{len(fillers)}")
+        response = alice_api.post("/api/datasets", {"file": jsonl_file(pc_rows(20))}, format="multipart")
+        assert response.status_code == 503 and response["Retry-After"] == "300"
+        assert "the server's disk is full (no space left on device). Nothing was kept" in response.json()["detail"]
+        assert not Dataset.objects.exists() and files_under(disk) == sorted(str(f) for f in fillers)
+        for filler in fillers:  # space freed: the next upload is stored
+            filler.unlink()
+        again = alice_api.post("/api/datasets", {"file": jsonl_file(pc_rows(20))}, format="multipart")
+        assert again.status_code == 201 and len(files_under(disk)) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_it_refuses_an_upload_whose_temporary_file_fills_the_disk(alice, alice_api, small_disk, settings, data_dir):
