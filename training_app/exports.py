@@ -98,17 +98,23 @@ def export_start(*, owner, job: TrainingJob, formats: list[str] | None = None) -
         if running is not None:
             return running
         check_active_jobs(owner)
-        check_job_storage(owner, "An export", export_storage_estimate(job, formats))
+        estimate = export_storage_estimate(job, formats)
+        kept, elsewhere = estimate if estimate is not None else (None, 0)
+        check_job_storage(owner, "An export", kept, elsewhere)
         export = Export.objects.create(owner=owner, training_job=job, formats=formats)
         job_enqueue(export)
     logger.info("Export %s of job %s queued by %s (%s)", export.pk, job.pk, owner, ", ".join(formats))
     return export
 
 
-def export_storage_estimate(job: TrainingJob, formats: list[str]) -> int | None:
-    """Bytes an export of `job` in `formats` writes, from its base model's weights and config.json (tuna_llm.sizes);
-    None when the base's files are not on this server."""
-    return sizes.export_estimate(get_base_model_spec(job.base_model).config_dir(), formats)
+def export_storage_estimate(job: TrainingJob, formats: list[str]) -> tuple[int, int] | None:
+    """(bytes the job's export folder will keep, bytes written elsewhere: the base's shared GGUF conversions not made
+    yet) for an export of `job` in `formats`, from its base model's weights and config.json (tuna_llm.sizes); None when
+    the base's files are not on this server."""
+    base_dir = base_gguf_dir(job.base_model)
+    converted = [outtype for outtype in ("f16", "q8_0") if (base_dir / f"base-{outtype}.gguf").is_file()]
+    model_dir = get_base_model_spec(job.base_model).config_dir()
+    return sizes.export_estimate(model_dir, formats, adapter_dir=job.adapter_dir or None, converted=converted)
 
 
 def latest_export(job: TrainingJob) -> Export | None:

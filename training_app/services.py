@@ -165,12 +165,13 @@ def bounded_checkpoints(config: TrainingConfig) -> TrainingConfig:
     return config if config.save_total_limit <= limit else dataclasses.replace(config, save_total_limit=limit)
 
 
-def check_job_storage(owner, action: str, adding: int | None = None) -> None:
+def check_job_storage(owner, action: str, adding: int | None = None, elsewhere: int = 0) -> None:
     """Refuse work that writes files (a run, an export) when the user's files plus `adding` (an estimate of what it
-    writes; None where the base model's files are not on this server yet: refused only at the quota) would pass their
-    quota, or when the data disk would keep less than TUNA_MIN_FREE_DISK_MB free; inside the transaction that queues it."""
+    keeps; None where the base model's files are not on this server yet: refused only at the quota) would pass their
+    quota, or when the data disk would keep less than TUNA_MIN_FREE_DISK_MB free after it (`elsewhere`: what it writes
+    outside the user's files, e.g. a base's shared GGUF); inside the transaction that queues it."""
     check_storage(owner, adding=adding, action=action, estimated=adding is not None)
-    check_free_space(adding, action)
+    check_free_space((adding or 0) + elsewhere, action)
 
 
 def run_storage_estimate(config: TrainingConfig) -> int | None:

@@ -19,9 +19,9 @@ FP32_BYTES = 4
 CHECKPOINT_COPIES = 3
 # Files an adapter folder copies from the base (the tokenizer, so the folder loads alone).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "special_tokens_map.json")
-# Bytes per base parameter an export format writes (GGUF files; merged safetensors take the base's own size).
-EXPORT_BYTES_PER_PARAMETER = {"gguf_f16": 2.0, "gguf_q8_0": 1.07, "gguf_q4": 0.6}
-MERGED = "merged_safetensors"
+# Bytes per parameter of a GGUF file by its type (q4 for reference: no export writes it yet).
+GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 1.07, "q4": 0.6}
+MERGED, GGUF_F16, GGUF_Q8_0 = "merged_safetensors", "gguf_f16", "gguf_q8_0"
 
 
 def read_config(model_dir: str | Path | None) -> dict[str, Any] | None:
@@ -63,11 +63,28 @@ def run_bytes(adapter_bytes: int, *, kept_checkpoints: int, extra_bytes: int = 0
     return adapter_bytes * (1 + max(0, kept_checkpoints) * CHECKPOINT_COPIES) + extra_bytes
 
 
-def export_bytes(formats: Iterable[str], *, weight_bytes: int, parameters: int) -> int:
-    """An export's files by format: merged weights ~ the base's weights; a GGUF ~ parameters x its bytes per parameter."""
+def export_bytes(formats: Iterable[str], *, weight_bytes: int, parameters: int, adapter_bytes: int) -> int:
+    """What an export keeps in the job's folder, by format: merged safetensors ~ the base's weights; gguf_f16 the adapter
+    as an f16 LoRA GGUF (half its fp32 safetensors; the base's f16 GGUF is shared, see `shared_export_bytes`); gguf_q8_0
+    the merged model in q8_0 (1.07 bytes a parameter)."""
+    formats = set(formats)
+    total = weight_bytes if MERGED in formats else 0
+    total += adapter_bytes / 2 if GGUF_F16 in formats else 0
+    total += parameters * GGUF_BYTES_PER_PARAMETER["q8_0"] if GGUF_Q8_0 in formats else 0
+    return int(total)
+
+
+def shared_export_bytes(formats: Iterable[str], *, weight_bytes: int, parameters: int, converted: Iterable[str] = ()) -> int:
+    """What an export writes besides the job's folder: the base's GGUF conversions not on the server yet (`converted`:
+    the types already there; written once per base, shared by every export), and the merged weights a q8_0-only export
+    writes while it runs."""
+    formats, converted = set(formats), set(converted)
     total = 0.0
-    for name in formats:
-        total += weight_bytes if name == MERGED else parameters * EXPORT_BYTES_PER_PARAMETER.get(name, 2.0)
+    for name, outtype in ((GGUF_F16, "f16"), (GGUF_Q8_0, "q8_0")):
+        if name in formats and outtype not in converted:
+            total += parameters * GGUF_BYTES_PER_PARAMETER[outtype]
+    if GGUF_Q8_0 in formats and MERGED not in formats:
+        total += weight_bytes
     return int(total)
 
 
@@ -102,10 +119,16 @@ def weight_bytes(model_dir: str | Path | None) -> int | None:
     return _file_bytes(Path(model_dir), [f.name for f in files]) if files else None
 
 
-def export_estimate(model_dir: str | Path | None, formats: Iterable[str]) -> int | None:
-    """Bytes an export of a fine-tune of the model in `model_dir` will write (None: the model's files are not here)."""
+def export_estimate(
+    model_dir: str | Path | None, formats: Iterable[str], *, adapter_dir: str | Path | None, converted: Iterable[str] = ()
+) -> tuple[int, int] | None:
+    """(bytes the job's folder will keep, bytes written elsewhere) for an export of the adapter in `adapter_dir`, a
+    fine-tune of the model in `model_dir`; None when the model's files are not here."""
     config, weights = read_config(model_dir), weight_bytes(model_dir)
     parameters = estimate_parameters(config) if config else None
     if weights is None or not parameters:
         return None
-    return export_bytes(formats, weight_bytes=weights, parameters=parameters)
+    formats = list(formats)
+    adapter = _file_bytes(Path(adapter_dir), ["adapter_model.safetensors"]) if adapter_dir else 0
+    kept = export_bytes(formats, weight_bytes=weights, parameters=parameters, adapter_bytes=adapter)
+    return kept, shared_export_bytes(formats, weight_bytes=weights, parameters=parameters, converted=converted)

@@ -88,6 +88,25 @@ def test_it_refuses_a_run_sweep_or_export_whose_estimate_passes_the_quota(alice,
     assert failed.status == "failed" and failed.resume_count == 0
 
 
+def test_it_charges_an_export_what_its_folder_keeps_and_counts_the_shared_gguf_for_the_disk_only(
+    alice, valid_dataset, data_dir, settings, tmp_path
+):
+    settings.TUNA_GGUF_DIR = tmp_path / "gguf"  # no base converted yet
+    job = job_row(alice, valid_dataset, status="completed", completed_at=timezone.now())
+    write(data_dir / "jobs" / str(job.pk) / "adapter" / "adapter_model.safetensors", 20_000_000)
+    job.adapter_dir = str(data_dir / "jobs" / str(job.pk) / "adapter")
+    base = get_base_model_spec("smollm2-135m-instruct").config_dir()
+    weights, parameters = sizes.weight_bytes(base), sizes.estimate_parameters(sizes.read_config(base))
+    kept, elsewhere = exports.export_storage_estimate(job, exports.ALL_FORMATS)
+    # The job's folder: merged weights, the adapter as an f16 LoRA GGUF (half its fp32 size), the merged q8_0 GGUF.
+    assert kept == int(weights + 10_000_000 + parameters * 1.07)
+    # Elsewhere, written once per base: its f16 and q8_0 GGUFs, not charged to the user.
+    assert elsewhere == int(parameters * 2.0 + parameters * 1.07)
+    for outtype in ("f16", "q8_0"):
+        write(exports.base_gguf_dir(job.base_model) / f"base-{outtype}.gguf", 10)
+    assert exports.export_storage_estimate(job, exports.ALL_FORMATS) == (kept, 0)
+
+
 def test_it_falls_back_to_the_full_quota_check_for_a_base_whose_files_are_not_here(alice, alice_api, valid_dataset, data_dir, settings):
     settings.TUNA_BASE_MODELS = {**settings.TUNA_BASE_MODELS, "hubby": "example-org/hubby-1b"}  # never downloaded here
     hub = job_row(alice, valid_dataset, base_model="hubby", status="completed", completed_at=timezone.now())

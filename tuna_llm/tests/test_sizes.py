@@ -31,23 +31,33 @@ def test_it_estimates_a_run_as_the_adapter_plus_three_copies_per_kept_checkpoint
 
 
 def test_it_estimates_an_export_per_format():
-    params, weights = 1_000_000, 4_000_000
-    assert sizes.export_bytes(["merged_safetensors"], weight_bytes=weights, parameters=params) == weights
-    assert sizes.export_bytes(["gguf_f16"], weight_bytes=weights, parameters=params) == 2_000_000
-    assert sizes.export_bytes(["gguf_q8_0"], weight_bytes=weights, parameters=params) == 1_070_000
-    assert sizes.export_bytes(["gguf_q4"], weight_bytes=weights, parameters=params) == 600_000
-    assert sizes.export_bytes(["merged_safetensors", "gguf_f16", "gguf_q8_0"], weight_bytes=weights, parameters=params) == 7_070_000
+    sized = {"weight_bytes": 4_000_000, "parameters": 1_000_000}
+    # Kept in the job's folder: merged weights; the adapter as an f16 LoRA GGUF; the merged model in q8_0.
+    assert sizes.export_bytes(["merged_safetensors"], adapter_bytes=8000, **sized) == 4_000_000
+    assert sizes.export_bytes(["gguf_f16"], adapter_bytes=8000, **sized) == 4000
+    assert sizes.export_bytes(["gguf_q8_0"], adapter_bytes=8000, **sized) == 1_070_000
+    assert sizes.export_bytes(["merged_safetensors", "gguf_f16", "gguf_q8_0"], adapter_bytes=8000, **sized) == 5_074_000
+    # Written elsewhere: the base's GGUF conversions not made yet (f16: 2 bytes a parameter, q8_0: 1.07), and the merged
+    # weights a q8_0-only export writes while it runs.
+    assert sizes.shared_export_bytes(["gguf_f16", "gguf_q8_0", "merged_safetensors"], **sized) == 3_070_000
+    assert sizes.shared_export_bytes(["gguf_f16", "gguf_q8_0"], converted=["f16", "q8_0"], **sized) == 4_000_000
+    assert sizes.shared_export_bytes(["gguf_f16"], converted=["f16"], **sized) == 0
+    assert sizes.GGUF_BYTES_PER_PARAMETER["q4"] == 0.6
 
 
 def test_it_reads_the_sizes_from_the_models_folder_and_gives_none_without_it(tmp_path):
     assert sizes.run_estimate(tmp_path, r=8, target_modules=["q_proj"], kept_checkpoints=1) is None
-    assert sizes.export_estimate(tmp_path, ["gguf_f16"]) is None
+    assert sizes.export_estimate(tmp_path, ["gguf_f16"], adapter_dir=None) is None
     assert sizes.run_estimate(None, r=8, target_modules=["q_proj"], kept_checkpoints=1) is None
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
     (tmp_path / "tokenizer.json").write_bytes(b"t" * 100)
     adapter = 460_800 * 4
     assert sizes.run_estimate(tmp_path, r=8, target_modules=["q_proj", "v_proj"], kept_checkpoints=2) == adapter * 7 + 100
-    assert sizes.export_estimate(tmp_path, ["gguf_f16"]) is None  # no weights here (a hub model not prepared)
+    assert sizes.export_estimate(tmp_path, ["gguf_f16"], adapter_dir=None) is None  # no weights here (a hub model not prepared)
     (tmp_path / "model.safetensors").write_bytes(b"w" * 5000)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"a" * 600)
     parameters = sizes.estimate_parameters(SMOLLM2_135M)
-    assert sizes.export_estimate(tmp_path, ["merged_safetensors", "gguf_f16"]) == 5000 + parameters * 2
+    kept, elsewhere = sizes.export_estimate(tmp_path, ["merged_safetensors", "gguf_f16"], adapter_dir=adapter)
+    assert (kept, elsewhere) == (5000 + 300, parameters * 2)
