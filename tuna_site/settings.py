@@ -81,8 +81,10 @@ TUNA_MAX_ACTIVE_JOBS_PER_USER = int(env_float("TUNA_MAX_ACTIVE_JOBS_PER_USER", 3
 # estimates). Its queued and running runs count as one job against TUNA_MAX_ACTIVE_JOBS_PER_USER.
 TUNA_MAX_SWEEP_RUNS = int(env_float("TUNA_MAX_SWEEP_RUNS", 8, minimum=2))
 TUNA_MAX_SWEEP_HOURS = env_float("TUNA_MAX_SWEEP_HOURS", 6, minimum=0.001)
-# Stored dataset files per user (invalid uploads included: they keep only their first TUNA_INVALID_UPLOAD_KEEP_KB).
-TUNA_MAX_STORAGE_MB_PER_USER = env_float("TUNA_MAX_STORAGE_MB_PER_USER", 1024, minimum=0.001)
+# Everything one user keeps on disk: dataset files (invalid uploads keep only their first TUNA_INVALID_UPLOAD_KEEP_KB),
+# checkpoints, adapters and exports. 10 GB: a default sweep of the embedded model keeps about 1.2 GB, one of its merged
+# exports 0.5 GB; a GPU deployment of 8B models wants more (a merged export of one is 16 GB).
+TUNA_MAX_STORAGE_MB_PER_USER = env_float("TUNA_MAX_STORAGE_MB_PER_USER", 10240, minimum=0.001)
 TUNA_INVALID_UPLOAD_KEEP_KB = env_float("TUNA_INVALID_UPLOAD_KEEP_KB", 256, minimum=1)
 # Issue 32, hostile users (docs/configuration.md, "Limits"). Each block is read by one part of the code.
 # Disk: TUNA_MAX_STORAGE_MB_PER_USER counts everything a user's rows keep (dataset files, checkpoints, adapters,
@@ -123,7 +125,7 @@ TUNA_MAX_STEPS_PER_JOB = int(env_float("TUNA_MAX_STEPS_PER_JOB", 10000, minimum=
 # Held-out examples one evaluation may run on.
 TUNA_MAX_EVAL_EXAMPLES = int(env_float("TUNA_MAX_EVAL_EXAMPLES", 200, minimum=1))
 # The pairwise judge ("Ask a judge" on an evaluation): any OpenAI-compatible chat endpoint, base URL ending in /v1
-# (a local Ollama: http://localhost:11434/v1; vLLM; a hosted API; this server's own /v1 with an API token).
+# (a local Ollama: http://localhost:11434/v1; vLLM; a hosted API; this server's own /v1 with an API key).
 # Empty: no judge (the page says how to configure one). The key is only sent to that URL, never stored or shown.
 TUNA_JUDGE_URL = env_str("TUNA_JUDGE_URL", "").strip()
 TUNA_JUDGE_MODEL = env_str("TUNA_JUDGE_MODEL", "").strip()
