@@ -485,7 +485,8 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
         check_active_jobs(job.owner)
     if job.config.get("save_total_limit", 0) > settings.TUNA_MAX_CHECKPOINTS_PER_JOB:  # a row from before the bound
         job.config = {**job.config, "save_total_limit": settings.TUNA_MAX_CHECKPOINTS_PER_JOB}
-    check_job_storage(job.owner, "Resuming the job", run_storage_estimate(TrainingConfig.from_dict(job.config)))
+    config = TrainingConfig.from_dict({"base_model": job.base_model, **job.config})  # rows keep their base in its own field too
+    check_job_storage(job.owner, "Resuming the job", run_storage_estimate(config))
     job.status = TrainingJob.Status.QUEUED
     job.cancel_requested = False
     job.paused = False
