@@ -487,6 +487,12 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
         job.config = {**job.config, "save_total_limit": settings.TUNA_MAX_CHECKPOINTS_PER_JOB}
     config = TrainingConfig.from_dict({"base_model": job.base_model, **job.config})  # rows keep their base in its own field too
     check_job_storage(job.owner, "Resuming the job", run_storage_estimate(config))
+    _queue_again(job)
+    return job
+
+
+def _queue_again(job: TrainingJob) -> None:
+    """A stopped job queued once more, to go on from its last checkpoint (a resume, by its owner or the worker)."""
     job.status = TrainingJob.Status.QUEUED
     job.cancel_requested = False
     job.paused = False
@@ -497,7 +503,6 @@ def training_job_resume(*, job: TrainingJob) -> TrainingJob:
     job.resume_count += 1
     job.save()
     job_enqueue(job)
-    return job
 
 
 @transaction.atomic
@@ -708,16 +713,8 @@ def training_job_auto_resume(pk: int) -> bool:
     if job is None or job.status != TrainingJob.Status.FAILED or job.cancel_requested or job.auto_resumes >= MAX_AUTO_RESUMES:
         return False
     checkpoint = resumable_checkpoint(job)
-    job.status = TrainingJob.Status.QUEUED
-    job.paused = False
-    job.error_message = ""
-    job.error_traceback = ""
-    job.completed_at = None
-    job.eta_seconds = None
-    job.resume_count += 1
     job.auto_resumes += 1
-    job.save()
-    job_enqueue(job)
+    _queue_again(job)
     logger.warning(
         "Training job %s resumed by the worker after a database outage, from %s", pk, checkpoint.name if checkpoint else "the start"
     )
