@@ -2,7 +2,8 @@
 
 Starts gunicorn (one process, threads, as `make run` and compose do) and the supervised worker on a
 throw-away data directory (SQLite unless --database-url), uploads the sample, starts a training job, and
-once it trains sends at the same moment: 16 inference calls, 4 uploads and 20 list calls. Prints the status
+once it trains sends at the same moment: 16 inference calls (from two users: one may hold 8 slots), 4 uploads
+and 20 list calls. Prints the status
 counts and p50/p95 latency of each kind, server errors, "database is locked" lines in the logs, and what
 happened to the training job (it must complete with an unbroken history).
 
@@ -76,9 +77,11 @@ def main() -> None:
             "shell",
             "-c",
             "from django.contrib.auth.models import User; from tuna_core.tokens import api_token_create\n"
-            "print('token', api_token_create(user=User.objects.create_user('load', password='load-pass-123'), name='load')[1])",
+            "for name in ('load', 'load2'):\n"
+            "    print('token', api_token_create(user=User.objects.create_user(name, password='load-pass-123'), name='load')[1])",
         )
-        token = next(line.split()[1] for line in output.splitlines() if line.startswith("token "))
+        # Two users: one user may hold TUNA_MAX_INFERENCE_PER_USER (8) of the 16 inference slots; the calls are split.
+        tokens = [line.split()[1] for line in output.splitlines() if line.startswith("token ")]
         port = free_port()
         logs = {name: open(data / f"{name}.log", "w") for name in ("web", "worker")}  # noqa: SIM115
         web = subprocess.Popen(
@@ -86,7 +89,7 @@ def main() -> None:
         )
         worker = subprocess.Popen([PYTHON, "manage.py", "tuna_worker"], cwd=ROOT, env=env, stdout=logs["worker"], stderr=subprocess.STDOUT)
         try:
-            run(f"http://127.0.0.1:{port}", token, args, data)
+            run(f"http://127.0.0.1:{port}", tokens, args, data)
         finally:
             for process in (web, worker):
                 process.terminate()
@@ -115,8 +118,8 @@ class Client:
         return requests.post(self.url + path, headers=self.headers, timeout=600, **kwargs)
 
 
-def run(url: str, token: str, args, data: Path) -> None:
-    client = Client(url, token)
+def run(url: str, tokens: list[str], args, data: Path) -> None:
+    client, second = Client(url, tokens[0]), Client(url, tokens[1])
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -139,7 +142,7 @@ def run(url: str, token: str, args, data: Path) -> None:
 
     def inference(i: int):
         body = {"model_id": "base:smollm2-135m-instruct", "prompt": f"Name three colours ({i}).", "max_tokens": 24}
-        return client.post("/api/inference", json=body)
+        return (client, second)[i % 2].post("/api/inference", json=body)
 
     def upload(i: int):
         return client.post("/api/datasets", files={"file": (f"load-{i}.jsonl", SAMPLE.read_bytes())}, data={"name": f"load {i}"})

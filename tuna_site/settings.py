@@ -93,10 +93,11 @@ TUNA_MAX_CHECKPOINTS_PER_JOB = int(env_float("TUNA_MAX_CHECKPOINTS_PER_JOB", 3, 
 # Free space kept on the data directory's disk (the SQLite database and secret_key live there by default): uploads,
 # runs and exports are refused (503) when less than this plus what they will write is free.
 TUNA_MIN_FREE_DISK_MB = env_float("TUNA_MIN_FREE_DISK_MB", 512, minimum=0)
-# Inference: calls of one user in (or waiting for) generation in one web process, streams included (the rest of
-# TUNA_MAX_INFERENCE_QUEUE stays for others); downloads of one user at once, and of everyone at once (below the
-# server's 32 threads, so pages stay served while files are sent).
-TUNA_MAX_INFERENCE_PER_USER = int(env_float("TUNA_MAX_INFERENCE_PER_USER", 4, minimum=1))
+# Inference: calls of one user in (or waiting for) generation in one web process, streams included: half of
+# TUNA_MAX_INFERENCE_QUEUE, so one user's eight concurrent clients still batch together and the other half stays for
+# the others. Downloads: of one user at once, and of everyone at once (below the server's 32 threads, so pages stay
+# served while files are sent).
+TUNA_MAX_INFERENCE_PER_USER = int(env_float("TUNA_MAX_INFERENCE_PER_USER", 8, minimum=1))
 TUNA_MAX_DOWNLOADS_PER_USER = int(env_float("TUNA_MAX_DOWNLOADS_PER_USER", 2, minimum=1))
 TUNA_MAX_DOWNLOADS = int(env_float("TUNA_MAX_DOWNLOADS", 8, minimum=1))
 # A chat request: messages at most (checked before anything is rendered) and prompt tokens at most (also capped by

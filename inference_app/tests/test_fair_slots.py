@@ -87,7 +87,7 @@ def started(response) -> str:
 @pytest.mark.model
 @pytest.mark.django_db(transaction=True)
 def test_it_leaves_a_slot_for_a_second_user_while_one_user_opens_16_streams(alice, bob, alice_api, bob_api, settings):
-    assert (settings.TUNA_MAX_INFERENCE_QUEUE, settings.TUNA_MAX_INFERENCE_PER_USER) == (16, 4)
+    assert (settings.TUNA_MAX_INFERENCE_QUEUE, settings.TUNA_MAX_INFERENCE_PER_USER) == (16, 8)
     held, refused = [], []
     for _ in range(16):
         response = stream(alice_api)
@@ -96,16 +96,16 @@ def test_it_leaves_a_slot_for_a_second_user_while_one_user_opens_16_streams(alic
             held.append(response)
         else:
             refused.append(response)
-    assert len(held) == 4 and len(refused) == 12
-    assert services.admissions.count == 4 and services.admissions.slots.held_by(alice.pk) == 4
+    assert len(held) == 8 and len(refused) == 8
+    assert services.admissions.count == 8 and services.admissions.slots.held_by(alice.pk) == 8
     for response in refused:
         error = response.json()["error"]
         assert response.status_code == 429 and int(response["Retry-After"]) >= 1
         assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
-        assert "TUNA_MAX_INFERENCE_PER_USER" in error["message"] and "limit is 4 per user" in error["message"]
-    assert UsageLog.objects.filter(user=alice, status="error", error__contains="TUNA_MAX_INFERENCE_PER_USER").count() == 12
+        assert "TUNA_MAX_INFERENCE_PER_USER" in error["message"] and "limit is 8 per user" in error["message"]
+    assert UsageLog.objects.filter(user=alice, status="error", error__contains="TUNA_MAX_INFERENCE_PER_USER").count() == 8
 
-    # bob's stream and call are answered while alice's four streams hold their slots
+    # bob's stream and call are answered while alice's eight streams hold their slots
     second = stream(bob_api, "Say hi.")
     assert second.status_code == 200
     events = [line for line in b"".join(second.streaming_content).decode().split("\n\n") if line]
