@@ -3,8 +3,8 @@
 Starts gunicorn (one process, threads, as `make run` and compose do) and the supervised worker on a
 throw-away data directory (SQLite unless --database-url), uploads the sample, starts a training job, and
 once it trains sends at the same moment: 16 inference calls (from two users: one may hold 8 slots), 4 uploads
-and 20 list calls. Prints the status counts and p50/p95 latency of each kind, server errors, "database is locked" lines in the logs, and what
-happened to the training job (it must complete with an unbroken history).
+and 20 list calls. Prints the status counts and p50/p95 latency of each kind, server errors, "database is
+locked" lines in the logs, and what happened to the training job (it must complete with an unbroken history).
 
     .venv/bin/python bench/load.py [--database-url postgres://...] [--inference 16 --uploads 4 --lists 20]
 """
