@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -62,6 +64,29 @@ def subprocess_database_url() -> str:
         return f"sqlite:///{db['NAME']}"
     auth = quote(db["USER"] or "") + (f":{quote(db['PASSWORD'])}" if db["PASSWORD"] else "")
     return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def subprocess_env(data_dir, **extra: str) -> dict[str, str]:
+    """The environment of a server or worker process a test starts: this test's database, data directory, model
+    cache and secret key (django-q2 signs queued tasks with it: web and worker must share one), DEBUG on."""
+    from django.conf import settings
+
+    return {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tuna_site.settings",
+        "DATABASE_URL": subprocess_database_url(),
+        "DEBUG": "1",
+        "SECRET_KEY": settings.SECRET_KEY,
+        "TUNA_DATA_DIR": str(data_dir),
+        "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR),
+        **extra,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # -- processes, for the tests that start real servers and workers (Linux /proc) ------------------

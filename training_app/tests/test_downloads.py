@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from tests.support import job_row, subprocess_database_url, wait_for
+from tests.support import free_port, job_row, subprocess_env, wait_for
 from training_app import selectors
 from tuna_core import admission
 
@@ -315,12 +315,6 @@ STALLED = 32
 STALLED_MB = 24  # more than the kernel buffers a stalled connection can absorb, so the server's thread blocks on it
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(port: int, path: str, cookie: str = "", timeout: float = 10) -> tuple[int, dict, bytes, float]:
     """Status, headers, body and seconds taken of one GET (a fresh connection)."""
     started = time.monotonic()
@@ -357,16 +351,8 @@ def test_it_keeps_the_pages_answering_while_32_downloads_stall(
         client = Client()
         client.force_login(user)
         users.append(user), jobs.append(job), cookies.append(client.cookies["sessionid"].value)
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tuna_site.settings",
-        "DATABASE_URL": subprocess_database_url(),
-        "SECRET_KEY": settings.SECRET_KEY,
-        "TUNA_DATA_DIR": str(data_dir),
-        "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR),
-        "DEBUG": "1",  # as `make run` serves (static files from the app folders, plain HTTP)
-    }
+    port = free_port()
+    env = subprocess_env(data_dir)  # DEBUG on, as `make run` serves (static files from the app folders, plain HTTP)
     log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115
     command = [str(Path(sys.executable).parent / "gunicorn"), "tuna_site.wsgi:application", "--bind", f"127.0.0.1:{port}"]
     command += ["--worker-class", "gthread", "--workers", "1", "--threads", "32", "--timeout", "300", "--graceful-timeout", "2"]

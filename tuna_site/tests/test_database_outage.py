@@ -11,24 +11,21 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.db import connection
 from rest_framework.test import APIClient
 
-from tests.support import api_key, subprocess_database_url, wait_for
+from tests.support import api_key, wait_for
 from training_app import services
 from training_app.models import TrainingJob
-from tuna_site.tests.test_supervision import Worker
+from tuna_site.tests.test_supervision import Worker, worker_env
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.model, pytest.mark.process, pytest.mark.postgres]
 
 STEPS = 24
 CONFIG = {"max_steps": STEPS, "batch_size": 1, "max_seq_length": 64, "save_steps": 4, "eval_examples": 0}
-HEARTBEAT_TIMEOUT = 5  # shorter than the outage: the watchdog must not take the waiting job for hung
 OUTAGE_S = 9
 
 
@@ -54,20 +51,7 @@ def cluster(version: str, action: str) -> None:
 
 @pytest.fixture
 def start_worker(data_dir, tmp_path):
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tuna_site.settings",
-        "DATABASE_URL": subprocess_database_url(),
-        "DEBUG": "1",
-        "SECRET_KEY": settings.SECRET_KEY,
-        "TUNA_DATA_DIR": str(data_dir),
-        "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR),
-        "TUNA_WORKER_NAME": f"test-worker-{uuid.uuid4().hex[:8]}",
-        "TUNA_HEARTBEAT_SECONDS": "0.5",
-        "TUNA_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT),
-        "TUNA_WATCHDOG_SECONDS": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = worker_env(data_dir)  # its heartbeat timeout (5 s) is shorter than the outage: the watchdog must not reap
     log = tmp_path / "worker.log"
     started = []
 

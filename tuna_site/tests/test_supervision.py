@@ -13,11 +13,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.db import connection
 
 from datasets_app.services import dataset_create
-from tests.support import children, group_members, jsonl_file, pc_rows, subprocess_database_url, wait_for
+from tests.support import children, group_members, jsonl_file, pc_rows, subprocess_env, wait_for
 from training_app import services
 from training_app.models import TrainingJob
 from tuna_core.workers import process_exists
@@ -63,22 +62,21 @@ class Worker:
         self.log.close()
 
 
+def worker_env(data_dir) -> dict[str, str]:
+    """A supervised worker of its own machine name, with a fast heartbeat and watchdog."""
+    return subprocess_env(
+        data_dir,
+        TUNA_WORKER_NAME=f"test-worker-{uuid.uuid4().hex[:8]}",
+        TUNA_HEARTBEAT_SECONDS="0.5",
+        TUNA_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_TIMEOUT),
+        TUNA_WATCHDOG_SECONDS="0.5",
+        PYTHONUNBUFFERED="1",
+    )
+
+
 @pytest.fixture
 def start_worker(data_dir, tmp_path):
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tuna_site.settings",
-        "DATABASE_URL": subprocess_database_url(),
-        "DEBUG": "1",
-        "SECRET_KEY": settings.SECRET_KEY,  # django-q2 signs queued tasks with it: web and worker share one
-        "TUNA_DATA_DIR": str(data_dir),
-        "TUNA_MODEL_CACHE_DIR": str(settings.TUNA_MODEL_CACHE_DIR),
-        "TUNA_WORKER_NAME": f"test-worker-{uuid.uuid4().hex[:8]}",
-        "TUNA_HEARTBEAT_SECONDS": "0.5",
-        "TUNA_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT),
-        "TUNA_WATCHDOG_SECONDS": "0.5",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = worker_env(data_dir)
     workers: list[Worker] = []
 
     def start(name: str | None = None) -> Worker:
