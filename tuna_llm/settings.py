@@ -20,6 +20,8 @@ class LlmSettings:
     hf_token: str | None = None
     precision: str = "auto"  # "auto" (bf16 where the hardware has it natively), "bf16" or "fp32"
     pack_weights: bool = True  # on CPU (fp32, native bf16): serving weights packed for oneDNN (tuna_llm.serving.packing)
+    llama_server_bin: str = ""  # llama-server's path ("": the environment's bin/llama-server, built by `make install`)
+    llama_server_parallel: int = 8  # llama-server's parallel slots (continuous batching)
     extra: dict = field(default_factory=dict)
 
 

@@ -163,7 +163,9 @@ def lora_config(config: TrainingConfig):
 
 
 def steps_per_epoch(config: TrainingConfig, train_rows: int) -> int:
-    return max(1, math.ceil(math.ceil(train_rows / config.batch_size) / config.gradient_accumulation_steps))
+    """Updates per epoch: each of the processes takes its share of the rows (DDP's sampler), in batches."""
+    batches = math.ceil(train_rows / (config.batch_size * config.processes))
+    return max(1, math.ceil(batches / config.gradient_accumulation_steps))
 
 
 def total_steps(config: TrainingConfig, train_rows: int) -> int:

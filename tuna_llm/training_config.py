@@ -49,6 +49,14 @@ class TrainingConfig:
     learning_rate_multiplier: float = 1.0
     # DPO's beta for a preference-tuning run; None: tuna_llm.preference.DPO_BETA.
     dpo_beta: float | None = None
+    # Processes the run trains on (DDP through torchrun; the deployment's TUNA_TRAIN_PROCESSES when the job was
+    # created, kept so that a resumed run goes on with the same ones). batch_size is per process.
+    processes: int = 1
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per update: per-process batch x processes x gradient accumulation."""
+        return self.batch_size * self.processes * self.gradient_accumulation_steps
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

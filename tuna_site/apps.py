@@ -29,4 +29,6 @@ def model_layer_settings() -> llm_settings.LlmSettings:
         hf_token=settings.HF_TOKEN,
         precision=settings.TUNA_PRECISION,
         pack_weights=settings.TUNA_PACK_WEIGHTS,
+        llama_server_bin=settings.TUNA_LLAMA_SERVER_BIN,
+        llama_server_parallel=settings.TUNA_LLAMA_SERVER_PARALLEL,
     )

@@ -1,5 +1,6 @@
 """Tiny helpers that read settings from the environment and fail loudly on a bad value."""
 
+import json
 import os
 import secrets
 import tempfile
@@ -52,6 +53,20 @@ def env_rate(name: str, default: str) -> str | None:
     if not sep or not count.isdigit() or int(count) < 1 or period[:1] not in ("s", "m", "h", "d"):
         raise ImproperlyConfigured(f"{name} must look like 300/min (a count per second, minute, hour or day) or off, got {raw!r}")
     return raw
+
+
+def env_json(name: str, default: dict) -> dict:
+    """A JSON object (e.g. TUNA_REMOTE_ENGINES); a value that is not one fails with what is wrong."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def env_list(name: str, default: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ from django.core.exceptions import ImproperlyConfigured
 from tuna_site.env import (
     env_bool,
     env_float,
+    env_json,
     env_list,
     env_rate,
     env_str,
@@ -62,8 +63,25 @@ TUNA_GGUF_DIR = Path(env_str("TUNA_GGUF_DIR", str(TUNA_DATA_DIR / "gguf"))).reso
 # Which runtime answers inference calls: "auto" (llama.cpp for a model whose GGUF export passed its parity
 # check, transformers otherwise), "transformers" or "llamacpp" (a model without a GGUF export gets 409).
 TUNA_SERVING_ENGINE = env_str("TUNA_SERVING_ENGINE", "auto").strip().lower()
-if TUNA_SERVING_ENGINE not in ("auto", "transformers", "llamacpp"):
-    raise ImproperlyConfigured(f"TUNA_SERVING_ENGINE must be auto, transformers or llamacpp, got {TUNA_SERVING_ENGINE!r}")
+if TUNA_SERVING_ENGINE not in ("auto", "transformers", "llamacpp", "remote"):
+    raise ImproperlyConfigured(f"TUNA_SERVING_ENGINE must be auto, transformers, llamacpp or remote, got {TUNA_SERVING_ENGINE!r}")
+# Issue 33, engines beyond this process (docs/export-and-serving.md, docs/training.md).
+# llama.cpp serving: llama-server (built from the pinned llama.cpp source by `make install`), one per base GGUF per web
+# process, started and supervised by LLM Tuna: its parallel slots (continuous batching) and its binary ("": the one
+# `make install` built into the environment's bin/).
+TUNA_LLAMA_SERVER_PARALLEL = int(env_float("TUNA_LLAMA_SERVER_PARALLEL", 8, minimum=1))
+TUNA_LLAMA_SERVER_BIN = env_str("TUNA_LLAMA_SERVER_BIN", "").strip()
+# Remote OpenAI-compatible engines by base model (vLLM, SGLang): a JSON object, catalog name -> {"kind": "vllm" |
+# "sglang", "url": ..., "model": the engine's name of the base, "api_key_env": the variable holding its key,
+# "adapter_root": where the engine reads the job folders (TUNA_DATA_DIR/jobs as it sees it), "timeout_s": ...}.
+TUNA_REMOTE_ENGINES = env_json("TUNA_REMOTE_ENGINES", {})
+# Training on several processes (torchrun, DDP): "auto" is the visible GPUs on a GPU machine and 1 on CPU. Several
+# machines: TUNA_TRAIN_NNODES nodes meet at TUNA_TRAIN_RDZV_ENDPOINT (host:port on the first node; see docs/training.md).
+TUNA_TRAIN_PROCESSES = env_str("TUNA_TRAIN_PROCESSES", "auto").strip().lower()
+if TUNA_TRAIN_PROCESSES != "auto" and not (TUNA_TRAIN_PROCESSES.isdigit() and int(TUNA_TRAIN_PROCESSES) >= 1):
+    raise ImproperlyConfigured(f"TUNA_TRAIN_PROCESSES must be auto or a whole number >= 1, got {TUNA_TRAIN_PROCESSES!r}")
+TUNA_TRAIN_NNODES = int(env_float("TUNA_TRAIN_NNODES", 1, minimum=1))
+TUNA_TRAIN_RDZV_ENDPOINT = env_str("TUNA_TRAIN_RDZV_ENDPOINT", "").strip()
 # One precision per deployment, for training, evaluation and serving: "auto" is bf16 where the hardware
 # computes it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16) and fp32 elsewhere.
 TUNA_PRECISION = env_str("TUNA_PRECISION", "auto").strip().lower()
