@@ -31,7 +31,7 @@ from tuna_core.errors import Conflict, Invalid
 from tuna_core.jobs import MAX_AUTO_RESUMES, JobLost, db_retry, job_enqueue, job_held, job_is_stuck, job_write
 from tuna_core.quotas import check_active_jobs, check_storage
 from tuna_llm import sizes
-from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts
+from tuna_llm.autoconfig import DataFacts, choose_settings, model_facts, train_processes
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.loading import pick_device
 from tuna_llm.preference import PreferencePair, preference_settings, run_preference_training
@@ -198,6 +198,8 @@ def _limited(dataset: Dataset, explicit: dict[str, Any], train_pool: int) -> tup
         train_pool=train_pool,
         longest_tokens=stats.get("max"),
         p95_tokens=stats.get("p95"),
+        # A new run trains on the server's processes (a continued or resumed one keeps its own: see their starts).
+        processes=train_processes(settings.TUNA_TRAIN_PROCESSES, settings.TUNA_TRAIN_NNODES),
         **model_facts(get_base_model_spec(base_model).config_dir()),
     )
     return limited_settings(explicit, facts, base_model=base_model)

@@ -19,6 +19,7 @@ from tuna_llm.training_config import KNOWN_MODULES, TrainingConfig
 # in 2-example updates (bench/small_data.py on unfamiliar 60-example tasks; docs/training.md says why).
 MIN_EXAMPLES_SEEN = 240
 SMALL_DATASET = 100
+SMALL_DATA_BATCH = 2  # examples per update on a small dataset (in all processes together)
 # Big datasets: fewer passes rather than hours of training (each pass already shows many examples).
 MAX_UPDATES = 3000
 DEFAULT_EPOCHS = 3
@@ -46,6 +47,19 @@ class DataFacts:
     parameters: int | None = None  # base model size, when its config.json is on this machine
     model_type: str | None = None
     context: int | None = None
+    processes: int = 1  # processes the run trains on, in all (train_processes); the batch chosen is per process
+
+
+def train_processes(setting: str | int = "auto", nodes: int = 1) -> int:
+    """Processes a run trains on in all (DDP's world size): per machine ("auto": one per visible CUDA GPU, 1 without
+    one, as a CPU's cores are shared by the processes rather than added) times the machines (TUNA_TRAIN_NNODES)."""
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        import torch  # a web process without a GPU never initialises CUDA for this: device_count() does not
+
+        per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    else:
+        per_node = int(setting)
+    return max(1, per_node) * max(1, int(nodes))
 
 
 def model_facts(model_dir: str | None) -> dict[str, Any]:
@@ -146,12 +160,17 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
     validation = min(validation, max(0, facts.train_pool - 1))
     values["eval_examples"] = validation
     trained = facts.train_pool - validation
+    processes = _processes(explicit, facts, values, reasons)
     if trained < SMALL_DATASET:
-        batch = pick("batch_size", 2, f"{trained} examples: 2 per update gives twice the updates from the same compute (measured)")
+        aim, why = (
+            SMALL_DATA_BATCH,
+            f"{trained} examples: {SMALL_DATA_BATCH} per update gives twice the updates from the same compute (measured)",
+        )
     else:
-        batch = pick("batch_size", seed.batch_size, "4 examples per update")
+        aim, why = seed.batch_size, f"{seed.batch_size} examples per update"
+    batch = pick("batch_size", *_per_process_batch(aim, why, processes))
     accumulation = pick("gradient_accumulation_steps", seed.gradient_accumulation_steps, "one batch per update")
-    per_epoch = max(1, math.ceil(math.ceil(trained / batch) / accumulation))
+    per_epoch = updates_per_epoch(trained, batch, processes, accumulation)
     pick("num_epochs", *_epochs(trained, per_epoch))
     max_steps = pick("max_steps", 0, "run every epoch")
     updates = max_steps or per_epoch * values["num_epochs"]
@@ -160,7 +179,7 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
     pick("max_seq_length", *_seq_length(facts))
 
     if validation:
-        every = eval_every(updates, validation, batch * accumulation)
+        every = eval_every(updates, validation, batch * processes * accumulation)
         times = math.ceil(updates / every)
         pick(
             "eval_steps",
@@ -185,6 +204,38 @@ def choose_settings(explicit: dict[str, Any], facts: DataFacts, *, base_model: s
     if explicit.get("dpo_beta") is not None:
         values["dpo_beta"] = explicit["dpo_beta"]
     return replace(TrainingConfig(base_model=base_model), **{k: v for k, v in values.items() if k != "base_model"}), reasons
+
+
+def updates_per_epoch(trained: int, batch: int, processes: int, accumulation: int) -> int:
+    """Updates in one pass over `trained` examples: each process takes its share in batches of `batch` (DDP's sampler;
+    the same count as tuna_llm.training.steps_per_epoch)."""
+    return max(1, math.ceil(math.ceil(trained / (batch * processes)) / accumulation))
+
+
+def _processes(explicit: dict[str, Any], facts: DataFacts, values: dict[str, Any], reasons: dict[str, str]) -> int:
+    """The run's processes: those of the run it goes on from (a continued run passes them), else the server's."""
+    if "processes" in explicit:
+        values["processes"], reasons["processes"] = explicit["processes"], "the same processes as the run it goes on from"
+    else:
+        values["processes"] = facts.processes
+        reasons["processes"] = (
+            f"{facts.processes} processes on this server (TUNA_TRAIN_PROCESSES), each with its share of every update"
+            if facts.processes > 1
+            else "one process on this server (TUNA_TRAIN_PROCESSES)"
+        )
+    return values["processes"]
+
+
+def _per_process_batch(aim: int, why: str, processes: int) -> tuple[int, str]:
+    """The batch per process that makes `aim` examples per update on `processes` processes (at least 1 each)."""
+    if processes == 1:
+        return aim, why
+    batch = max(1, aim // processes)
+    if batch * processes == aim:
+        return batch, f"{why}: {batch} on each of {processes} processes"
+    if batch * processes < aim:
+        return batch, f"{why}, as near as {processes} processes share evenly: {batch} on each, {batch * processes} per update"
+    return batch, f"{why}, but each of the {processes} processes takes at least 1: {batch * processes} per update"
 
 
 def _validation_reason(train_pool: int) -> str:

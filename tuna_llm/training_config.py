@@ -85,7 +85,14 @@ class Field:
 RANGES: dict[str, Field] = {
     "num_epochs": Field(int, 1, 50, "Epochs", "Passes over the training examples.", advanced=False),
     "learning_rate": Field(float, 1e-7, 1e-2, "Learning rate", "Step size of each update.", advanced=False),
-    "batch_size": Field(int, 1, 128, "Batch size", "Examples per step.", advanced=False),
+    "batch_size": Field(
+        int,
+        1,
+        128,
+        "Batch size per process",
+        "Examples each training process takes per step; an update learns from batch size × processes × accumulation.",
+        advanced=False,
+    ),
     "max_seq_length": Field(int, 32, 32768, "Max tokens per example", "Longer examples are cut to this many tokens.", advanced=False),
     "lora_r": Field(int, 1, 256, "LoRA rank (r)", "Capacity of the adapter."),
     "lora_alpha": Field(int, 1, 1024, "LoRA alpha", "Scale of the LoRA update (often 2 × r)."),
@@ -107,6 +114,16 @@ RANGES: dict[str, Field] = {
 POSITIVE: dict[str, tuple[float, str]] = {
     "learning_rate_multiplier": (10.0, "Scales the learning rate chosen for this data and model."),
     "dpo_beta": (5.0, "How far preference tuning may move from the reference model (higher = closer)."),
+}
+
+
+# Values a job's settings show that the server decides, not the user: what an attempt to set one is told.
+SERVER_CHOSEN: dict[str, str] = {
+    "processes": "Chosen by the server (TUNA_TRAIN_PROCESSES), not per job; leave it out. batch_size is per process.",
+    "effective_batch": (
+        "Follows from the other settings (batch_size per process × processes × gradient_accumulation_steps); leave it out "
+        "and set batch_size or gradient_accumulation_steps instead."
+    ),
 }
 
 
@@ -140,7 +157,9 @@ def build_config(data: dict[str, Any], *, catalog: dict[str, Any], default_model
     values: dict[str, Any] = {}
     unknown = sorted(set(data) - set(RANGES) - set(POSITIVE) - {"base_model", "target_modules"})
     for name in unknown:
-        errors[name] = f"Unknown setting. Known settings: base_model, target_modules, {', '.join([*RANGES, *POSITIVE])}."
+        errors[name] = SERVER_CHOSEN.get(name) or (
+            f"Unknown setting. Known settings: base_model, target_modules, {', '.join([*RANGES, *POSITIVE])}."
+        )
     base_model = data.get("base_model") or default_model
     if not isinstance(base_model, str) or base_model not in catalog:
         errors["base_model"] = f"Unknown base model {base_model!r}. Choose one of: {', '.join(catalog)}."
