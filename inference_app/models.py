@@ -1,6 +1,8 @@
 from django.conf import settings
 from django.db import models
 
+from tuna_core.models import WorkerJob
+
 
 class UsageLog(models.Model):
     """One inference call: who, which model, how many tokens, how long (latency, queue wait, compute), and how it ended."""
@@ -33,3 +35,42 @@ class UsageLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_id} {self.endpoint} ({self.status})"
+
+
+class EngineCheck(WorkerJob):
+    """A fine-tune's held-out prompts answered greedily by a remote engine (TUNA_REMOTE_ENGINES) and by transformers
+    (the weights as trained and evaluated), counted side by side. TUNA_SERVING_ENGINE=auto serves a fine-tune through
+    its base's remote engine only once a check on that engine passed (Export.PARITY_PASS of the answers identical)."""
+
+    WORK_FUNCTION = "inference_app.remote_engines.engine_check_work"
+    WORK = "The engine check"
+    WORKER_STOPPED = "The worker stopped while this engine check was running. Start the check again."
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="engine_checks")
+    training_job = models.ForeignKey("training_app.TrainingJob", on_delete=models.CASCADE, related_name="engine_checks")
+    base_model = models.CharField(max_length=200)
+    # Which engine was checked: "<kind> <url> <model>" (tuna_llm.serving.remote.RemoteEngineConfig.key); a check of
+    # another engine, or of this one before its configuration changed, does not count.
+    engine_key = models.CharField(max_length=500)
+    engine_kind = models.CharField(max_length=16)
+    done = models.PositiveIntegerField(default=0, help_text="Prompts answered by both so far.")
+    total = models.PositiveIntegerField(default=0, help_text="Held-out prompts compared.")
+    identical = models.PositiveIntegerField(null=True, blank=True, help_text="Answers equal to the transformers answers.")
+    # tuna_llm.parity.parity_report: counts, exact match of each side, speeds and the differing answers side by side.
+    report = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["training_job", "engine_key", "-completed_at"])]
+
+    def __str__(self) -> str:
+        return f"Engine check #{self.pk} of job #{self.training_job_id} on {self.engine_kind} ({self.get_status_display()})"
+
+    def progress_counts(self) -> tuple[float, float]:
+        return float(self.done), float(self.total)
+
+    @property
+    def passed(self) -> bool:
+        from training_app.models import Export
+
+        return self.status == self.Status.COMPLETED and bool(self.total) and (self.identical or 0) / self.total >= Export.PARITY_PASS
