@@ -43,7 +43,16 @@ class TrainingJobSerializer(serializers.ModelSerializer):
         allow_null=True, help_text="For a preference-tuned run (method dpo): the evaluation whose votes it learned from."
     )
     preference_pairs = serializers.SerializerMethodField(help_text="For method dpo: the number of chosen/rejected pairs trained on.")
-    experiment_id = serializers.IntegerField(allow_null=True, help_text="The sweep this job is a run of, if any (GET /api/experiments/{id}).")
+    processes = serializers.SerializerMethodField(
+        help_text="Processes the run trains on (DDP; the server's TUNA_TRAIN_PROCESSES when the job was created; config.batch_size "
+        "is per process)."
+    )
+    effective_batch = serializers.SerializerMethodField(
+        help_text="Examples each update learns from: config.batch_size (per process) × processes × config.gradient_accumulation_steps."
+    )
+    experiment_id = serializers.IntegerField(
+        allow_null=True, help_text="The sweep this job is a run of, if any (GET /api/experiments/{id})."
+    )
     tracking = serializers.JSONField(
         help_text="Where this job's metrics are tracked: its TensorBoard folder (relative to TUNA_DATA_DIR), its MLflow and W&B runs, "
         "and why a tracker stopped, if one did (docs/tracking.md)."
@@ -60,6 +69,8 @@ class TrainingJobSerializer(serializers.ModelSerializer):
             "method",
             "config",
             "config_reasons",
+            "processes",
+            "effective_batch",
             "parent_id",
             "source_evaluation_id",
             "preference_pairs",
@@ -93,6 +104,14 @@ class TrainingJobSerializer(serializers.ModelSerializer):
 
     def get_preference_pairs(self, job: TrainingJob) -> int:
         return len(job.preference_pairs)
+
+    def get_processes(self, job: TrainingJob) -> int:
+        return job.config.get("processes", 1)  # rows from before several processes trained one job
+
+    def get_effective_batch(self, job: TrainingJob) -> int | None:
+        if "batch_size" not in job.config:  # a job refused before it ran has no settings
+            return None
+        return job.config["batch_size"] * self.get_processes(job) * job.config.get("gradient_accumulation_steps", 1)
 
     def _logs(self, job: TrainingJob) -> tuple[list[dict], list[dict]]:
         """Both lists come from one read of the job's loss points."""

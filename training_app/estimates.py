@@ -4,6 +4,11 @@ The speed is the median of the recent measurements for the base model (a single 
 must not swing the estimate), and the spread of those measurements says how sure the estimate is.
 The work counted is what the job will run: its updates (max_steps included), each example cut at
 max_seq_length, and the validation-loss passes.
+
+A run on several processes (config.processes, DDP) counts the same examples and updates (each process takes its share
+of every update). A measurement is one device's speed (per_device_speed): on CUDA each process has a GPU of its own, so
+N processes train at about N times one's speed; on a CPU the processes share the machine's cores, so they train at the
+machine's speed, which is what a run on one process measures (parallel_factor).
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ def recent_speeds(base_model: str) -> list[float]:
     )
 
 
+def parallel_factor(device: str, processes: int) -> int:
+    """How many devices' speed a run on `processes` processes trains at (see the module's docstring)."""
+    return max(1, processes) if device.startswith("cuda") else 1
+
+
+def per_device_speed(tokens_per_second: float, device: str, processes: int) -> float:
+    """The speed to record for a run that trained at `tokens_per_second` on `processes` processes, all counted."""
+    return tokens_per_second / parallel_factor(device, processes)
+
+
 def _tokens_per_epoch(split: dict[str, Any], max_seq_length: int, trained_share: float) -> int:
     counts = split.get("train_length_counts")
     if counts:
@@ -54,7 +69,15 @@ def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
     evaluations = (2 + updates // config.eval_steps) if config.eval_examples and config.eval_steps else 0
     eval_tokens = evaluations * config.eval_examples * per_epoch_tokens / trained
     speeds = recent_speeds(config.base_model)
-    base = {"tokens": tokens, "updates": updates, "epochs": config.num_epochs, "evaluations": evaluations, "max_steps": config.max_steps}
+    base = {
+        "tokens": tokens,
+        "updates": updates,
+        "epochs": config.num_epochs,
+        "evaluations": evaluations,
+        "max_steps": config.max_steps,
+        "processes": config.processes,
+        "effective_batch": config.effective_batch,
+    }
     if not speeds:
         return {
             **base,
@@ -63,21 +86,25 @@ def training_estimate(*, dataset, config: TrainingConfig) -> dict[str, Any]:
             "(or python manage.py tuna_models --calibrate) measures it.",
         }
 
+    latest = latest_throughput(config.base_model)
+    factor = parallel_factor(latest.device, config.processes)
+
     def seconds_at(speed: float) -> float:
-        return (tokens + eval_tokens * VALIDATION_COST) / speed
+        return (tokens + eval_tokens * VALIDATION_COST) / (speed * factor)
 
     speed = statistics.median(speeds)
     seconds = seconds_at(speed)
-    latest = latest_throughput(config.base_model)
     return {
         **base,
         "available": True,
         "seconds": seconds,
-        "eval_seconds": eval_tokens * VALIDATION_COST / speed,
+        "eval_seconds": eval_tokens * VALIDATION_COST / (speed * factor),
         "low_seconds": seconds_at(max(speeds)),
         "high_seconds": seconds_at(min(speeds)),
-        "cost_usd": cost_usd(seconds),
-        "tokens_per_second": speed,
+        "cost_usd": cost_usd(seconds * factor),  # TUNA_GPU_HOURLY_USD is per GPU: N GPUs for the time cost N times one
+        "tokens_per_second": speed * factor,
+        "device_tokens_per_second": speed,
+        "parallel_factor": factor,
         "measurements": len(speeds),
         "certainty": _certainty(speeds),
         "device": latest.device,

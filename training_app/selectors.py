@@ -319,7 +319,29 @@ def settings_rows(config: dict, reasons: dict) -> list[dict]:
     for row in rows:
         row["reason"] = reasons.get(row["name"], "")
         row["auto"] = bool(row["reason"]) and row["reason"] != "set by you"
+    if "batch_size" in config:
+        after = next(i for i, row in enumerate(rows) if row["name"] == "batch_size") + 1
+        rows[after:after] = _batch_rows(config, reasons)
     return rows
+
+
+def _batch_rows(config: dict, reasons: dict) -> list[dict]:
+    """The processes a run trains on and the examples each update learns from (what the per-process batch makes)."""
+    processes = config.get("processes", 1)  # rows from before several processes trained on one
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    effective = config["batch_size"] * processes * accumulation
+    why = reasons.get("processes", "")
+    return [
+        {"name": "processes", "label": "Processes", "value": processes, "reason": why, "auto": bool(why)},
+        {
+            "name": "effective_batch",
+            "label": "Effective batch",
+            "value": effective,
+            "reason": f"examples per update: {config['batch_size']} per process × {processes} process{'es' if processes != 1 else ''}"
+            f" × {accumulation} accumulated",
+            "auto": False,
+        },
+    ]
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,8 @@ def preference_settings(
     if epochs is not None:
         explicit["num_epochs"] = epochs
     batch = explicit.get("batch_size") or max(1, min(start.batch_size, 4, pairs))
-    per_epoch = math.ceil(pairs / batch)
+    processes = start.processes  # batch is per process; each update takes batch x processes pairs
+    per_epoch = math.ceil(pairs / (batch * processes))
     chosen_epochs = explicit.get("num_epochs") or max(1, min(DPO_MAX_EPOCHS, math.ceil(DPO_TARGET_UPDATES / per_epoch)))
     multiplier = explicit.get("learning_rate_multiplier")
     rate = explicit.get("learning_rate") or DPO_LEARNING_RATE * (multiplier or 1.0)
@@ -91,7 +92,10 @@ def preference_settings(
     config = TrainingConfig.from_dict(values)
     reasons = {
         "num_epochs": f"{chosen_epochs} epoch{'s' if chosen_epochs != 1 else ''} of {pairs} pairs: about {DPO_TARGET_UPDATES} updates",
-        "batch_size": f"{batch} pair{'s' if batch != 1 else ''} per update (each pair is two sequences)",
+        "batch_size": f"{batch} pair{'s' if batch != 1 else ''} per update (each pair is two sequences)"
+        if processes == 1
+        else f"{batch} pair{'s' if batch != 1 else ''} on each of {processes} processes, {batch * processes} per update (each pair is "
+        "two sequences)",
         "learning_rate": f"{DPO_LEARNING_RATE:g}, the preference-tuning rate for a LoRA adapter (plus the chosen answers' own loss)",
         "dpo_beta": f"{DPO_BETA}, the usual DPO beta",
         "eval_examples": "no validation: every pair is a preference to learn from; the evaluation against the starting model is the test",
