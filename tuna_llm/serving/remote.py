@@ -35,13 +35,15 @@ import httpx
 
 from tuna_llm.prompting import render_chat
 from tuna_llm.serving.engine import Adapter, CallSpec, EngineInfo
+from tuna_llm.serving.llama_server import SAMPLING
 from tuna_llm.serving.openai_engine import Endpoint, EngineRefused, EngineUnavailable, OpenAIEngine
 
 VLLM, SGLANG, LLAMA_SERVER = "vllm", "sglang", "llama-server"
 KINDS = (VLLM, SGLANG, LLAMA_SERVER)
 FIELDS = ("kind", "url", "model", "api_key_env", "adapter_root", "timeout_s", "precision", "context", "slots")
-# llama-server samples with top_k 40 and min_p 0.05 unless told otherwise: plain temperature + top_p, as the others.
-LLAMA_SERVER_SAMPLING = {"top_k": 0, "min_p": 0.0}
+# llama-server samples with top_k, min_p and a repeat penalty unless told otherwise: plain temperature + top_p, as
+# the llama-server LLM Tuna starts itself.
+LLAMA_SERVER_SAMPLING = SAMPLING
 ADAPTER_RECHECK_S = 10.0  # a loaded adapter is loaded again (a no-op on a live engine) when older than this
 HEALTH_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 CONTROL_TIMEOUT = httpx.Timeout(120.0, connect=5.0)  # loading an adapter reads its files on the engine
