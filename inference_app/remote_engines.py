@@ -29,6 +29,7 @@ from inference_app.models import EngineCheck
 from training_app.models import TrainingJob
 from tuna_core.errors import Conflict, Unavailable
 from tuna_core.jobs import job_complete, job_enqueue, job_write
+from tuna_core.quotas import check_active_jobs
 from tuna_llm.catalog import get_base_model_spec, get_catalog
 from tuna_llm.serving.engine import Adapter, CallSpec, Engine, result_of
 from tuna_llm.serving.openai_engine import EngineRefused, EngineUnavailable, OpenAIEngine
@@ -206,6 +207,7 @@ def engine_check_start(*, owner, job: TrainingJob) -> EngineCheck:
         if active is not None:
             return active
         adapter_for(config, job)  # a llama-server needs the job's export: refused now rather than failed later
+        check_active_jobs(owner)
         check = EngineCheck.objects.create(
             owner=owner, training_job=job, base_model=job.base_model, engine_key=config.key, engine_kind=config.kind
         )

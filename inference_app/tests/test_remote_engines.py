@@ -81,6 +81,28 @@ def test_it_answers_503_at_once_when_the_remote_engine_is_unreachable(settings, 
     assert UsageLog.objects.filter(user=alice, status="error").count() == 2
 
 
+def test_it_starts_an_engine_check_only_where_a_remote_engine_can_take_the_adapter(settings, alice, alice_api, bob_api, valid_dataset):
+    job = job_row(alice, valid_dataset, status="completed", adapter_dir="/nowhere/adapter", completed_at=timezone.now())
+    url = f"/api/training/{job.pk}/engine-check"
+    assert alice_api.get(url).status_code == 404  # no engine, no check
+    refused = alice_api.post(url)
+    assert refused.status_code == 409 and "No remote engine is configured" in refused.json()["detail"]
+
+    down = f"http://127.0.0.1:{free_port()}"
+    settings.TUNA_REMOTE_ENGINES = {BASE_NAME: {"kind": "llama-server", "url": down}}
+    refused = alice_api.post(url)
+    assert refused.status_code == 409 and "export it first" in refused.json()["detail"]
+
+    settings.TUNA_REMOTE_ENGINES = {BASE_NAME: {"kind": "vllm", "url": down, "model": "smollm2"}}
+    started = alice_api.post(url)
+    assert started.status_code == 202 and started.json()["engine_kind"] == "vllm" and started.json()["status"] == "queued"
+    state = alice_api.get(url).json()
+    assert state["check"]["id"] == started.json()["id"] and state["engine"]["ok"] is False
+    assert "cannot be reached" in state["engine"]["detail"]
+    assert bob_api.get(url).status_code == 404 and bob_api.post(url).status_code == 404
+    assert EngineCheck.objects.filter(training_job=job).count() == 1
+
+
 # -- against a real llama-server at a URL -------------------------------------------------------------------
 
 
@@ -157,10 +179,13 @@ def test_it_serves_through_a_remote_llama_server_and_gates_auto_on_an_engine_che
     settings.TUNA_SERVING_ENGINE = "auto"
     settings.TUNA_LLAMA_SERVER_BIN = "/nonexistent/llama-server"  # the local llama.cpp route out of the way
     assert served_by(alice_api, model) == "transformers"
-    check = remote_engines.engine_check_start(owner=alice, job=finetuned_job)
-    assert remote_engines.engine_check_start(owner=alice, job=finetuned_job) == check  # one at a time
-    job_run(EngineCheck, check.pk, remote_engines.engine_check_work)
-    check.refresh_from_db()
+    started = alice_api.post(f"/api/training/{finetuned_job.pk}/engine-check")
+    assert started.status_code == 202 and started.json()["status"] == "queued", started.content
+    assert alice_api.post(f"/api/training/{finetuned_job.pk}/engine-check").json()["id"] == started.json()["id"]  # one at a time
+    job_run(EngineCheck, started.json()["id"], remote_engines.engine_check_work)
+    check = EngineCheck.objects.get(pk=started.json()["id"])
+    state = alice_api.get(f"/api/training/{finetuned_job.pk}/engine-check").json()
+    assert state["check"]["passed"] and state["engine"]["ok"] and state["engine"]["kind"] == "llama-server"
     assert check.status == "completed", check.error_message
     assert check.total == PROMPTS and check.identical == PROMPTS and check.passed and check.done == PROMPTS
     assert check.report["gguf"] == remote_engines.config_for(BASE_NAME).key and check.report["mismatches"] == []
