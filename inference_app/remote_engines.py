@@ -89,7 +89,7 @@ def check_remote_engines(app_configs=None, **kwargs) -> list[checks.CheckMessage
 
 # -- this process's engines --------------------------------------------------------------------------
 
-_engines: dict[str, tuple[RemoteEngineConfig, OpenAIEngine]] = {}
+_engines: dict[str, tuple[tuple[RemoteEngineConfig, str | None], OpenAIEngine]] = {}
 _engines_lock = threading.Lock()
 
 
@@ -97,7 +97,8 @@ def engine_of(config: RemoteEngineConfig) -> OpenAIEngine:
     """This process's client of ``config``'s engine (built on first use: it loads the base model's tokenizer)."""
     with _engines_lock:
         held = _engines.get(config.base_model)
-        if held is not None and held[0] == config:
+        wanted = (config, config.api_key())  # a changed configuration or key makes a new client
+        if held is not None and held[0] == wanted:
             return held[1]
         spec = get_base_model_spec(config.base_model)
         if spec.kind == "embedded":
@@ -108,7 +109,7 @@ def engine_of(config: RemoteEngineConfig) -> OpenAIEngine:
         engine = remote_engine(config, prompts)
         if held is not None:
             held[1].close()
-        _engines[config.base_model] = (config, engine)
+        _engines[config.base_model] = (wanted, engine)
         return engine
 
 

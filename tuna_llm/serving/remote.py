@@ -287,6 +287,7 @@ class LlamaServerAdapters:
     def __init__(self, config: RemoteEngineConfig) -> None:
         self.config = config
         self._ids: dict[str, int] | None = None  # adapter path (as the server lists it) -> id
+        self._read_at = 0.0  # read again after ADAPTER_RECHECK_S: a server restarted with other --lora files renumbers them
         self._lock = threading.Lock()
 
     def fields(self, adapter: Adapter | None) -> dict:
@@ -312,11 +313,12 @@ class LlamaServerAdapters:
 
     def _adapter_ids(self, refresh: bool = False) -> dict[str, int]:
         with self._lock:
-            if self._ids is None or refresh:
+            if self._ids is None or refresh or time.monotonic() - self._read_at > ADAPTER_RECHECK_S:
                 response = _send(self.config, "GET", "/lora-adapters", timeout=HEALTH_TIMEOUT)
                 if response.status_code != 200:
                     raise EngineRefused(f"The llama-server at {self.config.url} refused GET /lora-adapters: {engine_message(response)}")
                 self._ids = {str(item["path"]): int(item["id"]) for item in response.json()}
+                self._read_at = time.monotonic()
             return self._ids
 
     def forget(self, name: str) -> None:
