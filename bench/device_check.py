@@ -20,7 +20,7 @@ transformers, peft and accelerate, not the web stack):
    ``gguf``). Its smallest file, a 98 MB Q4_1 GGUF, is over the device's 64 MiB carry limit, so on the device
    this part reports why it was skipped.
 
-``--tiny`` (a few layers, a small width, the tokenizer's vocabulary, a few steps) runs everything on a CPU, so
+``--tiny`` (two layers, 128 wide, a few steps) runs everything on a CPU, so
 the script is checked where no GPU is lent; its figures mean nothing. The JSON goes to stdout and, when the
 device tool's ``$OUT`` is set, to ``$OUT/device_check.json``. docs/performance.md ("On a GPU: the prepared check")
 says how to run it and holds the figures once measured.
@@ -129,7 +129,9 @@ def prepare_tokenizer(folder: Path = TOKENIZER_DIR) -> Path:
 def synthetic_config(tokenizer: Any, *, tiny: bool) -> dict[str, Any]:
     config = dict(LLAMA_31_8B)
     if tiny:
-        config.update(TINY, vocab_size=len(tokenizer), max_position_embeddings=32768)
+        # Llama 3.1's vocabulary kept: the ids past the tokenizer's 49,152 (a random model draws them) decode to
+        # nothing, on the GPU and here alike.
+        config.update(TINY, max_position_embeddings=32768)
     config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return config
 
