@@ -67,9 +67,10 @@ def preference_settings(
     explicit = {k: v for k, v in (explicit or {}).items() if k != "base_model"}
     if epochs is not None:
         explicit["num_epochs"] = epochs
-    batch = explicit.get("batch_size") or max(1, min(start.batch_size, 4, pairs))
-    processes = start.processes  # batch is per process; each update takes batch x processes pairs
-    per_epoch = math.ceil(pairs / (batch * processes))
+    # Preference tuning trains on one process (training_app.distributed runs supervised jobs only on several): as many
+    # pairs per update as the start's examples per update on all its processes, at most 4.
+    batch = explicit.get("batch_size") or max(1, min(start.batch_size * start.processes, 4, pairs))
+    per_epoch = math.ceil(pairs / batch)
     chosen_epochs = explicit.get("num_epochs") or max(1, min(DPO_MAX_EPOCHS, math.ceil(DPO_TARGET_UPDATES / per_epoch)))
     multiplier = explicit.get("learning_rate_multiplier")
     rate = explicit.get("learning_rate") or DPO_LEARNING_RATE * (multiplier or 1.0)
@@ -87,15 +88,14 @@ def preference_settings(
         "eval_steps": 0,
         "save_steps": 0,
         "dpo_beta": beta,
+        "processes": 1,
         **{k: v for k, v in explicit.items() if k not in ("eval_examples", "eval_steps")},
     }
     config = TrainingConfig.from_dict(values)
     reasons = {
         "num_epochs": f"{chosen_epochs} epoch{'s' if chosen_epochs != 1 else ''} of {pairs} pairs: about {DPO_TARGET_UPDATES} updates",
-        "batch_size": f"{batch} pair{'s' if batch != 1 else ''} per update (each pair is two sequences)"
-        if processes == 1
-        else f"{batch} pair{'s' if batch != 1 else ''} on each of {processes} processes, {batch * processes} per update (each pair is "
-        "two sequences)",
+        "batch_size": f"{batch} pair{'s' if batch != 1 else ''} per update (each pair is two sequences)",
+        "processes": "one process: preference tuning does not train on several",
         "learning_rate": f"{DPO_LEARNING_RATE:g}, the preference-tuning rate for a LoRA adapter (plus the chosen answers' own loss)",
         "dpo_beta": f"{DPO_BETA}, the usual DPO beta",
         "eval_examples": "no validation: every pair is a preference to learn from; the evaluation against the starting model is the test",

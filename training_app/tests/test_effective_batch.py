@@ -114,3 +114,23 @@ def test_it_keeps_the_parents_processes_when_a_run_goes_on_and_records_the_serve
     )
     runs = list(experiment.runs.all())
     assert len(runs) == 2 and {(run.config["processes"], run.config["batch_size"]) for run in runs} == {(2, 1)}
+
+
+def test_it_records_one_process_for_preference_tuning_with_the_servers_pairs_per_update(alice, settings):
+    from datasets_app.services import dataset_create
+    from tests.support import jsonl_file
+
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"Order {i} as JSON."}]},
+            "preferred_output": [{"role": "assistant", "content": f'{{"order": {i}}}'}],
+            "non_preferred_output": [{"role": "assistant", "content": f"Order {i}."}],
+        }
+        for i in range(12)
+    ]
+    dataset = dataset_create(owner=alice, upload=jsonl_file(rows), name="Prefs")
+    settings.TUNA_TRAIN_PROCESSES = "2"
+    job = services.preference_file_job_start(owner=alice, dataset=dataset, config_data={})
+    # Supervised runs on 2 processes take 2 examples per update here (1 each); preference tuning runs on one, 2 pairs.
+    assert (job.config["processes"], job.config["batch_size"]) == (1, 2)
+    assert job.config_reasons["processes"] == "one process: preference tuning does not train on several"

@@ -80,14 +80,15 @@ def test_it_refuses_processes_and_effective_batch_as_settings_saying_who_chooses
     assert result.errors["colour"].startswith("Unknown setting.")
 
 
-def test_it_plans_preference_tuning_on_two_processes_with_the_same_updates():
+def test_it_plans_preference_tuning_on_one_process_with_the_pairs_per_update_of_the_servers_processes():
     from tuna_llm.preference import preference_settings
 
     one_start, _ = choose_settings({}, facts(12), base_model="m")
     two_start, _ = choose_settings({}, facts(12, processes=2), base_model="m")
     one, _ = preference_settings(one_start, 12)
     two, reasons = preference_settings(two_start, 12)
-    assert (one.batch_size, two.batch_size, two.processes) == (2, 1, 2)
-    assert one.effective_batch == two.effective_batch == 2
+    # training_app.distributed trains supervised jobs only on several processes: a preference job runs on one.
+    assert (one.processes, two.processes) == (1, 1)
+    assert one.batch_size == two.batch_size == one.effective_batch == two.effective_batch == 2
     assert one.num_epochs == two.num_epochs and total_steps(one, 12) == total_steps(two, 12)
-    assert reasons["batch_size"].startswith("1 pair on each of 2 processes, 2 per update")
+    assert reasons["processes"] == "one process: preference tuning does not train on several"
