@@ -155,7 +155,9 @@ def checkpoint_errors(explicit: dict[str, Any]) -> dict[str, str]:
     """A checkpoint count asked for above the server's bound, by field."""
     asked, limit = explicit.get("save_total_limit"), settings.TUNA_MAX_CHECKPOINTS_PER_JOB
     if isinstance(asked, int) and asked > limit:
-        return {"save_total_limit": f"At most {limit} checkpoints are kept per job on this server (TUNA_MAX_CHECKPOINTS_PER_JOB); got {asked}."}
+        return {
+            "save_total_limit": f"At most {limit} checkpoints are kept per job on this server (TUNA_MAX_CHECKPOINTS_PER_JOB); got {asked}."
+        }
     return {}
 
 
@@ -553,9 +555,15 @@ def training_jobs_delete(*, jobs: list[TrainingJob]) -> None:
 @reports_to_experiment  # a sweep's run tells its sweep how it ended, a failure included
 def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
     """The worker's work for a claimed training job; `extra_callbacks` go to the trainer (tests stop or
-    crash a run at a given step with them)."""
+    crash a run at a given step with them). A job on several processes runs under torchrun (training_app.distributed;
+    its ranks take no `extra_callbacks`)."""
+    from training_app.distributed import runs_distributed, training_launch  # it imports this module
+
     try:
-        _training_run(job, extra_callbacks)
+        if runs_distributed(job):
+            training_launch(job)
+        else:
+            _training_run(job, extra_callbacks)
     except JobLost:
         # Deleted while it trained (the job, or its owner): the trainer went on writing checkpoints after the post_delete
         # receiver removed the folder, so the folder goes again now that the run has stopped.
@@ -563,6 +571,63 @@ def training_job_work(job: TrainingJob, extra_callbacks: tuple = ()) -> None:
 
         job_files_remove_if_deleted(job)
         raise
+
+
+def training_rank0(job: TrainingJob) -> None:
+    """Rank 0 of a job on several processes (under torchrun): the job's run, as one process runs it."""
+    try:
+        _training_run(job, ())
+    except JobLost:
+        from training_app.storage import job_files_remove_if_deleted
+
+        job_files_remove_if_deleted(job)
+        raise
+
+
+def training_follow(job: TrainingJob) -> None:
+    """A rank other than 0: the same run on its share of the rows; it writes nothing (tuna_llm.distributed.rank_hooks)."""
+    config = TrainingConfig.from_dict(job.config)
+    out = job_dir(job)
+    _run_training(
+        job,
+        config,
+        spec=get_base_model_spec(config.base_model),
+        plan=pick_device(),
+        out=out,
+        hooks=TrainingHooks(),
+        resume_from=latest_checkpoint(out) if job.resume_count else None,
+        extra_callbacks=(),
+    )
+
+
+def _run_training(job: TrainingJob, config: TrainingConfig, *, spec, plan, out: Path, hooks: TrainingHooks, resume_from, extra_callbacks):
+    init_adapter = Path(job.parent.adapter_dir) if job.parent_id else None
+    if job.is_preference:
+        return run_preference_training(
+            config,
+            spec=spec,
+            plan=plan,
+            pairs=[PreferencePair(pair["messages"], pair["chosen"], pair["rejected"], pair.get("tools")) for pair in job.preference_pairs],
+            init_adapter=init_adapter,
+            output_dir=out,
+            hooks=hooks,
+            resume_from=resume_from,
+            extra_callbacks=extra_callbacks,
+            hf_token=settings.HF_TOKEN,
+        )
+    return run_lora_training(
+        config,
+        spec=spec,
+        plan=plan,
+        train_examples=training_examples(job.dataset, validation=config.eval_examples),
+        eval_examples=validation_examples(job.dataset, validation=config.eval_examples),
+        output_dir=out,
+        hooks=hooks,
+        resume_from=resume_from,
+        init_adapter=init_adapter,
+        extra_callbacks=extra_callbacks,
+        hf_token=settings.HF_TOKEN,
+    )
 
 
 def _training_run(job: TrainingJob, extra_callbacks: tuple) -> None:
@@ -638,37 +703,10 @@ def _training_run(job: TrainingJob, extra_callbacks: tuple) -> None:
     hooks = TrainingHooks(
         on_progress=tracked.feeding(on_progress), should_stop=should_stop, on_start=on_start, checkpoint_on_stop=checkpoint_on_stop
     )
-    init_adapter = Path(job.parent.adapter_dir) if job.parent_id else None
     with tracked:  # a run that raises ends its tracked runs as failed
-        if job.is_preference:
-            result = run_preference_training(
-                config,
-                spec=spec,
-                plan=plan,
-                pairs=[
-                    PreferencePair(pair["messages"], pair["chosen"], pair["rejected"], pair.get("tools")) for pair in job.preference_pairs
-                ],
-                init_adapter=init_adapter,
-                output_dir=out,
-                hooks=hooks,
-                resume_from=resume_from,
-                extra_callbacks=extra_callbacks,
-                hf_token=settings.HF_TOKEN,
-            )
-        else:
-            result = run_lora_training(
-                config,
-                spec=spec,
-                plan=plan,
-                train_examples=training_examples(job.dataset, validation=config.eval_examples),
-                eval_examples=validation_examples(job.dataset, validation=config.eval_examples),
-                output_dir=out,
-                hooks=hooks,
-                resume_from=resume_from,
-                init_adapter=init_adapter,
-                extra_callbacks=extra_callbacks,
-                hf_token=settings.HF_TOKEN,
-            )
+        result = _run_training(
+            job, config, spec=spec, plan=plan, out=out, hooks=hooks, resume_from=resume_from, extra_callbacks=extra_callbacks
+        )
     finished = timezone.now()
     fields: dict[str, Any] = {
         "current_step": result.global_step,

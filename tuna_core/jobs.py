@@ -43,7 +43,7 @@ from django_q.models import OrmQ
 from django_q.tasks import async_task
 
 from tuna_core.models import WorkerJob
-from tuna_core.workers import SUPERVISOR_ENV, process_exists, worker_host
+from tuna_core.workers import SUPERVISOR_ENV, holder_pid, process_exists, worker_host
 from tuna_llm.loading import ModelUnavailable
 
 logger = logging.getLogger("tuna.jobs")
@@ -241,8 +241,9 @@ def job_work(model: type[WorkerJob], pk: int, work: Callable[[WorkerJob], None])
 
 # -- writes while running ---------------------------------------------------------------------
 def job_held(model: type[WorkerJob], pk: int) -> QuerySet:
-    """The row, only while it runs in this very process (every write of a running job goes through here)."""
-    return model.objects.filter(pk=pk, status=model.Status.RUNNING, worker_host=worker_host(), worker_pid=os.getpid())
+    """The row, only while it runs in this very process (every write of a running job goes through here), or in the
+    worker process this one works for (a rank of a job trained on several processes: tuna_core.workers.holder_pid)."""
+    return model.objects.filter(pk=pk, status=model.Status.RUNNING, worker_host=worker_host(), worker_pid=holder_pid())
 
 
 def job_write(model: type[WorkerJob], pk: int, **fields) -> None:
@@ -316,7 +317,7 @@ class Heartbeat(threading.Thread):
     def __init__(self, model: type[WorkerJob], pk: int) -> None:
         super().__init__(name=f"heartbeat-{model.__name__}-{pk}", daemon=True)
         self.model, self.pk = model, pk
-        self.host, self.pid = worker_host(), os.getpid()
+        self.host, self.pid = worker_host(), holder_pid()
         self._stop_event = threading.Event()
         supervisor = os.environ.get(SUPERVISOR_ENV, "")
         self.supervisor = int(supervisor) if supervisor.isascii() and supervisor.isdigit() else None

@@ -14,10 +14,20 @@ from django.conf import settings
 
 # Set by the supervisor for its cluster: every process of the cluster can tell when it is gone.
 SUPERVISOR_ENV = "TUNA_SUPERVISOR_PID"
+# Set by the worker process that holds a job trained on several processes, for the ranks it starts (torchrun): they
+# write the job's progress on its behalf (training_app.distributed).
+HOLDER_ENV = "TUNA_JOB_HOLDER_PID"
 
 
 def worker_host() -> str:
     return settings.TUNA_WORKER_NAME or socket.gethostname()
+
+
+def holder_pid() -> int:
+    """The process that holds the jobs this process works on (the worker_pid of their rows): this process, or, in a
+    rank of a job trained on several processes, the worker process that started the ranks (TUNA_JOB_HOLDER_PID)."""
+    holder = os.environ.get(HOLDER_ENV, "")
+    return int(holder) if holder.isascii() and holder.isdigit() else os.getpid()
 
 
 def process_exists(pid: int) -> bool:

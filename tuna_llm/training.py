@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuna_llm import distributed
 from tuna_llm.catalog import BaseModelSpec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
 from tuna_llm.prompting import Message, answer_text, chat_template_for, render_chat
@@ -217,6 +218,13 @@ def trainer_settings(config: TrainingConfig, *, output_dir: Path, plan: DevicePl
         dataloader_num_workers=0,
         dataloader_pin_memory=plan.device == "cuda",
         include_num_input_tokens_seen="non_padding",
+        # Several processes (torchrun, tuna_llm.distributed): DDP on gloo on CPU (NCCL on CUDA, the default); every
+        # LoRA weight takes part in every step, so DDP need not look for unused ones.
+        **(
+            {"ddp_backend": "gloo" if plan.device == "cpu" else None, "ddp_find_unused_parameters": False}
+            if distributed.world_size() > 1
+            else {}
+        ),
     )
 
 
@@ -262,7 +270,8 @@ def make_progress_callback(hooks: TrainingHooks, *, has_eval: bool):
             )
 
         def on_save(self, args, state, control, **kwargs):
-            mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            if state.is_world_process_zero:  # on several processes, rank 0 writes the checkpoint's weights
+                mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         def on_step_end(self, args, state, control, **kwargs):
             if hooks.should_stop():
@@ -295,16 +304,23 @@ def make_trainer(**kwargs):
         """
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            base = self.accelerator.unwrap_model(model)
-            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            unwrapped = self.accelerator.unwrap_model(model)
+            base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
             if return_outputs or "labels" not in inputs or base.config.model_type not in PLAIN_OUTPUT_LAYER:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            return answer_tokens_loss(base, inputs, num_items_in_batch)
+            hidden = None
+            if unwrapped is not model:
+                # Wrapped by DDP (several processes): the decoder must run through the wrapper's forward, or DDP does
+                # not all-reduce the gradients. The last hidden state comes back with one position's logits only.
+                hidden = model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), output_hidden_states=True, logits_to_keep=1
+                ).hidden_states[-1]
+            return answer_tokens_loss(base, inputs, num_items_in_batch, hidden=hidden)
 
     return AnswerTokensTrainer(**kwargs)
 
 
-def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, *, hidden: Any = None) -> Any:
     """Cross-entropy of the next-token predictions at the labelled positions, as the model's own loss computes it
     (a sum over ``num_items_in_batch`` when given, else the mean), with the output layer applied there alone.
 
@@ -313,7 +329,7 @@ def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: A
     zero then learns against rounding noise (docs/training.md; the small-data figures are in docs/performance.md)."""
     import torch
 
-    total, count = answer_tokens_loss_sum(model, inputs)
+    total, count = answer_tokens_loss_sum(model, inputs, hidden=hidden)
     if num_items_in_batch is None:
         return total / count
     if torch.is_tensor(num_items_in_batch):
@@ -321,12 +337,14 @@ def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: A
     return total / num_items_in_batch
 
 
-def answer_tokens_loss_sum(model: Any, inputs: dict[str, Any]) -> tuple[Any, int]:
-    """(summed cross-entropy, token count) at the labelled positions: the decoder, then the output layer in fp32
-    at those positions alone. For a model whose architecture is in PLAIN_OUTPUT_LAYER."""
+def answer_tokens_loss_sum(model: Any, inputs: dict[str, Any], *, hidden: Any = None) -> tuple[Any, int]:
+    """(summed cross-entropy, token count) at the labelled positions: the decoder (or its last hidden state given as
+    `hidden`), then the output layer in fp32 at those positions alone. For a model whose architecture is in
+    PLAIN_OUTPUT_LAYER."""
     import torch
 
-    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+    if hidden is None:
+        hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = fp32_logits(model.get_output_embeddings(), hidden[:, :-1][keep])
@@ -436,6 +454,10 @@ def run_lora_training(
     """Train a LoRA adapter; with `eval_examples` (validation), keep the checkpoint of lowest validation loss.
 
     `init_adapter` continues training an existing adapter (a "continue training" run) instead of a fresh one.
+
+    Under torchrun (several processes, tuna_llm.distributed) every rank calls this with the same arguments: each
+    trains on its share of the rows (DDP), rank 0 alone reports progress, marks checkpoints and saves the adapter,
+    and all of them stop at the step rank 0 decides (``hooks`` as ``distributed.rank_hooks`` makes them).
     """
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
@@ -457,8 +479,10 @@ def run_lora_training(
     model.train()
 
     checkpoints = output_dir / "checkpoints"
-    if resume_from is not None:
+    main = distributed.is_main_process()
+    if resume_from is not None and main:
         discard_incomplete_checkpoints(output_dir)
+    hooks = distributed.rank_hooks(hooks)
     progress = make_progress_callback(hooks, has_eval=bool(eval_rows))
     trainer = make_trainer(
         model=model,
@@ -474,17 +498,18 @@ def run_lora_training(
     try:
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except BaseException:
-        discard_incomplete_checkpoints(output_dir)  # a save cut short (a full disk, a kill) leaves nothing half-written
+        if main:
+            discard_incomplete_checkpoints(output_dir)  # a save cut short (a full disk, a kill) leaves nothing half-written
         raise
     train_seconds = time.perf_counter() - started
     state = trainer.state
     stopped_early = hooks.should_stop()
     evals = [(int(log["step"]), float(log["eval_loss"])) for log in state.log_history if "eval_loss" in log]
     kept = checkpoint_to_keep(evals) if eval_rows and not stopped_early else None
-    if kept is not None and kept[0] != state.global_step:
+    if kept is not None and kept[0] != state.global_step and main:
         load_checkpoint_weights(model, checkpoints / f"checkpoint-{kept[0]}")
     adapter_dir = None
-    if not stopped_early:
+    if not stopped_early and main:
         adapter_dir = output_dir / "adapter"
         try:
             save_adapter(model, tokenizer, config, spec, adapter_dir)

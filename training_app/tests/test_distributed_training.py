@@ -1,0 +1,173 @@
+"""A training job on two CPU processes (torchrun, DDP on gloo) with real processes: `manage.py tuna_worker` (supervisor,
+cluster, the worker process holding the job), torchrun under it and two ranks of `manage.py tuna_train_rank` training
+the embedded model. Each test checks the job's rows and the process tree, as the supervision tests do."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from datasets_app.services import dataset_create
+from evaluation_app.models import Evaluation
+from evaluation_app.services import evaluation_start
+from tests.support import process_tree, wait_for
+from training_app import services
+from training_app.distributed import rank_failure
+from training_app.models import LossPoint, TrainingJob
+from tuna_core.workers import process_exists
+from tuna_llm import distributed
+from tuna_site.tests.test_supervision import Worker, worker_env
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "samples" / "orders_to_json.jsonl"
+# The sample's first rows, learned in a few steps; 8 held out for the exact match.
+SHORT = {"max_steps": 10, "learning_rate_multiplier": 2.0, "max_seq_length": 160, "eval_examples": 0, "save_steps": 1000}
+ENDLESS = {"max_steps": 2000, "batch_size": 1, "max_seq_length": 64, "save_steps": 2, "eval_examples": 0}
+
+
+def row(pk: int) -> TrainingJob:
+    return TrainingJob.objects.get(pk=pk)
+
+
+def ranks_of(worker_pid: int) -> dict[int, int]:
+    """rank -> pid of the ranks under a worker process (torchrun's children, each with RANK in its environment)."""
+    found = {}
+    for pid in process_tree(worker_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"tuna_train_rank" in cmdline:
+            rank = next((int(item[5:]) for item in environ if item.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[rank] = pid
+    return found
+
+
+@pytest.fixture
+def sample_dataset(alice):
+    return dataset_create(owner=alice, upload=SimpleUploadedFile("orders.jsonl", SAMPLE.read_bytes()), name="Orders")
+
+
+@pytest.fixture
+def start_worker(data_dir, tmp_path):
+    workers: list[Worker] = []
+
+    def start() -> Worker:
+        env = {**worker_env(data_dir), "TUNA_WORKER_NAME": f"test-dist-{uuid.uuid4().hex[:8]}"}
+        worker = Worker(env, tmp_path / "worker.log")
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        tree = process_tree(worker.pid)
+        worker.stop()
+        for pid in tree:  # the ranks die with their launcher (PR_SET_PDEATHSIG), never left behind
+            wait_for(lambda pid=pid: not process_exists(pid), 15, f"process {pid} of the stopped worker to end")
+    if workers:
+        print((tmp_path / "worker.log").read_text(errors="replace")[-4000:])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.model
+@pytest.mark.process
+def test_it_trains_the_sample_on_two_processes_as_well_as_on_one(settings, start_worker, alice, sample_dataset):
+    settings.TUNA_TRAIN_PROCESSES = "1"
+    one = services.training_job_start(owner=alice, dataset=sample_dataset, config_data={**SHORT, "batch_size": 4})
+    settings.TUNA_TRAIN_PROCESSES = "2"
+    two = services.training_job_start(owner=alice, dataset=sample_dataset, config_data={**SHORT, "batch_size": 2})
+    assert (one.config["processes"], two.config["processes"]) == (1, 2)
+    worker = start_worker()
+
+    seen: set[int] = set()
+
+    def finished(pk: int) -> TrainingJob | None:
+        job = row(pk)
+        if job.status == "training" and job.worker_pid:
+            seen.update(ranks_of(job.worker_pid))
+        return job if job.status in ("completed", "failed", "cancelled") else None
+
+    started = time.monotonic()
+    first = wait_for(lambda: finished(one.pk), 300, "the 1-process job to end")
+    one_seconds = time.monotonic() - started
+    second = wait_for(lambda: finished(two.pk), 300, "the 2-process job to end")
+    two_seconds = time.monotonic() - started - one_seconds
+    print(f"1 process x batch 4: {one_seconds:.0f} s; 2 processes x batch 2: {two_seconds:.0f} s")
+    assert first.status == "completed", first.error_message
+    assert second.status == "completed", second.error_message
+    assert seen == {0, 1}  # two ranks trained it
+    assert second.current_step == second.total_steps == first.total_steps == 10
+    steps = list(LossPoint.objects.filter(job=second).values_list("step", flat=True))
+    assert steps == sorted(set(steps)) and steps[-1] == 10 and len(steps) == len(LossPoint.objects.filter(job=first))  # one history
+    assert (Path(second.adapter_dir) / "adapter_model.safetensors").is_file()
+    assert not any(p.name.startswith("rng_state") for p in Path(second.adapter_dir).iterdir())
+    assert second.tokens_seen > 0
+
+    matches = {}
+    for job in (first, second):
+        evaluation, _ = evaluation_start(owner=alice, job=job, test_size=8)
+        done = wait_for(
+            lambda pk=evaluation.pk: (e := Evaluation.objects.get(pk=pk)).status in ("completed", "failed") and e, 300, "the evaluation"
+        )
+        assert done.status == "completed", done.error_message
+        matches[job.config["processes"]] = round(
+            done.metrics["finetuned"]["exact_match"] * done.test_size
+        )
+    print(f"held-out exact match of 8: 1 process {matches[1]}, 2 processes {matches[2]}")
+    assert abs(matches[1] - matches[2]) <= 1
+    assert worker.proc.poll() is None
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.model
+@pytest.mark.process
+def test_it_stops_both_ranks_at_once_on_cancel_and_fails_resumably_when_a_rank_is_killed(settings, start_worker, alice, valid_dataset):
+    settings.TUNA_TRAIN_PROCESSES = "2"
+    cancelled = services.training_job_start(owner=alice, dataset=valid_dataset, config_data=ENDLESS)
+    worker = start_worker()
+    job = wait_for(lambda: (j := row(cancelled.pk)).status == "training" and j.current_step >= 2 and j, 240, "2 steps on 2 processes")
+    ranks = wait_for(lambda: len(r := ranks_of(job.worker_pid)) == 2 and r, 30, "two ranks")
+    tree = process_tree(job.worker_pid) - {job.worker_pid}
+    assert set(ranks.values()) <= tree and len(tree) >= 3  # torchrun and its two ranks under the worker process
+
+    services.training_job_cancel(job=row(cancelled.pk))
+    asked_at = row(cancelled.pk).current_step
+    ended = wait_for(lambda: (j := row(cancelled.pk)).status == "cancelled" and j, 60, "the cancel")
+    print(f"cancel asked at step {asked_at}, stopped at step {ended.current_step}")
+    assert ended.current_step - asked_at <= 2
+    wait_for(lambda: not any(process_exists(pid) for pid in tree), 20, "torchrun and both ranks to end")
+    assert process_exists(job.worker_pid)  # the worker process goes on to the next job
+
+    killed = services.training_job_start(owner=alice, dataset=valid_dataset, config_data=ENDLESS)
+    job = wait_for(lambda: (j := row(killed.pk)).status == "training" and j.current_step > 2 and j, 240, "a checkpoint on 2 processes")
+    ranks = wait_for(lambda: len(r := ranks_of(job.worker_pid)) == 2 and r, 30, "two ranks")
+    tree = process_tree(job.worker_pid) - {job.worker_pid}
+    started = time.monotonic()
+    os.kill(ranks[1], signal.SIGKILL)
+    failed = wait_for(lambda: (j := row(killed.pk)).status == "failed" and j, 60, "the job to fail")
+    wait_for(lambda: not any(process_exists(pid) for pid in tree), 20, "torchrun and the other rank to end")
+    print(f"kill -9 of rank 1: job failed and every rank gone {time.monotonic() - started:.1f} s later")
+    assert "rank 1" in failed.error_message and "SIGKILL" in failed.error_message, failed.error_message
+    assert "Resume" in failed.error_message
+    assert services.resumable_checkpoint(failed) is not None
+    assert process_exists(job.worker_pid) and worker.proc.poll() is None
+
+
+def test_it_names_the_rank_that_took_the_run_down():
+    killed = distributed.RankFailure(1, -9, "SIGKILL", "Signal 9 (SIGKILL) received by PID 12")
+    lost = distributed.RankFailure(0, 1, None, distributed.PEER_LOST + "Training stopped with an error (DistBackendError).")
+    stopped = distributed.RankFailure(0, -15, "SIGTERM", "")
+    assert distributed.root_failure([lost, killed, stopped]) == killed
+    message = str(rank_failure([lost, killed], 1, processes=2))
+    assert message.startswith("Training on 2 processes stopped: rank 1 (process 2 of 2) was killed by SIGKILL")
+    own = distributed.RankFailure(1, 1, None, "The machine ran out of memory. Lower batch_size.")
+    assert distributed.root_failure([lost, own]) == own
+    assert "rank 1 failed: The machine ran out of memory" in str(rank_failure([lost, own], 1, processes=2))
