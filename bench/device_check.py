@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", type=Path, help="also write the JSON here (default: $OUT/device_check.json when $OUT is set)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every file is local; the device machine reaches no network
     if args.prepare:
         folder = prepare_tokenizer(args.tokenizer)
         print(json.dumps({"prepared": str(folder), "bytes": sum(f.stat().st_size for f in folder.iterdir())}))
