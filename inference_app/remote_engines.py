@@ -27,7 +27,7 @@ from django.db import transaction
 
 from inference_app.models import EngineCheck
 from training_app.models import TrainingJob
-from tuna_core.errors import Conflict, Unavailable
+from tuna_core.errors import Conflict
 from tuna_core.jobs import job_complete, job_enqueue, job_write
 from tuna_core.quotas import check_active_jobs
 from tuna_llm.catalog import get_base_model_spec, get_catalog
@@ -57,10 +57,6 @@ class RemoteAdapterMissing(Conflict):
     """The remote engine cannot apply this fine-tune (yet); the message says what to do."""
 
     code = "adapter_not_loaded"
-
-
-class RemoteEngineDown(Unavailable):
-    """The remote engine cannot be reached or failed; try again later."""
 
 
 class EngineCheckRefused(Conflict):
@@ -124,7 +120,8 @@ def engine_health(base_model: str) -> Health | None:
 
 def route(*, base_model: str, job: TrainingJob | None, mode: str, checkpoint: bool = False) -> tuple[Engine, Adapter | None] | None:
     """The remote engine and the adapter it applies, when this call goes to a remote engine; None otherwise (the
-    caller routes it as before). RemoteAdapterMissing (409) / RemoteEngineDown (503) when it should but cannot."""
+    caller routes it as before). NotServable (409, saying what to do) for an adapter the engine cannot take; an
+    engine that is down is met by the call itself (EngineUnavailable: 503 with Retry-After)."""
     if mode not in REMOTE_MODES or checkpoint:
         return None
     config = config_for(base_model)
@@ -132,15 +129,17 @@ def route(*, base_model: str, job: TrainingJob | None, mode: str, checkpoint: bo
         return None
     if mode == "auto" and not (job_passed(config, job) if job is not None else base_passed(config)):
         return None
+    from inference_app.engines import NotServable  # (engines calls this module)
+
     engine = engine_of(config)
-    adapter = adapter_for(config, job) if job is not None else None
-    if adapter is not None:
-        try:
+    try:
+        adapter = adapter_for(config, job) if job is not None else None
+        if adapter is not None:
             engine.adapters.prepare(adapter)
-        except AdapterUnknown as exc:
-            raise RemoteAdapterMissing(str(exc)) from None
-        except (EngineUnavailable, EngineRefused) as exc:
-            raise RemoteEngineDown(str(exc), retry_after=EngineUnavailable.retry_after) from None
+    except (RemoteAdapterMissing, AdapterUnknown) as exc:  # 409 (and a refused call in the usage log)
+        raise NotServable(str(exc)) from None
+    except (EngineUnavailable, EngineRefused):
+        pass  # the call goes on and meets the same answer, as every engine's failure does: 503 with Retry-After
     return engine, adapter
 
 

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from tuna_llm.prompting import render_chat
-from tuna_llm.serving.engine import Adapter, CallSpec, EngineInfo
+from tuna_llm.serving.engine import Adapter, CallSpec, EngineInfo, RequestInvalid
 from tuna_llm.serving.llama_server import SAMPLING
 from tuna_llm.serving.openai_engine import Endpoint, EngineRefused, EngineUnavailable, OpenAIEngine
 
@@ -53,8 +53,9 @@ class RemoteConfigError(ValueError):
     """TUNA_REMOTE_ENGINES is not usable; the message lists every problem."""
 
 
-class AdapterUnknown(RuntimeError):
-    """The engine cannot find or load a fine-tune's adapter; the message says what to do (the service answers 409)."""
+class AdapterUnknown(RequestInvalid):
+    """The engine cannot find or load a fine-tune's adapter; the message says what to do (routing answers 409; met
+    mid-call, e.g. an engine restarted without it, 400)."""
 
 
 @dataclass(frozen=True)
