@@ -19,8 +19,8 @@ their figures are in docs/performance.md.)
 
     .venv/bin/python bench/generation.py [--tokens 128] [--rounds 5] [--precisions fp32,bf16]
 
-llama.cpp: the f16 GGUF of the base model in TUNA_GGUF_DIR (default media/gguf; bench/serving.py or any
-export makes it), single stream from one thread; skipped when it is not there.
+llama.cpp: llama-server (as the product serves GGUFs) on the f16 GGUF of the base model in TUNA_GGUF_DIR
+(default media/gguf; bench/serving.py or any export makes it), single stream; skipped when it is not there.
 """
 
 from __future__ import annotations
@@ -131,25 +131,30 @@ class PlainRun:
 
 
 def llama_cpp(tokens: int, rounds: int) -> float | None:
+    """llama-server (the engine the product serves GGUFs with) on the base GGUF, one request at a time."""
     from pathlib import Path
 
     from django.conf import settings
 
-    from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
+    from tuna_llm.serving.engine import CallSpec, result_of
+    from tuna_llm.serving.llama_server import launched
 
     path = Path(settings.TUNA_GGUF_DIR) / settings.TUNA_DEFAULT_BASE_MODEL / "base-f16.gguf"
     try:
-        model = LlamaCppModel(path)
-    except Exception as exc:  # not converted yet, or llama-cpp-python missing
+        with launched(path, parallel=1) as engine:
+
+            def one(i: int) -> int:
+                spec = CallSpec(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=tokens)
+                return result_of(engine.submit(engine.prepare(spec))).completion_tokens
+
+            one(0)
+            done, started = 0, time.perf_counter()
+            for i in range(rounds):
+                done += one(i)
+            return done / (time.perf_counter() - started)
+    except Exception as exc:  # not converted yet, or llama-server not installed
         print(f"llama.cpp: skipped ({path}: {exc})")
         return None
-    model.chat(LlamaCall(messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=tokens))
-    done, started = 0, time.perf_counter()
-    for i in range(rounds):
-        done += model.chat(
-            LlamaCall(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=tokens)
-        ).completion_tokens
-    return done / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -204,7 +209,7 @@ def main() -> None:
             row += f" {r['aggregate']:>8.1f}/s {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>8.2f}s {r['lat_p50']:>7.2f}s {r['lat_p95']:>7.2f}s"
         print(f"{row}   rounds: {', '.join(f'{v:.1f}' for v in singles[name])}", flush=True)
     plain_speeds = {name.removeprefix("plain generate, "): single[name] for name in runs if name.startswith("plain")}
-    llama = on(lambda: llama_cpp(args.tokens, args.rounds))
+    llama = llama_cpp(args.tokens, args.rounds)
     if llama is not None:
         print(f"{'llama.cpp, f16 GGUF':<34} {llama:>7.1f}/s")
     best = results.get(f"engine, {pick_device().precision}, continuous")

@@ -1,35 +1,40 @@
-"""Serving speed, side by side: transformers and llama.cpp over HTTP, and llama.cpp called directly.
+"""Serving speed, side by side in one run: llama.cpp's own server behind the product over HTTP (1 client and
+--clients concurrent clients), llama.cpp called directly, and transformers over HTTP.
 
 On a throw-away data directory and SQLite database: uploads the sample, trains a tiny fine-tune (or takes
 --adapter), exports it as f16 GGUF (base + LoRA, through the worker's code path), then on the sample's
 held-out prompts, greedy, with max_tokens each:
 
-- llama.cpp direct: `LlamaCppModel` in this process (the base GGUF + the job's LoRA GGUF), called from one
-  thread (the concurrent clients hand their calls to it, as the web process's threads do);
-- llama.cpp over HTTP: gunicorn (one process, threads, as `make run` and compose) with TUNA_SERVING_ENGINE=llamacpp;
-- transformers over HTTP: the same server with TUNA_SERVING_ENGINE=transformers.
+- llama.cpp direct: ``llama_cpp.Llama`` created and called on this one thread, the base GGUF + the job's LoRA
+  GGUF, as many threads as the server's llama-server uses (one per core), its chat completion (the GGUF's
+  template), one call after another;
+- llama.cpp over HTTP: gunicorn (one process, threads, as `make run` and compose) with
+  TUNA_SERVING_ENGINE=llamacpp: the product starts llama-server (TUNA_LLAMA_SERVER_PARALLEL slots, continuous
+  batching) and forwards each call to it (tuna_llm.serving.llama_server, openai_engine);
+- transformers over HTTP: the same server with TUNA_SERVING_ENGINE=transformers (--no-transformers skips it).
 
-Each is measured single-stream (one call after another) and with --clients concurrent clients (each sends
---rounds calls); tokens/s = completion tokens / wall time. Then the greedy answers of the two engines over
-HTTP are compared on the held-out prompts. Goal (issue 13): llama.cpp over HTTP, single stream, >= 0.8x
-llama.cpp direct; the greedy answers equal.
+Single stream: one call after another; concurrent: --clients clients each sending --rounds calls; tokens/s =
+completion tokens / wall time. The measurements alternate over --repeats rounds (this machine's speed drifts
+over minutes) and the median is shown. Then the greedy answers over HTTP are compared: llama.cpp against
+transformers. Goals (issue 33): llama.cpp over HTTP single stream >= 0.9x llama.cpp direct; --clients
+concurrent clients >= 2.5x one client's tokens/s.
 
     .venv/bin/python bench/serving.py [--adapter DIR] [--max-steps 30] [--prompts 8] [--tokens 64]
-                                      [--clients 8] [--rounds 2]
+                                      [--clients 8] [--rounds 2] [--repeats 3] [--no-transformers]
 
-The base model's GGUF is cached in TUNA_GGUF_DIR (default media/gguf); about 5 minutes on a 2-core CPU
-with the defaults, a first conversion of the base model included.
+The base model's GGUF is cached in TUNA_GGUF_DIR (default media/gguf). llama-server: `make install` builds it
+(or TUNA_LLAMA_SERVER_BIN names one). Run it on a quiet machine: it measures the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
+import statistics
 import subprocess
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,10 +51,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens of every call")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the second measurement")
     parser.add_argument("--rounds", type=int, default=2, help="calls each concurrent client sends")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated rounds of every measurement (the median is shown)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers over HTTP")
     args = parser.parse_args()
 
     os.environ.setdefault("TUNA_GGUF_DIR", str(ROOT / "media" / "gguf"))  # the base GGUF, converted once, kept
     os.environ["TUNA_PARITY_EXAMPLES"] = str(args.prompts)
+    print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
     with temporary_site() as data:
         job, user = fine_tune(args)
         export = export_gguf(user, job)
@@ -60,12 +68,33 @@ def main() -> None:
         token = api_token_create(user=user, name="bench")[1]
         print(f"{job.model_id}: {len(prompts)} held-out prompts, max_tokens {args.tokens}, {args.clients} clients x {args.rounds} calls\n")
 
-        rows = {"llama.cpp direct (in-process)": direct(export, prompts, args)}
-        answers = {}
-        for engine, label in (("llamacpp", "llama.cpp over HTTP"), ("transformers", "transformers over HTTP")):
-            with server(data, engine) as url:
-                rows[label], answers[engine] = over_http(Client(url, token), job.model_id, prompts, args)
-    report(rows, answers, prompts, args)
+        direct = Direct(export, args)
+        samples: dict[str, list[float]] = {"direct": [], "single": [], "concurrent": []}
+        answers: dict[str, list[str]] = {}
+        with server(data, "llamacpp") as url:
+            client = Client(url, token)
+            warm_up(client, job.model_id)
+            for repeat in range(args.repeats):  # alternated, so that every measurement sees the same drift
+                samples["direct"].append(timed(lambda: [direct.call(messages) for messages in prompts]))
+                single, answers["llamacpp"] = over_http(client, job.model_id, prompts, args)
+                samples["single"].append(single)
+                samples["concurrent"].append(
+                    timed(lambda: concurrently(args, lambda i: call(client, job.model_id, prompts[i % len(prompts)], args)[0]))
+                )
+                print(
+                    f"round {repeat + 1}: direct {samples['direct'][-1]:.1f}, over HTTP 1 client {samples['single'][-1]:.1f}, "
+                    f"{args.clients} clients {samples['concurrent'][-1]:.1f} tokens/s",
+                    flush=True,
+                )
+        direct_answers = [direct.answer(messages) for messages in prompts]
+        if not args.no_transformers:
+            with server(data, "transformers") as url:
+                client = Client(url, token)
+                warm_up(client, job.model_id)
+                samples["transformers"] = [over_http(client, job.model_id, prompts, args)[0]]
+                _, answers["transformers"] = over_http(client, job.model_id, prompts, args)
+    print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
+    report(samples, answers, direct_answers, prompts, args)
 
 
 def fine_tune(args):
@@ -123,59 +152,50 @@ def gguf_paths(export) -> tuple[Path, Path]:
     return tuple(Path(settings.TUNA_DATA_DIR) / export.file(kind)["path"] for kind in ("gguf_base_f16", "gguf_lora"))
 
 
-def direct(export, prompts, args) -> tuple[float, float]:
-    """llama.cpp in this process, as the web process runs it: one model, every call on one thread (this one:
-    calls from several threads slow ggml's OpenMP decoding down, see inference_app.engines), LoRA per call."""
-    from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
+class Direct:
+    """llama.cpp called directly: ``llama_cpp.Llama`` with the base GGUF + the job's LoRA GGUF, created and called
+    on this thread only (ggml's OpenMP makes a thread team per calling thread; another thread would slow it)."""
 
-    base, lora = gguf_paths(export)
-    model = LlamaCppModel(base)
+    def __init__(self, export, args) -> None:
+        from llama_cpp import Llama
 
-    def call(messages) -> int:
-        return model.chat(LlamaCall(messages=messages, max_tokens=args.tokens, lora=lora)).completion_tokens
+        base, lora = gguf_paths(export)
+        threads = os.cpu_count() or 1
+        self.args = args
+        self.llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
 
-    call(prompts[0])  # warm-up: adapter loaded, caches filled
-    single = timed(lambda: [call(messages) for messages in prompts])
-    concurrent = timed(lambda: run_for_clients(args, lambda i: call(prompts[i % len(prompts)])))
-    return single, concurrent
+    def _complete(self, messages) -> dict:
+        return self.llm.create_chat_completion(messages=messages, max_tokens=self.args.tokens, temperature=0.0)
 
+    def call(self, messages) -> int:
+        return self._complete(messages)["usage"]["completion_tokens"]
 
-def run_for_clients(args, call) -> list[int]:
-    """--clients threads hand their calls (--rounds each) to this thread, which runs them one at a time."""
-    calls: queue.Queue = queue.Queue()
-
-    def client(number: int) -> int:
-        tokens = 0
-        for round_ in range(args.rounds):
-            answer: Future = Future()
-            calls.put((number + round_ * args.clients, answer))
-            tokens += answer.result()
-        return tokens
-
-    with ThreadPoolExecutor(max_workers=args.clients) as pool:
-        clients = [pool.submit(client, number) for number in range(args.clients)]
-        for _ in range(args.clients * args.rounds):
-            index, answer = calls.get()
-            answer.set_result(call(index))
-        return [c.result() for c in clients]
+    def answer(self, messages) -> str:
+        return self._complete(messages)["choices"][0]["message"]["content"]
 
 
-def over_http(client: Client, model: str, prompts, args) -> tuple[tuple[float, float], list[str]]:
+def call(client: Client, model: str, messages, args) -> tuple[int, str]:
+    response = client.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": args.tokens})
+    response.raise_for_status()
+    body = response.json()
+    return body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
+
+
+def warm_up(client: Client, model: str) -> None:
+    engine = client.post("/api/inference", json={"model_id": model, "prompt": "Hi", "max_tokens": 4}).json()["engine"]
+    print(f"server answers with engine {engine!r}")
+
+
+def over_http(client: Client, model: str, prompts, args) -> tuple[float, list[str]]:
+    """Single stream: tokens/s of the prompts one after another, and their greedy answers."""
     answers: list[str] = []
 
-    def call(messages) -> int:
-        response = client.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": args.tokens})
-        response.raise_for_status()
-        body = response.json()
-        answers.append(body["choices"][0]["message"]["content"])
-        return body["usage"]["completion_tokens"]
+    def one(messages) -> int:
+        tokens, text = call(client, model, messages, args)
+        answers.append(text)
+        return tokens
 
-    engine = client.post("/api/inference", json={"model_id": model, "prompt": "Hi", "max_tokens": 4}).json()["engine"]  # warm-up
-    print(f"server answers with engine {engine!r}")
-    single = timed(lambda: [call(messages) for messages in prompts])
-    greedy = list(answers)
-    concurrent = timed(lambda: concurrently(args, lambda i: call(prompts[i % len(prompts)])))
-    return (single, concurrent), greedy
+    return timed(lambda: [one(messages) for messages in prompts]), answers
 
 
 def concurrently(args, call) -> list[int]:
@@ -232,24 +252,28 @@ def server(data: Path, engine: str):
                 web.kill()
 
 
-def report(rows: dict[str, tuple[float, float]], answers: dict[str, list[str]], prompts, args) -> None:
+def report(samples: dict[str, list[float]], answers: dict[str, list[str]], direct_answers: list[str], prompts, args) -> None:
     from tuna_llm import metrics
 
-    clients = f"{args.clients} clients"
-    print(f"\n{'tokens/s':<32}{'single stream':>14}{clients:>14}")
-    for label, (single, concurrent) in rows.items():
-        print(f"{label:<32}{single:>14.1f}{concurrent:>14.1f}")
-    direct_single = rows["llama.cpp direct (in-process)"][0]
-    http_single = rows["llama.cpp over HTTP"][0]
-    torch_single = rows["transformers over HTTP"][0]
-    print(f"\nllama.cpp over HTTP / direct, single stream: {http_single / direct_single:.2f} (goal >= 0.8)")
-    print(f"llama.cpp / transformers over HTTP, single stream: {http_single / torch_single:.1f}x")
-    pairs = list(zip(answers["transformers"], answers["llamacpp"], strict=True))
-    same = sum(metrics.normalise(a) == metrics.normalise(b) for a, b in pairs)
-    print(f"greedy answers equal (transformers vs llama.cpp over HTTP): {same}/{len(prompts)}")
-    for index, (torch_answer, llama_answer) in enumerate(pairs):
-        if metrics.normalise(torch_answer) != metrics.normalise(llama_answer):
-            print(f"  prompt {index}:\n    transformers: {torch_answer!r}\n    llama.cpp:    {llama_answer!r}")
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    print(f"\n{'tokens/s (median of ' + str(args.repeats) + ' alternated rounds)':<52}{'value':>8}")
+    print(f"{'llama.cpp direct (Llama, one thread, ' + str(os.cpu_count()) + ' threads)':<52}{median['direct']:>8.1f}")
+    print(f"{'llama.cpp over HTTP (llama-server), 1 client':<52}{median['single']:>8.1f}")
+    print(f"{'llama.cpp over HTTP (llama-server), ' + str(args.clients) + ' clients':<52}{median['concurrent']:>8.1f}")
+    if "transformers" in median:
+        print(f"{'transformers over HTTP, 1 client':<52}{median['transformers']:>8.1f}")
+    print(f"\nover HTTP 1 client / direct: {median['single'] / median['direct']:.2f} (goal >= 0.9)")
+    print(f"over HTTP {args.clients} clients / 1 client: {median['concurrent'] / median['single']:.2f}x (goal >= 2.5)")
+    llama = answers["llamacpp"]
+    same = sum(metrics.normalise(a) == metrics.normalise(b) for a, b in zip(llama, direct_answers, strict=True))
+    print(f"greedy answers equal (llama.cpp over HTTP vs direct): {same}/{len(prompts)}")
+    if "transformers" in answers:
+        pairs = list(zip(answers["transformers"], llama, strict=True))
+        same = sum(metrics.normalise(a) == metrics.normalise(b) for a, b in pairs)
+        print(f"greedy answers equal (transformers vs llama.cpp over HTTP): {same}/{len(prompts)}")
+        for index, (torch_answer, llama_answer) in enumerate(pairs):
+            if metrics.normalise(torch_answer) != metrics.normalise(llama_answer):
+                print(f"  prompt {index}:\n    transformers: {torch_answer!r}\n    llama.cpp:    {llama_answer!r}")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,15 @@
   very base GGUF, with the fine-tune's LoRA on top).
 
 ``engine_for`` is the one place that picks the engine of a call (tuna_llm.serving.engine's interface): the
-transformers engine of the base model (tuna_llm.serving.batching), or the llama.cpp engine of its base GGUF
-(tuna_llm.serving.llamacpp), one per base GGUF per process, shared by the base model and all its fine-tunes
-(each call applies its own LoRA GGUF). Both decode on the process's one device thread
-(tuna_llm.serving.compute).
+transformers engine of the base model (tuna_llm.serving.batching, on the process's device thread:
+tuna_llm.serving.compute), or llama.cpp's own server for its base GGUF (tuna_llm.serving.llama_server's pool:
+one llama-server per base GGUF per process, started on first use and supervised, shared by the base model
+and its fine-tunes, each call applying its own LoRA GGUF; spoken to through
+tuna_llm.serving.openai_engine).
 """
 
 from __future__ import annotations
 
-import atexit
-import importlib.util
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +27,12 @@ from django.conf import settings
 from training_app.exports import base_gguf_dir, serving_export
 from training_app.models import Export, TrainingJob
 from tuna_core.errors import Conflict
+from tuna_llm import llama_tools
 from tuna_llm.loading import ModelUnavailable
-from tuna_llm.serving import batching
+from tuna_llm.serving import batching, llama_server
 from tuna_llm.serving.compute import compute_thread
 from tuna_llm.serving.engine import Adapter, Engine
-from tuna_llm.serving.llamacpp import ENGINE_NAME as LLAMACPP
-from tuna_llm.serving.llamacpp import LlamaCppEngine
+from tuna_llm.serving.llama_server import ENGINE_NAME as LLAMACPP
 from tuna_llm.serving.registry import registry
 
 TRANSFORMERS = batching.ENGINE_NAME
@@ -56,7 +54,12 @@ class Route:
 
 
 def llama_cpp_installed() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+    """llama-server is installed (`make install` builds it; TUNA_LLAMA_SERVER_BIN names another)."""
+    try:
+        llama_tools.binary(llama_tools.SERVER)
+    except llama_tools.LlamaToolMissing:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -107,12 +110,12 @@ def engine_for(*, base_model: str, job: TrainingJob | None, adapter: AdapterChoi
         adapter = AdapterChoice(f"job-{job.pk}", job.adapter_dir)
     route = route_for(base_model=base_model, job=job, checkpoint=bool(adapter and adapter.checkpoint))
     if route.engine == LLAMACPP:
+        lora = route.lora_gguf if job is not None else None
         try:
-            engine = llama_server(route.base_gguf)
-        except Exception as exc:  # llama-cpp-python missing, or a GGUF it cannot load
+            engine, _ = llama_server.pool.engine_for(route.base_gguf, lora)
+        except Exception as exc:  # llama-server missing, or a GGUF it cannot load
             raise NotServable(f"llama.cpp cannot serve {job.model_id if job else f'base:{base_model}'}: {exc}") from exc
-        adapter = Adapter(f"job-{job.pk}", route.lora_gguf) if job is not None and route.lora_gguf else None
-        return Chosen(engine, adapter)
+        return Chosen(engine, Adapter(f"job-{job.pk}", lora) if lora is not None else None)
     try:
         loaded = registry.get_on(compute_thread, base_model)
     except ModelUnavailable as exc:
@@ -154,27 +157,3 @@ def _how_to_export(base_model: str, job: TrainingJob | None) -> str:
         f"The base model {base_model} has not been converted to GGUF yet ({forced}). Export any completed fine-tune "
         "of it (the Export button on its job page, or POST /api/training/{id}/export): the first export converts its base model."
     )
-
-
-# -- llama.cpp engines of this process ----------------------------------------------------------
-_servers: dict[Path, LlamaCppEngine] = {}
-_servers_lock = threading.Lock()
-
-
-def llama_server(path: Path) -> LlamaCppEngine:
-    """This process's llama.cpp engine for a base GGUF, loaded on first use (once, whichever thread asks first)."""
-    with _servers_lock:
-        server = _servers.get(path)
-        if server is None:
-            if not _servers:
-                atexit.register(_close_servers)
-            server = _servers[path] = LlamaCppEngine(path)
-        return server
-
-
-def _close_servers() -> None:
-    """Free the models before the interpreter tears down the modules llama-cpp-python's own clean-up needs."""
-    with _servers_lock:
-        for server in _servers.values():
-            server.model.llm.close()
-        _servers.clear()

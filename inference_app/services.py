@@ -27,6 +27,7 @@ from tuna_llm.catalog import UnknownBaseModel, get_base_model_spec, get_catalog
 from tuna_llm.prompting import ChatTemplateRefused, Message, ToolsUnsupported, prompt_messages
 from tuna_llm.serving.batching import MAX_SEED, MIN_SEED
 from tuna_llm.serving.engine import CallSpec, Engine, Generation, Handle, RequestInvalid, result_of
+from tuna_llm.serving.openai_engine import EngineUnavailable
 
 BASE_PREFIX = "base:"
 JOB_PREFIX = "tuna-job-"
@@ -59,6 +60,14 @@ class InferenceBusy(InferenceRefused, Unavailable, RuntimeError):
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+class InferenceUnavailable(InferenceRefused, Unavailable, RuntimeError):
+    """The engine serving the model cannot be reached now (a llama-server restarting, a remote engine down)."""
+
+    @classmethod
+    def of(cls, exc: EngineUnavailable) -> InferenceUnavailable:
+        return cls(f"{exc} Try again in about {exc.retry_after} s.", retry_after=exc.retry_after)
 
 
 class InferenceInvalid(InferenceRefused, Invalid, ValueError):
@@ -255,6 +264,8 @@ def prepare_call(
     )
     try:
         request = chosen.engine.prepare(spec)
+    except EngineUnavailable as exc:  # the engine counts the prompt's tokens, and could not
+        raise InferenceUnavailable.of(exc) from None
     except RequestInvalid as exc:
         raise InferenceInvalid(str(exc), exc.param) from None
     except ChatTemplateRefused as exc:  # the model's own rule (e.g. roles must alternate): the request's to fix
@@ -411,6 +422,8 @@ def _run_admitted(calls: list[Call], by_runner: dict) -> list[Generation]:
             failure = failure or exc
         else:
             _log(call, call.result)
+    if isinstance(failure, EngineUnavailable):  # 503 with Retry-After, the engine's message
+        raise InferenceUnavailable.of(failure) from None
     if failure is not None:
         raise failure
     return [call.result for call in calls]

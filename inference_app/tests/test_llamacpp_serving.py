@@ -20,6 +20,7 @@ from training_app.models import Export
 from tuna_core.jobs import job_run
 from tuna_llm import gguf_export
 from tuna_llm.catalog import get_base_model_spec
+from tuna_llm.serving import llama_server
 from tuna_llm.serving.registry import registry
 
 pytestmark = [pytest.mark.django_db, pytest.mark.model]
@@ -181,13 +182,12 @@ def test_it_stops_llama_cpp_decoding_when_a_stream_s_client_goes_away(settings, 
     log = UsageLog.objects.get(user=alice)
     assert (log.engine, log.status, log.finish_reason) == ("llama.cpp", "ok", "cancelled")
     assert 3 <= log.completion_tokens < 100 and log.compute_ms > 0
-    model = engines.llama_server(base_gguf).model
-    assert model.lock.acquire(timeout=5)  # nothing is decoding for nobody
-    model.lock.release()
+    engine, _ = llama_server.pool.engine_for(base_gguf, None)
+    assert engine.in_flight == 0  # its request ended: llama-server stopped decoding for nobody
 
     # The admission limit holds for llama.cpp calls too: beyond it, 503 with Retry-After, before any 200.
     settings.TUNA_MAX_INFERENCE_QUEUE = 1
-    with services.admissions.admitted(engines.llama_server(base_gguf), 1):
+    with services.admissions.admitted(engine, 1):
         busy = alice_api.post("/v1/chat/completions", {"model": BASE, **body}, format="json")
     assert busy.status_code == 503 and int(busy["Retry-After"]) >= 1
     started = time.monotonic()
@@ -195,3 +195,38 @@ def test_it_stops_llama_cpp_decoding_when_a_stream_s_client_goes_away(settings, 
     assert answered.status_code == 200 and answered.json()["engine"] == "llama.cpp"
     print(f"llama.cpp answered {answered.json()['completion_tokens']} tokens in {time.monotonic() - started:.2f} s")
     assert services.admissions.count == 0
+
+
+@pytest.mark.process
+@pytest.mark.django_db(transaction=True)  # the call in flight runs on another thread, with its own connection
+def test_it_answers_503_for_calls_in_flight_when_llama_server_dies_and_serves_the_next_from_its_restart(
+    settings, alice, alice_api, base_gguf
+):
+    import os
+    import signal
+    import threading
+
+    from tests.support import wait_for
+
+    settings.TUNA_SERVING_ENGINE = "llamacpp"
+    assert served_by(alice_api, BASE) == "llama.cpp"
+    engine, _ = llama_server.pool.engine_for(base_gguf, None)
+    [server] = [s for s in llama_server.pool.servers() if s.engine is engine]
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Count from 1 to 500, one number per line."}], "max_tokens": 400}
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(alice_api.post("/v1/chat/completions", body, format="json")))
+    caller.start()
+    wait_for(lambda: engine.in_flight == 1, 30, "the call to reach llama-server")
+    time.sleep(0.5)  # decoding
+    os.kill(server.pid, signal.SIGKILL)
+    caller.join(10)
+    assert not caller.is_alive(), "the call in flight hung"
+    [failed] = answers
+    assert failed.status_code == 503 and int(failed["Retry-After"]) >= 1
+    error = failed.json()["error"]
+    assert "llama.cpp engine" in error["message"] and "Try again" in error["message"]
+
+    wait_for(lambda: server.restarts == 1, 60, "llama-server's restart")
+    assert served_by(alice_api, BASE) == "llama.cpp"
+    rows = list(UsageLog.objects.filter(user=alice).order_by("id").values_list("status", "engine"))
+    assert rows == [("ok", "llama.cpp"), ("error", "llama.cpp"), ("ok", "llama.cpp")]

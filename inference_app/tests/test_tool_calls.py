@@ -221,8 +221,9 @@ def assert_berlin_call(calls):
 @pytest.mark.model
 @pytest.mark.django_db(transaction=True)
 def test_it_returns_the_models_tool_calls_on_both_engines_streamed_or_not(openai_client, settings, base_gguf, tokenizer):
-    from inference_app import engines
     from tuna_llm.prompting import render_chat
+    from tuna_llm.serving import llama_server
+    from tuna_llm.serving.engine import CallSpec
 
     # Earlier turns in which the assistant answered each weather question with a call: the model, greedy, calls too.
     messages = [*history(), ASK_BERLIN]
@@ -235,10 +236,12 @@ def test_it_returns_the_models_tool_calls_on_both_engines_streamed_or_not(openai
     assert reply.usage.completion_tokens > 0
 
     # llama.cpp renders with the GGUF's template (LLM Tuna's tools-capable one): the very prompt transformers gets.
-    served = engines.llama_server(base_gguf).model
+    served, _ = llama_server.pool.engine_for(base_gguf, None)
     conversation = chat_request(messages, tools=[WEATHER]).conversation
-    expected = tokenizer(render_chat(tokenizer, conversation, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    assert served.renders_tools and served.prompt_tokens(conversation) == expected
+    expected = render_chat(tokenizer, conversation, add_generation_prompt=True)
+    prompt = served.prompts.render(CallSpec(messages=conversation))
+    assert served.prompts.renders_tools and prompt == expected
+    assert served.prompts.count(prompt) == len(tokenizer(expected, add_special_tokens=False)["input_ids"])
     settings.TUNA_SERVING_ENGINE = "llamacpp"
     reply = openai_client.chat.completions.create(**ask)
     assert reply.engine == "llama.cpp" and reply.choices[0].finish_reason == "tool_calls"

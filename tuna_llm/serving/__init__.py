@@ -9,10 +9,15 @@ row elsewhere), and a decoding loop that only ever splices rows into one cache (
 Tested in tuna_llm/tests/test_decoding.py; each assumption about a dependency is pinned by one test in
 tuna_llm/tests/test_engine_contracts.py, so an upgrade fails there, by name.
 
+The promise is the transformers engine's. Exported GGUF models are served by llama.cpp's own server, whose
+batches are its own: its greedy answers are checked against transformers' by the export's parity check.
+
 Modules: ``engine`` (the interface, Generation, request checks), ``batching`` (the transformers engine:
-continuous batching), ``llamacpp`` (the llama.cpp engine), ``compute`` (the one device thread both step on),
-``registry`` (base models loaded once, adapters attached; serving layers prepared), ``decoding``,
-``rowwise``, ``packing``.
+continuous batching), ``openai_engine`` (one client for every engine that speaks OpenAI's completions
+protocol: llama-server, vLLM, SGLang; the prompt rendered by us, the adapter chosen per request),
+``llama_server`` (llama-server started and supervised by the product: one per base GGUF and process, with
+its LoRAs), ``compute`` (the one device thread the transformers engine steps on), ``registry`` (base models
+loaded once, adapters attached; serving layers prepared), ``decoding``, ``rowwise``, ``packing``.
 
 Private accesses of dependencies that remain in tuna_llm (each pinned by a contract test):
 
@@ -35,7 +40,7 @@ Private accesses of dependencies that remain in tuna_llm (each pinned by a contr
 - ``trl.trainer.utils._use_triton`` (preference ``answer_positions_only``): rebound while a DPO run trains so
   TRL's fused LM head scores only the labelled positions on CPU too; TRL has no option for it.
 
-llama-cpp-python is used through its public API only: ``Llama.model``/``Llama.ctx`` and llama.cpp's C
-functions as the package exports them (per-call LoRA: ``llama_set_adapters_lora``; the vocabulary:
-``llama_model_get_vocab``; clearing the cache: ``llama_memory_clear``), not ``Llama._model``/``_ctx``.
+llama-cpp-python is used for its Jinja2 chat formatter only (``llama_server.GgufPrompts``: the GGUF's template
+rendered as llama.cpp's Python users get it); llama-server through its documented HTTP API (/health, /props,
+/tokenize, /v1/completions with a per-request ``"lora"``).
 """

@@ -93,7 +93,7 @@ class LlamaServer:
         self.engine: OpenAIEngine | None = None
         self.restarts = 0
         self._process: subprocess.Popen | None = None
-        self._log: Path | None = None
+        self.log_path: Path | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._monitor: threading.Thread | None = None
@@ -126,7 +126,7 @@ class LlamaServer:
         self.port = _free_port()
         fd, log = tempfile.mkstemp(prefix="tuna-llama-server-", suffix=".log")
         os.close(fd)
-        self._log = Path(log)
+        self.log_path = Path(log)
         with _alive_lock:
             if not _alive:
                 atexit.register(_stop_all)
@@ -156,8 +156,8 @@ class LlamaServer:
                 process.wait()
         if self.engine is not None:
             self.engine.close()
-        if self._log is not None:
-            self._log.unlink(missing_ok=True)
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
         with _alive_lock:
             _alive.discard(self)
 
@@ -180,7 +180,7 @@ class LlamaServer:
         environment = {**os.environ, "LLAMA_API_KEY": ""}
 
         def spawn() -> subprocess.Popen:
-            with open(self._log, "ab") as log:
+            with open(self.log_path, "ab") as log:
                 return subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
@@ -212,7 +212,7 @@ class LlamaServer:
 
     def log_tail(self, lines: int = 8) -> str:
         try:
-            text = self._log.read_text(errors="replace") if self._log else ""
+            text = self.log_path.read_text(errors="replace") if self.log_path else ""
         except OSError:
             return ""
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
