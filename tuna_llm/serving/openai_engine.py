@@ -166,6 +166,7 @@ class OpenAIEngine:
         )
         self._busy = _BusyClock()
         self.last_call_s = 1.0
+        self.closed = False
 
     # -- the engine interface (tuna_llm.serving.engine) -----------------------------------------
     def describe(self) -> EngineInfo:
@@ -230,6 +231,8 @@ class OpenAIEngine:
         return result_of(self.submit(request))
 
     def close(self) -> None:
+        """Stop using the engine: calls after this (or cut by it) fail with EngineUnavailable."""
+        self.closed = True
         self.client.close()
 
     # -- one request, on its own thread -----------------------------------------------------------
@@ -274,6 +277,9 @@ class OpenAIEngine:
 
     def _exchange(self, handle: OpenAIHandle, body: dict, pieces: list[str], state: dict) -> None:
         where = self.endpoint.url
+        stopped = EngineUnavailable(f"The {self.info.name} engine at {where} was stopped (replaced or shut down).")
+        if self.closed:
+            raise stopped
         try:
             with self.client.stream("POST", "/v1/completions", json=body) as response:
                 handle.response = response
@@ -305,6 +311,12 @@ class OpenAIEngine:
             if handle.cancelled.is_set():
                 return
             raise EngineUnavailable(f"The {self.info.name} engine at {where} did not answer in time ({type(exc).__name__}).") from None
+        except RuntimeError:  # httpx: the client was closed under the call
+            if handle.cancelled.is_set():
+                return
+            if self.closed:
+                raise stopped from None
+            raise
         except (httpx.TransportError, httpx.StreamError) as exc:
             if handle.cancelled.is_set():
                 return

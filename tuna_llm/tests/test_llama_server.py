@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from inference_app.engines import BASE_GGUF
-from tests.support import process_exists, wait_for
+from tests.support import free_port, process_exists, wait_for
 from tuna_llm import gguf_export, llama_tools
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.loading import prepare_embedded_model
 from tuna_llm.serving.engine import Adapter, CallSpec, RequestInvalid, result_of
 from tuna_llm.serving.llama_server import LlamaServer, LlamaServerPool, launched
-from tuna_llm.serving.openai_engine import EngineRefused, EngineUnavailable, OpenAIRequest
+from tuna_llm.serving.openai_engine import Endpoint, EngineRefused, EngineUnavailable, OpenAIEngine, OpenAIRequest
 
 pytestmark = [pytest.mark.model, pytest.mark.process]
 
@@ -143,8 +143,11 @@ def test_it_answers_engine_unavailable_at_once_while_no_server_listens(base_gguf
     request = ask(engine)
     server.stop()
     started = time.monotonic()
-    with pytest.raises(EngineUnavailable, match="unreachable"):
+    with pytest.raises(EngineUnavailable, match="was stopped"):
         result_of(engine.submit(request))
+    nobody = OpenAIEngine(Endpoint(f"http://127.0.0.1:{free_port()}"), info=engine.info, prompts=engine.prompts, adapters=engine.adapters)
+    with pytest.raises(EngineUnavailable, match="unreachable"):
+        result_of(nobody.submit(request))
     assert time.monotonic() - started < 6
 
 
