@@ -8,6 +8,9 @@
   otherwise. A fine-tune: its newest serving export passed its parity check. A base model: its f16 GGUF
   is present and some export of a fine-tune of that base passed its parity check (that check ran this
   very base GGUF, with the fine-tune's LoRA on top).
+- ``remote``: every model whose base has a remote engine by URL (TUNA_REMOTE_ENGINES: vLLM, SGLang, a llama-server
+  run elsewhere) is served through it, the others by transformers. Under ``auto`` a remote engine comes first for
+  a fine-tune whose engine check passed on it (inference_app.remote_engines.route).
 
 ``engine_for`` is the one place that picks the engine of a call (tuna_llm.serving.engine's interface): the
 transformers engine of the base model (tuna_llm.serving.batching, on the process's device thread:
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from inference_app import remote_engines
 from training_app.exports import base_gguf_dir, serving_export
 from training_app.models import Export, TrainingJob
 from tuna_core.errors import Conflict
@@ -34,9 +38,10 @@ from tuna_llm.serving.compute import compute_thread
 from tuna_llm.serving.engine import Adapter, Engine
 from tuna_llm.serving.llama_server import ENGINE_NAME as LLAMACPP
 from tuna_llm.serving.registry import registry
+from tuna_llm.serving.remote import KINDS as REMOTE_KINDS
 
 TRANSFORMERS = batching.ENGINE_NAME
-ENGINES = (TRANSFORMERS, LLAMACPP)
+ENGINES = (TRANSFORMERS, LLAMACPP, *REMOTE_KINDS)
 BASE_GGUF = "base-f16.gguf"
 
 
@@ -74,7 +79,7 @@ class AdapterChoice:
 
 def route_for(*, base_model: str, job: TrainingJob | None, checkpoint: bool = False) -> Route:
     mode = settings.TUNA_SERVING_ENGINE
-    if mode == "transformers":
+    if mode in ("transformers", "remote"):  # remote: a base without a remote engine (inference_app.remote_engines)
         return Route(TRANSFORMERS)
     if checkpoint:  # a kept checkpoint has no GGUF export: its PEFT weights are served as trained
         if mode == "llamacpp":
@@ -108,7 +113,11 @@ def engine_for(*, base_model: str, job: TrainingJob | None, adapter: AdapterChoi
     the PEFT adapter to apply on transformers (default: the job's final one)."""
     if job is not None and adapter is None:
         adapter = AdapterChoice(f"job-{job.pk}", job.adapter_dir)
-    route = route_for(base_model=base_model, job=job, checkpoint=bool(adapter and adapter.checkpoint))
+    checkpoint = bool(adapter and adapter.checkpoint)
+    remote = remote_engines.route(base_model=base_model, job=job, mode=settings.TUNA_SERVING_ENGINE, checkpoint=checkpoint)
+    if remote is not None:  # a remote engine by URL (TUNA_REMOTE_ENGINES)
+        return Chosen(*remote)
+    route = route_for(base_model=base_model, job=job, checkpoint=checkpoint)
     if route.engine == LLAMACPP:
         lora = route.lora_gguf if job is not None else None
         try:
