@@ -11,7 +11,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,14 +311,34 @@ def make_trainer(**kwargs):
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             hidden = None
             if unwrapped is not model:
-                # Wrapped by DDP (several processes): the decoder must run through the wrapper's forward, or DDP does
-                # not all-reduce the gradients. The last hidden state comes back with one position's logits only.
-                hidden = model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), output_hidden_states=True, logits_to_keep=1
-                ).hidden_states[-1]
+                # Wrapped by DDP (several processes): the decoder must run inside the wrapper's forward, or DDP does not
+                # all-reduce the gradients. The wrapped model's forward becomes the decoder's for this call (the same
+                # computation as one process runs, without the autocast accelerate wraps the model's forward in).
+                decoder = base.get_decoder()
+
+                def decode(input_ids, attention_mask=None):
+                    return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+                with _forward_replaced(unwrapped, decode):
+                    hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
             return answer_tokens_loss(base, inputs, num_items_in_batch, hidden=hidden)
 
     return AnswerTokensTrainer(**kwargs)
+
+
+@contextmanager
+def _forward_replaced(module: Any, forward: Callable[..., Any]) -> Iterator[None]:
+    """`module`'s forward is `forward` inside the block (an instance attribute, put back as it was after)."""
+    missing = object()
+    saved = module.__dict__.get("forward", missing)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if saved is missing:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def answer_tokens_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, *, hidden: Any = None) -> Any:

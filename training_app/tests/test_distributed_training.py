@@ -27,7 +27,7 @@ from tuna_site.tests.test_supervision import Worker, worker_env
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "samples" / "orders_to_json.jsonl"
 # The sample's first rows, learned in a few steps; 8 held out for the exact match.
-SHORT = {"max_steps": 10, "learning_rate_multiplier": 2.0, "max_seq_length": 160, "eval_examples": 0, "save_steps": 1000}
+SHORT = {"max_steps": 8, "learning_rate_multiplier": 2.0, "max_seq_length": 160, "eval_examples": 0, "save_steps": 1000}
 ENDLESS = {"max_steps": 2000, "batch_size": 1, "max_seq_length": 64, "save_steps": 2, "eval_examples": 0}
 
 
@@ -96,17 +96,17 @@ def test_it_trains_the_sample_on_two_processes_as_well_as_on_one(settings, start
         return job if job.status in ("completed", "failed", "cancelled") else None
 
     started = time.monotonic()
-    first = wait_for(lambda: finished(one.pk), 300, "the 1-process job to end")
+    first = wait_for(lambda: finished(one.pk), 600, "the 1-process job to end")
     one_seconds = time.monotonic() - started
-    second = wait_for(lambda: finished(two.pk), 300, "the 2-process job to end")
+    second = wait_for(lambda: finished(two.pk), 600, "the 2-process job to end")
     two_seconds = time.monotonic() - started - one_seconds
     print(f"1 process x batch 4: {one_seconds:.0f} s; 2 processes x batch 2: {two_seconds:.0f} s")
     assert first.status == "completed", first.error_message
     assert second.status == "completed", second.error_message
     assert seen == {0, 1}  # two ranks trained it
-    assert second.current_step == second.total_steps == first.total_steps == 10
+    assert second.current_step == second.total_steps == first.total_steps == 8
     steps = list(LossPoint.objects.filter(job=second).values_list("step", flat=True))
-    assert steps == sorted(set(steps)) and steps[-1] == 10 and len(steps) == len(LossPoint.objects.filter(job=first))  # one history
+    assert steps == sorted(set(steps)) and steps[-1] == 8 and len(steps) == len(LossPoint.objects.filter(job=first))  # one history
     assert (Path(second.adapter_dir) / "adapter_model.safetensors").is_file()
     assert not any(p.name.startswith("rng_state") for p in Path(second.adapter_dir).iterdir())
     assert second.tokens_seen > 0
@@ -115,12 +115,10 @@ def test_it_trains_the_sample_on_two_processes_as_well_as_on_one(settings, start
     for job in (first, second):
         evaluation, _ = evaluation_start(owner=alice, job=job, test_size=8)
         done = wait_for(
-            lambda pk=evaluation.pk: (e := Evaluation.objects.get(pk=pk)).status in ("completed", "failed") and e, 300, "the evaluation"
+            lambda pk=evaluation.pk: (e := Evaluation.objects.get(pk=pk)).status in ("completed", "failed") and e, 600, "the evaluation"
         )
         assert done.status == "completed", done.error_message
-        matches[job.config["processes"]] = round(
-            done.metrics["finetuned"]["exact_match"] * done.test_size
-        )
+        matches[job.config["processes"]] = round(done.metrics["finetuned"]["exact_match"] * done.test_size)
     print(f"held-out exact match of 8: 1 process {matches[1]}, 2 processes {matches[2]}")
     assert abs(matches[1] - matches[2]) <= 1
     assert worker.proc.poll() is None
@@ -171,3 +169,81 @@ def test_it_names_the_rank_that_took_the_run_down():
     own = distributed.RankFailure(1, 1, None, "The machine ran out of memory. Lower batch_size.")
     assert distributed.root_failure([lost, own]) == own
     assert "rank 1 failed: The machine ran out of memory" in str(rank_failure([lost, own], 1, processes=2))
+
+
+@pytest.mark.django_db
+def test_it_lets_the_ranks_write_for_the_worker_process_that_holds_the_job(monkeypatch, alice, valid_dataset):
+    from tests.support import job_row
+    from tuna_core.jobs import job_held, job_write
+    from tuna_core.workers import HOLDER_ENV, worker_host
+
+    running = job_row(alice, valid_dataset, status="training", worker_host=worker_host(), worker_pid=os.getpid() + 100000)
+    assert not job_held(TrainingJob, running.pk).exists()  # another process's row
+    monkeypatch.setenv(HOLDER_ENV, str(os.getpid() + 100000))  # a rank started by that worker process
+    job_write(TrainingJob, running.pk, current_step=3)
+    assert row(running.pk).current_step == 3
+
+
+def test_it_builds_torchrun_s_command_for_one_machine_and_for_several(tmp_path):
+    one = distributed.torchrun_arguments(processes=2, entry=["manage.py", "tuna_train_rank", "7"], log_dir=tmp_path)
+    assert one == [
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "0",
+        "--log-dir",
+        str(tmp_path),
+        "--standalone",
+        "manage.py",
+        "tuna_train_rank",
+        "7",
+    ]
+    node = distributed.torchrun_arguments(
+        processes=1, entry=["x"], log_dir=tmp_path, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.5:29400", rdzv_id="tuna-job-7-1"
+    )
+    assert node[node.index("--node-rank") + 1] == "1" and node[node.index("--rdzv-backend") + 1] == "static"
+    assert node[node.index("--master-addr") + 1] == "10.0.0.5" and node[node.index("--master-port") + 1] == "29400"
+    with pytest.raises(ValueError, match="TUNA_TRAIN_RDZV_ENDPOINT as host:port"):
+        distributed.torchrun_arguments(processes=1, entry=["x"], log_dir=tmp_path, nnodes=2, rdzv_endpoint="")
+    assert (
+        distributed.threads_per_process(2, cores=2),
+        distributed.threads_per_process(2, cores=16),
+        distributed.threads_per_process(4, cores=2),
+    ) == (1, 8, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.model
+@pytest.mark.process
+def test_it_trains_a_job_on_two_machines_when_a_second_node_joins(settings, data_dir, tmp_path, alice, valid_dataset):
+    """Two "machines" of one process each on 127.0.0.1: the worker is node 0, `tuna_train_node` joins as node 1."""
+    import subprocess
+    import sys
+
+    from tests.support import free_port
+
+    nodes = {"TUNA_TRAIN_PROCESSES": "1", "TUNA_TRAIN_NNODES": "2", "TUNA_TRAIN_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}"}
+    settings.TUNA_TRAIN_PROCESSES, settings.TUNA_TRAIN_NNODES = "1", 2
+    queued = services.training_job_start(owner=alice, dataset=valid_dataset, config_data={**ENDLESS, "max_steps": 3})
+    assert queued.config["processes"] == 2
+    worker = Worker({**worker_env(data_dir), **nodes}, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: row(queued.pk).status == "training", 60, "the worker to claim the job")
+        with open(tmp_path / "node.log", "wb") as log:
+            node = subprocess.run(
+                [sys.executable, str(ROOT / "manage.py"), "tuna_train_node", "--job", str(queued.pk), "--node-rank", "1"],
+                cwd=ROOT,
+                env={**worker_env(data_dir), **nodes},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=300,
+            )
+        done = wait_for(lambda: (j := row(queued.pk)).status != "training" and j, 60, "the job to end")
+        assert node.returncode == 0, (tmp_path / "node.log").read_text()[-2000:]
+        assert done.status == "completed", done.error_message
+        assert list(LossPoint.objects.filter(job=done).values_list("step", flat=True)) == [1, 2, 3]
+    finally:
+        tree = process_tree(worker.pid)
+        worker.stop()
+        wait_for(lambda: not any(process_exists(pid) for pid in tree), 15, "the worker's processes to end")
+        print((tmp_path / "worker.log").read_text(errors="replace")[-3000:])
