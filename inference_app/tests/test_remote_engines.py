@@ -9,6 +9,7 @@ import time
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.urls import reverse
 from django.utils import timezone
 
 from inference_app import remote_engines
@@ -81,7 +82,9 @@ def test_it_answers_503_at_once_when_the_remote_engine_is_unreachable(settings, 
     assert UsageLog.objects.filter(user=alice, status="error").count() == 2
 
 
-def test_it_starts_an_engine_check_only_where_a_remote_engine_can_take_the_adapter(settings, alice, alice_api, bob_api, valid_dataset):
+def test_it_starts_an_engine_check_only_where_a_remote_engine_can_take_the_adapter(
+    settings, alice, alice_api, bob_api, valid_dataset, admin_client
+):
     job = job_row(alice, valid_dataset, status="completed", adapter_dir="/nowhere/adapter", completed_at=timezone.now())
     url = f"/api/training/{job.pk}/engine-check"
     assert alice_api.get(url).status_code == 404  # no engine, no check
@@ -101,6 +104,8 @@ def test_it_starts_an_engine_check_only_where_a_remote_engine_can_take_the_adapt
     assert "cannot be reached" in state["engine"]["detail"]
     assert bob_api.get(url).status_code == 404 and bob_api.post(url).status_code == 404
     assert EngineCheck.objects.filter(training_job=job).count() == 1
+    listed = admin_client.get(reverse("admin:inference_app_enginecheck_changelist"))
+    assert listed.status_code == 200 and f"vllm {down} smollm2" in listed.content.decode()
 
 
 # -- against a real llama-server at a URL -------------------------------------------------------------------
