@@ -321,7 +321,12 @@ def make_trainer(**kwargs):
 
                 with _forward_replaced(unwrapped, decode):
                     hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-            return answer_tokens_loss(base, inputs, num_items_in_batch, hidden=hidden)
+            loss = answer_tokens_loss(base, inputs, num_items_in_batch, hidden=hidden)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.accelerator.num_processes > 1:
+                # As the Trainer's own compute_loss: num_items_in_batch counts every process's tokens and DDP averages
+                # the gradients over the processes, so each process's share of the sum is scaled back by their number.
+                loss = loss * self.accelerator.num_processes
+            return loss
 
     return AnswerTokensTrainer(**kwargs)
 
