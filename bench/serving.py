@@ -91,8 +91,8 @@ def main() -> None:
             with server(data, "transformers") as url:
                 client = Client(url, token)
                 warm_up(client, job.model_id)
-                samples["transformers"] = [over_http(client, job.model_id, prompts, args)[0]]
-                _, answers["transformers"] = over_http(client, job.model_id, prompts, args)
+                speed, answers["transformers"] = over_http(client, job.model_id, prompts, args)
+                samples["transformers"] = [speed]
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
     report(samples, answers, direct_answers, prompts, args)
 

@@ -314,14 +314,14 @@ class GgufPrompts:
             raise EngineUnavailable(f"llama-server at {self.server.url} did not answer {path}: {exc}") from None
 
     def render(self, spec: CallSpec) -> str:
-        messages = list(spec.messages or [])
-        if has_tool_content(messages) and not self.renders_tools:
+        messages = list(spec.messages or [])  # a plain list for the template; the tools are read from spec.messages
+        if has_tool_content(spec.messages) and not self.renders_tools:
             raise ToolsUnsupported(
                 f"The chat template in {self.server.base_gguf.name} does not render tools or tool calls; export the fine-tune "
                 "again so that its GGUF carries LLM Tuna's tools-capable template."
             )
         try:
-            return self.formatter(messages=messages, tools=template_tools(messages)).prompt
+            return self.formatter(messages=messages, tools=template_tools(spec.messages)).prompt
         except (TemplateError, ValueError) as exc:  # llama-cpp-python's raise_exception raises a ValueError
             raise ChatTemplateRefused(str(exc) or type(exc).__name__) from None
 
@@ -394,6 +394,7 @@ class LlamaServerPool:
                     if lora in used:
                         used.remove(lora)
                     used.append(lora)
+                    del used[: -max(1, current().adapter_cache_size)]  # only the most recent can be held
                 if server is not None and (lora is None or lora in server.loras) and server.engine is not None:
                     return server.engine, _adapter(lora)
                 starting = self._starting.get(base)
