@@ -22,7 +22,8 @@ from tuna_core.jobs import queue_position
 class ExportFileSerializer(serializers.Serializer):
     name = serializers.CharField()
     kind = serializers.CharField(
-        help_text="gguf_base_f16, gguf_base_q8_0, gguf_lora, gguf_merged_q8_0, merged_safetensors, modelfile, readme or bundle"
+        help_text="gguf_base_f16, gguf_base_q8_0, gguf_lora, gguf_merged_q8_0, gguf_merged_q5_k_m, gguf_merged_q4_k_m, "
+        "merged_safetensors, modelfile, readme or bundle"
     )
     size_bytes = serializers.IntegerField()
     url = serializers.CharField()
@@ -39,6 +40,12 @@ class ParitySerializer(serializers.Serializer):
     mismatches = serializers.ListField(
         child=serializers.DictField(), help_text="Differing answers side by side (index, prompt, reference, pytorch, gguf)."
     )
+    quantization = serializers.DictField(
+        required=False,
+        help_text='Quantized variants only: {"type": "Q4_K_M", "bits": 4, "fallbacks": {"q4_K -> q5_0": tensors}} '
+        "(tensors whose rows do not divide into 256 are kept at another type by llama-quantize).",
+    )
+    note = serializers.CharField(required=False, help_text='Quantized variants only: "a 4-bit model differs: k of N answers differ".')
 
 
 class ExportSerializer(serializers.ModelSerializer):
@@ -80,7 +87,7 @@ class ExportSerializer(serializers.ModelSerializer):
     def get_files(self, export: Export) -> list[dict]:
         return export_files(export)
 
-    @extend_schema_field(serializers.DictField(child=ParitySerializer(), help_text='Per GGUF variant: "f16", "q8_0".'))
+    @extend_schema_field(serializers.DictField(child=ParitySerializer(), help_text='Per GGUF variant: "f16", "q8_0", "q5_k_m", "q4_k_m".'))
     def get_parity(self, export: Export) -> dict:
         return export.parity
 
@@ -118,7 +125,8 @@ class ExportStartSerializer(serializers.Serializer):
         required=False,
         allow_empty=False,
         max_length=len(exports.ALL_FORMATS),
-        help_text="Leave out for all: merged_safetensors, gguf_f16 (base + LoRA GGUF, Modelfile), gguf_q8_0 (base and merged q8_0).",
+        help_text="Leave out for all: merged_safetensors, gguf_f16 (base + LoRA GGUF, Modelfile), gguf_q8_0 (base and merged q8_0), "
+        "gguf_q5_k_m and gguf_q4_k_m (the merged model quantized by llama-quantize).",
     )
 
 

@@ -5,6 +5,9 @@ Layout under TUNA_DATA_DIR:
                                                           (TUNA_GGUF_DIR, by default <TUNA_DATA_DIR>/gguf)
     jobs/<id>/export/merged/                              merged weights (safetensors + tokenizer)
     jobs/<id>/export/adapter-f16.gguf, merged-q8_0.gguf, Modelfile, Modelfile.merged, README.md
+    jobs/<id>/export/merged-q4_k_m.gguf, merged-q5_k_m.gguf, Modelfile.q4_k_m, Modelfile.q5_k_m
+                                                          the merged fine-tune converted to f16 (not kept), then
+                                                          quantized by llama-quantize
 The bundle (README, Modelfiles and the GGUF files) is a tar streamed from those files, never built.
 
 An export is written into jobs/<id>/export.next/ and takes the place of export/ only once it has succeeded: while a
@@ -41,11 +44,17 @@ from tuna_llm.evaluation import decoding_budget
 from tuna_llm.loading import load_tokenizer_and_model, pick_device
 from tuna_llm.parity import gguf_answers, parity_report, pytorch_answers
 from tuna_llm.prompting import answer_text
+from tuna_llm.serving.engine import Adapter
 from tuna_llm.serving.registry import LoadedBaseModel
 
 logger = logging.getLogger("tuna.export")
 
 ALL_FORMATS = [choice.value for choice in Export.Format]
+# The K-quant formats: format -> (llama-quantize's type, the parity and file name's key, bits for the wording).
+QUANTIZED = {
+    Export.Format.GGUF_Q5_K_M: ("Q5_K_M", "q5_k_m", 5),
+    Export.Format.GGUF_Q4_K_M: ("Q4_K_M", "q4_k_m", 4),
+}
 BUNDLE_NAME = "bundle.tar"
 
 
@@ -58,7 +67,7 @@ class ExportFormatUnknown(Invalid, ExportRefused):
 
 
 class ExportToolsMissing(Unavailable, ExportRefused):
-    """llama.cpp's converter is not installed on this server."""
+    """llama.cpp's converter (or llama-quantize, for a K-quant format) is not installed on this server."""
 
 
 def export_dir(job: TrainingJob) -> Path:
@@ -89,6 +98,9 @@ def export_start(*, owner, job: TrainingJob, formats: list[str] | None = None) -
         raise ExportFormatUnknown(message, errors={"formats": [message]})
     missing = gguf_export.export_unavailable()
     if missing and any(f.startswith("gguf") for f in formats):
+        raise ExportToolsMissing(missing)
+    missing = gguf_export.quantize_unavailable()
+    if missing and any(f in QUANTIZED for f in formats):
         raise ExportToolsMissing(missing)
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().get(pk=job.pk)
@@ -190,12 +202,15 @@ def _export(export: Export, job: TrainingJob, out: Path, final: Path) -> tuple[l
     formats = export.formats
     merged_gguf = Export.Format.GGUF_Q8_0 in formats
     f16 = Export.Format.GGUF_F16 in formats
-    ggufs = f16 or merged_gguf
+    quantized = [QUANTIZED[f] for f in QUANTIZED if f in formats]  # Q5_K_M before Q4_K_M
+    ggufs = f16 or merged_gguf or bool(quantized)
     examples = held_out_examples(job.dataset)[: settings.TUNA_PARITY_EXAMPLES]
     stages = [
-        *(["Merging the adapter into the base weights"] if Export.Format.MERGED_SAFETENSORS in formats or merged_gguf else []),
+        *(["Merging the adapter into the base weights"] if Export.Format.MERGED_SAFETENSORS in formats or merged_gguf or quantized else []),
         *(["Converting the base model to GGUF (f16)", "Converting the adapter to a LoRA GGUF"] if f16 else []),
         *(["Converting the base model to GGUF (q8_0)", "Converting the merged model to GGUF (q8_0)"] if merged_gguf else []),
+        *(["Converting the merged model to GGUF (f16, to quantize)"] if quantized else []),
+        *(f"Quantizing the merged model ({qtype}, llama-quantize)" for qtype, _, _ in quantized),
         *(["Writing the Modelfiles and the README"] if ggufs else []),
         *(["Parity: PyTorch answers", "Parity: llama.cpp answers"] if ggufs and examples else []),
     ]
@@ -208,7 +223,7 @@ def _export(export: Export, job: TrainingJob, out: Path, final: Path) -> tuple[l
         files.append({"name": name, "kind": kind, "size_bytes": path.stat().st_size, "path": _relative(final / name if inside else path)})
 
     merged = out / "merged"
-    if Export.Format.MERGED_SAFETENSORS in formats or merged_gguf:
+    if Export.Format.MERGED_SAFETENSORS in formats or merged_gguf or quantized:
         progress.start("Merging the adapter into the base weights")
         gguf_export.merge_adapter(spec, plan, Path(job.adapter_dir), merged, hf_token=settings.HF_TOKEN)
         if Export.Format.MERGED_SAFETENSORS in formats:
@@ -230,8 +245,19 @@ def _export(export: Export, job: TrainingJob, out: Path, final: Path) -> tuple[l
         progress.start("Converting the merged model to GGUF (q8_0)")
         add(gguf_export.convert_model(merged, out / "merged-q8_0.gguf", "q8_0"), "gguf_merged_q8_0")
         names.update(merged="merged-q8_0.gguf")
+    quantization: dict[str, dict] = {}
+    if quantized:
+        progress.start("Converting the merged model to GGUF (f16, to quantize)")
+        merged_f16 = gguf_export.convert_model(merged, out / "merged-f16.gguf", "f16")
+        for qtype, key, bits in quantized:
+            progress.start(f"Quantizing the merged model ({qtype}, llama-quantize)")
+            done = gguf_export.quantize(merged_f16, out / f"merged-{key}.gguf", qtype)
+            quantization[key] = {"bits": bits, **{k: v for k, v in done.items() if k != "size_bytes"}}
+            add(out / f"merged-{key}.gguf", f"gguf_merged_{key}")
+            names[key] = f"merged-{key}.gguf"
+        merged_f16.unlink()  # only the quantizer's input
     if Export.Format.MERGED_SAFETENSORS not in formats:
-        shutil.rmtree(merged, ignore_errors=True)  # only needed for the merged GGUF
+        shutil.rmtree(merged, ignore_errors=True)  # only needed for the merged GGUFs
 
     parity: dict[str, Any] = {}
     if ggufs:
@@ -241,7 +267,7 @@ def _export(export: Export, job: TrainingJob, out: Path, final: Path) -> tuple[l
         for path in _write_ollama_files(loaded.tokenizer, out, names, job, keeps_merged):
             add(path, "modelfile" if path.name.startswith("Modelfile") else "readme")
         if examples:
-            parity = _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf)
+            parity = _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf, quantization)
             (out / "README.md").write_text(_readme(names, job, parity, keeps_merged), encoding="utf-8")
             for entry in files:
                 if entry["name"] == "README.md":
@@ -265,6 +291,7 @@ def _write_ollama_files(tokenizer, out: Path, names: dict[str, str], job: Traini
     variants = [
         ("Modelfile", {"model_file": names.get("base"), "adapter_file": names.get("lora")}),
         ("Modelfile.merged", {"model_file": names.get("merged")}),
+        *((f"Modelfile.{key}", {"model_file": names.get(key)}) for _, key, _ in QUANTIZED.values()),
     ]
     for filename, files in variants:
         if files["model_file"]:
@@ -276,19 +303,25 @@ def _write_ollama_files(tokenizer, out: Path, names: dict[str, str], job: Traini
 
 
 def _readme(names: dict[str, str], job: TrainingJob, parity: dict, merged: bool) -> str:
+    quantized = [names[key] for _, key, _ in QUANTIZED.values() if key in names]
+    modelfiles = ["Modelfile"] if names.get("base") else ["Modelfile.merged"] if names.get("merged") else []
+    modelfiles += [f"Modelfile.{key}" for _, key, _ in QUANTIZED.values() if key in names]
     return ollama.bundle_readme(
         name=f"tuna-job-{job.pk}",
         base_gguf=names.get("base"),
         lora_gguf=names.get("lora"),
         merged_gguf=names.get("merged"),
+        quantized_ggufs=quantized,
         merged_dir="merged" if merged else None,
-        modelfile_name="Modelfile" if names.get("base") else "Modelfile.merged",
+        modelfile_name=modelfiles[0] if modelfiles else None,
         parity={name: {k: v for k, v in figures.items() if k != "mismatches"} for name, figures in parity.items()},
     )
 
 
-def _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf) -> dict[str, Any]:
-    from tuna_llm.serving.llamacpp import LlamaCppModel
+def _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf, quantization) -> dict[str, Any]:
+    """Each GGUF variant's greedy answers through llama-server (the engine that serves it), one prompt at a time,
+    against PyTorch's."""
+    from tuna_llm.serving.llama_server import launched
 
     adapter = f"job-{job.pk}"
     loaded.attach_adapter(adapter, job.adapter_dir)
@@ -307,15 +340,21 @@ def _parity(job, loaded, examples, progress, out, base_dir, f16, merged_gguf) ->
         variants.append(("f16", base_dir / "base-f16.gguf", out / "adapter-f16.gguf", "base-f16.gguf + adapter-f16.gguf"))
     if merged_gguf:
         variants.append(("q8_0", out / "merged-q8_0.gguf", None, "merged-q8_0.gguf"))
+    for key in quantization:
+        variants.append((key, out / f"merged-{key}.gguf", None, f"merged-{key}.gguf"))
     for number, (name, model_path, lora, label) in enumerate(variants):
-        model = LlamaCppModel(model_path)
 
         def step(done: int, number=number, name=name) -> None:
             progress.within(f"{stage}: {name} ({done}/{total})", (number + done / total) / len(variants))
 
-        answers = gguf_answers(model, examples, budget, lora=lora, progress=step)
+        with launched(model_path, [lora] if lora else [], parallel=1) as engine:
+            lora_adapter = Adapter(lora.stem, lora) if lora else None
+            answers = gguf_answers(engine, examples, budget, adapter=lora_adapter, progress=step)
         report[name] = parity_report(examples, torch_answers, answers, label=label)
-        del model
+        if name in quantization:
+            figures = report[name]
+            figures["quantization"] = quantization[name]
+            figures["note"] = ollama.quantization_note(quantization[name], figures["identical"], figures["total"])
     return report
 
 
@@ -329,7 +368,7 @@ def export_file(export: Export, name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-BUNDLE_KINDS = ("readme", "modelfile", "gguf_base_f16", "gguf_lora", "gguf_merged_q8_0")
+BUNDLE_KINDS = ("readme", "modelfile", "gguf_base_f16", "gguf_lora", "gguf_merged_q8_0", "gguf_merged_q5_k_m", "gguf_merged_q4_k_m")
 
 
 def bundle_members(export: Export) -> list[tuple[str, Path]]:

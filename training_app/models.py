@@ -251,6 +251,8 @@ class Export(WorkerJob):
         MERGED_SAFETENSORS = "merged_safetensors", "Merged weights (safetensors, for transformers and vLLM)"
         GGUF_F16 = "gguf_f16", "GGUF f16: the base model and the adapter as a LoRA GGUF (llama.cpp, Ollama)"
         GGUF_Q8_0 = "gguf_q8_0", "GGUF q8_0: the base model, and the fine-tune merged into one file"
+        GGUF_Q5_K_M = "gguf_q5_k_m", "GGUF Q5_K_M: the fine-tune merged and quantized to about 5 bits (answers may differ)"
+        GGUF_Q4_K_M = "gguf_q4_k_m", "GGUF Q4_K_M: the fine-tune merged and quantized to about 4 bits (smallest; answers differ more)"
 
     WORK_FUNCTION = "training_app.exports.export_work"
     WORK = "The export"
@@ -267,7 +269,8 @@ class Export(WorkerJob):
     # [{"name": "adapter-f16.gguf", "kind": "gguf_lora", "size_bytes": 123, "path": "<relative to TUNA_DATA_DIR>"}]
     files = models.JSONField(default=list, blank=True)
     # {"f16": {"identical", "total", "exact_match_pytorch", "exact_match_gguf", "tokens_per_second_pytorch",
-    #          "tokens_per_second_gguf", "mismatches": [...]}, "q8_0": {...}}
+    #          "tokens_per_second_gguf", "mismatches": [...]}, "q8_0": {...},
+    #  "q4_k_m": {..., "quantization": {"type": "Q4_K_M", "bits": 4, "fallbacks": {"q4_K -> q5_0": 90}}}, "q5_k_m": {...}}
     parity = models.JSONField(default=dict, blank=True)
     llama_cpp_version = models.CharField(max_length=32, blank=True)
 

@@ -1,8 +1,9 @@
-"""Exports of a fine-tune: merged weights, and GGUF files made by the pinned llama.cpp's own converter.
+"""Exports of a fine-tune: merged weights, and GGUF files made by the pinned llama.cpp's own converter and quantizer.
 
 The converter scripts come from the same source distribution as the llama-cpp-python runtime
 (tools/install_llama_cpp.py copies them to <prefix>/share/llama.cpp-converter-<version>), so a GGUF is
-always written by the converter of the llama.cpp that runs it. Conversions run offline
+always written by the converter of the llama.cpp that runs it; the K-quant files (Q4_K_M, Q5_K_M) are made from
+an f16 GGUF by llama-quantize of the same source (tuna_llm.llama_tools). Conversions run offline
 (HF_HUB_OFFLINE=1): everything they read is on disk. Every file is written under a ".partial" name and
 renamed once whole, so a failed or killed conversion never leaves a file that looks finished.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tuna_llm import llama_tools
 from tuna_llm.catalog import BaseModelSpec
 from tuna_llm.loading import DevicePlan, load_tokenizer_and_model
 from tuna_llm.prompting import chat_template_for
@@ -28,6 +31,12 @@ from tuna_llm.training import save_tokenizer
 
 CONVERTER_DIR_ENV = "TUNA_LLAMA_CPP_CONVERTER_DIR"
 PARTIAL = ".partial"
+# llama-quantize's types offered by the export (the ones Ollama's library ships most).
+QUANTIZATIONS = ("Q4_K_M", "Q5_K_M")
+# llama-quantize's line for a tensor whose rows do not divide into K-quant blocks of 256 (SmolLM2's rows are 576
+# wide): "warning: blk.0.attn_k.weight - ncols 576 not divisible by 256 (required for type q4_K) -> falling back to q5_0"
+_FALLBACK = re.compile(r"ncols\s+(\d+) not divisible by \d+ \(required for type\s+(\w+)\)\s*->\s*falling back to\s+(\w+)")
+_TENSORS = re.compile(r"loaded meta data with \d+ key-value pairs and (\d+) tensors")
 
 
 class ConversionFailed(RuntimeError):
@@ -56,6 +65,49 @@ def export_unavailable() -> str | None:
     if not (converter_dir() / "convert_hf_to_gguf.py").is_file():
         return f"The llama.cpp converter is missing from {converter_dir()}: run python tools/install_llama_cpp.py."
     return None
+
+
+def quantize_unavailable() -> str | None:
+    """Why the K-quant exports cannot run here (None when they can)."""
+    try:
+        llama_tools.binary(llama_tools.QUANTIZE)
+    except llama_tools.LlamaToolMissing as exc:
+        return str(exc)
+    return None
+
+
+def quantize(source: Path, out: Path, qtype: str, threads: int | None = None) -> dict[str, Any]:
+    """An f16 GGUF quantized by llama-quantize to `qtype` (one of QUANTIZATIONS), written whole or not at all.
+    Returns what llama-quantize did: {"type", "tensors" (in all), "fallbacks": {"q4_K -> q5_0": tensors kept at a
+    wider type because their rows do not divide into K-quant blocks}, "fallback_widths": those rows' widths,
+    "size_bytes"}."""
+    if qtype not in QUANTIZATIONS:
+        raise ValueError(f"Unknown quantization {qtype!r}; choose from {', '.join(QUANTIZATIONS)}.")
+    program = llama_tools.binary(llama_tools.QUANTIZE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial(out)
+    partial.unlink(missing_ok=True)
+    command = [str(program), str(source), str(partial), qtype, str(threads or os.cpu_count() or 1)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    said = (result.stdout or "") + (result.stderr or "")
+    if result.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        lines = [line for line in said.strip().splitlines() if line.strip()]
+        raise ConversionFailed(f"llama-quantize {qtype} failed (exit {result.returncode}): {' | '.join(lines[-3:])[:600] or 'no output'}")
+    os.replace(partial, out)
+    fallbacks: dict[str, int] = {}
+    widths: set[int] = set()
+    for width, wanted, used in _FALLBACK.findall(said):
+        fallbacks[f"{wanted} -> {used}"] = fallbacks.get(f"{wanted} -> {used}", 0) + 1
+        widths.add(int(width))
+    tensors = _TENSORS.search(said)
+    return {
+        "type": qtype,
+        "tensors": int(tensors.group(1)) if tensors else None,
+        "fallbacks": fallbacks,
+        "fallback_widths": sorted(widths),
+        "size_bytes": out.stat().st_size,
+    }
 
 
 def _partial(path: Path) -> Path:

@@ -13,7 +13,7 @@ parser/parser.go.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -315,17 +315,20 @@ def bundle_readme(
     base_gguf: str | None = None,
     lora_gguf: str | None = None,
     merged_gguf: str | None = None,
+    quantized_ggufs: Sequence[str] = (),
     merged_dir: str | None = None,
     modelfile_name: str | None = "Modelfile",
     parity: Mapping[str, Mapping[str, Any] | str] | None = None,
 ) -> str:
-    """A short README of how to run the bundle's files; each section appears only when its files are there."""
+    """A short README of how to run the bundle's files; each section appears only when its files are there.
+    `quantized_ggufs`: the merged model quantized by llama-quantize (merged-q4_k_m.gguf, ...), each with a
+    Modelfile.<type> beside it."""
     out = [f"# {name}", "", "A LoRA fine-tune exported by LLM Tuna. Pick one way to run it:", ""]
     if parity:
         out += ["## Parity with PyTorch", "", "The held-out prompts, answered greedily by the export and by PyTorch:", ""]
         out += [f"- {fmt}: {_parity_line(figures)}" for fmt, figures in parity.items()]
         out.append("")
-    if base_gguf or merged_gguf:
+    if base_gguf or merged_gguf or quantized_ggufs:
         out += ["## llama.cpp", "", "```sh"]
         if base_gguf and lora_gguf:
             out += [
@@ -339,12 +342,24 @@ def bundle_readme(
                 f"llama-cli -m {merged_gguf} --temp 0",
                 f"llama-server -m {merged_gguf} --jinja --port 8080",
             ]
+        for quantized in quantized_ggufs:
+            out += [
+                f"# or the merged model quantized ({_quantization(quantized)}): smaller and faster, answers may differ",
+                f"llama-server -m {quantized} --jinja --port 8080",
+            ]
         out += ["```", ""]
     if modelfile_name:
         out += ["## Ollama", "", "```sh", f"ollama create {_slug(name)} -f {modelfile_name}", f"ollama run {_slug(name)}", "```", ""]
         out.append(f"The {modelfile_name} carries the model's chat template, system prompt and stop tokens.")
         if base_gguf and lora_gguf and merged_gguf:
             out.append(f"To use the merged GGUF instead, replace its FROM and ADAPTER lines with `FROM ./{merged_gguf}`.")
+        others = [f"Modelfile.{_quantization(q).lower()}" for q in quantized_ggufs]
+        others = [name for name in others if name != modelfile_name]
+        if others:
+            out.append(
+                f"The quantized files have their own: `ollama create {_slug(name)}-<type> -f {others[0]}`"
+                + (f" ({', '.join(others)})." if len(others) > 1 else ".")
+            )
         out.append("")
     if merged_dir:
         out += [
@@ -368,13 +383,23 @@ def bundle_readme(
     return "\n".join(out)
 
 
+def _quantization(filename: str) -> str:
+    """ "merged-q4_k_m.gguf" -> "Q4_K_M"."""
+    return filename.removesuffix(".gguf").rsplit("-", 1)[-1].upper()
+
+
 def _parity_line(figures: Mapping[str, Any] | str) -> str:
     if isinstance(figures, str):
         return figures
     known = {"identical", "total", "exact_match_pytorch", "exact_match_gguf", "tokens_per_second_pytorch", "tokens_per_second_gguf"}
     said = []
+    known |= {"quantization", "note"}
     if "identical" in figures and "total" in figures:
         said.append(f"{figures['identical']}/{figures['total']} answers identical")
+    if figures.get("note"):
+        said.append(str(figures["note"]))
+    elif isinstance(figures.get("quantization"), Mapping):
+        said.append(quantization_note(figures["quantization"], figures.get("identical"), figures.get("total")))
     if "exact_match_gguf" in figures or "exact_match_pytorch" in figures:
         said.append(f"exact match {figures.get('exact_match_gguf', '?')} (GGUF) vs {figures.get('exact_match_pytorch', '?')} (PyTorch)")
     if "tokens_per_second_gguf" in figures or "tokens_per_second_pytorch" in figures:
@@ -384,6 +409,27 @@ def _parity_line(figures: Mapping[str, Any] | str) -> str:
         )
     said += [f"{k} {v}" for k, v in figures.items() if k not in known]
     return "; ".join(said)
+
+
+def quantization_note(quantization: Mapping[str, Any], identical: int | None, total: int | None) -> str:
+    """What a quantized variant's parity figure means, as it is: "a 4-bit model differs: 3 of 32 answers differ"."""
+    bits = quantization.get("bits")
+    kind = f"a {bits}-bit model" if bits else f"a {quantization.get('type', 'quantized')} model"
+    if identical is None or not total:
+        return f"{kind} differs"
+    differ = int(total) - int(identical)
+    note = f"{kind} differs: {differ} of {total} answer{'s' if total != 1 else ''} differ{'s' if differ == 1 else ''}"
+    fallbacks = quantization.get("fallbacks") or {}
+    if fallbacks:
+        count, tensors = sum(fallbacks.values()), quantization.get("tensors")
+        widths = ", ".join(str(w) for w in quantization.get("fallback_widths") or [])
+        note += (
+            f"; llama-quantize kept {count}{f' of {tensors}' if tensors else ''} tensors at a wider type"
+            f" (rows{f' {widths} wide' if widths else ''} do not divide into its blocks of 256: "
+            + ", ".join(f"{k} x{v}" for k, v in fallbacks.items())
+            + ")"
+        )
+    return note
 
 
 def _number(value: Any) -> str:

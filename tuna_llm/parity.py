@@ -1,22 +1,22 @@
 """Parity of an export: the same held-out prompts, greedy, through PyTorch (transformers + peft, what the
-platform trained and evaluated) and through the exported GGUF in llama.cpp (with the GGUF's own chat
-template). Identical answers are counted, never assumed; every mismatch is kept, side by side. Django-free.
+platform trained and evaluated) and through the exported GGUF in the engine that serves it (llama-server,
+tuna_llm.serving.llama_server, with the GGUF's own chat template). Identical answers are counted, never assumed;
+every mismatch is kept, side by side. Django-free.
 
 PyTorch's answers are decoded as one continuously batched call, as evaluation and serving decode
-(tuna_llm.serving: a row's answer does not depend on its batch, so each is the answer it gets alone).
+(tuna_llm.serving: a row's answer does not depend on its batch, so each is the answer it gets alone). The GGUF's
+are asked one prompt at a time, greedy, through the Engine interface: the same calls serving makes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from tuna_llm import metrics
 from tuna_llm.prompting import Message, answer_text, render_chat
 from tuna_llm.serving.batching import GenerationRequest, decode_all
-from tuna_llm.serving.engine import Generation
-from tuna_llm.serving.llamacpp import LlamaCall, LlamaCppModel
+from tuna_llm.serving.engine import Adapter, CallSpec, Engine, Generation, result_of
 from tuna_llm.serving.registry import LoadedBaseModel
 
 MISMATCHES_KEPT = 20
@@ -52,15 +52,18 @@ def pytorch_answers(
 
 
 def gguf_answers(
-    model: LlamaCppModel,
+    engine: Engine,
     examples: Sequence[list[Message]],
     budget: int,
-    lora: Path | None = None,
+    adapter: Adapter | None = None,
     progress: Callable[[int], None] = lambda done: None,
 ) -> list[Generation]:
+    """Greedy answers of `engine` (with `adapter`, e.g. the job's LoRA GGUF) to each example's conversation, its
+    last message left out, one prompt at a time."""
     answers = []
     for index, messages in enumerate(examples):
-        answers.append(model.chat(LlamaCall(messages=messages[:-1], max_tokens=budget, lora=lora)))
+        request = engine.prepare(CallSpec(messages=messages[:-1], max_tokens=budget, temperature=0.0, adapter=adapter))
+        answers.append(result_of(engine.submit(request)))
         progress(index + 1)
     return answers
 

@@ -19,9 +19,12 @@ FP32_BYTES = 4
 CHECKPOINT_COPIES = 3
 # Files an adapter folder copies from the base (the tokenizer, so the folder loads alone).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "special_tokens_map.json")
-# Bytes per parameter of a GGUF file by its type (q4 for reference: no export writes it yet).
-GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 1.07, "q4": 0.6}
+# Bytes per parameter of a GGUF file by its type. The K-quants: what llama-quantize wrote for SmolLM2-135M, rounded up
+# (0.78 and 0.83: it keeps 180 of its 272 tensors at a wider type, their 576-wide rows not dividing into blocks of
+# 256); a model whose rows divide gets ~0.6 and ~0.7, so larger models are overestimated, never under.
+GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 1.07, "q5_k_m": 0.85, "q4_k_m": 0.8, "q4": 0.6}
 MERGED, GGUF_F16, GGUF_Q8_0 = "merged_safetensors", "gguf_f16", "gguf_q8_0"
+GGUF_QUANTIZED = {"gguf_q5_k_m": "q5_k_m", "gguf_q4_k_m": "q4_k_m"}  # made by llama-quantize from a merged f16 GGUF
 
 
 def read_config(model_dir: str | Path | None) -> dict[str, Any] | None:
@@ -66,25 +69,29 @@ def run_bytes(adapter_bytes: int, *, kept_checkpoints: int, extra_bytes: int = 0
 def export_bytes(formats: Iterable[str], *, weight_bytes: int, parameters: int, adapter_bytes: int) -> int:
     """What an export keeps in the job's folder, by format: merged safetensors ~ the base's weights; gguf_f16 the adapter
     as an f16 LoRA GGUF (half its fp32 safetensors; the base's f16 GGUF is shared, see `shared_export_bytes`); gguf_q8_0
-    the merged model in q8_0 (1.07 bytes a parameter)."""
+    the merged model in q8_0 (1.07 bytes a parameter); gguf_q5_k_m / gguf_q4_k_m the merged model quantized (0.85 / 0.8)."""
     formats = set(formats)
     total = weight_bytes if MERGED in formats else 0
     total += adapter_bytes / 2 if GGUF_F16 in formats else 0
     total += parameters * GGUF_BYTES_PER_PARAMETER["q8_0"] if GGUF_Q8_0 in formats else 0
+    total += sum(parameters * GGUF_BYTES_PER_PARAMETER[outtype] for name, outtype in GGUF_QUANTIZED.items() if name in formats)
     return int(total)
 
 
 def shared_export_bytes(formats: Iterable[str], *, weight_bytes: int, parameters: int, converted: Iterable[str] = ()) -> int:
     """What an export writes besides the job's folder: the base's GGUF conversions not on the server yet (`converted`:
-    the types already there; written once per base, shared by every export), and the merged weights a q8_0-only export
-    writes while it runs."""
+    the types already there; written once per base, shared by every export), the merged weights an export of merged
+    GGUFs without merged_safetensors writes while it runs, and the merged f16 GGUF the K-quants are made from."""
     formats, converted = set(formats), set(converted)
     total = 0.0
     for name, outtype in ((GGUF_F16, "f16"), (GGUF_Q8_0, "q8_0")):
         if name in formats and outtype not in converted:
             total += parameters * GGUF_BYTES_PER_PARAMETER[outtype]
-    if GGUF_Q8_0 in formats and MERGED not in formats:
+    quantized = any(name in formats for name in GGUF_QUANTIZED)
+    if (GGUF_Q8_0 in formats or quantized) and MERGED not in formats:
         total += weight_bytes
+    if quantized:
+        total += parameters * GGUF_BYTES_PER_PARAMETER["f16"]  # the merged f16 GGUF llama-quantize reads, removed after
     return int(total)
 
 

@@ -33,7 +33,25 @@ def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, ali
     export = run_export(Export.objects.get(pk=response.json()["id"]))
     assert export.status == "completed", export.error_message
     kinds = {f["kind"] for f in export.files}
-    assert kinds == {"merged_safetensors", "gguf_base_f16", "gguf_base_q8_0", "gguf_lora", "gguf_merged_q8_0", "modelfile", "readme"}
+    assert kinds == {
+        "merged_safetensors",
+        "gguf_base_f16",
+        "gguf_base_q8_0",
+        "gguf_lora",
+        "gguf_merged_q8_0",
+        "gguf_merged_q5_k_m",
+        "gguf_merged_q4_k_m",
+        "modelfile",
+        "readme",
+    }
+    # The merged f16 GGUF llama-quantize read is not kept, nor anything half-written.
+    assert sorted(p.name for p in exports.export_dir(finetuned_job).glob("*.gguf")) == [
+        "adapter-f16.gguf",
+        "merged-q4_k_m.gguf",
+        "merged-q5_k_m.gguf",
+        "merged-q8_0.gguf",
+    ]
+    assert not list(exports.export_dir(finetuned_job).rglob("*.partial"))
 
     body = alice_api.get(f"/api/training/{finetuned_job.pk}/export").json()
     f16, q8 = body["parity"]["f16"], body["parity"]["q8_0"]
@@ -41,6 +59,18 @@ def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, ali
     assert f16["identical"] / f16["total"] >= 0.95 and body["parity_passed"]  # f16 + LoRA in llama.cpp = PyTorch
     assert f16["tokens_per_second_gguf"] > 0 and f16["tokens_per_second_pytorch"] > 0
     assert 0 <= q8["identical"] <= q8["total"]  # q8_0's figure is shown, whatever it is
+    # The K-quants' figures are shown as they are, with what llama-quantize did (SmolLM2's 576-wide rows do not
+    # divide into K-quant blocks of 256: those tensors are kept at a wider type).
+    for key, qtype, bits in (("q5_k_m", "Q5_K_M", 5), ("q4_k_m", "Q4_K_M", 4)):
+        quantized = body["parity"][key]
+        assert quantized["total"] == f16["total"] and 0 <= quantized["identical"] <= quantized["total"]
+        assert quantized["quantization"]["type"] == qtype and quantized["quantization"]["bits"] == bits
+        assert quantized["quantization"]["fallbacks"], quantized["quantization"]
+        differ = quantized["total"] - quantized["identical"]
+        assert quantized["note"].startswith(f"a {bits}-bit model differs: {differ} of {quantized['total']} answers differ")
+        assert len(quantized["mismatches"]) == min(differ, 20)
+    sizes = {f["kind"]: f["size_bytes"] for f in body["files"]}
+    assert sizes["gguf_merged_q4_k_m"] < sizes["gguf_merged_q5_k_m"] < sizes["gguf_merged_q8_0"]
     assert len(f16["mismatches"]) == f16["total"] - f16["identical"]
 
     # Every listed file downloads, streamed, with the token; the bundle is a tar of the right length.
@@ -59,17 +89,24 @@ def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, ali
         "base-f16.gguf",
         "adapter-f16.gguf",
         "merged-q8_0.gguf",
+        "merged-q5_k_m.gguf",
+        "merged-q4_k_m.gguf",
+        "Modelfile.q5_k_m",
+        "Modelfile.q4_k_m",
     }
     readme = tarfile.open(fileobj=io.BytesIO(data)).extractfile(prefix + "README.md").read().decode()
     assert "ollama create" in readme and "llama" in readme
+    assert "llama-server -m merged-q4_k_m.gguf" in readme and body["parity"]["q4_k_m"]["note"] in readme
     # Both Modelfiles read as Ollama reads them: the base with the adapter, and the merged file alone.
     modelfiles = {
         name: tarfile.open(fileobj=io.BytesIO(data)).extractfile(prefix + name).read().decode()
-        for name in ("Modelfile", "Modelfile.merged")
+        for name in ("Modelfile", "Modelfile.merged", "Modelfile.q4_k_m", "Modelfile.q5_k_m")
     }
     parsed = parse_modelfile(modelfiles["Modelfile"])
     assert (parsed.value("from"), parsed.value("adapter")) == ("./base-f16.gguf", "./adapter-f16.gguf") and parsed.value("template")
     assert parse_modelfile(modelfiles["Modelfile.merged"]).value("from") == "./merged-q8_0.gguf"
+    assert parse_modelfile(modelfiles["Modelfile.q4_k_m"]).value("from") == "./merged-q4_k_m.gguf"
+    assert parse_modelfile(modelfiles["Modelfile.q5_k_m"]).value("from") == "./merged-q5_k_m.gguf"
 
     # The merged weights load in plain transformers (no peft) and answer as base + adapter does.
     from transformers import AutoModelForCausalLM
@@ -87,6 +124,10 @@ def test_it_exports_every_format_and_the_gguf_answers_as_pytorch_does(alice, ali
 
     page = alice_client.get(f"/training/{finetuned_job.pk}")
     assert page.status_code == 200 and b'id="parity"' in page.content and b"bundle.tar" in page.content
+    assert (
+        f'data-quantization="q4_k_m">Q4_K_M: a 4-bit model differs: {body["parity"]["q4_k_m"]["total"] - body["parity"]["q4_k_m"]["identical"]} of'.encode()
+        in page.content
+    )
 
 
 def test_it_decodes_the_parity_answers_in_one_batch_and_each_is_its_answer_alone(finetuned_job, fp32):

@@ -98,13 +98,15 @@ def test_it_charges_an_export_what_its_folder_keeps_and_counts_the_shared_gguf_f
     base = get_base_model_spec("smollm2-135m-instruct").config_dir()
     weights, parameters = sizes.weight_bytes(base), sizes.estimate_parameters(sizes.read_config(base))
     kept, elsewhere = exports.export_storage_estimate(job, exports.ALL_FORMATS)
-    # The job's folder: merged weights, the adapter as an f16 LoRA GGUF (half its fp32 size), the merged q8_0 GGUF.
-    assert kept == int(weights + 10_000_000 + parameters * 1.07)
-    # Elsewhere, written once per base: its f16 and q8_0 GGUFs, not charged to the user.
-    assert elsewhere == int(parameters * 2.0 + parameters * 1.07)
+    # The job's folder: merged weights, the adapter as an f16 LoRA GGUF (half its fp32 size), the merged q8_0 GGUF,
+    # and the merged Q5_K_M and Q4_K_M GGUFs.
+    assert kept == int(weights + 10_000_000 + parameters * 1.07 + (parameters * 0.85 + parameters * 0.8))
+    # Elsewhere, written once per base: its f16 and q8_0 GGUFs, not charged to the user; and while the export runs,
+    # the merged f16 GGUF llama-quantize reads (removed once quantized).
+    assert elsewhere == int(parameters * 2.0 + parameters * 1.07 + parameters * 2.0)
     for outtype in ("f16", "q8_0"):
         write(exports.base_gguf_dir(job.base_model) / f"base-{outtype}.gguf", 10)
-    assert exports.export_storage_estimate(job, exports.ALL_FORMATS) == (kept, 0)
+    assert exports.export_storage_estimate(job, exports.ALL_FORMATS) == (kept, int(parameters * 2.0))
 
 
 def test_it_falls_back_to_the_full_quota_check_for_a_base_whose_files_are_not_here(alice, alice_api, valid_dataset, data_dir, settings):
