@@ -115,31 +115,6 @@ def test_it_relies_on_trl_fused_lm_head_reading_use_triton_from_its_utils_module
 
 # -- llama-cpp-python ---------------------------------------------------------------------------------
 @needs_llama_cpp
-def test_it_relies_on_llama_exposing_its_model_and_context_handles():
-    from llama_cpp import Llama
-
-    assert isinstance(Llama.model, property) and isinstance(Llama.ctx, property)
-
-
-@needs_llama_cpp
-def test_it_relies_on_llama_cpp_c_functions_for_per_call_lora_vocabulary_and_cache():
-    import llama_cpp
-
-    for name in (
-        "llama_adapter_lora_init",
-        "llama_set_adapters_lora",
-        "llama_adapter_lora_p_ctypes",
-        "llama_model_get_vocab",
-        "llama_vocab_get_text",
-        "llama_vocab_is_eog",
-        "llama_get_memory",
-        "llama_memory_clear",
-    ):
-        assert hasattr(llama_cpp, name), name
-    assert list(inspect.signature(llama_cpp.Llama.detokenize).parameters)[:3] == ["self", "tokens", "prev_tokens"]
-
-
-@needs_llama_cpp
 def test_it_relies_on_jinja2_chat_formatter_rendering_with_bos_and_eos():
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
