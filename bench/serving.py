@@ -5,9 +5,9 @@ On a throw-away data directory and SQLite database: uploads the sample, trains a
 --adapter), exports it as f16 GGUF (base + LoRA, through the worker's code path), then on the sample's
 held-out prompts, greedy, with max_tokens each:
 
-- llama.cpp direct: ``llama_cpp.Llama`` created and called on this one thread, the base GGUF + the job's LoRA
-  GGUF, as many threads as the server's llama-server uses (one per core), its chat completion (the GGUF's
-  template), one call after another;
+- llama.cpp direct: ``llama_cpp.Llama`` created and called on one thread of a fresh Python of its own (torch,
+  which trained and exported in this one, not beside it), the base GGUF + the job's LoRA GGUF, as many threads
+  as llama-server uses (one per core), its chat completion (the GGUF's template), one call after another;
 - llama.cpp over HTTP: gunicorn (one process, threads, as `make run` and compose) with
   TUNA_SERVING_ENGINE=llamacpp: the product starts llama-server (TUNA_LLAMA_SERVER_PARALLEL slots, continuous
   batching) and forwards each call to it (tuna_llm.serving.llama_server, openai_engine);
@@ -29,9 +29,11 @@ The base model's GGUF is cached in TUNA_GGUF_DIR (default media/gguf). llama-ser
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,13 +71,14 @@ def main() -> None:
         print(f"{job.model_id}: {len(prompts)} held-out prompts, max_tokens {args.tokens}, {args.clients} clients x {args.rounds} calls\n")
 
         direct = Direct(export, args)
+        direct.run(prompts[:1])  # warm-up: the model and its LoRA loaded, caches filled
         samples: dict[str, list[float]] = {"direct": [], "single": [], "concurrent": []}
         answers: dict[str, list[str]] = {}
         with server(data, "llamacpp") as url:
             client = Client(url, token)
             warm_up(client, job.model_id)
             for repeat in range(args.repeats):  # alternated, so that every measurement sees the same drift
-                samples["direct"].append(timed(lambda: [direct.call(messages) for messages in prompts]))
+                samples["direct"].append(direct.run(prompts))
                 single, answers["llamacpp"] = over_http(client, job.model_id, prompts, args)
                 samples["single"].append(single)
                 samples["concurrent"].append(
@@ -86,7 +89,8 @@ def main() -> None:
                     f"{args.clients} clients {samples['concurrent'][-1]:.1f} tokens/s",
                     flush=True,
                 )
-        direct_answers = [direct.answer(messages) for messages in prompts]
+        direct_answers = direct.answers
+        direct.close()
         if not args.no_transformers:
             with server(data, "transformers") as url:
                 client = Client(url, token)
@@ -152,26 +156,44 @@ def gguf_paths(export) -> tuple[Path, Path]:
     return tuple(Path(settings.TUNA_DATA_DIR) / export.file(kind)["path"] for kind in ("gguf_base_f16", "gguf_lora"))
 
 
+DIRECT = """
+import json, sys, time
+from llama_cpp import Llama
+
+base, lora, threads, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=base, lora_path=lora, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+for line in sys.stdin:
+    prompts = json.loads(line)
+    started, done, answers = time.perf_counter(), 0, []
+    for messages in prompts:
+        out = llm.create_chat_completion(messages=messages, max_tokens=tokens, temperature=0.0)
+        done += out["usage"]["completion_tokens"]
+        answers.append(out["choices"][0]["message"]["content"])
+    print(json.dumps({"tokens_per_s": done / (time.perf_counter() - started), "answers": answers}), flush=True)
+"""
+
+
 class Direct:
-    """llama.cpp called directly: ``llama_cpp.Llama`` with the base GGUF + the job's LoRA GGUF, created and called
-    on this thread only (ggml's OpenMP makes a thread team per calling thread; another thread would slow it)."""
+    """llama.cpp called directly: ``llama_cpp.Llama`` with the base GGUF + the job's LoRA GGUF, in a fresh Python of
+    its own (no torch beside it), created and called on its one thread (ggml's OpenMP makes a thread team per
+    calling thread; another thread would slow it). Each ``run`` answers the prompts one after another."""
 
     def __init__(self, export, args) -> None:
-        from llama_cpp import Llama
-
         base, lora = gguf_paths(export)
-        threads = os.cpu_count() or 1
-        self.args = args
-        self.llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+        command = [sys.executable, "-c", DIRECT, str(base), str(lora), str(os.cpu_count() or 1), str(args.tokens)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.answers: list[str] = []
 
-    def _complete(self, messages) -> dict:
-        return self.llm.create_chat_completion(messages=messages, max_tokens=self.args.tokens, temperature=0.0)
+    def run(self, prompts) -> float:
+        self.process.stdin.write(json.dumps(prompts) + "\n")
+        self.process.stdin.flush()
+        result = json.loads(self.process.stdout.readline())
+        self.answers = result["answers"]
+        return result["tokens_per_s"]
 
-    def call(self, messages) -> int:
-        return self._complete(messages)["usage"]["completion_tokens"]
-
-    def answer(self, messages) -> str:
-        return self._complete(messages)["choices"][0]["message"]["content"]
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(30)
 
 
 def call(client: Client, model: str, messages, args) -> tuple[int, str]:
