@@ -154,8 +154,18 @@ def test_it_stops_both_ranks_at_once_on_cancel_and_fails_resumably_when_a_rank_i
     print(f"kill -9 of rank 1: job failed and every rank gone {time.monotonic() - started:.1f} s later")
     assert "rank 1" in failed.error_message and "SIGKILL" in failed.error_message, failed.error_message
     assert "Resume" in failed.error_message
-    assert services.resumable_checkpoint(failed) is not None
+    checkpoint = services.resumable_checkpoint(failed)
+    assert checkpoint is not None
     assert process_exists(job.worker_pid) and worker.proc.poll() is None
+
+    services.training_job_resume(job=failed)  # both ranks go on from rank 0's checkpoint
+    past = int(checkpoint.name.split("-")[-1])
+    wait_for(lambda: (j := row(killed.pk)).claims == 2 and j.current_step > past, 240, "the resumed run to pass its checkpoint")
+    assert len(ranks_of(row(killed.pk).worker_pid)) == 2
+    steps = list(LossPoint.objects.filter(job=killed.pk).values_list("step", flat=True))
+    assert steps == sorted(set(steps))  # one loss per step across the failure and the resume
+    services.training_job_cancel(job=row(killed.pk))
+    wait_for(lambda: row(killed.pk).status == "cancelled", 60, "the resumed run to stop")
 
 
 def test_it_names_the_rank_that_took_the_run_down():
