@@ -25,13 +25,15 @@ from django.db import OperationalError
 
 from training_app.models import TrainingJob
 from tuna_core.jobs import JobLost, database_unreachable, db_retry, job_held, readable_error
-from tuna_core.workers import HOLDER_ENV, worker_host
+from tuna_core.workers import HOLDER_ENV, process_exists, worker_host
 from tuna_llm import distributed
 from tuna_llm.training_config import TrainingConfig
 
 logger = logging.getLogger("tuna.training")
 
 RANK_COMMAND = "tuna_train_rank"
+# The launcher's folder (torchrun's log folder with the ranks' error files, its report): <tmp>/tuna-train-<pid>-<job>-*
+WORK_PREFIX = "tuna-train-"
 # How long the launcher gets to stop its ranks after SIGTERM before it is killed (the worker's own stop).
 LAUNCHER_STOP_S = 10
 
@@ -83,7 +85,8 @@ def launch_command(job: TrainingJob, *, node_rank: int, log_dir: Path) -> list[s
 def run_launcher(job: TrainingJob, *, node_rank: int = 0) -> tuple[int, list[distributed.RankFailure]]:
     """Run torchrun for `job` from this process and wait for it: (its exit code, the failed ranks it reported).
     Its files (torchrun's log folder, the report) go when it ends; it never outlives this process."""
-    work = Path(tempfile.mkdtemp(prefix=f"tuna-train-{job.pk}-"))
+    remove_left_behind()
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-{job.pk}-"))
     report = work / "report.json"
     env = {
         **os.environ,
@@ -108,6 +111,14 @@ def run_launcher(job: TrainingJob, *, node_rank: int = 0) -> tuple[int, list[dis
         failures = distributed.read_report(report)
         shutil.rmtree(work, ignore_errors=True)
     return code, failures
+
+
+def remove_left_behind() -> None:
+    """Remove the launcher folders of worker processes that are gone (killed before they could remove theirs)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*-*-*"):
+        pid = folder.name.removeprefix(WORK_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def training_launch(job: TrainingJob) -> None:

@@ -256,3 +256,20 @@ def test_it_trains_a_job_on_two_machines_when_a_second_node_joins(settings, data
         worker.stop()
         wait_for(lambda: not any(process_exists(pid) for pid in tree), 15, "the worker's processes to end")
         print((tmp_path / "worker.log").read_text(errors="replace")[-3000:])
+
+
+def test_it_removes_the_launcher_folders_of_worker_processes_that_are_gone(tmp_path, monkeypatch):
+    import subprocess
+    import tempfile
+
+    from training_app.distributed import WORK_PREFIX, remove_left_behind
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = tmp_path / f"{WORK_PREFIX}{gone.pid}-7-abc"
+    (left / "logs").mkdir(parents=True)
+    mine = tmp_path / f"{WORK_PREFIX}{os.getpid()}-8-def"
+    mine.mkdir()
+    remove_left_behind()
+    assert not left.exists() and mine.exists()
