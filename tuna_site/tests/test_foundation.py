@@ -157,7 +157,7 @@ def test_it_marks_jobs_left_running_by_a_dead_worker_as_failed(alice, valid_data
     judge = JudgeRun.objects.create(
         owner=alice, evaluation=evaluation, endpoint="http://j/v1", judge_model="m", rubric="r", status="running"
     )
-    assert jobs_reap() == {"training jobs": 1, "evaluations": 1, "exports": 0, "judge runs": 1}
+    assert jobs_reap() == {"training jobs": 1, "evaluations": 1, "exports": 0, "judge runs": 1, "engine checks": 0}
     judge.refresh_from_db()
     assert judge.status == "failed" and judge.error_message == JudgeRun.WORKER_STOPPED
     running.refresh_from_db()
