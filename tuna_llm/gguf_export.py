@@ -67,6 +67,10 @@ def export_unavailable() -> str | None:
     return None
 
 
+# A bound far above any real run (an 8B model quantizes in minutes), so that a hung llama-quantize ends its export.
+QUANTIZE_TIMEOUT_S = 4 * 3600
+
+
 def quantize_unavailable() -> str | None:
     """Why the K-quant exports cannot run here (None when they can)."""
     try:
@@ -88,7 +92,13 @@ def quantize(source: Path, out: Path, qtype: str, threads: int | None = None) ->
     partial = _partial(out)
     partial.unlink(missing_ok=True)
     command = [str(program), str(source), str(partial), qtype, str(threads or os.cpu_count() or 1)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=QUANTIZE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # run() has killed it: a hung program never holds the export forever
+        partial.unlink(missing_ok=True)
+        raise ConversionFailed(
+            f"llama-quantize {qtype} did not finish within {QUANTIZE_TIMEOUT_S // 3600} hours; it was stopped."
+        ) from None
     said = (result.stdout or "") + (result.stderr or "")
     if result.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)

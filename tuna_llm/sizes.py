@@ -19,9 +19,9 @@ FP32_BYTES = 4
 CHECKPOINT_COPIES = 3
 # Files an adapter folder copies from the base (the tokenizer, so the folder loads alone).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "special_tokens_map.json")
-# Bytes per parameter of a GGUF file by its type. The K-quants: what llama-quantize wrote for SmolLM2-135M, rounded up
-# (0.78 and 0.83: it keeps 180 of its 272 tensors at a wider type, their 576-wide rows not dividing into blocks of
-# 256); a model whose rows divide gets ~0.6 and ~0.7, so larger models are overestimated, never under.
+# Bytes per parameter of a GGUF file by its type. The K-quants: rounded up from what llama-quantize wrote for the
+# embedded model, whose rows do not divide into K-quant blocks (docs/performance.md, issue 33's export); a model whose
+# rows divide gets smaller files, so larger models are overestimated, never under.
 GGUF_BYTES_PER_PARAMETER = {"f16": 2.0, "q8_0": 1.07, "q5_k_m": 0.85, "q4_k_m": 0.8, "q4": 0.6}
 MERGED, GGUF_F16, GGUF_Q8_0 = "merged_safetensors", "gguf_f16", "gguf_q8_0"
 GGUF_QUANTIZED = {"gguf_q5_k_m": "q5_k_m", "gguf_q4_k_m": "q4_k_m"}  # made by llama-quantize from a merged f16 GGUF
