@@ -90,18 +90,29 @@ _engines_lock = threading.Lock()
 
 
 def engine_of(config: RemoteEngineConfig) -> OpenAIEngine:
-    """This process's client of ``config``'s engine (built on first use: it loads the base model's tokenizer)."""
+    """This process's client of ``config``'s engine (built on first use: it loads the base model's tokenizer).
+    NotServable (409) when that tokenizer cannot be loaded; the details (paths, the hub's answer) go to the log."""
     with _engines_lock:
         held = _engines.get(config.base_model)
         wanted = (config, config.api_key())  # a changed configuration or key makes a new client
         if held is not None and held[0] == wanted:
             return held[1]
         spec = get_base_model_spec(config.base_model)
-        if spec.kind == "embedded":
-            from tuna_llm.loading import prepare_embedded_model
+        try:
+            if spec.kind == "embedded":
+                from tuna_llm.loading import prepare_embedded_model
 
-            prepare_embedded_model(spec)
-        prompts = load_prompts(spec.load_path, hub=spec.kind == "hub", hf_token=settings.HF_TOKEN, context=config.context)
+                prepare_embedded_model(spec)
+            prompts = load_prompts(spec.load_path, hub=spec.kind == "hub", hf_token=settings.HF_TOKEN, context=config.context)
+        except (OSError, ValueError) as exc:  # files missing or unreadable, the hub unreachable, no tokenizer there
+            from inference_app.engines import NotServable  # (engines calls this module)
+
+            logger.warning("The tokenizer of %s for its %s engine could not be loaded: %s", config.base_model, config.kind, exc)
+            raise NotServable(
+                f"The {config.kind} engine serves {config.base_model}, but this server could not load that base model's "
+                f"tokenizer ({type(exc).__name__}), which renders and counts the prompts it sends: check that the base "
+                "model is downloaded or reachable (its state on the models page; the server log has the details)."
+            ) from None
         engine = remote_engine(config, prompts)
         if held is not None:
             held[1].close()
@@ -237,6 +248,7 @@ def engine_check_work(check: EngineCheck) -> None:
     job_write(EngineCheck, check.pk, total=len(examples), done=0)
     adapter = adapter_for(config, job)
     engine = engine_of(config)
+    engine.adapters.forget(adapter.name)  # asked of the engine itself, not this process's memory of it
     try:
         engine.adapters.prepare(adapter)  # before the long part: an engine that cannot load it fails the check at once
     except AdapterUnknown as exc:

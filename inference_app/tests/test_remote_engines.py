@@ -4,7 +4,11 @@ naming the engine, adapters it was not started with refused with what to do, and
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.core.management import call_command
@@ -106,6 +110,159 @@ def test_it_starts_an_engine_check_only_where_a_remote_engine_can_take_the_adapt
     assert EngineCheck.objects.filter(training_job=job).count() == 1
     listed = admin_client.get(reverse("admin:inference_app_enginecheck_changelist"))
     assert listed.status_code == 200 and f"vllm {down} smollm2" in listed.content.decode()
+
+
+def test_it_refuses_an_engine_url_with_credentials_at_start_up_without_repeating_them(settings):
+    secret = "s3cret-pass"
+    raw = {BASE_NAME: {"kind": "vllm", "url": f"http://tuna:{secret}@gpu-1:8000", "model": "smollm2"}}
+    problems = config_problems(raw, [BASE_NAME])
+    assert len(problems) == 1 and "url must not hold credentials" in problems[0] and "api_key_env" in problems[0]
+    assert secret not in problems[0]
+    assert config_problems({BASE_NAME: {**raw[BASE_NAME], "url": "https://token@gpu-1:8000"}}, [BASE_NAME]) == problems
+
+    settings.TUNA_REMOTE_ENGINES = raw
+    with pytest.raises(SystemCheckError) as failed:
+        call_command("check")
+    assert "tuna.E330" in str(failed.value) and "url must not hold credentials" in str(failed.value)
+    assert secret not in str(failed.value)
+
+
+# -- a tiny HTTP server answering as vLLM documents it (vLLM itself needs a GPU) -----------------------------
+
+
+class FakeVllm(BaseHTTPRequestHandler):
+    """vLLM's OpenAI server as far as LLM Tuna uses it: POST /v1/load_lora_adapter (200 "Success: ...", 400 "has
+    already been loaded"), POST /v1/completions (SSE chunks with usage; 404 NotFoundError "The model `job-N` does
+    not exist." for an adapter it has not loaded), GET /health, GET /v1/models. ``restart()`` forgets the adapters."""
+
+    loaded: set[str]
+    seen: list[tuple[str, dict]]
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _answer(self, status: int, body, content_type: str = "application/json") -> None:
+        data = (json.dumps(body) if content_type == "application/json" else body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._answer(200, "", "text/plain")
+        elif self.path == "/v1/models":
+            self._answer(200, {"object": "list", "data": [{"id": "smollm2", "object": "model"}] + [{"id": n} for n in sorted(self.loaded)]})
+        else:
+            self._answer(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.path, body))
+        if self.path == "/v1/load_lora_adapter":
+            if body["lora_name"] in self.loaded:
+                message = f"The lora adapter '{body['lora_name']}' has already been loaded."
+                self._answer(400, {"error": {"message": message, "type": "InvalidUserInput", "param": None, "code": 400}})
+            else:
+                self.loaded.add(body["lora_name"])
+                self._answer(200, f"Success: LoRA adapter '{body['lora_name']}' added successfully.", "text/plain")
+        elif self.path == "/v1/completions":
+            model = body["model"]
+            if model != "smollm2" and model not in self.loaded:
+                message = f"The model `{model}` does not exist."
+                self._answer(404, {"error": {"message": message, "type": "NotFoundError", "param": "model", "code": 404}})
+                return
+            chunks = [
+                {"choices": [{"index": 0, "text": f"Hello from {model}.", "finish_reason": None}]},
+                {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+                {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}},
+            ]
+            stream = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+            self._answer(200, stream, "text/event-stream")
+        else:
+            self._answer(404, {"detail": "Not Found"})
+
+
+@contextmanager
+def fake_vllm():
+    handler = type("Handler", (FakeVllm,), {"loaded": set(), "seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_it_loads_a_vllm_adapter_again_when_the_restarted_engine_has_forgotten_it(settings, alice, alice_api, valid_dataset):
+    with fake_vllm() as (url, vllm):
+        settings.TUNA_SERVING_ENGINE = "remote"
+        settings.TUNA_REMOTE_ENGINES = {BASE_NAME: {"kind": "vllm", "url": url, "model": "smollm2", "adapter_root": "/mnt/tuna/jobs"}}
+        job = job_row(alice, valid_dataset, status="completed", completed_at=timezone.now())
+        job.adapter_dir = str(settings.TUNA_DATA_DIR / "jobs" / str(job.pk) / "adapter")
+        job.save(update_fields=["adapter_dir"])
+        name = f"job-{job.pk}"
+        loads = [("/v1/load_lora_adapter", {"lora_name": name, "lora_path": f"/mnt/tuna/jobs/{job.pk}/adapter"})]
+
+        first = chat(alice_api, job.model_id, [{"role": "user", "content": "Say hi."}])
+        assert first.status_code == 200, first.content
+        assert first.json()["choices"][0]["message"]["content"] == f"Hello from {name}."
+        assert [seen for seen in vllm.seen if seen[0] != "/v1/completions"] == loads
+
+        vllm.loaded.clear()  # the engine restarted: it forgot the adapter, LLM Tuna still thinks it loaded
+        vllm.seen.clear()
+        again = chat(alice_api, job.model_id, [{"role": "user", "content": "Say hi again."}])
+        assert again.status_code == 200, again.content
+        assert again.json()["choices"][0]["message"]["content"] == f"Hello from {name}."
+        assert [(path, body.get("model")) for path, body in vllm.seen] == [
+            ("/v1/completions", name),  # 404 "does not exist"
+            ("/v1/load_lora_adapter", None),
+            ("/v1/completions", name),  # answered
+        ]
+        assert vllm.seen[1] == loads[0]
+        assert list(UsageLog.objects.filter(user=alice).values_list("status", "engine")) == [("ok", "vllm"), ("ok", "vllm")]
+
+        vllm.seen.clear()  # a live engine: no load, one call
+        assert chat(alice_api, job.model_id, [{"role": "user", "content": "Once more."}]).status_code == 200
+        assert [path for path, _ in vllm.seen] == ["/v1/completions"]
+
+        assert health(remote_engines.config_for(BASE_NAME)).models == ("smollm2", name)
+
+
+def test_it_answers_503_when_a_remote_engine_answers_what_it_should_not(settings, alice_api):
+    """A URL that is not the engine it is said to be (here an HTTP server answering vLLM's routes where llama-server's
+    are expected): its malformed answers are a 503 naming the engine, never a 500."""
+    with fake_vllm() as (url, server):
+        settings.TUNA_SERVING_ENGINE = "remote"
+        settings.TUNA_REMOTE_ENGINES = {BASE_NAME: {"kind": "llama-server", "url": url}}
+        answer_get = server.do_GET
+        server.do_GET = lambda self: self._answer(200, [{"id": 0}]) if self.path == "/lora-adapters" else answer_get(self)
+        response = chat(alice_api, BASE, [{"role": "user", "content": "Say hi."}])
+        assert response.status_code == 503, response.content
+        assert response.headers["Retry-After"]
+        assert "answered GET /lora-adapters with something other than its list of adapters" in response.json()["error"]["message"]
+
+        config = remote_engines.config_for(BASE_NAME)
+        report = health(config)  # /health and /v1/models answer: up
+        assert report.ok and report.models == ("smollm2",)
+    with fake_vllm() as (url, vllm):
+        vllm.do_GET = lambda self: self._answer(200, {"data": "not a list"})
+        report = health(parse_engines({BASE_NAME: {"kind": "vllm", "url": url, "model": "smollm2"}}, [BASE_NAME])[BASE_NAME])
+        assert not report.ok and "something other than a model list" in report.detail
+
+
+def test_it_answers_409_when_the_base_models_tokenizer_cannot_be_loaded(settings, alice_api, tmp_path):
+    settings.TUNA_BASE_MODELS = {**settings.TUNA_BASE_MODELS, "mine": str(tmp_path / "missing-model")}
+    settings.TUNA_SERVING_ENGINE = "remote"
+    settings.TUNA_REMOTE_ENGINES = {"mine": {"kind": "vllm", "url": f"http://127.0.0.1:{free_port()}", "model": "mine"}}
+    response = chat(alice_api, "base:mine", [{"role": "user", "content": "Say hi."}])
+    assert response.status_code == 409, response.content
+    message = response.json()["error"]["message"]
+    assert "could not load that base model's tokenizer" in message and str(tmp_path) not in message
 
 
 # -- against a real llama-server at a URL -------------------------------------------------------------------

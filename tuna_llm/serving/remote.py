@@ -10,8 +10,9 @@ How each kind of engine is told which adapter a call applies (docs/export-and-se
 
 - ``vllm`` (``vllm serve <base> --enable-lora`` with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``): the job's PEFT folder
   is loaded at first use, POST {url}/v1/load_lora_adapter ``{"lora_name": "job-<pk>", "lora_path": "<adapter_root>/
-  <pk>/adapter"}``, then called as ``"model": "job-<pk>"``. The load is repeated (cheaply: "has already been loaded"
-  is success) when it is older than ADAPTER_RECHECK_S, so an engine that restarted and forgot it gets it back.
+  <pk>/adapter"}``, then called as ``"model": "job-<pk>"``. An engine that restarted has forgotten it: the call meets
+  vLLM's 404 "The model `job-<pk>` does not exist.", and is sent once more after the adapter is loaded again
+  (``RemoteEngine``); "has already been loaded" counts as loaded (another web process loaded it).
 - ``sglang`` (``--enable-lora`` with ``--max-lora-rank`` / ``--lora-target-modules``): POST {url}/load_lora_adapter
   with the same body, then ``"model": "<base>:job-<pk>"`` (SGLang's ``base-model:adapter-name`` syntax).
 - ``llama-server`` (started by someone else with ``--lora <job's adapter-f16.gguf> ... --lora-init-without-apply``):
@@ -44,7 +45,7 @@ FIELDS = ("kind", "url", "model", "api_key_env", "adapter_root", "timeout_s", "p
 # llama-server samples with top_k, min_p and a repeat penalty unless told otherwise: plain temperature + top_p, as
 # the llama-server LLM Tuna starts itself.
 LLAMA_SERVER_SAMPLING = SAMPLING
-ADAPTER_RECHECK_S = 10.0  # a loaded adapter is loaded again (a no-op on a live engine) when older than this
+ADAPTER_RECHECK_S = 10.0  # a llama-server's adapter list is read again when older than this (a restart renumbers)
 HEALTH_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
 CONTROL_TIMEOUT = httpx.Timeout(120.0, connect=5.0)  # loading an adapter reads its files on the engine
 
@@ -129,7 +130,12 @@ def config_problems(raw: Any, known_bases: Iterable[str], environ: Mapping[str, 
             problems.append(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
         url = entry.get("url")
         parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts is not None and "@" in parts.netloc:  # never repeated: it holds a password
+            problems.append(
+                f"{where}: url must not hold credentials (user:password@host): the URL is shown in errors, usage rows and "
+                "engine checks; put the engine's API key in an environment variable and name it in api_key_env"
+            )
+        elif parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             problems.append(f"{where}: url must be http(s)://host:port of the engine, got {url!r}")
         elif parts.path.rstrip("/").endswith("/v1"):
             problems.append(f"{where}: url is the engine's address without /v1 (got {url!r})")
@@ -216,13 +222,14 @@ def engine_message(response: httpx.Response) -> str:
 
 
 class LoadedAdapters:
-    """vLLM's and SGLang's adapters: loaded through the engine's load_lora_adapter at first use, and again once older
-    than ADAPTER_RECHECK_S (a live engine answers "already loaded", which is success; a restarted one loads it)."""
+    """vLLM's and SGLang's adapters: loaded through the engine's load_lora_adapter at first use; loaded again when a
+    call finds the engine has forgotten it (``forgotten``: it restarted), by RemoteEngine. An engine's "already
+    loaded" (loaded by another web process, or before a restart of ours) is success."""
 
     def __init__(self, config: RemoteEngineConfig) -> None:
         self.config = config
         self.load_path = "/v1/load_lora_adapter" if config.kind == VLLM else "/load_lora_adapter"
-        self._loaded: dict[str, float] = {}  # adapter name -> when the engine last confirmed it
+        self._loaded: dict[str, float] = {}  # adapter name -> when the engine confirmed it (time.monotonic())
         self._lock = threading.Lock()
 
     def model_name(self, adapter: Adapter | None) -> str:
@@ -241,7 +248,7 @@ class LoadedAdapters:
     def prepare(self, adapter: Adapter) -> None:
         """Make sure the engine has ``adapter`` (its path as the engine reads it); AdapterUnknown when it cannot load it."""
         with self._lock:
-            if time.monotonic() - self._loaded.get(adapter.name, -ADAPTER_RECHECK_S) < ADAPTER_RECHECK_S:
+            if adapter.name in self._loaded:
                 return
             body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
             response = _send(self.config, "POST", self.load_path, json=body)
@@ -254,9 +261,18 @@ class LoadedAdapters:
                 return
             raise AdapterUnknown(self._load_refused(adapter, response.status_code, message))
 
-    def forget(self, name: str) -> None:
+    def forget(self, name: str, confirmed_before: float | None = None) -> None:
+        """Load ``name`` again at its next use. ``confirmed_before`` (time.monotonic()): only if the engine confirmed
+        it before then (calls that met the same restart together reload it once)."""
         with self._lock:
-            self._loaded.pop(name, None)
+            if confirmed_before is None or self._loaded.get(name, confirmed_before) <= confirmed_before:
+                self._loaded.pop(name, None)
+
+    def forgotten(self, refusal: str, adapter: Adapter) -> bool:
+        """Whether an engine's refusal of a call says it does not know ``adapter`` (vLLM: 404 "The model `job-42` does
+        not exist."; SGLang's wording may say "not found" or "not loaded")."""
+        text = refusal.lower()
+        return adapter.name.lower() in text and any(words in text for words in ("does not exist", "not found", "not loaded"))
 
     def _load_refused(self, adapter: Adapter, status: int, message: str) -> str:
         engine = f"The {self.config.kind} engine at {self.config.url}"
@@ -318,13 +334,28 @@ class LlamaServerAdapters:
                 response = _send(self.config, "GET", "/lora-adapters", timeout=HEALTH_TIMEOUT)
                 if response.status_code != 200:
                     raise EngineRefused(f"The llama-server at {self.config.url} refused GET /lora-adapters: {engine_message(response)}")
-                self._ids = {str(item["path"]): int(item["id"]) for item in response.json()}
+                self._ids = _lora_ids(response, self.config.url)
                 self._read_at = time.monotonic()
             return self._ids
 
-    def forget(self, name: str) -> None:
+    def forget(self, name: str, confirmed_before: float | None = None) -> None:
         with self._lock:
             self._ids = None
+
+
+def _lora_ids(response: httpx.Response, url: str) -> dict[str, int]:
+    """llama-server's GET /lora-adapters (``[{"id": 0, "path": "...", "scale": 0.0}, ...]``) as path -> id;
+    EngineUnavailable (503) when the answer is not that list: not a llama-server, or a proxy's page."""
+    body = _json(response)
+    try:
+        if not isinstance(body, list):
+            raise TypeError(type(body).__name__)
+        return {str(item["path"]): int(item["id"]) for item in body}
+    except (TypeError, KeyError, ValueError) as exc:
+        raise EngineUnavailable(
+            f"The llama-server at {url} answered GET /lora-adapters with something other than its list of adapters "
+            f"(id and path of each; {type(exc).__name__}): is the url a llama-server?"
+        ) from None
 
 
 def adapters_for(config: RemoteEngineConfig) -> LoadedAdapters | LlamaServerAdapters:
@@ -369,11 +400,28 @@ def load_prompts(load_path: str, *, hub: bool, hf_token: str | None = None, cont
     return TokenizerPrompts(tokenizer, context)
 
 
-def remote_engine(config: RemoteEngineConfig, prompts: TokenizerPrompts) -> OpenAIEngine:
+class RemoteEngine(OpenAIEngine):
+    """The one client (OpenAIEngine), plus: a call refused because the engine no longer knows its adapter (vLLM's
+    404 "The model `job-42` does not exist." once it restarted) loads the adapter again and is sent once more."""
+
+    def _exchange(self, handle: Any, body: dict, pieces: list[str], state: dict) -> None:
+        sent = time.monotonic()
+        try:
+            super()._exchange(handle, body, pieces, state)
+        except EngineRefused as exc:
+            adapter, adapters = handle.request.adapter, self.adapters
+            if adapter is None or pieces or not isinstance(adapters, LoadedAdapters) or not adapters.forgotten(str(exc), adapter):
+                raise
+            adapters.forget(adapter.name, confirmed_before=sent)
+            body.update(adapters.fields(adapter))  # loads it (AdapterUnknown when the engine cannot)
+            super()._exchange(handle, body, pieces, state)
+
+
+def remote_engine(config: RemoteEngineConfig, prompts: TokenizerPrompts) -> RemoteEngine:
     """The engine that answers ``config.base_model``'s calls (and its fine-tunes') through the remote server."""
     info = EngineInfo(name=config.engine_name, precision=config.recorded_precision, device="remote")
     sampling = LLAMA_SERVER_SAMPLING if config.kind == LLAMA_SERVER else None
-    return OpenAIEngine(config.endpoint(), info=info, prompts=prompts, adapters=adapters_for(config), slots=config.slots, sampling=sampling)
+    return RemoteEngine(config.endpoint(), info=info, prompts=prompts, adapters=adapters_for(config), slots=config.slots, sampling=sampling)
 
 
 # -- health ------------------------------------------------------------------------------------------
@@ -404,7 +452,12 @@ def health(config: RemoteEngineConfig) -> Health:
     if response.status_code != 200:
         return done(False, f"GET {config.url}/v1/models answered {response.status_code}: {engine_message(response)}")
     body = _json(response)
-    models = tuple(str(item.get("id")) for item in body.get("data", [])) if isinstance(body, dict) else ()
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list):
+        return done(
+            False, f"GET {config.url}/v1/models answered something other than a model list: is the url an OpenAI-compatible engine?"
+        )
+    models = tuple(str(item["id"]) for item in data if isinstance(item, dict) and item.get("id"))
     if config.model and config.kind != LLAMA_SERVER and config.model not in models:
         return done(
             False, f"The {config.kind} engine at {config.url} serves {', '.join(models) or 'no model'}, not {config.model}.", models
