@@ -164,8 +164,10 @@ class TrainingJob(WorkerJob):
 
     @property
     def cost_usd(self) -> float:
-        """Measured worker time at the configured hourly price."""
-        return cost_usd(self.train_seconds)
+        """Measured worker time at the configured hourly price, per GPU on a run over several GPUs (as its estimate;
+        a CPU's processes share one machine)."""
+        devices = max(1, int((self.config or {}).get("processes") or 1)) if (self.device or "").startswith("cuda") else 1
+        return cost_usd(self.train_seconds * devices)
 
 
 class Experiment(models.Model):

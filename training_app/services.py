@@ -22,6 +22,7 @@ from datasets_app import examples as dataset_examples
 from datasets_app.examples import training_examples, validation_examples
 from datasets_app.models import Dataset
 from datasets_app.services import DatasetInUse
+from training_app.estimates import per_device_speed
 from training_app.experiments import early_stop_check, reports_to_experiment
 from training_app.limits import check_epochs, check_preference_limits, limited_settings
 from training_app.models import LossPoint, ThroughputMeasurement, TrainingJob
@@ -585,7 +586,8 @@ def training_rank0(job: TrainingJob) -> None:
 
 
 def training_follow(job: TrainingJob) -> None:
-    """A rank other than 0: the same run on its share of the rows; it writes nothing (tuna_llm.distributed.rank_hooks)."""
+    """A rank other than 0: the same run on its share of the rows; it writes nothing to the database, and of the
+    files only the Trainer's rng_state_<rank>.pth in each checkpoint (tuna_llm.distributed.rank_hooks)."""
     config = TrainingConfig.from_dict(job.config)
     out = job_dir(job)
     _run_training(
@@ -736,7 +738,11 @@ def _training_run(job: TrainingJob, extra_callbacks: tuple) -> None:
     if fields["status"] == TrainingJob.Status.COMPLETED and "tokens_per_second" in fields and not job.is_preference:
         db_retry(
             lambda: ThroughputMeasurement.objects.create(
-                base_model=spec.name, device=plan.device, tokens_per_second=fields["tokens_per_second"], source=f"training job #{job.pk}"
+                base_model=spec.name,
+                device=plan.device,
+                # One device's speed: a run on several GPUs trained at about their sum (training_app.estimates).
+                tokens_per_second=per_device_speed(fields["tokens_per_second"], plan.device, config.processes),
+                source=f"training job #{job.pk}",
             ),
             f"Training job #{job.pk}'s measured speed",
         )

@@ -108,7 +108,6 @@ def test_it_trains_the_sample_on_two_processes_as_well_as_on_one(settings, start
     steps = list(LossPoint.objects.filter(job=second).values_list("step", flat=True))
     assert steps == sorted(set(steps)) and steps[-1] == 8 and len(steps) == len(LossPoint.objects.filter(job=first))  # one history
     assert (Path(second.adapter_dir) / "adapter_model.safetensors").is_file()
-    assert not any(p.name.startswith("rng_state") for p in Path(second.adapter_dir).iterdir())
     assert second.tokens_seen > 0
 
     # One evaluation answers the held-out prompts with both fine-tunes: the 2-process one against the 1-process one.
@@ -156,6 +155,8 @@ def test_it_stops_both_ranks_at_once_on_cancel_and_fails_resumably_when_a_rank_i
     assert "Resume" in failed.error_message
     checkpoint = services.resumable_checkpoint(failed)
     assert checkpoint is not None
+    # Each rank's own RNG state is in the checkpoint rank 0 marked whole (it waits for all ranks before marking it).
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
     assert process_exists(job.worker_pid) and worker.proc.poll() is None
 
     services.training_job_resume(job=failed)  # both ranks go on from rank 0's checkpoint
@@ -202,7 +203,18 @@ def test_it_builds_torchrun_s_command_for_one_machine_and_for_several(tmp_path):
         "0",
         "--log-dir",
         str(tmp_path),
-        "--standalone",
+        "--nnodes",
+        "1",
+        "--node-rank",
+        "0",
+        "--rdzv-backend",
+        "static",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        "0",
+        "--rdzv-id",
+        "tuna-local",
         "manage.py",
         "tuna_train_rank",
         "7",
@@ -273,3 +285,47 @@ def test_it_removes_the_launcher_folders_of_worker_processes_that_are_gone(tmp_p
     mine.mkdir()
     remove_left_behind()
     assert not left.exists() and mine.exists()
+
+
+def test_it_binds_one_machine_s_rendezvous_store_on_loopback_only(monkeypatch, tmp_path):
+    import socket
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.delenv("NCCL_SOCKET_IFNAME", raising=False)
+    one = distributed.torchrun_arguments(processes=2, entry=["x"], log_dir=tmp_path)
+    argv, held = distributed.loopback_store(one)
+    port = int(argv[argv.index("--master-port") + 1])
+    assert port > 0 and argv[: argv.index("--master-port")] == one[: one.index("--master-port")]
+    listener, store = held
+    assert listener.getsockname() == ("127.0.0.1", port)
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass  # the store answers on loopback
+    assert (os.environ["GLOO_SOCKET_IFNAME"], os.environ["NCCL_SOCKET_IFNAME"]) == ("lo", "lo")
+    del store
+    listener.close()
+    several = distributed.torchrun_arguments(
+        processes=1, entry=["x"], log_dir=tmp_path, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.5:29400", rdzv_id="j"
+    )
+    assert distributed.loopback_store(several) == (several, None)  # several machines: as the settings say
+
+
+def test_it_refuses_more_processes_per_machine_than_the_gpus_cuda_shows(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    problem = distributed.gpu_shortage(4, 2)
+    assert "4 processes per machine" in problem and "sees 2 GPUs (CUDA_VISIBLE_DEVICES=0,1)" in problem
+    assert "TUNA_TRAIN_PROCESSES" in problem
+    assert distributed.gpu_shortage(2, 2) is None and distributed.gpu_shortage(8, 0) is None  # no GPU: the CPU's cores
+
+
+@pytest.mark.django_db
+def test_it_counts_a_run_on_several_gpus_once_per_gpu_in_cost_and_once_in_speed(settings, alice, valid_dataset):
+    from tests.support import job_row
+    from training_app.estimates import per_device_speed
+
+    settings.TUNA_GPU_HOURLY_USD = 2.0
+    one = job_row(alice, valid_dataset, status="completed", device="cuda", train_seconds=3600)
+    two = job_row(alice, valid_dataset, status="completed", device="cuda", train_seconds=3600, config={"processes": 2})
+    on_cpu = job_row(alice, valid_dataset, status="completed", device="cpu", train_seconds=3600, config={"processes": 2})
+    assert row(two.pk).cost_usd == 2 * row(one.pk).cost_usd > 0
+    assert row(on_cpu.pk).cost_usd == row(one.pk).cost_usd  # a CPU's processes share one machine
+    assert per_device_speed(1000.0, "cuda", 2) == 500.0 and per_device_speed(1000.0, "cpu", 2) == 1000.0
