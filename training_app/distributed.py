@@ -4,7 +4,8 @@ The worker process that claimed the job starts torchrun (tuna_llm.distributed: o
 CPU, NCCL on CUDA), waits for it and keeps holding the row: its heartbeat goes on, the supervisor's watchdog and
 process-group kill reach torchrun, and every rank dies with its parent (PR_SET_PDEATHSIG). The ranks act for it
 (TUNA_JOB_HOLDER_PID): rank 0 runs the job exactly as one process does (training_app.services._training_run: progress,
-loss points, checkpoints, the final status); the other ranks read the job and write nothing. A rank that fails makes
+loss points, checkpoints, the final status); the other ranks read the job and write nothing to the database (into each
+checkpoint the Trainer writes their rng_state_<rank>.pth: rank 0 marks it whole after a barrier). A rank that fails makes
 torchrun stop the others; the worker then fails the job, resumable from its last checkpoint, naming the rank.
 
 Why torchrun and not ``accelerate launch``: the Trainer already runs on accelerate, which reads the environment that
@@ -41,6 +42,20 @@ LAUNCHER_STOP_S = 10
 class RankFailed(ValueError):
     """A rank of a job trained on several processes failed; its text is the reason shown to the user (a ValueError's
     text is shown as it is: tuna_core.jobs.readable_error)."""
+
+
+class TooFewGPUs(ValueError):
+    """The job's processes per machine exceed the GPUs this machine's CUDA shows (the text says what to set)."""
+
+
+def check_gpus(job: TrainingJob) -> None:
+    """Refuse to start a CUDA run with more ranks on this machine than GPUs (NCCL ranks cannot share one)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    problem = distributed.gpu_shortage(node_processes(job), gpus)
+    if problem:
+        raise TooFewGPUs(problem)
 
 
 class RankTraceback(Exception):
@@ -84,7 +99,9 @@ def launch_command(job: TrainingJob, *, node_rank: int, log_dir: Path) -> list[s
 
 def run_launcher(job: TrainingJob, *, node_rank: int = 0) -> tuple[int, list[distributed.RankFailure]]:
     """Run torchrun for `job` from this process and wait for it: (its exit code, the failed ranks it reported).
-    Its files (torchrun's log folder, the report) go when it ends; it never outlives this process."""
+    Its files (torchrun's log folder, the report) go when it ends; it never outlives this process. On CUDA, a job
+    with more processes per machine than this machine's GPUs fails at once (TooFewGPUs)."""
+    check_gpus(job)
     remove_left_behind()
     work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-{job.pk}-"))
     report = work / "report.json"
@@ -160,8 +177,9 @@ def rank_failure(failures: list[distributed.RankFailure], code: int, *, processe
 # -- a rank (manage.py tuna_train_rank <pk>) ---------------------------------------------------------
 def training_rank_work(pk: int) -> int:
     """One rank's run of job `pk`, under torchrun; its exit code. Rank 0 runs the job as one process would (its
-    writes guarded by the worker's hold on the row); the others train their share and write nothing. A failure is
-    written where torchrun reads it, for the worker to name (nothing is written to the database from here)."""
+    writes guarded by the worker's hold on the row); the others train their share and write nothing to the database
+    (only the Trainer's rng_state_<rank>.pth into each checkpoint). A failure is written where torchrun reads it,
+    for the worker to name (nothing is written to the database from here)."""
     from training_app.services import training_follow, training_rank0
 
     distributed.rank_start()

@@ -52,7 +52,9 @@ class DataFacts:
 
 def train_processes(setting: str | int = "auto", nodes: int = 1) -> int:
     """Processes a run trains on in all (DDP's world size): per machine ("auto": one per visible CUDA GPU, 1 without
-    one, as a CPU's cores are shared by the processes rather than added) times the machines (TUNA_TRAIN_NNODES)."""
+    one, as a CPU's cores are shared by the processes rather than added) times the machines (TUNA_TRAIN_NNODES).
+    "auto" counts the GPUs of the machine this runs on: the one that creates the job, not the workers that train it
+    (a worker refuses a job with more processes than its GPUs: training_app.distributed.check_gpus)."""
     if isinstance(setting, str) and setting.strip().lower() == "auto":
         import torch  # a web process without a GPU never initialises CUDA for this: device_count() does not
 

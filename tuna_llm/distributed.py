@@ -35,6 +35,8 @@ LAUNCHER_ENV = "TUNA_LAUNCHER_PID"
 # The pid of the process that must be the launcher's parent (the worker process holding the job).
 HOLDER_ENV = "TUNA_JOB_HOLDER_PID"
 PR_SET_PDEATHSIG = 1
+# One machine's run listens on this address only (loopback_store).
+LOOPBACK = "127.0.0.1"
 
 
 def rank() -> int:
@@ -53,7 +55,9 @@ def is_main_process() -> bool:
 
 def parent_death_signal(expected_parent: int | None) -> None:
     """Ask Linux to SIGKILL this process when its parent dies; exit at once if the parent is already not
-    `expected_parent` (it died before the request). Does nothing off Linux."""
+    `expected_parent` (it died before the request). Does nothing off Linux. Called by the process itself once it
+    runs its own program (the launcher's main, a rank's start), never in a preexec_fn between fork and exec, so
+    loading libc here is safe."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
@@ -69,8 +73,28 @@ def _env_pid(name: str) -> int | None:
 
 
 def rank_start() -> None:
-    """In a rank, first thing: die with the launcher (torchrun puts ranks in sessions of their own)."""
+    """In a rank, first thing: die with the launcher (torchrun puts ranks in sessions of their own); on CUDA, make
+    this rank's GPU (LOCAL_RANK) the current one before anything is loaded, so that "cuda" means it (the model, NCCL,
+    the agreed broadcasts) and no rank keeps a context or a copy of the model on GPU 0."""
     parent_death_signal(_env_pid(LAUNCHER_ENV))
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+
+
+def gpu_shortage(processes: int, gpus: int) -> str | None:
+    """Why `processes` ranks per machine cannot train on a machine where CUDA shows `gpus` GPUs (None when they can,
+    or without a GPU: then the ranks share the CPU's cores). On CUDA each rank needs a GPU of its own."""
+    if gpus <= 0 or processes <= gpus:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"{gpus} GPU{'s' if gpus != 1 else ''}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+    return (
+        f"This job trains on {processes} processes per machine, each on a GPU of its own, but this worker sees {seen}. "
+        "The processes were fixed when the job was created, from TUNA_TRAIN_PROCESSES ('auto' counts the GPUs of the "
+        "machine that creates the job): set TUNA_TRAIN_PROCESSES to the GPUs of each worker machine and start a new job."
+    )
 
 
 def threads_per_process(processes: int, cores: int | None = None) -> int:
@@ -93,8 +117,10 @@ def torchrun_arguments(
 ) -> list[str]:
     """torchrun's command line for `processes` ranks per node running `entry` (a Python script and its arguments).
 
-    One machine: --standalone (a c10d rendezvous on a free local port). Several: every node names the same
-    rendezvous endpoint (host:port of node 0, which serves the store) and its own node rank 0..nnodes-1. --max-restarts 0: one failed rank fails the run (the job is resumed from its checkpoint instead)."""
+    One machine: the static rendezvous on 127.0.0.1, port 0 (``main`` binds a free port there: ``loopback_store``),
+    not --standalone, whose stores listen on every interface. Several: every node names the same rendezvous endpoint
+    (host:port of node 0, which serves the store) and its own node rank 0..nnodes-1. --max-restarts 0: one failed
+    rank fails the run (the job is resumed from its checkpoint instead)."""
     args = ["--nproc-per-node", str(processes), "--max-restarts", "0", "--log-dir", str(log_dir)]
     if nnodes > 1:
         host, _, port = rdzv_endpoint.rpartition(":")
@@ -105,8 +131,46 @@ def torchrun_arguments(
         args += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "static"]
         args += ["--master-addr", host, "--master-port", port, "--rdzv-id", rdzv_id]
     else:
-        args += ["--standalone"]
+        args += ["--nnodes", "1", "--node-rank", "0", "--rdzv-backend", "static"]
+        args += ["--master-addr", LOOPBACK, "--master-port", "0", "--rdzv-id", rdzv_id or "tuna-local"]
     return args + list(entry)
+
+
+def _flag(argv: Sequence[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv[:-1] else None
+
+
+def loopback_store(argv: Sequence[str]) -> tuple[list[str], Any]:
+    """For torchrun arguments naming ``--master-addr 127.0.0.1 --master-port 0`` (one machine): a free port bound on
+    127.0.0.1 only and the rendezvous store's server on it, so that nothing of the run listens beyond this machine.
+    torchrun's TCPStore would listen on every interface; a multi-tenant TCPStore on the same port in this process
+    is served by the same server (PyTorch's documented multi_tenant), so torchrun's static rendezvous uses this one.
+    The ranks' gloo and NCCL sockets go on the loopback interface too. Returns (the arguments with the port, what
+    must stay referenced while torchrun runs); other arguments are returned as they are."""
+    argv = list(argv)
+    if _flag(argv, "--master-addr") != LOOPBACK or _flag(argv, "--master-port") != "0":
+        return argv, None
+    import socket
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOOPBACK, 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    store = TCPStore(
+        LOOPBACK,
+        port,
+        is_master=True,
+        multi_tenant=True,
+        master_listen_fd=listener.fileno(),
+        wait_for_workers=False,
+        timeout=timedelta(seconds=300),
+    )
+    argv[argv.index("--master-port") + 1] = str(port)
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    return argv, (listener, store)
 
 
 def launcher_command(arguments: Sequence[str]) -> list[str]:
@@ -125,7 +189,9 @@ def main(argv: Sequence[str]) -> int:
     os.environ[LAUNCHER_ENV] = str(os.getpid())
     report = os.environ.get(LAUNCH_REPORT_ENV)
     try:
-        run(parse_args(list(argv)))
+        argv, held = loopback_store(argv)
+        run(parse_args(argv))
+        del held  # the store's server served the whole run
     except ChildFailedError as exc:
         failures = [
             {
@@ -247,6 +313,15 @@ def agreed(decide: Callable[[], bool]) -> Callable[[], bool]:
         return bool(answer.item())
 
     return ask
+
+
+def all_ranks_here() -> None:
+    """Wait until every rank has come here (a barrier); nothing outside a distributed run. A collective: every rank
+    must call it at the same points."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def rank_hooks(hooks: Any) -> Any:

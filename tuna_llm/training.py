@@ -271,7 +271,11 @@ def make_progress_callback(hooks: TrainingHooks, *, has_eval: bool):
             )
 
         def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:  # on several processes, rank 0 writes the checkpoint's weights
+            # On several processes rank 0 writes the checkpoint's weights, optimizer and state, and every rank its own
+            # rng_state_<rank>.pth: all ranks save at the same steps, so each meets the others here before rank 0 marks
+            # the checkpoint whole.
+            distributed.all_ranks_here()
+            if state.is_world_process_zero:
                 mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         def on_step_end(self, args, state, control, **kwargs):
