@@ -160,9 +160,10 @@ def test_it_stops_both_ranks_at_once_on_cancel_and_fails_resumably_when_a_rank_i
     assert process_exists(job.worker_pid) and worker.proc.poll() is None
 
     services.training_job_resume(job=failed)  # both ranks go on from rank 0's checkpoint
-    past = int(checkpoint.name.split("-")[-1])
-    wait_for(lambda: (j := row(killed.pk)).claims == 2 and j.current_step > past, 240, "the resumed run to pass its checkpoint")
-    assert len(ranks_of(row(killed.pk).worker_pid)) == 2
+    # The row keeps the failed run's step until the resumed run logs one past it (its claim alone starts no rank yet).
+    stopped_at = failed.current_step
+    wait_for(lambda: (j := row(killed.pk)).claims == 2 and j.current_step > stopped_at, 240, "the resumed run to pass the failed one")
+    wait_for(lambda: len(ranks_of(row(killed.pk).worker_pid)) == 2, 30, "the resumed run's two ranks")
     steps = list(LossPoint.objects.filter(job=killed.pk).values_list("step", flat=True))
     assert steps == sorted(set(steps))  # one loss per step across the failure and the resume
     services.training_job_cancel(job=row(killed.pk))
