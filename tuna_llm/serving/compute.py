@@ -1,14 +1,16 @@
-"""The device thread: one thread for all of a serving process's model work, both engines' (tuna_llm.serving.engine).
+"""The device thread: one thread for all of a serving process's in-process model work (the transformers engine,
+tuna_llm.serving.batching).
 
-Model loads (transformers and llama.cpp), adapter loads, every transformers decoding step and every llama.cpp
-token run here, in turn: each engine is a ``Steppable`` the thread ticks while it has work, and a load asked
-for from a request thread is handed over and waited for (``call``).
+Model loads, adapter loads and every transformers decoding step run here, in turn: an engine is a ``Steppable``
+the thread ticks while it has work, and a load asked for from a request thread is handed over and waited for
+(``call``). llama.cpp does not run in this process: exported GGUF models are served by llama-server processes
+(tuna_llm.serving.llama_server), spoken to over HTTP from request threads.
 
-Why one thread: torch's CPU kernels and ggml's both run on an OpenMP team that belongs to the calling thread.
-While a process has one team, its worker threads spin between the many small products of a decoding step and
-pick up the next one at once; once a second thread has run such code (a request thread that loaded a model,
-a second engine), libgomp sees more threads than cores and throttles every team's spinning, and each product
-then waits for sleeping threads to wake (docs/performance.md has the figures).
+Why one thread: torch's CPU kernels run on an OpenMP team that belongs to the calling thread. While a process
+has one team, its worker threads spin between the many small products of a decoding step and pick up the next
+one at once; once a second thread has run such code (a request thread that loaded a model), libgomp sees more
+threads than cores and throttles every team's spinning, and each product then waits for sleeping threads to
+wake (docs/performance.md has the figures).
 """
 
 from __future__ import annotations

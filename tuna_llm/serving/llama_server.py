@@ -3,10 +3,13 @@ by the product, for exported GGUF models. Django-free.
 
 ``LlamaServer`` runs one base GGUF with the LoRA GGUFs asked for (loaded unapplied; each request applies its
 own at scale 1 through the request's ``"lora"`` field), ``parallel`` slots with continuous batching, on
-127.0.0.1 with a random API key. It is supervised: a server that dies is started again (with backoff) on the
+127.0.0.1 with a random API key (handed over in its environment, LLAMA_API_KEY, not on its command line, which
+any local user can read). It is supervised: a server that dies is started again (with backoff) on the
 same address; the calls it was answering fail with EngineUnavailable (503), the next are answered by the new
 one. A server never outlives its process: PR_SET_PDEATHSIG (set in the child, from a long-lived thread: the
-signal follows the thread that started it) and an atexit hook stop it.
+signal follows the thread that started it) and an atexit hook stop it. Its log (a temporary file named after the
+owning process) is kept to its last LOG_KEEP_BYTES while it runs, removed when it stops, and removed by the next
+start in any process when its owner was killed before it could remove it.
 
 The server is spoken to through ``tuna_llm.serving.openai_engine.OpenAIEngine`` (its /v1/completions), with the
 prompt rendered by the GGUF's own chat template (what the export wrote, and what its parity check rendered) and
@@ -21,7 +24,10 @@ old one is stopped once its calls have ended.
 from __future__ import annotations
 
 import atexit
+import copy
 import ctypes
+import errno
+import logging
 import os
 import secrets
 import signal
@@ -55,17 +61,59 @@ RETIRE_GRACE_S = 5.0  # a replaced server is stopped once it has had no call in 
 # defaults off. A greedy call is greedy either way.
 SAMPLING = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
 
+LOG_MAX_BYTES = 8 * 1024 * 1024  # a server's log grows past this: only its last LOG_KEEP_BYTES are kept
+LOG_KEEP_BYTES = 1024 * 1024
+LOG_CHECK_S = 5.0
+LOG_PREFIX = "tuna-llama-server-"  # + the owning process's pid + "-" + random + ".log"
+START_FAILURE_S = 10.0  # a failed start is the answer, for this long, to the calls that would start it again
+
+logger = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuna-llama-server-spawn")  # lives as long as the process
 _alive: set[LlamaServer] = set()
 _alive_lock = threading.Lock()
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _load_prctl():
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux: the atexit hook remains
-        pass
+        return None
+
+
+_prctl = _load_prctl()  # loaded here, in the parent: between fork and exec the child only calls it
+
+
+def _die_with(parent: int):
+    """The child's step between fork and exec: die with ``parent`` (no loading, no allocating beyond the call),
+    and exit at once if the parent already went before that took effect."""
+
+    def die_with_parent() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return die_with_parent
+
+
+def remove_left_behind() -> None:
+    """Remove the logs of servers whose owning process is gone (killed before it could remove them)."""
+    for log in Path(tempfile.gettempdir()).glob(f"{LOG_PREFIX}*-*.log"):
+        pid = log.name.removeprefix(LOG_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            log.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _free_port() -> int:
@@ -119,12 +167,13 @@ class LlamaServer:
         """Start the server and wait until it answers (EngineUnavailable, with its log's end, when it cannot)."""
         for path in [self.base_gguf, *self.loras]:
             if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist.")
+                raise FileNotFoundError(errno.ENOENT, "No such GGUF file", str(path))
         binary = llama_tools.binary(llama_tools.SERVER)
+        remove_left_behind()
         self._stopping.clear()
         self.api_key = secrets.token_urlsafe(24)
         self.port = _free_port()
-        fd, log = tempfile.mkstemp(prefix="tuna-llama-server-", suffix=".log")
+        fd, log = tempfile.mkstemp(prefix=f"{LOG_PREFIX}{os.getpid()}-", suffix=".log")
         os.close(fd)
         self.log_path = Path(log)
         with _alive_lock:
@@ -143,7 +192,8 @@ class LlamaServer:
         return self
 
     def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL) and remove its log; calls in flight fail (EngineUnavailable)."""
+        """Stop the server (SIGTERM, then SIGKILL) and remove its log; calls in flight fail (EngineUnavailable).
+        No start follows: _spawn checks ``_stopping`` under the lock taken here."""
         self._stopping.set()
         with self._lock:
             process = self._process
@@ -168,16 +218,17 @@ class LlamaServer:
         if self.loras:
             command.append("--lora-init-without-apply")
         return command + [
-            "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key or "",
+            "--host", "127.0.0.1", "--port", str(self.port),
             "--parallel", str(self.parallel), "-c", str(self.parallel * self.ctx_per_slot),
             "-t", str(self.threads), "-tb", str(self.threads),
             "--no-webui", "--no-slots", "--log-colors", "off",
         ]  # fmt: skip
 
     def _spawn(self, binary: Path) -> None:
-        """Start the process from the long-lived spawner thread (PR_SET_PDEATHSIG fires when the starting thread ends)."""
+        """Start the process from the long-lived spawner thread (PR_SET_PDEATHSIG fires when the starting thread
+        ends); never once stop() has begun (EngineUnavailable then)."""
         command = self._command(binary)
-        environment = {**os.environ, "LLAMA_API_KEY": ""}
+        environment = {**os.environ, "LLAMA_API_KEY": self.api_key or ""}  # llama-server reads its --api-key from here
 
         def spawn() -> subprocess.Popen:
             with open(self.log_path, "ab") as log:
@@ -187,13 +238,14 @@ class LlamaServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=environment,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=_die_with(os.getpid()),
                     start_new_session=True,
                 )
 
-        process = _spawner.submit(spawn).result()
         with self._lock:
-            self._process = process
+            if self._stopping.is_set():
+                raise EngineUnavailable("llama-server was stopped while it started.")
+            self._process = _spawner.submit(spawn).result()
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -201,14 +253,21 @@ class LlamaServer:
             if self._stopping.is_set():
                 raise EngineUnavailable("llama-server was stopped while it started.")
             if self._process.poll() is not None:
-                raise EngineUnavailable(f"llama-server exited with code {self._process.returncode} while starting: {self.log_tail()}")
+                logger.warning(
+                    "llama-server for %s exited with code %s while starting; its log ends: %s",
+                    self.base_gguf,
+                    self._process.returncode,
+                    self.log_tail(),
+                )
+                raise EngineUnavailable(f"llama.cpp's server exited while loading the model (code {self._process.returncode}).")
             try:
                 if httpx.get(f"{self.url}/health", timeout=CONNECT_S).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise EngineUnavailable(f"llama-server did not become healthy in {START_TIMEOUT_S:.0f} s: {self.log_tail()}")
+        logger.warning("llama-server for %s was not healthy in %.0f s; its log ends: %s", self.base_gguf, START_TIMEOUT_S, self.log_tail())
+        raise EngineUnavailable(f"llama.cpp's server did not become ready in {START_TIMEOUT_S:.0f} s.")
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -217,13 +276,33 @@ class LlamaServer:
             return ""
         return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
+    def _cap_log(self) -> None:
+        """Keep only the end of a log grown past LOG_MAX_BYTES (the server appends: it goes on at the new end)."""
+        try:
+            if self.log_path is None or self.log_path.stat().st_size <= LOG_MAX_BYTES:
+                return
+            with open(self.log_path, "r+b") as log:
+                log.seek(-LOG_KEEP_BYTES, os.SEEK_END)
+                tail = log.read()
+                log.seek(0)
+                log.write(tail)
+                log.truncate()
+        except OSError:  # removed meanwhile (stopped)
+            pass
+
     def _supervise(self, binary: Path) -> None:
-        """Start the server again when it dies (not when stopped), with a growing pause between tries."""
+        """Start the server again when it dies (not when stopped), with a growing pause between tries; meanwhile
+        keep its log within bounds."""
         attempt = 0
         while not self._stopping.is_set():
             process = self._process
             started = time.monotonic()
-            process.wait()
+            while True:
+                try:
+                    process.wait(LOG_CHECK_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    self._cap_log()
             if self._stopping.is_set():
                 return
             if time.monotonic() - started > HEALTHY_RESET_S:
@@ -237,6 +316,8 @@ class LlamaServer:
                 self._wait_healthy()
                 self.restarts += 1
             except EngineUnavailable:
+                if self._stopping.is_set():
+                    return
                 if self._process.poll() is None:  # up but not healthy in time: try again from the start
                     self._process.kill()
                 self._move()  # e.g. its port was taken meanwhile: the next try listens on another
@@ -277,6 +358,10 @@ class LoraFields:
         return {"lora": [{"id": index, "scale": 1.0 if index == active else 0.0} for index in range(len(self.server.loras))]}
 
 
+class NoChatTemplate(ValueError):
+    """The GGUF carries no chat template: its messages cannot be rendered as the model was trained on them."""
+
+
 _PROBE_NAME, _PROBE_RESULT = "tuna_probe_lookup", "tuna-probe-result-7d1c"
 
 
@@ -298,7 +383,7 @@ class GgufPrompts:
         props = self._get("/props")
         template = props.get("chat_template")
         if not template:
-            raise ValueError(f"{self.server.base_gguf.name} has no chat template in its metadata.")
+            raise NoChatTemplate(f"{self.server.base_gguf.name} has no chat template in its metadata.")
         self.context = (props.get("default_generation_settings") or {}).get("n_ctx") or self.context
         self.formatter = Jinja2ChatFormatter(
             template=template, eos_token=props.get("eos_token") or "", bos_token=props.get("bos_token") or ""
@@ -379,6 +464,8 @@ class LlamaServerPool:
         self._lock = threading.Lock()
         self._current: dict[Path, LlamaServer] = {}
         self._starting: dict[Path, threading.Event] = {}
+        # per base: its last start's error, when, the LoRA that start was asked for, and the event its waiters waited on
+        self._failed: dict[Path, tuple[BaseException, float, Path | None, threading.Event]] = {}
         self._retired: list[tuple[LlamaServer, float]] = []
         self._used: dict[Path, list[Path]] = {}  # per base: LoRAs, least recently asked for first
         self._reaper: threading.Thread | None = None
@@ -386,6 +473,7 @@ class LlamaServerPool:
     def engine_for(self, base_gguf: Path, lora: Path | None) -> tuple[OpenAIEngine, Adapter | None]:
         base = Path(base_gguf).resolve()
         lora = Path(lora).resolve() if lora is not None else None
+        waited: threading.Event | None = None
         while True:
             with self._lock:
                 server = self._current.get(base)
@@ -397,19 +485,27 @@ class LlamaServerPool:
                     del used[: -max(1, current().adapter_cache_size)]  # only the most recent can be held
                 if server is not None and (lora is None or lora in server.loras) and server.engine is not None:
                     return server.engine, _adapter(lora)
+                failed = self._failed.get(base)
+                if failed is not None and (failed[3] is waited or (failed[2] == lora and time.monotonic() - failed[1] < START_FAILURE_S)):
+                    raise _again(failed[0])  # the calls that waited for that start, and those for its LoRA just after it
                 starting = self._starting.get(base)
                 if starting is None:
                     starting = self._starting[base] = threading.Event()
                     loras = self._wanted(base, server, lora)
                     break
             starting.wait(START_TIMEOUT_S + 5)  # another call is starting this base's server: use it when ready
+            waited = starting
         try:
             new = LlamaServer(base, loras, **self._options()).start()
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
-                self._starting.pop(base).set()
+                event = self._starting.pop(base)
+                if isinstance(exc, Exception) and not isinstance(exc, (llama_tools.LlamaToolMissing, FileNotFoundError)):
+                    self._failed[base] = (exc, time.monotonic(), lora, event)  # (those two are found before any start)
+                event.set()
             raise
         with self._lock:
+            self._failed.pop(base, None)
             old = self._current.get(base)
             self._current[base] = new
             if old is not None:
@@ -468,6 +564,14 @@ class LlamaServerPool:
             self._used.clear()
         for server in servers:
             server.stop()
+
+
+def _again(exc: BaseException) -> BaseException:
+    """A copy of a remembered start error to raise in another call (each raise writes its own traceback)."""
+    try:
+        return copy.copy(exc).with_traceback(None)
+    except Exception:  # noqa: BLE001 - an exception that cannot be copied: raised as it is
+        return exc
 
 
 def _adapter(lora: Path | None) -> Adapter | None:

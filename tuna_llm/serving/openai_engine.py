@@ -7,7 +7,8 @@ with ``stream: true`` and usage; the adapter is chosen by fields merged into the
 ``"model"`` on vLLM / SGLang, ``"lora"`` on llama-server). Each submitted request streams on its own thread,
 so requests in flight at once are batched by the engine.
 
-Errors: an engine that cannot be reached, drops the connection mid-answer or answers 5xx raises
+Errors: an engine that cannot be reached, drops the connection mid-answer, answers 5xx or streams what the
+protocol does not allow (a line that is not JSON, an ``"error"`` event, fields of the wrong type) raises
 ``EngineUnavailable`` (the service answers 503 with Retry-After); connect and read waits are bounded
 (CONNECT_S, Endpoint.timeout_s between two chunks), so a call never hangs. The engine's 4xx raises
 ``EngineRefused`` (a RequestInvalid: 400 with the engine's message).
@@ -269,9 +270,13 @@ class OpenAIEngine:
         finally:
             share = self._busy.leave(key)
             if handle.error is None:
-                handle.result = self._generation(handle, pieces, state, share)
-                if handle.result.finish_reason != "cancelled" and share > 0:
-                    self.last_call_s = share
+                try:
+                    handle.result = self._generation(handle, pieces, state, share)
+                except (TypeError, ValueError) as exc:  # usage or timings that are not numbers
+                    handle.error = EngineUnavailable(f"The {self.info.name} engine sent figures this client cannot read ({exc}).")
+                else:
+                    if handle.result.finish_reason != "cancelled" and share > 0:
+                        self.last_call_s = share
             handle.deltas.put(None)
             handle.done.set()
 
@@ -295,18 +300,7 @@ class OpenAIEngine:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        message = (chunk["error"] or {}).get("message") or str(chunk["error"])
-                        raise EngineUnavailable(f"The {self.info.name} engine failed mid-answer: {message}")
-                    for choice in chunk.get("choices") or ():
-                        if choice.get("text"):
-                            pieces.append(choice["text"])
-                            handle.deltas.put(choice["text"])
-                        if choice.get("finish_reason"):
-                            state["finish"] = choice["finish_reason"]
-                    state["usage"] = chunk.get("usage") or state["usage"]
-                    state["timings"] = chunk.get("timings") or state["timings"]
+                    self._read_chunk(data, handle, pieces, state)
         except httpx.TimeoutException as exc:
             if handle.cancelled.is_set():
                 return
@@ -323,6 +317,38 @@ class OpenAIEngine:
             raise EngineUnavailable(f"The {self.info.name} engine at {where} is unreachable or dropped the answer ({exc}).") from None
         if state["finish"] is None and not handle.cancelled.is_set():
             raise EngineUnavailable(f"The {self.info.name} engine at {where} ended the answer before it was complete.")
+
+    def _read_chunk(self, data: str, handle: OpenAIHandle, pieces: list[str], state: dict) -> None:
+        """One ``data:`` line of the stream; anything not shaped as the protocol says is the engine's failure."""
+        malformed = EngineUnavailable(f"The {self.info.name} engine sent an answer this client cannot read: {data[:200]!r}")
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise malformed from None
+        if not isinstance(chunk, dict):
+            raise malformed
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            raise EngineUnavailable(f"The {self.info.name} engine failed mid-answer: {message or error}")
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+            raise malformed
+        for choice in choices:
+            text = choice.get("text")
+            if text:
+                if not isinstance(text, str):
+                    raise malformed
+                pieces.append(text)
+                handle.deltas.put(text)
+            if choice.get("finish_reason"):
+                state["finish"] = choice["finish_reason"]
+        for name in ("usage", "timings"):
+            value = chunk.get(name)
+            if value:
+                if not isinstance(value, dict):
+                    raise malformed
+                state[name] = value
 
     def _generation(self, handle: OpenAIHandle, pieces: list[str], state: dict, share_s: float) -> Generation:
         wall_ms = (time.perf_counter() - handle.submitted) * 1000

@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from inference_app.engines import BASE_GGUF
@@ -19,6 +21,7 @@ from tests.support import free_port, process_exists, wait_for
 from tuna_llm import gguf_export, llama_tools
 from tuna_llm.catalog import get_base_model_spec
 from tuna_llm.loading import prepare_embedded_model
+from tuna_llm.serving import llama_server
 from tuna_llm.serving.engine import Adapter, CallSpec, RequestInvalid, result_of
 from tuna_llm.serving.llama_server import LlamaServer, LlamaServerPool, launched
 from tuna_llm.serving.openai_engine import Endpoint, EngineRefused, EngineUnavailable, OpenAIEngine, OpenAIRequest
@@ -152,12 +155,8 @@ def test_it_answers_engine_unavailable_at_once_while_no_server_listens(base_gguf
 
 
 def test_it_leaves_no_server_or_log_behind_when_stopped_or_when_its_process_is_killed(base_gguf):
-    server = LlamaServer(base_gguf, parallel=1, ctx_per_slot=CTX).start()
-    assert _server_pids() == [server.pid] and server.log_path.is_file()
-    server.stop()
-    assert not process_exists(server.pid) and not server.log_path.exists() and _server_pids() == []
-
-    # A process that started a server and is then killed outright (no atexit): the server goes with it.
+    # A process that started a server and is then killed outright (no atexit): the server goes with it, and its
+    # log, which it could not remove, is removed by the next start (in any process).
     script = textwrap.dedent(
         f"""
         import sys, time
@@ -167,18 +166,88 @@ def test_it_leaves_no_server_or_log_behind_when_stopped_or_when_its_process_is_k
                                        llama_server_bin={str(llama_tools.binary(llama_tools.SERVER))!r}))
         from tuna_llm.serving.llama_server import LlamaServer
         server = LlamaServer(Path({str(base_gguf)!r}), parallel=1, ctx_per_slot={CTX}).start()
-        print(server.pid, flush=True)
+        print(server.pid, server.log_path, flush=True)
         time.sleep(600)
         """
     )
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        child = int(owner.stdout.readline())
-        assert process_exists(child)
+        pid, log = owner.stdout.readline().split()
+        child, left_log = int(pid), Path(log)
+        assert process_exists(child) and left_log.is_file() and left_log.name.startswith(f"tuna-llama-server-{owner.pid}-")
     finally:
         owner.kill()
         owner.wait()
     wait_for(lambda: not process_exists(child), 10, "the orphaned llama-server to die")
+    assert left_log.is_file()  # nobody was left to remove it
+
+    server = LlamaServer(base_gguf, parallel=1, ctx_per_slot=CTX).start()
+    assert not left_log.exists()  # removed by this start: its owner is gone
+    assert _server_pids() == [server.pid] and server.log_path.is_file()
+    server.stop()
+    assert not process_exists(server.pid) and not server.log_path.exists() and _server_pids() == []
+
+
+def test_it_refuses_calls_without_its_key_which_no_command_line_shows_and_keeps_its_log_bounded(monkeypatch, base_gguf):
+    monkeypatch.setattr(llama_server, "LOG_MAX_BYTES", 1024)
+    monkeypatch.setattr(llama_server, "LOG_KEEP_BYTES", 256)
+    monkeypatch.setattr(llama_server, "LOG_CHECK_S", 0.1)
+    server = LlamaServer(base_gguf, parallel=1, ctx_per_slot=CTX).start()
+    try:
+        command = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode()
+        assert server.api_key and server.api_key not in command and "--api-key" not in command  # ps shows no key
+        body = {"prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).status_code == 401
+        wrong = {"Authorization": "Bearer not-the-key"}
+        assert httpx.post(f"{server.url}/v1/completions", json=body, headers=wrong, timeout=30).status_code == 401
+        right = {"Authorization": f"Bearer {server.api_key}"}
+        assert httpx.post(f"{server.url}/v1/completions", json=body, headers=right, timeout=30).status_code == 200
+
+        # The log (about 0.7 KB once the model has loaded, as much again per call) is cut to its last
+        # LOG_KEEP_BYTES once past LOG_MAX_BYTES; the server goes on writing at its end.
+        assert result_of(server.engine.submit(ask(server.engine))).text
+        wait_for(lambda: "llama_server: initializing" not in server.log_path.read_text(errors="replace"), 10, "the log's cut")
+        assert server.log_path.stat().st_size <= 1024 and server.log_tail()
+        assert result_of(server.engine.submit(ask(server.engine))).text
+        wait_for(lambda: "print_timing" in server.log_path.read_text(errors="replace"), 10, "the next call in the log")
+    finally:
+        server.stop()
+
+
+def test_it_gives_a_failed_start_to_the_calls_that_waited_for_it_instead_of_starting_again(settings, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a GGUF")
+    starts = tmp_path / "starts"
+    wrapper = tmp_path / "llama-server"  # the real llama-server, counting its starts
+    wrapper.write_text(f'#!/bin/sh\necho started >> {starts}\nexec {llama_tools.binary(llama_tools.SERVER)} "$@"\n')
+    wrapper.chmod(0o755)
+    settings.TUNA_LLAMA_SERVER_BIN = str(wrapper)
+    pool = LlamaServerPool(parallel=1, ctx_per_slot=CTX)
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            pool.engine_for(broken, None)
+        except BaseException as exc:  # noqa: BLE001 - collected for the asserts
+            errors.append(exc)
+
+    callers = [threading.Thread(target=call) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    assert len(errors) == 4 and all(isinstance(error, EngineUnavailable) for error in errors)
+    assert all("exited while loading the model" in str(error) and str(tmp_path) not in str(error) for error in errors)
+    assert starts.read_text().count("started") == 1
+    with pytest.raises(EngineUnavailable):  # a call just after: the same answer, no new start
+        pool.engine_for(broken, None)
+    assert starts.read_text().count("started") == 1
+
+    monkeypatch.setattr(llama_server, "START_FAILURE_S", 0.0)  # remembered a short while only: then tried again
+    with pytest.raises(EngineUnavailable):
+        pool.engine_for(broken, None)
+    assert starts.read_text().count("started") == 2
+    assert pool.servers() == []
 
 
 def _server_pids() -> list[int]:
