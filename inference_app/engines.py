@@ -22,6 +22,7 @@ tuna_llm.serving.openai_engine).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from tuna_llm.serving.remote import KINDS as REMOTE_KINDS
 TRANSFORMERS = batching.ENGINE_NAME
 ENGINES = (TRANSFORMERS, LLAMACPP, *REMOTE_KINDS)
 BASE_GGUF = "base-f16.gguf"
+
+logger = logging.getLogger(__name__)
 
 
 class NotServable(Conflict):
@@ -120,16 +123,31 @@ def engine_for(*, base_model: str, job: TrainingJob | None, adapter: AdapterChoi
     route = route_for(base_model=base_model, job=job, checkpoint=checkpoint)
     if route.engine == LLAMACPP:
         lora = route.lora_gguf if job is not None else None
-        try:
+        try:  # a server that cannot start in time raises EngineUnavailable: the service's 503 with Retry-After
             engine, _ = llama_server.pool.engine_for(route.base_gguf, lora)
-        except Exception as exc:  # llama-server missing, or a GGUF it cannot load
-            raise NotServable(f"llama.cpp cannot serve {job.model_id if job else f'base:{base_model}'}: {exc}") from exc
+        except llama_tools.LlamaToolMissing as exc:  # (its message names the server's path: logged, not answered)
+            logger.warning("%s", exc)
+            raise NotServable(
+                f"llama.cpp cannot serve {_model_id(base_model, job)}: llama-server is not installed on this server "
+                "(`make install` builds it, or TUNA_LLAMA_SERVER_BIN names one)."
+            ) from exc
+        except llama_server.NoChatTemplate as exc:
+            raise NotServable(f"llama.cpp cannot serve {_model_id(base_model, job)}: {exc}") from exc
+        except FileNotFoundError as exc:  # an export's file removed since it was routed (its name, not its path)
+            raise NotServable(
+                f"llama.cpp cannot serve {_model_id(base_model, job)}: its GGUF file {Path(exc.filename or '').name} "
+                "is missing. Export it again."
+            ) from exc
         return Chosen(engine, Adapter(f"job-{job.pk}", lora) if lora is not None else None)
     try:
         loaded = registry.get_on(compute_thread, base_model)
     except ModelUnavailable as exc:
         raise NotServable(str(exc)) from exc
     return Chosen(batching.engine_for(loaded), Adapter(adapter.name, adapter.path) if adapter is not None else None)
+
+
+def _model_id(base_model: str, job: TrainingJob | None) -> str:
+    return job.model_id if job is not None else f"base:{base_model}"
 
 
 def _job_route(job: TrainingJob) -> tuple[Route | None, bool]:

@@ -251,6 +251,8 @@ def prepare_call(
         chosen = engines.engine_for(base_model=model.base_model, job=model.job, adapter=model.adapter)
     except engines.NotServable as exc:
         raise ModelNotReady(str(exc)) from None
+    except EngineUnavailable as exc:  # e.g. a llama-server that did not start in time: 503 with Retry-After
+        raise InferenceUnavailable.of(exc) from None
     spec = CallSpec(
         messages=messages,
         text=text if messages is None else None,

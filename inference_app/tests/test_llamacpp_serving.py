@@ -170,6 +170,31 @@ def test_it_refuses_forced_llama_cpp_for_a_model_without_its_export_and_says_how
     assert errors.count() == 3 and all("export" in log.error.lower() for log in errors)
 
 
+def test_it_answers_409_when_llama_server_is_not_installed_and_503_when_it_cannot_start_naming_no_path(
+    settings, alice, alice_api, tmp_path
+):
+    settings.TUNA_SERVING_ENGINE = "llamacpp"
+    settings.TUNA_GGUF_DIR = tmp_path / "gguf"
+    broken = exports.base_gguf_dir(settings.TUNA_DEFAULT_BASE_MODEL) / engines.BASE_GGUF
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a GGUF")  # llama-server exits while loading it
+
+    installed = settings.TUNA_LLAMA_SERVER_BIN
+    settings.TUNA_LLAMA_SERVER_BIN = str(tmp_path / "no-llama-server")
+    missing = inference(alice_api, BASE, "Hi")
+    assert missing.status_code == 409 and "llama-server is not installed" in missing.json()["detail"]
+    assert "make install" in missing.json()["detail"] and str(tmp_path) not in missing.json()["detail"]
+
+    settings.TUNA_LLAMA_SERVER_BIN = installed
+    for _ in range(2):  # the second: the remembered failure, at once
+        started = time.monotonic()
+        failed = inference(alice_api, BASE, "Hi")
+        assert failed.status_code == 503 and int(failed["Retry-After"]) >= 1, failed.content
+        detail = failed.json()["detail"]
+        assert "exited while loading the model" in detail and "Try again" in detail and str(tmp_path) not in detail
+    assert time.monotonic() - started < 2
+
+
 @pytest.mark.django_db(transaction=True)  # closing a response closes its database connection, as a server does
 def test_it_stops_llama_cpp_decoding_when_a_stream_s_client_goes_away(settings, alice, alice_api, base_gguf):
     settings.TUNA_SERVING_ENGINE = "llamacpp"
