@@ -50,10 +50,7 @@ class TooFewGPUs(ValueError):
 
 def check_gpus(job: TrainingJob) -> None:
     """Refuse to start a CUDA run with more ranks on this machine than GPUs (NCCL ranks cannot share one)."""
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    problem = distributed.gpu_shortage(node_processes(job), gpus)
+    problem = distributed.gpu_shortage(node_processes(job), distributed.visible_gpus())
     if problem:
         raise TooFewGPUs(problem)
 

@@ -83,6 +83,13 @@ def rank_start() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
 
 
+def visible_gpus() -> int:
+    """The CUDA GPUs this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def gpu_shortage(processes: int, gpus: int) -> str | None:
     """Why `processes` ranks per machine cannot train on a machine where CUDA shows `gpus` GPUs (None when they can,
     or without a GPU: then the ranks share the CPU's cores). On CUDA each rank needs a GPU of its own."""
